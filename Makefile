@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make round N=1` and `make test` create .venv on first use.
+RECIPE ?= recipes/tiny.yaml
+N ?= 1
+ARGS ?=
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: round validate test test-fast data clean-runs
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	@# Their PyPI builds are CUDA builds and break `import transformers` beside CPU torch.
+	@if $(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torchvision') or u.find_spec('torchaudio')))"; then \
+		echo "error: torchvision/torchaudio are installed in $(VENV); remove them (pip uninstall torchvision torchaudio)"; exit 1; fi
+	touch $(STAMP)
+
+round: $(STAMP)  ## run (or resume) round N of RECIPE, e.g. make round N=2 ARGS="sft.learning_rate=5e-4"
+	$(VENV)/bin/align round $(N) --recipe $(RECIPE) $(ARGS)
+
+validate: $(STAMP)  ## check RECIPE and its prompt files without running anything
+	$(VENV)/bin/align validate $(RECIPE) $(ARGS)
+
+test: $(STAMP)  ## every test, the end-to-end round included
+	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)  ## unit tests only
+	$(PY) -m pytest -q -m "not slow" tests
+
+data: $(STAMP)  ## regenerate the committed arithmetic prompt files (seeded: byte-identical)
+	$(PY) -m alignment.tasks.arithmetic --out data/arithmetic --train 4000 --eval 300 --seed 0

@@ -1,0 +1,68 @@
+"""Llama 3 chat format and a tiny character-level tokenizer that speaks it.
+
+The tiny recipes cannot download Meta's tokenizer, so we build one in code: every printable ASCII character is a
+token, plus Llama 3's special tokens with their real spellings. Because the special tokens and the chat template
+are the real ones, every stage (SFT prompt masking, DPO, generation stopping at `<|eot_id|>`) exercises the same
+code path it would with Llama-3.1-8B-Instruct's tokenizer.
+"""
+
+from __future__ import annotations
+
+import string
+
+from tokenizers import Tokenizer, decoders, models
+from transformers import PreTrainedTokenizerFast
+
+BEGIN_OF_TEXT = "<|begin_of_text|>"
+END_OF_TEXT = "<|end_of_text|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+EOM = "<|eom_id|>"
+PYTHON_TAG = "<|python_tag|>"
+PAD = "<|finetune_right_pad_id|>"
+SPECIAL_TOKENS = [BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, EOT, EOM, PYTHON_TAG, PAD]
+ROLES = ("system", "user", "assistant", "ipython")
+
+# Llama 3's template, without the tool-calling preamble that the tiny task never uses. The `{% generation %}`
+# markers let TRL compute assistant-only masks when a dataset is given as whole conversations.
+LLAMA3_CHAT_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{%- else %}"
+    "{{- message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{%- endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A deterministic character-level tokenizer with Llama 3 special tokens and chat template."""
+    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable ASCII plus space and newline
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["<unk>"] + chars)}
+    # BPE with no merges is a character tokenizer; unknown characters map to <unk> instead of failing.
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.decoder = decoders.Fuse()  # join characters back without spaces
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token=BEGIN_OF_TEXT,
+        eos_token=EOT,  # a chat model ends its turn with <|eot_id|>; generation stops there
+        pad_token=PAD,
+        unk_token="<unk>",
+        additional_special_tokens=[END_OF_TEXT, START_HEADER, END_HEADER, EOM, PYTHON_TAG],
+        model_max_length=4096,
+        padding_side="left",  # generation pads on the left; trainers set their own side
+    )
+    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    return tok
+
+
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """Render a conversation as text with the tokenizer's own chat template."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -1,0 +1,63 @@
+"""`align`: the command behind `make round`, `make validate` and friends.
+
+    align validate recipes/tiny.yaml [key.path=value ...]
+    align round 1 --recipe recipes/tiny.yaml [key.path=value ...]
+    align stage sft --round 1 --recipe recipes/tiny.yaml [key.path=value ...]   # re-run one stage
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from alignment.config import InputError, load_recipe
+from alignment.prompts import read_prompts
+from alignment.round import ROUND_STAGES, StageFailed, run_round, run_stage
+
+
+def validate(recipe_file: str, overrides: list[str]):
+    """The recipe and the prompt files it names, checked without running anything."""
+    recipe = load_recipe(recipe_file, overrides)
+    need_answer = recipe.reward.verifier is not None
+    train = read_prompts(recipe.prompts.train_path, need_answer=need_answer)
+    held_out = read_prompts(recipe.prompts.eval_path, need_answer=need_answer)
+    shared = {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}
+    if shared:
+        raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {recipe.prompts.train_path}, "
+                         f"e.g. {sorted(shared)[:3]}; the evaluation split must be held out")
+    return recipe, len(train), len(held_out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    v = sub.add_parser("validate", help="check a recipe and its prompt files")
+    v.add_argument("recipe")
+    r = sub.add_parser("round", help="run (or resume) round N")
+    r.add_argument("n", type=int)
+    s = sub.add_parser("stage", help="re-run one stage of a round, even if it is up to date")
+    s.add_argument("stage", choices=("bootstrap",) + ROUND_STAGES)
+    s.add_argument("--round", type=int, default=1)
+    for p in (r, s):
+        p.add_argument("--recipe", default="recipes/tiny.yaml")
+    for p in (v, r, s):
+        p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "validate":
+            recipe, n_train, n_eval = validate(args.recipe, args.overrides)
+            print(f"{args.recipe}: ok (recipe {recipe.name!r}; {n_train} training prompts, {n_eval} held out)")
+        else:
+            recipe, _, _ = validate(args.recipe, args.overrides)
+            if args.cmd == "round":
+                run_round(recipe, args.n, recipe_file=args.recipe, overrides=args.overrides)
+            else:
+                run_stage(recipe, args.round, args.stage, recipe_file=args.recipe, overrides=args.overrides,
+                          force=True)
+    except (InputError, StageFailed) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The recipe: one YAML file that says everything a round needs, checked before any work starts.
+
+Every section maps one-to-one onto a pydantic model below; unknown keys and wrong types are errors that name the
+file, the line and the key path. Field names follow TRL and transformers (`learning_rate`, `max_length`,
+`model_name_or_path`) so values pass straight through to them.
+
+    align validate recipes/tiny.yaml [key.path=value ...]
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class InputError(Exception):
+    """Bad input (a recipe, an override, a prompt file, a missing artifact): the message names the file, line or
+    key and what was expected, and the command prints it without a traceback."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(str, Enum):
+    bootstrap = "bootstrap"  # the tiny model this recipe's `bootstrap` section builds
+    path = "path"  # `model_name_or_path`: a save_pretrained folder or hub id
+    previous = "previous"  # the model the round starts from (the last round's DPO model), as Llama 3 sampled
+
+
+class PromptsConfig(Strict):
+    train_path: Path = Field(description="JSONL prompt file the teacher answers; rows need prompt_id and messages")
+    eval_path: Path = Field(description="held-out JSONL prompt file for evaluation; never reaches training")
+    num_prompts: int = Field(gt=0, description="prompts drawn from train_path each round (seeded by seed and round)")
+
+
+class StudentConfig(Strict):
+    source: ModelSource = Field(description="where round 1's input model comes from: bootstrap or path")
+    model_name_or_path: str | None = Field(None, description="the model when source is path")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == ModelSource.previous:
+            raise ValueError("student.source cannot be 'previous': the student is what each round trains")
+        if self.source == ModelSource.path and not self.model_name_or_path:
+            raise ValueError("student.model_name_or_path is required when source is 'path'")
+        return self
+
+
+class TeacherConfig(Strict):
+    source: ModelSource = Field(description="bootstrap, path, or previous (the round's input model)")
+    model_name_or_path: str | None = Field(None, description="the model when source is path")
+    backend: str = Field("transformers", pattern="^transformers$", description="generation engine")
+    batch_size: int = Field(64, gt=0, description="prompts per generate call (each expands to num_samples rows)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.source == ModelSource.path and not self.model_name_or_path:
+            raise ValueError("teacher.model_name_or_path is required when source is 'path'")
+        return self
+
+
+class SamplingConfig(Strict):
+    num_samples: int = Field(gt=0, description="K: samples per prompt (Llama 3 used 10 to 30)")
+    temperature: float = Field(ge=0.0, description="0 means greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    max_new_tokens: int = Field(gt=0, description="token limit per sample; hits are counted in the statistics")
+
+
+class VerifierConfig(Strict):
+    answer_regex: str = Field(r"-?\d+", description="regex for candidate answers; the last match is compared")
+    weight: float = Field(1.0, description="weight of the verifier score (1 correct, 0 wrong) in the reward")
+
+    @model_validator(mode="after")
+    def _check(self):
+        try:
+            re.compile(self.answer_regex)
+        except re.error as e:
+            raise ValueError(f"answer_regex does not compile: {e}") from None
+        return self
+
+
+class RewardModelConfig(Strict):
+    model_name_or_path: str = Field(description="a sequence-classification reward model with a chat template")
+    batch_size: int = Field(32, gt=0, description="conversations per forward pass")
+    weight: float = Field(1.0, description="weight of the reward-model score in the reward")
+
+
+class RewardConfig(Strict):
+    verifier: VerifierConfig | None = Field(None, description="rule-based check against the prompt's answer")
+    reward_model: RewardModelConfig | None = Field(None, description="learned scalar reward")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.verifier is None and self.reward_model is None:
+            raise ValueError("reward needs at least one scorer: verifier or reward_model")
+        return self
+
+
+class SelectConfig(Strict):
+    sft_min_reward: float = Field(description="the best sample must reach this reward to become an SFT example")
+    pair_min_margin: float = Field(gt=0.0, description="chosen minus rejected reward must reach this for a pair")
+
+
+class SFTConfig(Strict):
+    learning_rate: float = Field(gt=0.0, lt=1.0, description="peak learning rate (Llama 3: 1e-5)")
+    num_train_epochs: float = Field(gt=0.0, description="passes over the SFT set")
+    per_device_train_batch_size: int = Field(gt=0, description="examples per step per device")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name")
+    warmup_steps: float = Field(0.0, ge=0.0, description="warmup steps; below 1, a share of all steps")
+    max_length: int = Field(gt=0, description="tokens per example; longer ones are truncated and counted")
+    logging_steps: int = Field(10, gt=0, description="steps between loss logs")
+
+
+class DPOConfig(Strict):
+    learning_rate: float = Field(gt=0.0, lt=1.0, description="peak learning rate (Llama 3: 1e-5)")
+    beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO temperature (Llama 3: 0.1)")
+    loss_type: list[str] = Field(["sigmoid", "sft"], description="TRL loss terms; 'sft' is the NLL on chosen")
+    loss_weights: list[float] = Field([1.0, 0.2], description="weight of each loss term (Llama 3: NLL 0.2)")
+    num_train_epochs: float = Field(gt=0.0, description="passes over the pairs")
+    per_device_train_batch_size: int = Field(gt=0, description="pairs per step per device")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name")
+    warmup_steps: float = Field(0.0, ge=0.0, description="warmup steps; below 1, a share of all steps")
+    max_length: int = Field(gt=0, description="tokens per prompt+response")
+    logging_steps: int = Field(10, gt=0, description="steps between loss logs")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.loss_type) != len(self.loss_weights):
+            raise ValueError("loss_type and loss_weights must have the same length")
+        return self
+
+
+class EvalConfig(Strict):
+    max_new_tokens: int = Field(gt=0, description="token limit of greedy answers")
+    batch_size: int = Field(64, gt=0, description="prompts per generate call")
+    num_prompts: int | None = Field(None, gt=0, description="first N rows of eval_path; all when unset")
+
+
+class BootstrapConfig(Strict):
+    """One pretraining run on the task's reference answers: the student is an early checkpoint, the teacher a
+    later one of the same run. Same architecture and tokenizer, so only skill separates them."""
+
+    task: str = Field("arithmetic", pattern="^arithmetic$", description="synthetic task of the pretraining corpus")
+    hidden_size: int = Field(gt=0, description="Llama hidden size")
+    intermediate_size: int = Field(gt=0, description="Llama MLP width")
+    num_hidden_layers: int = Field(gt=0, description="decoder layers")
+    num_attention_heads: int = Field(gt=0, description="attention heads (hidden_size must divide by it)")
+    max_position_embeddings: int = Field(256, gt=0, description="context length of the tiny models")
+    batch_size: int = Field(gt=0, description="examples per pretraining step")
+    learning_rate: float = Field(gt=0.0, lt=1.0, description="AdamW learning rate, constant after warmup")
+    warmup_steps: int = Field(50, ge=0, description="linear warmup steps")
+    student_steps: int = Field(gt=0, description="steps after which the (weak) student is saved")
+    teacher_steps: int = Field(gt=0, description="steps after which the (strong) teacher is saved")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        if self.teacher_steps <= self.student_steps:
+            raise ValueError("teacher_steps must exceed student_steps: the teacher is the better-trained model")
+        return self
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run folder name: runs/<name>/round-<n>/")
+    seed: int = Field(0, description="seeds sampling, prompt draws and training")
+    runs_dir: Path = Field(Path("runs"), description="where artifacts go")
+    prompts: PromptsConfig
+    student: StudentConfig
+    teacher: TeacherConfig
+    sampling: SamplingConfig
+    reward: RewardConfig
+    select: SelectConfig
+    sft: SFTConfig
+    dpo: DPOConfig
+    eval: EvalConfig
+    bootstrap: BootstrapConfig | None = Field(None, description="build tiny models in code (no download)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        uses = [s.value for s in (self.student.source, self.teacher.source) if s == ModelSource.bootstrap]
+        if uses and self.bootstrap is None:
+            raise ValueError("student or teacher source is 'bootstrap' but the recipe has no bootstrap section")
+        return self
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`sft.learning_rate=1e-4` -> (["sft", "learning_rate"], 1e-4); the value is read as YAML."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not all(key.split(".")):
+        raise InputError(f"override {text!r}: expected key.path=value")
+    return key.split("."), yaml.safe_load(value)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for i, k in enumerate(path[:-1]):
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise InputError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
+    """Map every key path of a composed YAML document to its 1-based line."""
+    lines: dict[tuple, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            path = prefix + (k.value,)
+            lines[path] = k.start_mark.line + 1
+            lines.update(_key_lines(v, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            lines[prefix + (i,)] = v.start_mark.line + 1
+            lines.update(_key_lines(v, prefix + (i,)))
+    return lines
+
+
+def format_errors(err: ValidationError, source: str, lines: dict[tuple, int], overridden: set[tuple]) -> str:
+    out = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg += f" (got {e['input']!r})"
+        # Point at the deepest line we know of: the key itself, or its enclosing section.
+        where = source
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in overridden:
+                where = "command-line override"
+                break
+            if loc[:n] in lines:
+                where = f"{source}:{lines[loc[:n]]}"
+                break
+        out.append(f"{where}: {key}: {msg}")
+    return "\n".join(out)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; any problem raises InputError naming file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read recipe: {e.strerror}") from None
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise InputError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        overridden = {tuple(parse_override(o)[0]) for o in overrides}
+        raise InputError(format_errors(e, str(path), _key_lines(node) if node else {}, overridden)) from None
+
+
+def stage_config(recipe: Recipe, stage: str) -> dict:
+    """The recipe sections a stage depends on: its hash decides whether the stage must run again."""
+    r = recipe.model_dump(mode="json")
+    sections = {
+        "bootstrap": ["bootstrap", "seed"],
+        "generate": ["teacher", "sampling", "prompts", "seed"],
+        "score": ["reward"],
+        "select": ["select", "sampling"],
+        "sft": ["sft", "seed"],
+        "dpo": ["dpo", "seed"],
+        "eval": ["eval", "reward", "prompts"],
+    }[stage]
+    return {k: r[k] for k in sections}

@@ -1,0 +1,69 @@
+"""Prompt files: JSONL, one conversation to answer per line, each with a unique `prompt_id`.
+
+    {"prompt_id": "arith-train-00000", "messages": [{"role": "user", "content": "What is 2 + 80?"}], "answer": "82"}
+
+`answer` is needed only when a verifier scores the task. Every problem is reported with its file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alignment.chat import ROLES
+from alignment.config import InputError
+
+
+def read_prompts(path: Path, need_answer: bool = False) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: prompt file does not exist")
+    rows, seen = [], {}
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not valid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{where}: expected a JSON object")
+            pid = row.get("prompt_id")
+            if not isinstance(pid, str) or not pid.strip():
+                raise InputError(f"{where}: missing prompt_id (a non-empty string)")
+            if pid in seen:
+                raise InputError(f"{where}: duplicate prompt_id {pid!r} (first on line {seen[pid]})")
+            seen[pid] = lineno
+            messages = row.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise InputError(f"{where}: prompt {pid!r}: messages must be a non-empty list")
+            for i, m in enumerate(messages):
+                if not isinstance(m, dict) or m.get("role") not in ROLES:
+                    raise InputError(f"{where}: prompt {pid!r}: messages[{i}].role must be one of {ROLES}")
+                if not isinstance(m.get("content"), str) or not m["content"].strip():
+                    raise InputError(f"{where}: prompt {pid!r}: messages[{i}].content is empty")
+            if messages[-1]["role"] == "assistant":
+                raise InputError(f"{where}: prompt {pid!r}: the last message must not be the assistant's")
+            if need_answer and not isinstance(row.get("answer"), str):
+                raise InputError(f"{where}: prompt {pid!r}: a verifier scores this file, so 'answer' (a string) "
+                                  "is required")
+            rows.append(row)
+    if not rows:
+        raise InputError(f"{path}: prompt file has no rows")
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: Path, rows) -> int:
+    n = 0
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+            n += 1
+    return n

@@ -1,0 +1,176 @@
+"""The orchestrator: decides which stages of a round are due, in what order, and runs each in its own process.
+
+A stage is due when its folder has no manifest, or the manifest's fingerprint differs from the one computed now
+from the stage's recipe section and its inputs' identities. Inputs are exactly the paths named in upstream
+manifests (or in the recipe), never "the latest folder".
+
+    align round 1 --recipe recipes/tiny.yaml [key.path=value ...]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from alignment.config import InputError, ModelSource, Recipe, stage_config
+from alignment.manifest import hash_file, hash_json, hash_model_dir, read_manifest, write_json_atomic
+
+ROUND_STAGES = ("generate", "score", "select", "sft", "dpo", "eval")
+
+
+class StageFailed(Exception):
+    pass
+
+
+def round_dir(recipe: Recipe, round_n: int) -> Path:
+    return recipe.runs_dir / recipe.name / f"round-{round_n}"
+
+
+def stage_dir(recipe: Recipe, round_n: int, stage: str) -> Path:
+    if stage == "bootstrap":  # built once per recipe, shared by every round
+        return recipe.runs_dir / recipe.name / "bootstrap"
+    return round_dir(recipe, round_n) / stage
+
+
+# --- input identities: {"path": ..., "hash": ...} ------------------------------------------------------------
+
+
+def upstream(folder: Path, output: str, why: str) -> dict:
+    """An output named in a completed stage's manifest; its identity is that stage's fingerprint."""
+    m = read_manifest(folder)
+    if m is None:
+        raise InputError(f"{why}: {folder} has no manifest.json (that stage has not completed)")
+    return {"path": str(folder / m["outputs"][output]), "hash": f"{m['fingerprint']}:{output}"}
+
+
+def data_file(path: Path, key: str) -> dict:
+    if not path.is_file():
+        raise InputError(f"{key}: {path} does not exist")
+    return {"path": str(path), "hash": hash_file(path)}
+
+
+def model_path(name: str) -> dict:
+    p = Path(name)
+    return {"path": name, "hash": hash_model_dir(p) if p.is_dir() else hash_json(name)}
+
+
+def student_input(recipe: Recipe, round_n: int) -> dict:
+    """Round 1 starts from the recipe's student; round n from round n-1's DPO model."""
+    if round_n > 1:
+        prev = stage_dir(recipe, round_n - 1, "dpo")
+        return upstream(prev, "model", f"round {round_n} starts from round {round_n - 1}'s DPO model, but round "
+                        f"{round_n - 1} is not complete; run `make round N={round_n - 1}` first")
+    if recipe.student.source == ModelSource.bootstrap:
+        return upstream(stage_dir(recipe, 0, "bootstrap"), "student", "the bootstrapped student")
+    return model_path(recipe.student.model_name_or_path)
+
+
+def teacher_input(recipe: Recipe, round_n: int) -> dict:
+    if recipe.teacher.source == ModelSource.bootstrap:
+        return upstream(stage_dir(recipe, 0, "bootstrap"), "teacher", "the bootstrapped teacher")
+    if recipe.teacher.source == ModelSource.previous:
+        return student_input(recipe, round_n)
+    return model_path(recipe.teacher.model_name_or_path)
+
+
+def stage_inputs(recipe: Recipe, round_n: int, stage: str) -> dict[str, dict]:
+    d = lambda s: stage_dir(recipe, round_n, s)  # noqa: E731
+    train = lambda: data_file(recipe.prompts.train_path, "prompts.train_path")  # noqa: E731
+    if stage == "bootstrap":
+        return {"eval_prompts": data_file(recipe.prompts.eval_path, "prompts.eval_path")}
+    if stage == "generate":
+        return {"teacher": teacher_input(recipe, round_n), "prompts": train()}
+    if stage == "score":
+        return {"samples": upstream(d("generate"), "samples", "score"), "prompts": train()}
+    if stage == "select":
+        return {"samples": upstream(d("generate"), "samples", "select"),
+                "scores": upstream(d("score"), "scores", "select"), "prompts": train()}
+    if stage == "sft":
+        return {"model": student_input(recipe, round_n), "sft": upstream(d("select"), "sft", "sft")}
+    if stage == "dpo":
+        return {"model": upstream(d("sft"), "model", "dpo"), "pairs": upstream(d("select"), "pairs", "dpo")}
+    if stage == "eval":
+        return {"input": student_input(recipe, round_n), "sft": upstream(d("sft"), "model", "eval"),
+                "dpo": upstream(d("dpo"), "model", "eval"),
+                "eval_prompts": data_file(recipe.prompts.eval_path, "prompts.eval_path")}
+    raise InputError(f"unknown stage {stage!r}")
+
+
+# --- running -------------------------------------------------------------------------------------------------
+
+
+def fingerprint(stage: str, config: dict, inputs: dict[str, dict]) -> str:
+    return hash_json({"stage": stage, "config": config, "inputs": {k: v["hash"] for k, v in inputs.items()}})
+
+
+def status(recipe: Recipe, round_n: int, stage: str) -> str:
+    """'done' (manifest matches), 'stale' (manifest from other config or inputs), or 'missing'."""
+    m = read_manifest(stage_dir(recipe, round_n, stage))
+    if m is None:
+        return "missing"
+    try:
+        fp = fingerprint(stage, stage_config(recipe, stage), stage_inputs(recipe, round_n, stage))
+    except InputError:
+        return "stale"
+    return "done" if m["fingerprint"] == fp else "stale"
+
+
+def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, overrides: list[str],
+              force: bool = False) -> bool:
+    """Run the stage in a fresh process unless its manifest is current; True when it ran."""
+    folder = stage_dir(recipe, round_n, stage)
+    config = stage_config(recipe, stage)
+    inputs = stage_inputs(recipe, round_n, stage)
+    fp = fingerprint(stage, config, inputs)
+    old = read_manifest(folder)
+    if old is not None and old["fingerprint"] == fp and not force:
+        print(f"[round {round_n}] {stage}: up to date ({old['wall_time_s']:.0f}s when it ran), skipped", flush=True)
+        return False
+    why = "forced" if force and old else ("recipe or inputs changed" if old else "not done yet")
+    print(f"[round {round_n}] {stage}: running ({why})", flush=True)
+    # Start from an empty folder: stale outputs of an earlier run must not mix with this one's.
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    job = {"stage": stage, "round": round_n, "recipe": recipe.model_dump(mode="json"), "recipe_file": recipe_file,
+           "overrides": overrides, "config": config, "inputs": inputs, "fingerprint": fp}
+    write_json_atomic(folder / "job.json", job)
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "alignment.runner", str(folder / "job.json")])
+    if proc.returncode != 0:
+        raise StageFailed(f"stage {stage} of round {round_n} failed (exit code {proc.returncode}); {folder} has "
+                          "no manifest, so the next run of this round starts that stage again")
+    print(f"[round {round_n}] {stage}: done in {time.time() - start:.0f}s", flush=True)
+    return True
+
+
+def needs_bootstrap(recipe: Recipe, round_n: int) -> bool:
+    return (recipe.teacher.source == ModelSource.bootstrap
+            or (round_n == 1 and recipe.student.source == ModelSource.bootstrap))
+
+
+def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list[str]) -> dict:
+    if round_n < 1:
+        raise InputError(f"round must be 1 or more, got {round_n}")
+    if round_n > 1:
+        student_input(recipe, round_n)  # fail now, before any work, if round n-1 is missing
+    stages = (("bootstrap",) if needs_bootstrap(recipe, round_n) else ()) + ROUND_STAGES
+    for stage in stages:
+        run_stage(recipe, round_n, stage, recipe_file=recipe_file, overrides=overrides)
+    metrics = json.loads((stage_dir(recipe, round_n, "eval") / "metrics.json").read_text())
+    print(format_metrics(round_n, metrics))
+    return metrics
+
+
+def format_metrics(round_n: int, metrics: dict) -> str:
+    lines = [f"round {round_n} held-out evaluation", f"{'model':<8}{'accuracy':>10}{'mean_reward':>13}"
+             f"{'tokens':>8}{'at_limit':>10}"]
+    for name, m in sorted(metrics.items(), key=lambda kv: ["input", "sft", "dpo"].index(kv[0])):
+        acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
+        lines.append(f"{name:<8}{acc:>10}{m['mean_reward']:>13.3f}{m['mean_response_tokens']:>8.1f}"
+                     f"{m['hit_token_limit_share']:>10.3f}")
+    return "\n".join(lines)

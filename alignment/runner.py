@@ -1,0 +1,59 @@
+"""Runs one stage in its own process and writes its manifest last.
+
+The orchestrator starts `python -m alignment.runner <stage folder>/job.json`; when the process ends, whatever
+memory the stage held (models, trainers, engines) is released. The manifest goes in only after the stage's
+outputs are all on disk, so a stage killed half-way leaves a folder without a manifest: not done.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from alignment.config import InputError, Recipe
+from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
+
+STAGES = ("bootstrap", "generate", "score", "select", "sft", "dpo", "eval")
+
+
+def run_job(job_path: Path) -> dict:
+    job = json.loads(job_path.read_text())
+    if job["stage"] not in STAGES:
+        raise InputError(f"{job_path}: unknown stage {job['stage']!r}; expected one of {STAGES}")
+    stage = importlib.import_module(f"alignment.stages.{job['stage']}")  # a fixed name from STAGES, never YAML
+    recipe = Recipe.model_validate(job["recipe"])
+    out_dir = job_path.parent
+    inputs = {name: Path(v["path"]) for name, v in job["inputs"].items()}
+    start = time.time()
+    result = stage.run(recipe, inputs, out_dir, job["round"])
+    wall = time.time() - start
+    missing = [p for p in result.outputs.values() if not (out_dir / p).exists()]
+    if missing:
+        raise RuntimeError(f"stage {job['stage']} did not write its outputs {missing}")
+    manifest = {
+        "stage": job["stage"], "round": job["round"], "recipe": recipe.name, "recipe_file": job["recipe_file"],
+        "overrides": job["overrides"], "config": job["config"], "config_hash": hash_json(job["config"]),
+        "inputs": job["inputs"], "fingerprint": job["fingerprint"], "outputs": result.outputs, "rows": result.rows,
+        "stats": result.stats, "wall_time_s": round(wall, 2), "versions": library_versions(),
+        "git_commit": git_commit(), "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m alignment.runner <stage folder>/job.json")
+    try:
+        run_job(Path(sys.argv[1]))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Synthetic tasks with verifiable answers, used by the tiny recipes."""
