@@ -30,4 +30,4 @@ test-fast: $(STAMP)  ## unit tests only
 	$(PY) -m pytest -q -m "not slow" tests
 
 data: $(STAMP)  ## regenerate the committed arithmetic prompt files (seeded: byte-identical)
-	$(PY) -m alignment.tasks.arithmetic --out data/arithmetic --train 4000 --eval 300 --seed 0
+	$(PY) -m alignment.tasks.arithmetic --out data/arithmetic --train 8000 --eval 300 --seed 0

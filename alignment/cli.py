@@ -1,6 +1,6 @@
 """`align`: the command behind `make round`, `make validate` and friends.
 
-    align validate recipes/tiny.yaml [key.path=value ...]
+    align validate recipes/tiny.yaml [key.path=value ...]   # overrides: any key of the recipe
     align round 1 --recipe recipes/tiny.yaml [key.path=value ...]
     align stage sft --round 1 --recipe recipes/tiny.yaml [key.path=value ...]   # re-run one stage
 """
@@ -40,9 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--round", type=int, default=1)
     for p in (r, s):
         p.add_argument("--recipe", default="recipes/tiny.yaml")
-    for p in (v, r, s):
-        p.add_argument("overrides", nargs="*", metavar="key.path=value")
-    args = ap.parse_args(argv)
+    # Overrides are the leftover key.path=value words, so they may stand before or after the options.
+    args, args.overrides = ap.parse_known_args(argv)
+    stray = [a for a in args.overrides if "=" not in a or a.startswith("-")]
+    if stray:
+        ap.error(f"unrecognized arguments: {' '.join(stray)} (overrides are written key.path=value)")
     try:
         if args.cmd == "validate":
             recipe, n_train, n_eval = validate(args.recipe, args.overrides)

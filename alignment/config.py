@@ -145,8 +145,10 @@ class EvalConfig(Strict):
 
 
 class BootstrapConfig(Strict):
-    """One pretraining run on the task's reference answers: the student is an early checkpoint, the teacher a
-    later one of the same run. Same architecture and tokenizer, so only skill separates them."""
+    """One pretraining run on the task's reference answers, checked every `eval_every` steps by greedy accuracy
+    on a dev set drawn like the training problems (never the evaluation split). The student is the first
+    checkpoint reaching `student_accuracy`, the teacher the first reaching `teacher_accuracy`. Targets instead of
+    step counts, because when a tiny model "gets" arithmetic varies by hundreds of steps between seeds."""
 
     task: str = Field("arithmetic", pattern="^arithmetic$", description="synthetic task of the pretraining corpus")
     hidden_size: int = Field(gt=0, description="Llama hidden size")
@@ -156,16 +158,21 @@ class BootstrapConfig(Strict):
     max_position_embeddings: int = Field(256, gt=0, description="context length of the tiny models")
     batch_size: int = Field(gt=0, description="examples per pretraining step")
     learning_rate: float = Field(gt=0.0, lt=1.0, description="AdamW learning rate, constant after warmup")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay")
     warmup_steps: int = Field(50, ge=0, description="linear warmup steps")
-    student_steps: int = Field(gt=0, description="steps after which the (weak) student is saved")
-    teacher_steps: int = Field(gt=0, description="steps after which the (strong) teacher is saved")
+    eval_every: int = Field(50, gt=0, description="steps between dev-accuracy checks")
+    dev_size: int = Field(200, gt=0, description="dev problems per check")
+    student_accuracy: float = Field(ge=0.0, le=1.0, description="dev accuracy at which the student is saved")
+    teacher_accuracy: float = Field(ge=0.0, le=1.0, description="dev accuracy at which the teacher (a later "
+                                    "checkpoint than the student) is saved")
+    max_steps: int = Field(gt=0, description="give up (with an error) if the teacher target is not reached by then")
 
     @model_validator(mode="after")
     def _check(self):
         if self.hidden_size % self.num_attention_heads:
             raise ValueError("hidden_size must be divisible by num_attention_heads")
-        if self.teacher_steps <= self.student_steps:
-            raise ValueError("teacher_steps must exceed student_steps: the teacher is the better-trained model")
+        if self.teacher_accuracy < self.student_accuracy:
+            raise ValueError("teacher_accuracy must not be below student_accuracy: the teacher is the stronger model")
         return self
 
 

@@ -1,8 +1,9 @@
 """Bootstrap: build the tiny recipe's tokenizer, student and teacher in code, since nothing can be downloaded.
 
 A Llama-architecture model is pretrained on chat-formatted problems with reference answers drawn from the task's
-generator (the evaluation questions excluded). The student is saved early in that run, weak but not hopeless;
-the teacher is the same run trained longer. Deterministic for a given recipe, and skipped once its manifest exists.
+generator (the evaluation questions excluded). Every `eval_every` steps its greedy accuracy is measured on a dev
+set drawn the same way: the first checkpoint to reach `student_accuracy` becomes the student (weak, not
+hopeless), the first to reach `teacher_accuracy` the teacher. Deterministic for a recipe; skipped once done.
 
     align stage bootstrap --recipe recipes/tiny.yaml
 """
@@ -17,8 +18,10 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignment.chat import build_tokenizer, render
-from alignment.config import Recipe
+from alignment.config import InputError, Recipe
+from alignment.generation import sample
 from alignment.prompts import read_prompts
+from alignment.rewards import verify_answer
 from alignment.stages.result import StageResult
 from alignment.tasks import arithmetic
 
@@ -34,48 +37,79 @@ def tiny_llama(cfg, tokenizer, seed: int) -> LlamaForCausalLM:
     ))
 
 
+def draw(rng: random.Random, n: int, held_out: set[str]) -> list[tuple[int, str, int]]:
+    """n problems (repeats allowed) whose question is not held out."""
+    out = []
+    while len(out) < n:
+        p = arithmetic.draw_problem(rng)
+        if arithmetic.question(*p) not in held_out:
+            out.append(p)
+    return out
+
+
+def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
+    model.eval()
+    answers = sample(model, tokenizer, [[{"role": "user", "content": arithmetic.question(*p)}] for p in dev],
+                     num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=16, batch_size=len(dev), seed=0,
+                     desc="dev accuracy")
+    model.train()
+    tokenizer.padding_side = "right"
+    return sum(verify_answer(a[0].text, str(arithmetic.solve(*p)), r"-?\d+") for a, p in zip(answers, dev)) / len(dev)
+
+
+def save(model, tokenizer, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.padding_side = "left"  # saved for generation
+    tokenizer.save_pretrained(path)
+    tokenizer.padding_side = "right"
+
+
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.bootstrap
     tokenizer = build_tokenizer()
     model = tiny_llama(cfg, tokenizer, recipe.seed)
     held_out = {r["messages"][0]["content"] for r in read_prompts(inputs["eval_prompts"])}
-
     rng = random.Random(recipe.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    dev = draw(random.Random(f"{recipe.seed}-dev"), cfg.dev_size, held_out)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                            betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     tokenizer.padding_side = "right"
-    saved, losses, excluded = {}, [], 0
     model.train()
-    for step in tqdm(range(1, cfg.teacher_steps + 1), desc="bootstrap pretraining", unit="step"):
-        problems = []
-        while len(problems) < cfg.batch_size:
-            p = arithmetic.draw_problem(rng)
-            if arithmetic.question(*p) in held_out:
-                excluded += 1
-                continue
-            problems.append(p)
+    saved: dict[str, dict] = {}
+    curve = []
+    bar = tqdm(range(1, cfg.max_steps + 1), desc="bootstrap pretraining", unit="step")
+    for step in bar:
+        problems = draw(rng, cfg.batch_size, held_out)
         texts = [render(tokenizer, [{"role": "user", "content": arithmetic.question(*p)},
                                     {"role": "assistant", "content": arithmetic.solution(*p)}]) for p in problems]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
-        loss = model(**enc, labels=labels).loss
+        loss = model(**enc, labels=enc.input_ids.masked_fill(enc.attention_mask == 0, -100)).loss
         loss.backward()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        for name, at in (("student", cfg.student_steps), ("teacher", cfg.teacher_steps)):
-            if step == at:
-                model.save_pretrained(out_dir / name)
-                tokenizer.padding_side = "left"
-                tokenizer.save_pretrained(out_dir / name)
-                tokenizer.padding_side = "right"
-                saved[name] = sum(losses[-50:]) / len(losses[-50:])
-
-    params = sum(p.numel() for p in model.parameters())
+        if step % cfg.eval_every:
+            continue
+        acc = dev_accuracy(model, tokenizer, dev)
+        curve.append({"step": step, "loss": round(loss.item(), 4), "dev_accuracy": acc})
+        bar.set_postfix(loss=f"{loss.item():.3f}", dev_acc=f"{acc:.2f}")
+        for name, target in (("student", cfg.student_accuracy), ("teacher", cfg.teacher_accuracy)):
+            # the teacher must be a later checkpoint than the student, even when one check jumps past both targets
+            later = name == "student" or saved.get("student", {}).get("step", step) < step
+            if name not in saved and acc >= target and later:
+                save(model, tokenizer, out_dir / name)
+                saved[name] = {"step": step, "dev_accuracy": acc}
+        if "teacher" in saved:
+            break
+    if "teacher" not in saved:
+        best = max(c["dev_accuracy"] for c in curve) if curve else 0.0
+        raise InputError(f"bootstrap: the teacher did not reach bootstrap.teacher_accuracy="
+                         f"{cfg.teacher_accuracy} within bootstrap.max_steps={cfg.max_steps} (best dev accuracy "
+                         f"{best:.3f}); raise max_steps or learning_rate, or lower the target")
     return StageResult(
         outputs={"student": "student", "teacher": "teacher"},
-        rows={"pretraining_examples": cfg.teacher_steps * cfg.batch_size},
-        stats={"parameters": params, "final_loss_student": saved["student"], "final_loss_teacher": saved["teacher"],
-               "held_out_questions_excluded": excluded, "vocab_size": len(tokenizer)},
+        rows={"pretraining_examples": step * cfg.batch_size, "dev_problems": len(dev)},
+        stats={"parameters": sum(p.numel() for p in model.parameters()), "student": saved["student"],
+               "teacher": saved["teacher"], "curve": curve, "vocab_size": len(tokenizer)},
     )

@@ -1,0 +1,79 @@
+from pathlib import Path
+
+import pytest
+
+from alignment.cli import main as align
+from alignment.config import InputError, load_recipe
+
+RECIPES = sorted(Path("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    assert load_recipe(path).name
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def tiny_with(tmp_path, old, new):
+    text = Path("recipes/tiny.yaml").read_text()
+    assert old in text
+    return write(tmp_path, text.replace(old, new))
+
+
+def test_unknown_key_names_file_line_and_path(tmp_path):
+    p = tiny_with(tmp_path, "  num_samples: 4", "  num_samples: 4\n  num_sampels: 8")
+    line = next(i for i, s in enumerate(p.read_text().splitlines(), 1) if s.startswith("  num_sampels: 8"))
+    with pytest.raises(InputError) as e:
+        load_recipe(p)
+    assert str(e.value) == f"{p}:{line}: sampling.num_sampels: unknown key"
+
+
+def test_wrong_type_names_file_line_path_and_value(tmp_path):
+    p = tiny_with(tmp_path, "  beta: 0.1 ", "  beta: high ")
+    line = next(i for i, s in enumerate(p.read_text().splitlines(), 1) if s.startswith("  beta: high"))
+    with pytest.raises(InputError, match=rf"^{p}:{line}: dpo.beta: Input should be a valid number.*'high'"):
+        load_recipe(p)
+
+
+def test_out_of_range_and_missing_keys(tmp_path):
+    p = tiny_with(tmp_path, "  beta: 0.1 ", "  beta: -1 ")
+    with pytest.raises(InputError, match=r"dpo.beta: Input should be greater than 0"):
+        load_recipe(p)
+    p = tiny_with(tmp_path, "  max_new_tokens: 16 ", "  ")
+    with pytest.raises(InputError, match=r"sampling.max_new_tokens: required key is missing"):
+        load_recipe(p)
+
+
+def test_bad_regex_is_caught_before_any_work(tmp_path):
+    p = tiny_with(tmp_path, 'answer_regex: "-?\\\\d+"', 'answer_regex: "(-?\\\\d+"')
+    with pytest.raises(InputError, match=r"reward.verifier: answer_regex does not compile"):
+        load_recipe(p)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    p = write(tmp_path, "name: x\nsft: [1, 2\nseed: 0\n")
+    with pytest.raises(InputError, match=rf"^{p}:\d: not valid YAML"):
+        load_recipe(p)
+
+
+def test_overrides_apply_and_errors_point_at_the_command_line():
+    r = load_recipe("recipes/tiny.yaml", ["sft.learning_rate=5e-4", "sampling.num_samples=8"])
+    assert (r.sft.learning_rate, r.sampling.num_samples) == (5e-4, 8)
+    with pytest.raises(InputError, match=r"^command-line override: sft.learnig_rate: unknown key$"):
+        load_recipe("recipes/tiny.yaml", ["sft.learnig_rate=5e-4"])
+    with pytest.raises(InputError, match="expected key.path=value"):
+        load_recipe("recipes/tiny.yaml", ["sft.learning_rate"])
+
+
+def test_cli_prints_one_clear_message_without_traceback(tmp_path, capsys):
+    p = tiny_with(tmp_path, "  num_samples: 4", "  num_samples: four")
+    with pytest.raises(SystemExit) as e:
+        align(["validate", str(p)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "sampling.num_samples" in err and f"{p}:" in err

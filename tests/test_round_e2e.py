@@ -1,0 +1,167 @@
+"""A whole round on a smaller config, run as a user runs it (the `align` CLI, stages in their own processes),
+then resume and staleness: what must be skipped is skipped, what must be redone is redone."""
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from alignment.chat import build_tokenizer
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["bootstrap", "generate", "score", "select", "sft", "dpo", "eval"]
+
+
+def small_recipe(tmp: Path, runs: Path) -> Path:
+    """tiny.yaml shrunk to seconds per stage, plus a (random) sequence-classification reward model, which makes
+    rewards continuous so an untrained teacher still yields SFT rows and pairs."""
+    rm_path = tmp / "rm"
+    tok = build_tokenizer()
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(rm_path)
+    tok.save_pretrained(rm_path)
+    r = yaml.safe_load((ROOT / "recipes/tiny.yaml").read_text())
+    r["name"] = "e2e"
+    r["runs_dir"] = str(runs)
+    r["prompts"] = {"train_path": str(ROOT / "data/arithmetic/train.jsonl"),
+                    "eval_path": str(ROOT / "data/arithmetic/eval.jsonl"), "num_prompts": 24}
+    # targets of 0: the student is the first checkpoint (step 10), the teacher the next (step 20)
+    r["bootstrap"].update(student_accuracy=0.0, teacher_accuracy=0.0, eval_every=10, dev_size=8, batch_size=16)
+    r["sampling"]["num_samples"] = 3
+    r["reward"]["reward_model"] = {"model_name_or_path": str(rm_path), "batch_size": 16, "weight": 1.0}
+    r["select"] = {"sft_min_reward": -100.0, "pair_min_margin": 1e-6}
+    for s in ("sft", "dpo"):
+        r[s].update(num_train_epochs=1, per_device_train_batch_size=8, logging_steps=1)
+    r["eval"]["num_prompts"] = 16
+    path = tmp / "e2e.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def align(*args, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "alignment.cli", *args], cwd=ROOT, capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def ran(proc) -> list[str]:
+    """Stages that actually ran, from the orchestrator's progress lines."""
+    return [line.split("] ")[1].split(":")[0] for line in proc.stdout.splitlines() if ": running (" in line]
+
+
+@pytest.fixture(scope="module")
+def round1(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    recipe = small_recipe(tmp, tmp / "runs")
+    proc = align("round", "1", "--recipe", str(recipe))
+    return recipe, tmp / "runs" / "e2e", proc
+
+
+def manifest(run: Path, stage: str) -> dict:
+    folder = run / "bootstrap" if stage == "bootstrap" else run / "round-1" / stage
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def test_round_writes_every_artifact_with_a_manifest(round1):
+    recipe, run, proc = round1
+    assert ran(proc) == STAGES
+    for stage in STAGES:
+        m = manifest(run, stage)
+        assert m["stage"] == stage and m["wall_time_s"] >= 0 and m["versions"]["trl"] == "1.16.0"
+        for out in m["outputs"].values():
+            folder = run / "bootstrap" if stage == "bootstrap" else run / "round-1" / stage
+            assert (folder / out).exists()
+    assert manifest(run, "generate")["rows"] == {"prompts": 24, "samples": 72}
+    samples = [json.loads(x) for x in (run / "round-1/generate/samples.jsonl").read_text().splitlines()]
+    assert {(s["prompt_id"], s["sample_index"]) for s in samples} == {
+        (s["prompt_id"], k) for s in samples for k in range(3)}
+    assert all(s["sampling"]["temperature"] == 1.0 and s["finish_reason"] in ("stop", "length") for s in samples)
+    scores = [json.loads(x) for x in (run / "round-1/score/scores.jsonl").read_text().splitlines()]
+    assert all(set(s["scores"]) == {"verifier", "reward_model"} for s in scores)
+    sel = manifest(run, "select")
+    assert sel["rows"]["sft"] == 24 and 0 < sel["rows"]["pairs"] <= 24
+    # upstream paths come from upstream manifests, and identities chain through fingerprints
+    assert manifest(run, "dpo")["inputs"]["model"]["hash"] == manifest(run, "sft")["fingerprint"] + ":model"
+    metrics = json.loads((run / "round-1/eval/metrics.json").read_text())
+    assert set(metrics) == {"input", "sft", "dpo"}
+    for m in metrics.values():
+        assert 0.0 <= m["accuracy"] <= 1.0 and isinstance(m["mean_reward"], float) and m["num_prompts"] == 16
+
+
+@pytest.mark.parametrize("stage,start", [("sft", "bootstrap/student"), ("dpo", "round-1/sft/model")])
+def test_training_changes_every_trainable_parameter(round1, stage, start):
+    _, run, _ = round1
+    before = load_file(run / start / "model.safetensors")
+    after = load_file(run / "round-1" / stage / "model" / "model.safetensors")
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert unchanged == []
+
+
+def test_rerunning_a_complete_round_rewrites_nothing(round1):
+    recipe, run, _ = round1
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    proc = align("round", "1", "--recipe", str(recipe))
+    assert ran(proc) == [] and proc.stdout.count("up to date") == len(STAGES)
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+
+
+def copy_run(round1, tmp_path) -> tuple[Path, Path]:
+    recipe, run, _ = round1
+    shutil.copytree(run, tmp_path / "runs" / "e2e")
+    r = yaml.safe_load(recipe.read_text())
+    r["runs_dir"] = str(tmp_path / "runs")
+    copy = tmp_path / "e2e.yaml"
+    copy.write_text(yaml.safe_dump(r))
+    return copy, tmp_path / "runs" / "e2e"
+
+
+def test_a_changed_section_reruns_that_stage_and_what_depends_on_it(round1, tmp_path):
+    recipe, run = copy_run(round1, tmp_path)
+    gen_before = manifest(run, "generate")
+    proc = align("round", "1", "--recipe", str(recipe), "dpo.beta=0.2")
+    assert ran(proc) == ["dpo", "eval"]
+    assert manifest(run, "dpo")["overrides"] == ["dpo.beta=0.2"]
+    proc = align("round", "1", "--recipe", str(recipe), "dpo.beta=0.2", "sft.learning_rate=5e-4")
+    assert ran(proc) == ["sft", "dpo", "eval"]
+    assert manifest(run, "generate") == gen_before
+
+
+def test_an_interrupted_round_resumes_at_the_unfinished_stage(round1, tmp_path):
+    recipe, run = copy_run(round1, tmp_path)
+    args = [sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(recipe), "sft.learning_rate=5e-4"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    job = run / "round-1" / "dpo" / "job.json"
+    deadline = time.time() + 300
+    while not job.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert job.exists(), "the round never reached its dpo stage"
+    subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)])  # the whole session: orchestrator and stage process
+    proc.wait()
+    assert not (run / "round-1" / "dpo" / "manifest.json").exists()  # half-done is not done
+    sft_done = manifest(run, "sft")
+    proc = align("round", "1", "--recipe", str(recipe), "sft.learning_rate=5e-4")
+    assert ran(proc) == ["dpo", "eval"]
+    assert manifest(run, "sft") == sft_done
+
+
+def test_round_two_before_round_one_is_a_clear_error(round1, tmp_path):
+    recipe, _, _ = round1
+    proc = align("round", "2", "--recipe", str(recipe), f"runs_dir={tmp_path}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "round 2 starts from round 1's DPO model" in proc.stderr and "make round N=1" in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing was started
