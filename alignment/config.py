@@ -107,29 +107,27 @@ class SelectConfig(Strict):
     pair_min_margin: float = Field(gt=0.0, description="chosen minus rejected reward must reach this for a pair")
 
 
-class SFTConfig(Strict):
+class TrainerConfig(Strict):
+    """Fields both trainers take; the names are TRL's, and pass straight through."""
+
     learning_rate: float = Field(gt=0.0, lt=1.0, description="peak learning rate (Llama 3: 1e-5)")
-    num_train_epochs: float = Field(gt=0.0, description="passes over the SFT set")
+    num_train_epochs: float = Field(gt=0.0, description="passes over the data")
     per_device_train_batch_size: int = Field(gt=0, description="examples per step per device")
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name")
     warmup_steps: float = Field(0.0, ge=0.0, description="warmup steps; below 1, a share of all steps")
-    max_length: int = Field(gt=0, description="tokens per example; longer ones are truncated and counted")
+    max_length: int = Field(gt=0, description="tokens per prompt+response; longer rows are counted as truncated")
     logging_steps: int = Field(10, gt=0, description="steps between loss logs")
 
 
-class DPOConfig(Strict):
-    learning_rate: float = Field(gt=0.0, lt=1.0, description="peak learning rate (Llama 3: 1e-5)")
+class SFTConfig(TrainerConfig):
+    """Supervised fine-tuning on the best sample of each prompt, loss on response tokens only."""
+
+
+class DPOConfig(TrainerConfig):
     beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO temperature (Llama 3: 0.1)")
     loss_type: list[str] = Field(["sigmoid", "sft"], description="TRL loss terms; 'sft' is the NLL on chosen")
     loss_weights: list[float] = Field([1.0, 0.2], description="weight of each loss term (Llama 3: NLL 0.2)")
-    num_train_epochs: float = Field(gt=0.0, description="passes over the pairs")
-    per_device_train_batch_size: int = Field(gt=0, description="pairs per step per device")
-    gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
-    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name")
-    warmup_steps: float = Field(0.0, ge=0.0, description="warmup steps; below 1, a share of all steps")
-    max_length: int = Field(gt=0, description="tokens per prompt+response")
-    logging_steps: int = Field(10, gt=0, description="steps between loss logs")
 
     @model_validator(mode="after")
     def _check(self):

@@ -22,9 +22,14 @@ class Completion:
     finish_reason: str  # "stop" or "length"
 
 
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_policy(path: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # CPUs here compute bf16 slowly
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
     model.eval()
     return model, tokenizer
 

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment.config import InputError, RewardConfig
+from alignment.generation import device
 
 
 def verify_answer(response: str, answer: str, answer_regex: str) -> float:
@@ -31,7 +32,7 @@ def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: 
 
     Conversations are batched in order of length so a batch pads little; scores return in input order."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device()).eval()
     if model.config.num_labels != 1:
         raise InputError(f"reward.reward_model.model_name_or_path: {path} has {model.config.num_labels} labels; "
                           "a reward model has exactly one")
@@ -44,7 +45,7 @@ def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: 
     scores = [0.0] * len(ids)
     for start in tqdm(range(0, len(order), batch_size), desc="reward model", unit="batch"):
         idx = order[start:start + batch_size]
-        enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(model.device)
         logits = model(**enc).logits[:, 0].tolist()
         for i, s in zip(idx, logits):
             scores[i] = s

@@ -107,18 +107,6 @@ def fingerprint(stage: str, config: dict, inputs: dict[str, dict]) -> str:
     return hash_json({"stage": stage, "config": config, "inputs": {k: v["hash"] for k, v in inputs.items()}})
 
 
-def status(recipe: Recipe, round_n: int, stage: str) -> str:
-    """'done' (manifest matches), 'stale' (manifest from other config or inputs), or 'missing'."""
-    m = read_manifest(stage_dir(recipe, round_n, stage))
-    if m is None:
-        return "missing"
-    try:
-        fp = fingerprint(stage, stage_config(recipe, stage), stage_inputs(recipe, round_n, stage))
-    except InputError:
-        return "stale"
-    return "done" if m["fingerprint"] == fp else "stale"
-
-
 def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, overrides: list[str],
               force: bool = False) -> bool:
     """Run the stage in a fresh process unless its manifest is current; True when it ran."""
