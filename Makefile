@@ -7,7 +7,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: round validate test test-fast data clean-runs
+FORCE ?=
+FORCE_FLAG := $(if $(FORCE),--force $(FORCE),)
+
+.PHONY: round eval status validate test test-fast data
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +21,13 @@ $(STAMP): pyproject.toml requirements.lock
 	touch $(STAMP)
 
 round: $(STAMP)  ## run (or resume) round N of RECIPE, e.g. make round N=2 ARGS="sft.learning_rate=5e-4"
-	$(VENV)/bin/align round $(N) --recipe $(RECIPE) $(ARGS)
+	$(VENV)/bin/align round $(N) --recipe $(RECIPE) $(FORCE_FLAG) $(ARGS)
+
+eval: $(STAMP)  ## evaluate round N's checkpoints and apply the promotion gate (FORCE=dpo|sft overrides it)
+	$(VENV)/bin/align eval $(N) --recipe $(RECIPE) $(FORCE_FLAG) $(ARGS)
+
+status: $(STAMP)  ## done / stale / missing for every round and stage of RECIPE
+	$(VENV)/bin/align status --recipe $(RECIPE) $(ARGS)
 
 validate: $(STAMP)  ## check RECIPE and its prompt files without running anything
 	$(VENV)/bin/align validate $(RECIPE) $(ARGS)

@@ -1,7 +1,9 @@
 """`align`: the command behind `make round`, `make validate` and friends.
 
     align validate recipes/tiny.yaml [key.path=value ...]   # overrides: any key of the recipe
-    align round 1 --recipe recipes/tiny.yaml [key.path=value ...]
+    align round 1 --recipe recipes/tiny.yaml [--force dpo] [key.path=value ...]
+    align eval 1 --recipe recipes/tiny.yaml [--force dpo]      # evaluate and gate round 1's checkpoints
+    align status --recipe recipes/tiny.yaml                   # done / stale / missing, per round and stage
     align stage sft --round 1 --recipe recipes/tiny.yaml [key.path=value ...]   # re-run one stage
 """
 
@@ -12,7 +14,7 @@ import sys
 
 from alignment.config import InputError, load_recipe
 from alignment.prompts import read_prompts
-from alignment.round import ROUND_STAGES, StageFailed, run_round, run_stage
+from alignment.round import EVAL_STAGES, ROUND_STAGES, StageFailed, run_round, run_stage, status_table
 
 
 def validate(recipe_file: str, overrides: list[str]):
@@ -35,10 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     v.add_argument("recipe")
     r = sub.add_parser("round", help="run (or resume) round N")
     r.add_argument("n", type=int)
+    e = sub.add_parser("eval", help="evaluate round N's checkpoints and decide which one is promoted")
+    e.add_argument("n", type=int)
+    for p in (r, e):
+        p.add_argument("--force", choices=("dpo", "sft"), help="promote this checkpoint whatever the gate says")
+    st = sub.add_parser("status", help="which stages of which rounds are done, stale or missing")
     s = sub.add_parser("stage", help="re-run one stage of a round, even if it is up to date")
     s.add_argument("stage", choices=("bootstrap",) + ROUND_STAGES)
     s.add_argument("--round", type=int, default=1)
-    for p in (r, s):
+    for p in (r, e, st, s):
         p.add_argument("--recipe", default="recipes/tiny.yaml")
     # Overrides are the leftover key.path=value words, so they may stand before or after the options.
     args, args.overrides = ap.parse_known_args(argv)
@@ -50,9 +57,14 @@ def main(argv: list[str] | None = None) -> None:
             recipe, n_train, n_eval = validate(args.recipe, args.overrides)
             print(f"{args.recipe}: ok (recipe {recipe.name!r}; {n_train} training prompts, {n_eval} held out)")
         else:
+            if getattr(args, "force", None):
+                args.overrides.append(f"gate.force={args.force}")  # recorded with the other overrides
             recipe, _, _ = validate(args.recipe, args.overrides)
-            if args.cmd == "round":
-                run_round(recipe, args.n, recipe_file=args.recipe, overrides=args.overrides)
+            if args.cmd in ("round", "eval"):
+                run_round(recipe, args.n, recipe_file=args.recipe, overrides=args.overrides,
+                          stages=ROUND_STAGES if args.cmd == "round" else EVAL_STAGES)
+            elif args.cmd == "status":
+                print(status_table(recipe))
             else:
                 run_stage(recipe, args.round, args.stage, recipe_file=args.recipe, overrides=args.overrides,
                           force=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -137,9 +137,40 @@ class DPOConfig(TrainerConfig):
 
 
 class EvalConfig(Strict):
-    max_new_tokens: int = Field(gt=0, description="token limit of greedy answers")
+    max_new_tokens: int = Field(gt=0, description="token limit of every answer; hits are reported")
     batch_size: int = Field(64, gt=0, description="prompts per generate call")
     num_prompts: int | None = Field(None, gt=0, description="first N rows of eval_path; all when unset")
+    num_samples: int = Field(8, ge=0, description="sampled answers per prompt for pass@k (n); 0 skips sampling")
+    temperature: float = Field(1.0, gt=0.0, description="temperature of the pass@k samples")
+    pass_k: list[int] = Field([1, 4], description="k values reported as pass@k")
+
+    @model_validator(mode="after")
+    def _check(self):
+        bad = [k for k in self.pass_k if not 0 < k <= self.num_samples]
+        if self.num_samples and bad:
+            raise ValueError(f"pass_k values {bad} must be between 1 and num_samples ({self.num_samples})")
+        return self
+
+
+class GateConfig(Strict):
+    """Which of the round's checkpoints seeds the next round, and how much worse than the round's input model
+    a checkpoint may be on each metric before it is refused."""
+
+    candidates: list[Literal["dpo", "sft"]] = Field(["dpo", "sft"], description="in order of preference")
+    tolerances: dict[str, float] = Field({"accuracy": 0.0}, description="metric -> largest allowed drop below "
+                                         "the input model (0 = must not regress)")
+    force: Literal["dpo", "sft"] | None = Field(None, description="promote this checkpoint whatever the gate "
+                                                "says (recorded in the decision)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        unknown = set(self.tolerances) - GATE_METRICS
+        if unknown:
+            raise ValueError(f"tolerances: unknown metrics {sorted(unknown)}; expected some of {sorted(GATE_METRICS)}")
+        return self
+
+
+GATE_METRICS = {"accuracy", "mean_reward", "win_rate_vs_input"} | {f"pass@{k}" for k in range(1, 101)}
 
 
 class BootstrapConfig(Strict):
@@ -187,6 +218,7 @@ class Recipe(Strict):
     sft: SFTConfig
     dpo: DPOConfig
     eval: EvalConfig
+    gate: GateConfig = Field(GateConfig(), description="promotion of the round's best checkpoint")
     bootstrap: BootstrapConfig | None = Field(None, description="build tiny models in code (no download)")
 
     @model_validator(mode="after")
@@ -295,5 +327,6 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
         "sft": ["sft", "seed"],
         "dpo": ["dpo", "seed"],
         "eval": ["eval", "reward", "prompts"],
+        "promote": ["gate"],
     }[stage]
     return {k: r[k] for k in sections}

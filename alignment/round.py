@@ -10,6 +10,7 @@ manifests (or in the recipe), never "the latest folder".
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,8 @@ from pathlib import Path
 from alignment.config import InputError, ModelSource, Recipe, stage_config
 from alignment.manifest import hash_file, hash_json, hash_model_dir, read_manifest, write_json_atomic
 
-ROUND_STAGES = ("generate", "score", "select", "sft", "dpo", "eval")
+ROUND_STAGES = ("generate", "score", "select", "sft", "dpo", "eval", "promote")
+EVAL_STAGES = ("eval", "promote")
 
 
 class StageFailed(Exception):
@@ -44,7 +46,7 @@ def upstream(folder: Path, output: str, why: str) -> dict:
     m = read_manifest(folder)
     if m is None:
         raise InputError(f"{why}: {folder} has no manifest.json (that stage has not completed)")
-    return {"path": str(folder / m["outputs"][output]), "hash": f"{m['fingerprint']}:{output}"}
+    return {"path": os.path.normpath(folder / m["outputs"][output]), "hash": f"{m['fingerprint']}:{output}"}
 
 
 def data_file(path: Path, key: str) -> dict:
@@ -59,11 +61,11 @@ def model_path(name: str) -> dict:
 
 
 def student_input(recipe: Recipe, round_n: int) -> dict:
-    """Round 1 starts from the recipe's student; round n from round n-1's DPO model."""
+    """Round 1 starts from the recipe's student; round n from the model round n-1 promoted."""
     if round_n > 1:
-        prev = stage_dir(recipe, round_n - 1, "dpo")
-        return upstream(prev, "model", f"round {round_n} starts from round {round_n - 1}'s DPO model, but round "
-                        f"{round_n - 1} is not complete; run `make round N={round_n - 1}` first")
+        prev = stage_dir(recipe, round_n - 1, "promote")
+        return upstream(prev, "model", f"round {round_n} starts from the model round {round_n - 1} promoted, but "
+                        f"round {round_n - 1} is not complete; run `make round N={round_n - 1}` first")
     if recipe.student.source == ModelSource.bootstrap:
         return upstream(stage_dir(recipe, 0, "bootstrap"), "student", "the bootstrapped student")
     return model_path(recipe.student.model_name_or_path)
@@ -97,6 +99,9 @@ def stage_inputs(recipe: Recipe, round_n: int, stage: str) -> dict[str, dict]:
         return {"input": student_input(recipe, round_n), "sft": upstream(d("sft"), "model", "eval"),
                 "dpo": upstream(d("dpo"), "model", "eval"),
                 "eval_prompts": data_file(recipe.prompts.eval_path, "prompts.eval_path")}
+    if stage == "promote":
+        return {"metrics": upstream(d("eval"), "metrics", "promote"), "input": student_input(recipe, round_n),
+                "sft": upstream(d("sft"), "model", "promote"), "dpo": upstream(d("dpo"), "model", "promote")}
     raise InputError(f"unknown stage {stage!r}")
 
 
@@ -141,24 +146,69 @@ def needs_bootstrap(recipe: Recipe, round_n: int) -> bool:
             or (round_n == 1 and recipe.student.source == ModelSource.bootstrap))
 
 
-def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list[str]) -> dict:
+def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list[str],
+              stages: tuple[str, ...] = ROUND_STAGES) -> dict:
+    """Run whichever of `stages` are due for round n, then print its evaluation and promotion."""
     if round_n < 1:
         raise InputError(f"round must be 1 or more, got {round_n}")
+    if stages == EVAL_STAGES and not round_dir(recipe, round_n).exists():
+        raise InputError(f"round {round_n} does not exist: no folder {round_dir(recipe, round_n)}; "
+                         f"run `make round N={round_n}` first")
     if round_n > 1:
         student_input(recipe, round_n)  # fail now, before any work, if round n-1 is missing
-    stages = (("bootstrap",) if needs_bootstrap(recipe, round_n) else ()) + ROUND_STAGES
+    if stages == ROUND_STAGES and needs_bootstrap(recipe, round_n):
+        stages = ("bootstrap",) + stages
     for stage in stages:
         run_stage(recipe, round_n, stage, recipe_file=recipe_file, overrides=overrides)
     metrics = json.loads((stage_dir(recipe, round_n, "eval") / "metrics.json").read_text())
+    decision = json.loads((stage_dir(recipe, round_n, "promote") / "decision.json").read_text())
     print(format_metrics(round_n, metrics))
+    print(f"promoted: {decision['promoted']}{' (forced)' if decision['forced'] else ''}")
+    for reason in decision["reasons"]:
+        print(f"  {reason}")
     return metrics
 
 
+def status(recipe: Recipe, round_n: int, stage: str) -> str:
+    """'done' (manifest matches the recipe and inputs now), 'stale' (it does not), or 'missing'."""
+    m = read_manifest(stage_dir(recipe, round_n, stage))
+    if m is None:
+        return "missing"
+    try:
+        fp = fingerprint(stage, stage_config(recipe, stage), stage_inputs(recipe, round_n, stage))
+    except InputError:
+        return "stale"  # an input it was built from is gone
+    return "done" if m["fingerprint"] == fp else "stale"
+
+
+def status_table(recipe: Recipe) -> str:
+    rounds = sorted(int(p.name.split("-")[1]) for p in (recipe.runs_dir / recipe.name).glob("round-*")
+                    if p.name.split("-")[1].isdigit())
+    stages = ("bootstrap",) + ROUND_STAGES if recipe.bootstrap else ROUND_STAGES
+    lines = [f"{recipe.runs_dir / recipe.name}", "round  " + "".join(f"{s:>10}" for s in stages)]
+    for n in rounds or [1]:
+        cells, behind = [], False
+        for s in stages:
+            if s == "bootstrap" and not needs_bootstrap(recipe, n):
+                cells.append("-")
+                continue
+            c = status(recipe, n, s)
+            if c == "done" and behind:
+                c = "stale"  # each stage builds on the ones before it: an unfinished one invalidates the rest
+            behind |= c != "done"
+            cells.append(c)
+        lines.append(f"{n:<7}" + "".join(f"{c:>10}" for c in cells))
+    return "\n".join(lines)
+
+
 def format_metrics(round_n: int, metrics: dict) -> str:
-    lines = [f"round {round_n} held-out evaluation", f"{'model':<8}{'accuracy':>10}{'mean_reward':>13}"
-             f"{'tokens':>8}{'at_limit':>10}"]
-    for name, m in sorted(metrics.items(), key=lambda kv: ["input", "sft", "dpo"].index(kv[0])):
-        acc = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
-        lines.append(f"{name:<8}{acc:>10}{m['mean_reward']:>13.3f}{m['mean_response_tokens']:>8.1f}"
-                     f"{m['hit_token_limit_share']:>10.3f}")
+    cols = ["accuracy", "mean_reward"] + sorted(k for k in metrics["input"] if k.startswith("pass@")) + [
+        "win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"]
+    short = {"mean_response_tokens": "tokens", "length_drift_vs_input": "len_drift", "win_rate_vs_input": "win_rate",
+             "hit_token_limit_share": "at_limit"}
+    head = [short.get(c, c) for c in cols]
+    lines = [f"round {round_n} held-out evaluation", f"{'model':<8}" + "".join(f"{h:>12}" for h in head)]
+    for name in ("input", "sft", "dpo"):
+        vals = [metrics[name].get(c) for c in cols]
+        lines.append(f"{name:<8}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in vals))
     return "\n".join(lines)

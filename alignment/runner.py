@@ -17,7 +17,7 @@ from pathlib import Path
 from alignment.config import InputError, Recipe
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
 
-STAGES = ("bootstrap", "generate", "score", "select", "sft", "dpo", "eval")
+STAGES = ("bootstrap", "generate", "score", "select", "sft", "dpo", "eval", "promote")
 
 
 def run_job(job_path: Path) -> dict:

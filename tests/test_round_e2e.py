@@ -18,7 +18,7 @@ from alignment.chat import build_tokenizer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["bootstrap", "generate", "score", "select", "sft", "dpo", "eval"]
+STAGES = ["bootstrap", "generate", "score", "select", "sft", "dpo", "eval", "promote"]
 
 
 def small_recipe(tmp: Path, runs: Path) -> Path:
@@ -103,6 +103,8 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     assert set(metrics) == {"input", "sft", "dpo"}
     for m in metrics.values():
         assert 0.0 <= m["accuracy"] <= 1.0 and isinstance(m["mean_reward"], float) and m["num_prompts"] == 16
+        assert 0.0 <= m["pass@1"] <= m["pass@4"] <= 1.0 and 0.0 <= m["win_rate_vs_input"] <= 1.0
+    assert metrics["input"]["win_rate_vs_input"] == 0.5 and metrics["input"]["length_drift_vs_input"] == 0.0
 
 
 @pytest.mark.parametrize("stage,start", [("sft", "bootstrap/student"), ("dpo", "round-1/sft/model")])
@@ -137,10 +139,10 @@ def test_a_changed_section_reruns_that_stage_and_what_depends_on_it(round1, tmp_
     recipe, run = copy_run(round1, tmp_path)
     gen_before = manifest(run, "generate")
     proc = align("round", "1", "--recipe", str(recipe), "dpo.beta=0.2")
-    assert ran(proc) == ["dpo", "eval"]
+    assert ran(proc) == ["dpo", "eval", "promote"]
     assert manifest(run, "dpo")["overrides"] == ["dpo.beta=0.2"]
     proc = align("round", "1", "--recipe", str(recipe), "dpo.beta=0.2", "sft.learning_rate=5e-4")
-    assert ran(proc) == ["sft", "dpo", "eval"]
+    assert ran(proc) == ["sft", "dpo", "eval", "promote"]
     assert manifest(run, "generate") == gen_before
 
 
@@ -160,7 +162,7 @@ def test_an_interrupted_round_resumes_at_the_unfinished_stage(round1, tmp_path):
     assert not (run / "round-1" / "dpo" / "manifest.json").exists()  # half-done is not done
     sft_done = manifest(run, "sft")
     proc = align("round", "1", "--recipe", str(recipe), "sft.learning_rate=5e-4")
-    assert ran(proc) == ["dpo", "eval"]
+    assert ran(proc) == ["dpo", "eval", "promote"]
     assert manifest(run, "sft") == sft_done
 
 
@@ -168,5 +170,28 @@ def test_round_two_before_round_one_is_a_clear_error(round1, tmp_path):
     recipe, _, _ = round1
     proc = align("round", "2", "--recipe", str(recipe), f"runs_dir={tmp_path}", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "round 2 starts from round 1's DPO model" in proc.stderr and "make round N=1" in proc.stderr
+    assert "round 2 starts from the model round 1 promoted" in proc.stderr and "make round N=1" in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def test_promotion_decides_the_next_rounds_start_and_force_is_recorded(round1, tmp_path):
+    recipe, run = copy_run(round1, tmp_path)
+    decision = json.loads((run / "round-1/promote/decision.json").read_text())
+    metrics = json.loads((run / "round-1/eval/metrics.json").read_text())
+    passed = [n for n in ("dpo", "sft") if metrics[n]["accuracy"] >= metrics["input"]["accuracy"]]
+    assert decision["promoted"] == (passed[0] if passed else "input") and not decision["forced"]
+    proc = align("eval", "1", "--recipe", str(recipe), "--force", "sft")
+    assert ran(proc) == ["promote"] and "promoted: sft (forced)" in proc.stdout
+    m = manifest(run, "promote")
+    assert m["overrides"] == ["gate.force=sft"] and m["stats"] == {"promoted": "sft", "forced": True}
+    assert Path(m["outputs"]["model"]) == Path("../sft/model")
+
+
+def test_eval_of_a_missing_round_or_checkpoint_names_what_is_missing(round1, tmp_path):
+    recipe, run = copy_run(round1, tmp_path)
+    proc = align("eval", "3", "--recipe", str(recipe), check=False)
+    assert proc.returncode == 2 and "round 3 does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    (run / "round-1/dpo/manifest.json").unlink()  # a checkpoint folder without its manifest is incomplete
+    proc = align("eval", "1", "--recipe", str(recipe), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"{run / 'round-1' / 'dpo'} has no manifest.json" in proc.stderr
