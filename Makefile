@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 FORCE ?=
 FORCE_FLAG := $(if $(FORCE),--force $(FORCE),)
 
-.PHONY: round eval status validate test test-fast data
+.PHONY: round eval status report validate test test-fast data
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ eval: $(STAMP)  ## evaluate round N's checkpoints and apply the promotion gate (
 
 status: $(STAMP)  ## done / stale / missing for every round and stage of RECIPE
 	$(VENV)/bin/align status --recipe $(RECIPE) $(ARGS)
+
+report: $(STAMP)  ## runs/<recipe>/report/report.md with every round's metrics and plots
+	$(VENV)/bin/align report --recipe $(RECIPE) $(ARGS)
 
 validate: $(STAMP)  ## check RECIPE and its prompt files without running anything
 	$(VENV)/bin/align validate $(RECIPE) $(ARGS)

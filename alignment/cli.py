@@ -4,6 +4,7 @@
     align round 1 --recipe recipes/tiny.yaml [--force dpo] [key.path=value ...]
     align eval 1 --recipe recipes/tiny.yaml [--force dpo]      # evaluate and gate round 1's checkpoints
     align status --recipe recipes/tiny.yaml                   # done / stale / missing, per round and stage
+    align report --recipe recipes/tiny.yaml                   # runs/<recipe>/report/report.md and plots
     align stage sft --round 1 --recipe recipes/tiny.yaml [key.path=value ...]   # re-run one stage
 """
 
@@ -42,10 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     for p in (r, e):
         p.add_argument("--force", choices=("dpo", "sft"), help="promote this checkpoint whatever the gate says")
     st = sub.add_parser("status", help="which stages of which rounds are done, stale or missing")
+    rep = sub.add_parser("report", help="Markdown report and plots across rounds")
     s = sub.add_parser("stage", help="re-run one stage of a round, even if it is up to date")
     s.add_argument("stage", choices=("bootstrap",) + ROUND_STAGES)
     s.add_argument("--round", type=int, default=1)
-    for p in (r, e, st, s):
+    for p in (r, e, st, rep, s):
         p.add_argument("--recipe", default="recipes/tiny.yaml")
     # Overrides are the leftover key.path=value words, so they may stand before or after the options.
     args, args.overrides = ap.parse_known_args(argv)
@@ -65,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
                           stages=ROUND_STAGES if args.cmd == "round" else EVAL_STAGES)
             elif args.cmd == "status":
                 print(status_table(recipe))
+            elif args.cmd == "report":
+                from alignment.report import write_report  # matplotlib loads only when asked for
+
+                print(f"wrote {write_report(recipe)}")
             else:
                 run_stage(recipe, args.round, args.stage, recipe_file=args.recipe, overrides=args.overrides,
                           force=True)

@@ -118,6 +118,17 @@ class TrainerConfig(Strict):
     warmup_steps: float = Field(0.0, ge=0.0, description="warmup steps; below 1, a share of all steps")
     max_length: int = Field(gt=0, description="tokens per prompt+response; longer rows are counted as truncated")
     logging_steps: int = Field(10, gt=0, description="steps between loss logs")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="where training logs "
+                                                             "go besides log_history.json (the stage's logs/)")
+
+    @model_validator(mode="after")
+    def _check_report_to(self):
+        import importlib.util
+
+        missing = [r for r in self.report_to if importlib.util.find_spec(r) is None]
+        if missing:
+            raise ValueError(f"report_to {missing}: not installed in this environment (pip install {missing[0]})")
+        return self
 
 
 class SFTConfig(TrainerConfig):

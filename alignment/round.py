@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from alignment.config import InputError, ModelSource, Recipe, stage_config
+from alignment.consistency import check_chat_templates
 from alignment.manifest import hash_file, hash_json, hash_model_dir, read_manifest, write_json_atomic
 
 ROUND_STAGES = ("generate", "score", "select", "sft", "dpo", "eval", "promote")
@@ -141,6 +142,14 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
     return True
 
 
+def round_models(recipe: Recipe, round_n: int) -> dict[str, str]:
+    """Every model of the round that renders conversations, the student first."""
+    models = {"student": student_input(recipe, round_n)["path"], "teacher": teacher_input(recipe, round_n)["path"]}
+    if recipe.reward.reward_model:
+        models["reward model"] = recipe.reward.reward_model.model_name_or_path
+    return models
+
+
 def needs_bootstrap(recipe: Recipe, round_n: int) -> bool:
     return (recipe.teacher.source == ModelSource.bootstrap
             or (round_n == 1 and recipe.student.source == ModelSource.bootstrap))
@@ -159,6 +168,8 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
     if stages == ROUND_STAGES and needs_bootstrap(recipe, round_n):
         stages = ("bootstrap",) + stages
     for stage in stages:
+        if stage == "generate":  # models exist now (bootstrap ran); check them before any spends time
+            check_chat_templates(round_models(recipe, round_n))
         run_stage(recipe, round_n, stage, recipe_file=recipe_file, overrides=overrides)
     metrics = json.loads((stage_dir(recipe, round_n, "eval") / "metrics.json").read_text())
     decision = json.loads((stage_dir(recipe, round_n, "promote") / "decision.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -18,12 +20,16 @@ def load_for_training(path: Path):
 
 def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
     """The TrainingArguments fields both trainers take from the recipe; names pass straight through to TRL."""
+    # transformers 5 takes TensorBoard's folder from the environment; this process runs this one stage only.
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "logs")
     return dict(
         output_dir=str(out_dir / "trainer"), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, max_length=cfg.max_length, logging_steps=cfg.logging_steps, seed=seed,
-        data_seed=seed, save_strategy="no", report_to="none", disable_tqdm=False, dataloader_num_workers=0,
+        data_seed=seed, save_strategy="no", report_to=list(cfg.report_to) or "none", disable_tqdm=False,
+        dataloader_num_workers=0,
         # TRL defaults to bf16, which CPUs here cannot train in; use it exactly where the hardware supports it.
         bf16=bf16_supported(), use_cpu=not torch.cuda.is_available(),
     )
@@ -51,6 +57,8 @@ def loss_summary(log_history: list[dict], key: str = "loss") -> dict:
 
 
 def save_model(trainer, tokenizer, path: Path) -> None:
+    """The final model, its tokenizer (set up for generation), and the trainer's log history beside them."""
     trainer.save_model(str(path))
+    (path.parent / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     tokenizer.padding_side = "left"  # the saved tokenizer is used for generation next
     tokenizer.save_pretrained(str(path))

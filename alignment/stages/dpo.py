@@ -37,4 +37,4 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     stats = loss_summary(history)
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
-    return StageResult(outputs={"model": "model"}, rows={"pairs": len(rows), "truncated": over}, stats=stats)
+    return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"}, rows={"pairs": len(rows), "truncated": over}, stats=stats)

@@ -30,5 +30,5 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     trainer.train()
     save_model(trainer, tokenizer, out_dir / "model")
-    return StageResult(outputs={"model": "model"}, rows={"examples": len(rows), "truncated": over},
+    return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"}, rows={"examples": len(rows), "truncated": over},
                        stats=loss_summary(trainer.state.log_history))

@@ -1,0 +1,125 @@
+"""`make report`: every round's numbers in one Markdown file, with plots across rounds.
+
+Reads only completed stages (those with a manifest) and writes `runs/<recipe>/report/`: `report.md` and
+PNGs of held-out accuracy, reward, win rate, response length, rejection-sampling acceptance and DPO reward
+margins over training steps.
+
+    align report --recipe recipes/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from alignment.config import InputError, Recipe  # noqa: E402
+from alignment.manifest import read_manifest  # noqa: E402
+
+MODELS = ("input", "sft", "dpo")
+PLOTS = {  # file -> (metric in metrics.json, axis label)
+    "accuracy.png": ("accuracy", "held-out accuracy (greedy)"),
+    "reward.png": ("mean_reward", "mean reward"),
+    "win_rate.png": ("win_rate_vs_input", "win rate vs the round's input model"),
+    "length.png": ("mean_response_tokens", "mean response tokens"),
+}
+
+
+def collect(run_dir: Path) -> list[dict]:
+    """One entry per round whose eval completed, in round order."""
+    rounds = []
+    for d in sorted(run_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+        if read_manifest(d / "eval") is None:
+            continue
+        entry = {"round": int(d.name.split("-")[1]), "metrics": json.loads((d / "eval/metrics.json").read_text())}
+        select = read_manifest(d / "select")
+        if select:
+            entry["acceptance"] = select["stats"]["acceptance_per_prompt"].get("mean")
+            entry["sft_rows"], entry["pairs"] = select["rows"]["sft"], select["rows"]["pairs"]
+        if read_manifest(d / "promote"):
+            entry["promoted"] = json.loads((d / "promote/decision.json").read_text())
+        history = d / "dpo" / "log_history.json"
+        if read_manifest(d / "dpo") and history.exists():
+            entry["dpo_margins"] = [(h["step"], h["rewards/margins"]) for h in json.loads(history.read_text())
+                                    if "rewards/margins" in h and "step" in h]
+        rounds.append(entry)
+    return rounds
+
+
+def plot_metric(rounds: list[dict], metric: str, label: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    xs = [r["round"] for r in rounds]
+    for name in MODELS:
+        ys = [r["metrics"][name].get(metric) for r in rounds]
+        if any(y is not None for y in ys):
+            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=name)
+    ax.set(xlabel="round", ylabel=label, xticks=xs)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_series(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path: Path, kind="line") -> None:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, (xs, ys) in series.items():
+        if kind == "bar":
+            ax.bar(xs, ys, label=label)
+        else:
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    if kind != "bar":
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def write_report(recipe: Recipe) -> Path:
+    run_dir = recipe.runs_dir / recipe.name
+    rounds = collect(run_dir)
+    if not rounds:
+        raise InputError(f"no round of {run_dir} has a completed eval; run `make round N=1` first")
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (metric, label) in PLOTS.items():
+        plot_metric(rounds, metric, label, out / name)
+    plots = list(PLOTS)
+    with_acceptance = [r for r in rounds if r.get("acceptance") is not None]
+    if with_acceptance:
+        plot_series({"acceptance": ([r["round"] for r in with_acceptance], [r["acceptance"] for r in with_acceptance])},
+                    "round", "share of samples reaching sft_min_reward", out / "acceptance.png", kind="bar")
+        plots.append("acceptance.png")
+    margins = {f"round {r['round']}": tuple(zip(*r["dpo_margins"])) for r in rounds if r.get("dpo_margins")}
+    if margins:
+        plot_series(margins, "DPO step", "reward margin (chosen - rejected)", out / "dpo_margins.png")
+        plots.append("dpo_margins.png")
+
+    metric_cols = ["accuracy", "mean_reward"] + sorted({k for r in rounds for k in r["metrics"]["input"]
+                                                        if k.startswith("pass@")}) + [
+        "win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"]
+    lines = [f"# Report: {recipe.name}", "", f"Rounds with a completed evaluation: {len(rounds)}.", "",
+             "| round | model | " + " | ".join(metric_cols) + " |", "|---|---|" + "---|" * len(metric_cols)]
+    for r in rounds:
+        for name in MODELS:
+            lines.append(f"| {r['round']} | {name} | " + " | ".join(fmt(r["metrics"][name].get(c)) for c in metric_cols)
+                         + " |")
+    lines += ["", "| round | SFT rows | DPO pairs | acceptance | promoted | reasons |", "|---|---|---|---|---|---|"]
+    for r in rounds:
+        p = r.get("promoted", {})
+        promoted = p.get("promoted", "-") + (" (forced)" if p.get("forced") else "")
+        lines.append(f"| {r['round']} | {fmt(r.get('sft_rows'))} | {fmt(r.get('pairs'))} | {fmt(r.get('acceptance'))} "
+                     f"| {promoted} | {'; '.join(p.get('reasons', []))} |")
+    lines += [""] + [f"![{p[:-4]}]({p})" for p in plots]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"
