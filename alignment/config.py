@@ -154,12 +154,24 @@ class EvalConfig(Strict):
     num_samples: int = Field(8, ge=0, description="sampled answers per prompt for pass@k (n); 0 skips sampling")
     temperature: float = Field(1.0, gt=0.0, description="temperature of the pass@k samples")
     pass_k: list[int] = Field([1, 4], description="k values reported as pass@k")
+    lm_eval_tasks: list[str] = Field([], description="lm-evaluation-harness tasks run on every model "
+                                     "(metrics reported as lm_eval/<task>/<metric>)")
+    lm_eval_include_path: Path | None = Field(None, description="folder of task YAMLs, e.g. ones reading local "
+                                              "JSONL so they run without a download")
+    lm_eval_limit: int | None = Field(None, gt=0, description="first N documents of each task; all when unset")
 
     @model_validator(mode="after")
     def _check(self):
         bad = [k for k in self.pass_k if not 0 < k <= self.num_samples]
         if self.num_samples and bad:
             raise ValueError(f"pass_k values {bad} must be between 1 and num_samples ({self.num_samples})")
+        if self.lm_eval_include_path is not None and not self.lm_eval_include_path.is_dir():
+            raise ValueError(f"lm_eval_include_path: {self.lm_eval_include_path} is not a folder")
+        if self.lm_eval_tasks:
+            import importlib.util
+
+            if importlib.util.find_spec("lm_eval") is None:
+                raise ValueError("lm_eval_tasks needs the lm-eval package (pip install lm-eval)")
         return self
 
 
@@ -175,7 +187,7 @@ class GateConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        unknown = set(self.tolerances) - GATE_METRICS
+        unknown = {m for m in self.tolerances if m not in GATE_METRICS and not m.startswith("lm_eval/")}
         if unknown:
             raise ValueError(f"tolerances: unknown metrics {sorted(unknown)}; expected some of {sorted(GATE_METRICS)}")
         return self

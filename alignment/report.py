@@ -107,7 +107,8 @@ def write_report(recipe: Recipe) -> Path:
 
     metric_cols = ["accuracy", "mean_reward"] + sorted({k for r in rounds for k in r["metrics"]["input"]
                                                         if k.startswith("pass@")}) + [
-        "win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"]
+        "win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"] + sorted(
+        {k for r in rounds for k in r["metrics"]["input"] if k.startswith("lm_eval/")})
     lines = [f"# Report: {recipe.name}", "", f"Rounds with a completed evaluation: {len(rounds)}.", "",
              "| round | model | " + " | ".join(metric_cols) + " |", "|---|---|" + "---|" * len(metric_cols)]
     for r in rounds:

@@ -214,12 +214,14 @@ def status_table(recipe: Recipe) -> str:
 
 def format_metrics(round_n: int, metrics: dict) -> str:
     cols = ["accuracy", "mean_reward"] + sorted(k for k in metrics["input"] if k.startswith("pass@")) + [
-        "win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"]
+        "win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"] + sorted(
+        k for k in metrics["input"] if k.startswith("lm_eval/"))
     short = {"mean_response_tokens": "tokens", "length_drift_vs_input": "len_drift", "win_rate_vs_input": "win_rate",
              "hit_token_limit_share": "at_limit"}
-    head = [short.get(c, c) for c in cols]
-    lines = [f"round {round_n} held-out evaluation", f"{'model':<8}" + "".join(f"{h:>12}" for h in head)]
+    head = [short.get(c, c.split("/")[1] if c.startswith("lm_eval/") else c) for c in cols]
+    width = [max(12, len(h) + 2) for h in head]
+    lines = [f"round {round_n} held-out evaluation", f"{'model':<8}" + "".join(f"{h:>{w}}" for h, w in zip(head, width))]
     for name in ("input", "sft", "dpo"):
         vals = [metrics[name].get(c) for c in cols]
-        lines.append(f"{name:<8}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in vals))
+        lines.append(f"{name:<8}" + "".join(f"{'-' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(vals, width)))
     return "\n".join(lines)

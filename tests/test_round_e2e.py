@@ -44,7 +44,7 @@ def small_recipe(tmp: Path, runs: Path) -> Path:
     r["select"] = {"sft_min_reward": -100.0, "pair_min_margin": 1e-6}
     for s in ("sft", "dpo"):  # several optimizer steps: the first one runs at warmup's learning rate of 0
         r[s].update(num_train_epochs=2, per_device_train_batch_size=2, logging_steps=1)
-    r["eval"]["num_prompts"] = 16
+    r["eval"].update(num_prompts=16, lm_eval_limit=8)
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump(r))
     return path
@@ -104,6 +104,7 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     for m in metrics.values():
         assert 0.0 <= m["accuracy"] <= 1.0 and isinstance(m["mean_reward"], float) and m["num_prompts"] == 16
         assert 0.0 <= m["pass@1"] <= m["pass@4"] <= 1.0 and 0.0 <= m["win_rate_vs_input"] <= 1.0
+        assert 0.0 <= m["lm_eval/arithmetic_local/exact_match,last_integer"] <= 1.0
     assert metrics["input"]["win_rate_vs_input"] == 0.5 and metrics["input"]["length_drift_vs_input"] == 0.0
 
 

@@ -4,7 +4,8 @@ Per model, in `metrics.json`: greedy `accuracy` (verifier) and `mean_reward` (th
 `pass@k` from `eval.num_samples` sampled answers (unbiased estimator); `win_rate_vs_input`, the share of prompts
 where the checkpoint's greedy answer out-scores the input model's (ties half); mean response length and its
 drift against the input model; and the share of answers cut at the token limit. Every answer is kept in
-`answers.jsonl`, keyed by model and prompt_id.
+`answers.jsonl`, keyed by model and prompt_id. Tasks of EleutherAI's lm-evaluation-harness named in
+`eval.lm_eval_tasks` add `lm_eval/<task>/<metric>`.
 
     align eval 1 --recipe recipes/tiny.yaml        (make eval N=1)
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from alignment import rewards
 from alignment.config import Recipe
-from alignment.generation import load_policy, sample
+from alignment.generation import device, load_policy, sample
 from alignment.manifest import write_json_atomic
 from alignment.metrics import pass_at_k, win_rate
 from alignment.prompts import read_prompts, write_jsonl
@@ -37,6 +40,23 @@ def answer_and_score(recipe: Recipe, model, tokenizer, prompts: list[dict], n: i
     return [[next(it) for _ in range(n)] for _ in prompts]
 
 
+def lm_eval_metrics(recipe: Recipe, model_path: Path) -> dict[str, float]:
+    """The recipe's lm-evaluation-harness tasks on one model, with the model's own chat template."""
+    if not recipe.eval.lm_eval_tasks:
+        return {}
+    import lm_eval  # heavy, and needed only when a recipe asks for it
+    from lm_eval.tasks import TaskManager
+
+    include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={model_path},dtype={dtype}", tasks=list(recipe.eval.lm_eval_tasks),
+        task_manager=TaskManager(include_path=include), apply_chat_template=True, batch_size=recipe.eval.batch_size,
+        limit=recipe.eval.lm_eval_limit, device=device(), random_seed=recipe.seed)["results"]
+    return {f"lm_eval/{task}/{key}": value for task, res in results.items() for key, value in res.items()
+            if isinstance(value, float) and "stderr" not in key}
+
+
 def evaluate(recipe: Recipe, model_path: Path, prompts: list[dict], name: str) -> tuple[dict, list[dict]]:
     model, tokenizer = load_policy(str(model_path))
     greedy = [g[0] for g in answer_and_score(recipe, model, tokenizer, prompts, 1, 0.0, f"eval {name} greedy")]
@@ -55,6 +75,7 @@ def evaluate(recipe: Recipe, model_path: Path, prompts: list[dict], name: str) -
         correct = [sum(int(s["scores"]["verifier"]) for _, s in group) for group in sampled]
         for k in recipe.eval.pass_k:
             metrics[f"pass@{k}"] = sum(pass_at_k(recipe.eval.num_samples, c, k) for c in correct) / n
+    metrics.update(lm_eval_metrics(recipe, model_path))
     rows = [{"model": name, "prompt_id": p["prompt_id"], "response": c.text, "finish_reason": c.finish_reason, **s}
             for p, (c, s) in zip(prompts, greedy)]
     return metrics, rows
