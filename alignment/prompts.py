@@ -2,7 +2,8 @@
 
     {"prompt_id": "arith-train-00000", "messages": [{"role": "user", "content": "What is 2 + 80?"}], "answer": "82"}
 
-`answer` is needed only when a verifier scores the task. Every problem is reported with its file and line.
+`answer` is needed only when a verifier scores the task; `capability` (optional, e.g. "math", "code") picks the
+teacher's system prompt from the recipe's `teacher.system_prompts`. Every problem is reported with its file and line.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def read_prompts(path: Path, need_answer: bool = False) -> list[dict]:
                     raise InputError(f"{where}: prompt {pid!r}: messages[{i}].content is empty")
             if messages[-1]["role"] == "assistant":
                 raise InputError(f"{where}: prompt {pid!r}: the last message must not be the assistant's")
+            if "capability" in row and not (isinstance(row["capability"], str) and row["capability"].strip()):
+                raise InputError(f"{where}: prompt {pid!r}: capability must be a non-empty string (it picks the "
+                                 "teacher's system prompt)")
             if need_answer and not isinstance(row.get("answer"), str):
                 raise InputError(f"{where}: prompt {pid!r}: a verifier scores this file, so 'answer' (a string) "
                                   "is required")

@@ -113,6 +113,14 @@ def fingerprint(stage: str, config: dict, inputs: dict[str, dict]) -> str:
     return hash_json({"stage": stage, "config": config, "inputs": {k: v["hash"] for k, v in inputs.items()}})
 
 
+def partial_fingerprint(folder: Path) -> str | None:
+    """The fingerprint of the run that left `job.json` in the folder, if any."""
+    try:
+        return json.loads((folder / "job.json").read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, overrides: list[str],
               force: bool = False) -> bool:
     """Run the stage in a fresh process unless its manifest is current; True when it ran."""
@@ -124,12 +132,16 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
     if old is not None and old["fingerprint"] == fp and not force:
         print(f"[round {round_n}] {stage}: up to date ({old['wall_time_s']:.0f}s when it ran), skipped", flush=True)
         return False
-    why = "forced" if force and old else ("recipe or inputs changed" if old else "not done yet")
+    # A run that died with this very fingerprint left work that is still valid (generation shards, trainer
+    # checkpoints): keep its folder and resume. Anything else starts from an empty folder, so stale outputs of an
+    # earlier run never mix with this one's.
+    resume = old is None and partial_fingerprint(folder) == fp
+    why = ("forced" if force and old else "recipe or inputs changed" if old
+           else "resuming an interrupted run" if resume else "not done yet")
     print(f"[round {round_n}] {stage}: running ({why})", flush=True)
-    # Start from an empty folder: stale outputs of an earlier run must not mix with this one's.
-    if folder.exists():
+    if folder.exists() and not resume:
         shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     job = {"stage": stage, "round": round_n, "recipe": recipe.model_dump(mode="json"), "recipe_file": recipe_file,
            "overrides": overrides, "config": config, "inputs": inputs, "fingerprint": fp}
     write_json_atomic(folder / "job.json", job)
@@ -144,7 +156,9 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
 
 def round_models(recipe: Recipe, round_n: int) -> dict[str, str]:
     """Every model of the round that renders conversations, the student first."""
-    models = {"student": student_input(recipe, round_n)["path"], "teacher": teacher_input(recipe, round_n)["path"]}
+    models = {"student": student_input(recipe, round_n)["path"]}
+    if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
+        models["teacher"] = teacher_input(recipe, round_n)["path"]
     if recipe.reward.reward_model:
         models["reward model"] = recipe.reward.reward_model.model_name_or_path
     return models

@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from alignment.backends import GenerationError
 from alignment.config import InputError, Recipe
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
 
@@ -50,7 +51,7 @@ def main() -> None:
         sys.exit("usage: python -m alignment.runner <stage folder>/job.json")
     try:
         run_job(Path(sys.argv[1]))
-    except InputError as e:
+    except (InputError, GenerationError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from alignment.chat import build_tokenizer, render
 from alignment.config import InputError, Recipe
@@ -24,17 +24,13 @@ from alignment.prompts import read_prompts
 from alignment.rewards import verify_answer
 from alignment.stages.result import StageResult
 from alignment.tasks import arithmetic
+from alignment.tiny_models import random_llama, save
 
 
 def tiny_llama(cfg, tokenizer, seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_attention_heads, max_position_embeddings=cfg.max_position_embeddings,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    ))
+    return random_llama(tokenizer, seed=seed, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
+                        max_position_embeddings=cfg.max_position_embeddings)
 
 
 def draw(rng: random.Random, n: int, held_out: set[str]) -> list[tuple[int, str, int]]:
@@ -55,13 +51,6 @@ def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
     model.train()
     tokenizer.padding_side = "right"
     return sum(verify_answer(a[0].text, str(arithmetic.solve(*p)), r"-?\d+") for a, p in zip(answers, dev)) / len(dev)
-
-
-def save(model, tokenizer, path: Path) -> None:
-    model.save_pretrained(path)
-    tokenizer.padding_side = "left"  # saved for generation
-    tokenizer.save_pretrained(path)
-    tokenizer.padding_side = "right"
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:

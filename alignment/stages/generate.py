@@ -1,8 +1,14 @@
 """Generate: the teacher writes K candidate responses for each of the round's prompts.
 
 The round's prompts are a seeded draw (seed and round number) from the recipe's training prompt file, so every
-round sees fresh prompts where the file allows. Each row carries its key (prompt_id, sample_index) and how it was
-made (teacher, backend, sampling settings, seed), so later stages join by key, never by position.
+round sees fresh prompts where the file allows. The recipe's `teacher.backend` picks the engine: transformers,
+an in-process vLLM engine, or OpenAI-compatible endpoints (existing ones, or a vLLM server this stage starts and
+stops). A system prompt per capability steers the teacher's tone and format.
+
+Identical requests (same conversation, teacher and settings) are sent once. Results are saved as they finish
+(see `alignment.shards`), so re-running a stage that died resumes where it stopped. Each row carries its key
+(prompt_id, sample_index) and how it was made (teacher, backend, sampling settings, seed, system prompt), so later
+stages join by key, never by position.
 
     align stage generate --recipe recipes/tiny.yaml --round 1
 """
@@ -10,11 +16,14 @@ made (teacher, backend, sampling settings, seed), so later stages join by key, n
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
+from alignment.backends import GenerationError, Request, open_backend
 from alignment.config import Recipe
-from alignment.generation import load_policy, sample
+from alignment.manifest import hash_json
 from alignment.prompts import read_prompts, write_jsonl
+from alignment.shards import ShardWriter, load_shards
 from alignment.stages.result import StageResult
 from alignment.stats import describe
 
@@ -27,28 +36,95 @@ def draw_round_prompts(rows: list[dict], num_prompts: int, seed: int, round_n: i
     return rng.sample(rows, num_prompts)
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def system_prompt_for(prompt: dict, system_prompts: dict[str, str]) -> str | None:
+    """The recipe's system prompt for the prompt's capability (or `default`); none when the conversation
+    already opens with its own system message."""
+    if prompt["messages"][0]["role"] == "system":
+        return None
+    return system_prompts.get(prompt.get("capability") or "default", system_prompts.get("default"))
+
+
+def build_requests(prompts: list[dict], recipe: Recipe, teacher: str, base_seed: int):
+    """One request per distinct conversation: (request_id per prompt, {request_id: Request}, system prompts)."""
     s = recipe.sampling
+    ids, requests, systems = [], {}, {}
+    for p in prompts:
+        system = system_prompt_for(p, recipe.teacher.system_prompts)
+        messages = ([{"role": "system", "content": system}] if system else []) + p["messages"]
+        rid = hash_json({"messages": messages, "teacher": teacher, "sampling": s.model_dump(), "seed": base_seed})
+        ids.append(rid)
+        systems[p["prompt_id"]] = system
+        if rid not in requests:
+            # The seed comes from the request itself: its samples are the same however requests are batched,
+            # sharded or resumed.
+            requests[rid] = Request(messages, n=s.num_samples, temperature=s.temperature, top_p=s.top_p,
+                                    max_tokens=s.max_new_tokens, seed=int(rid[:8], 16))
+    return ids, requests, systems
+
+
+def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+    t, s = recipe.teacher, recipe.sampling
     prompts = draw_round_prompts(read_prompts(inputs["prompts"]), recipe.prompts.num_prompts, recipe.seed, round_n)
-    model, tokenizer = load_policy(str(inputs["teacher"]))
-    completions = sample(model, tokenizer, [p["messages"] for p in prompts], num_samples=s.num_samples,
-                         temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                         batch_size=recipe.teacher.batch_size, seed=recipe.seed + 1000 * round_n,
-                         desc=f"generate K={s.num_samples}")
+    teacher = str(inputs["teacher"])
+    ids, requests, systems = build_requests(prompts, recipe, teacher, recipe.seed + 1000 * round_n)
+
+    done = load_shards(out_dir / "shards")
+    resumed = sum(rid in done for rid in requests)
+    todo = [rid for rid in requests if rid not in done]
+    start_s = generate_s = 0.0
+    retries = 0
+    if todo:
+        print(f"generate: {len(todo)} requests to send ({resumed} already saved) with backend "
+              f"{t.backend.value}, K={s.num_samples}", flush=True)
+        t0 = time.time()
+        try:
+            with open_backend(t, teacher, out_dir) as backend, ShardWriter(out_dir / "shards") as shard:
+                t1 = time.time()
+                start_s = t1 - t0  # loading the model or starting the server: not generation
+                for i, result in backend.generate([requests[rid] for rid in todo]):
+                    record = {"request_id": todo[i], "prompt_tokens": result.prompt_tokens,
+                              "completions": [[c.text, c.num_tokens, c.finish_reason] for c in result.completions]}
+                    shard.write(record)
+                    done[todo[i]] = record
+                retries = getattr(backend, "retries", 0)
+                generate_s = time.time() - t1
+        except GenerationError as e:
+            saved = sum(rid in done for rid in requests)
+            raise GenerationError(f"{e}\n{saved} of {len(requests)} requests are saved in {out_dir / 'shards'}; "
+                                  "running the stage again resumes from them") from None
+
     settings = s.model_dump()
-    rows = [
-        {"prompt_id": p["prompt_id"], "sample_index": k, "response": c.text, "num_tokens": c.num_tokens,
-         "finish_reason": c.finish_reason, "teacher": str(inputs["teacher"]), "backend": recipe.teacher.backend,
-         "sampling": settings, "seed": recipe.seed + 1000 * round_n}
-        for p, cs in zip(prompts, completions) for k, c in enumerate(cs)
-    ]
+    rows = []
+    for p, rid in zip(prompts, ids):
+        record = done[rid]
+        for k, (text, num_tokens, finish) in enumerate(record["completions"]):
+            rows.append({"prompt_id": p["prompt_id"], "sample_index": k, "response": text, "num_tokens": num_tokens,
+                         "prompt_tokens": record["prompt_tokens"], "finish_reason": finish, "teacher": teacher,
+                         "backend": t.backend.value, "sampling": settings, "seed": requests[rid].seed,
+                         "system_prompt": systems[p["prompt_id"]], "request_id": rid})
     write_jsonl(out_dir / "samples.jsonl", rows)
+
+    new_tokens = sum(c[1] or 0 for rid in todo for c in done[rid]["completions"])
     hit_limit = sum(r["finish_reason"] == "length" for r in rows)
+    capabilities: dict[str, int] = {}
+    for p in prompts:
+        key = p.get("capability") or "default"
+        capabilities[key] = capabilities.get(key, 0) + 1
     return StageResult(
         outputs={"samples": "samples.jsonl"},
-        rows={"prompts": len(prompts), "samples": len(rows)},
-        stats={"response_tokens": describe([r["num_tokens"] for r in rows]), "hit_token_limit": hit_limit,
-               "hit_token_limit_share": hit_limit / max(1, len(rows)),
-               "distinct_responses_per_prompt": describe(
-                   [len({c.text for c in cs}) for cs in completions])},
+        rows={"prompts": len(prompts), "requests": len(requests), "samples": len(rows)},
+        stats={
+            "duplicate_prompts_not_sent": len(prompts) - len(requests),
+            "requests_resumed_from_shards": resumed, "requests_sent": len(todo), "retries": retries,
+            "backend_start_seconds": round(start_s, 2), "generate_seconds": round(generate_s, 2),
+            "output_tokens_per_second": round(new_tokens / generate_s, 1) if generate_s > 0 else None,
+            "response_tokens": describe([r["num_tokens"] for r in rows if r["num_tokens"] is not None]),
+            "prompt_tokens": describe([done[rid]["prompt_tokens"] for rid in requests
+                                       if done[rid]["prompt_tokens"] is not None]),
+            "hit_token_limit": hit_limit, "hit_token_limit_share": hit_limit / max(1, len(rows)),
+            "prompts_by_capability": capabilities,
+            "prompts_with_system_prompt": sum(v is not None for v in systems.values()),
+            "distinct_responses_per_prompt": describe(
+                [len({c[0] for c in done[rid]["completions"]}) for rid in ids]),
+        },
     )

