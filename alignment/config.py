@@ -292,6 +292,8 @@ class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run folder name: runs/<name>/round-<n>/")
     seed: int = Field(0, description="seeds sampling, prompt draws and training")
     runs_dir: Path = Field(Path("runs"), description="where artifacts go")
+    rounds: int | None = Field(None, gt=0, description="rounds the recipe plans (Llama 3.1: 6); asking for a "
+                               "later one is an error. Unset: no limit")
     prompts: PromptsConfig
     student: StudentConfig
     teacher: TeacherConfig

@@ -174,6 +174,8 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
     """Run whichever of `stages` are due for round n, then print its evaluation and promotion."""
     if round_n < 1:
         raise InputError(f"round must be 1 or more, got {round_n}")
+    if recipe.rounds is not None and round_n > recipe.rounds:
+        raise InputError(f"round {round_n}: the recipe plans {recipe.rounds} rounds (key `rounds`); raise it to go on")
     if stages == EVAL_STAGES and not round_dir(recipe, round_n).exists():
         raise InputError(f"round {round_n} does not exist: no folder {round_dir(recipe, round_n)}; "
                          f"run `make round N={round_n}` first")

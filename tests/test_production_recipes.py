@@ -1,0 +1,64 @@
+"""The Llama 3.1 recipes cannot run on this machine; what can be checked is that they validate, carry the
+paper's numbers, and spell out every model, file and engine setting they need (no default, no "latest")."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from alignment.cli import main as align
+from alignment.config import Backend, ModelSource, load_recipe
+
+RECIPES = ["recipes/llama3.1-8b.yaml", "recipes/llama3.1-70b.yaml"]
+
+
+def written(path: str) -> dict:
+    return yaml.safe_load(Path(path).read_text())
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_paper_settings(path):
+    r = load_recipe(path)
+    assert r.rounds == 6
+    assert 10 <= r.sampling.num_samples <= 30
+    assert r.sft.learning_rate == r.dpo.learning_rate == 1e-5
+    assert r.dpo.beta == 0.1
+    assert dict(zip(r.dpo.loss_type, r.dpo.loss_weights)) == {"sigmoid": 1.0, "sft": 0.2}
+    t = r.teacher
+    assert t.model_name_or_path == "meta-llama/Llama-3.1-405B-Instruct-FP8"
+    assert t.backend == Backend.openai and t.serve
+    assert t.engine.tensor_parallel_size == 8 and t.engine.quantization == "fbgemm_fp8"
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_every_path_and_engine_setting_is_written_out(path):
+    y = written(path)
+    r = load_recipe(path)
+    assert r.student.source == ModelSource.path and y["student"]["model_name_or_path"]
+    assert r.teacher.source == ModelSource.path  # a fixed teacher, named
+    for key in ("train_path", "eval_path"):
+        assert y["prompts"][key].startswith("data/")
+    assert y["reward"]["reward_model"]["model_name_or_path"]
+    assert "runs_dir" in y
+    # every engine and transport setting of the teacher is in the file, not left to a default
+    assert set(y["teacher"]["engine"]) == set(type(r.teacher.engine).model_fields) - {"enable_chunked_prefill"}
+    for key in ("serve", "server_port", "max_concurrency", "request_timeout_s", "max_retries", "system_prompts"):
+        assert key in y["teacher"], key
+    # every field of every section without a default-free meaning is written
+    for section in ("sampling", "sft", "dpo", "eval", "gate"):
+        fields = set(type(getattr(r, section)).model_fields) - {"report_to"}
+        assert fields <= set(y[section]), (section, fields - set(y[section]))
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_validate_names_the_missing_prompt_file(path, capsys):
+    with pytest.raises(SystemExit):
+        align(["validate", path])
+    assert "data/llama3.1/train.jsonl: prompt file does not exist" in capsys.readouterr().err
+
+
+def test_a_round_past_the_planned_ones_is_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        align(["round", "3", "--recipe", "recipes/tiny.yaml", "rounds=2", f"runs_dir={tmp_path}"])
+    assert "round 3: the recipe plans 2 rounds" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
