@@ -66,3 +66,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     """Render a conversation as text with the tokenizer's own chat template."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def token_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """The conversation's token ids, as trainers and engines see it (the template writes the BOS itself).
+    transformers 5's apply_chat_template(tokenize=True) returns a BatchEncoding, whose len() is its number of
+    keys, not of tokens: counting through this function avoids that trap."""
+    return tokenizer(render(tokenizer, messages, add_generation_prompt), add_special_tokens=False).input_ids

@@ -199,6 +199,10 @@ class DPOConfig(TrainerConfig):
     beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO temperature (Llama 3: 0.1)")
     loss_type: list[str] = Field(["sigmoid", "sft"], description="TRL loss terms; 'sft' is the NLL on chosen")
     loss_weights: list[float] = Field([1.0, 0.2], description="weight of each loss term (Llama 3: NLL 0.2)")
+    mask_formatting_tokens: bool = Field(True, description="leave header and end-of-turn/message tokens out of "
+                                         "every loss term on chosen and rejected responses, as Llama 3 did")
+    ref_model_name_or_path: str | None = Field(None, description="the reference model; null: the round's SFT "
+                                               "model, the policy's own starting point")
 
     @model_validator(mode="after")
     def _check(self):

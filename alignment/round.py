@@ -95,7 +95,10 @@ def stage_inputs(recipe: Recipe, round_n: int, stage: str) -> dict[str, dict]:
     if stage == "sft":
         return {"model": student_input(recipe, round_n), "sft": upstream(d("select"), "sft", "sft")}
     if stage == "dpo":
-        return {"model": upstream(d("sft"), "model", "dpo"), "pairs": upstream(d("select"), "pairs", "dpo")}
+        inputs = {"model": upstream(d("sft"), "model", "dpo"), "pairs": upstream(d("select"), "pairs", "dpo")}
+        if recipe.dpo.ref_model_name_or_path:
+            inputs["ref_model"] = model_path(recipe.dpo.ref_model_name_or_path)
+        return inputs
     if stage == "eval":
         return {"input": student_input(recipe, round_n), "sft": upstream(d("sft"), "model", "eval"),
                 "dpo": upstream(d("dpo"), "model", "eval"),

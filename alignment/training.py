@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from alignment.chat import token_ids
+from alignment.config import InputError
 from alignment.stats import describe
 
 
@@ -43,9 +45,20 @@ def count_over_length(tokenizer, rows: list[dict], max_length: int, keys: tuple[
     """How many rows would be truncated: prompt plus the longest of `keys` rendered, over max_length tokens."""
     over = 0
     for r in rows:
-        longest = max(len(tokenizer.apply_chat_template(r["prompt"] + r[k], tokenize=True)) for k in keys)
+        longest = max(len(token_ids(tokenizer, r["prompt"] + r[k])) for k in keys)
         over += longest > max_length
     return over
+
+
+def check_prompts_fit(tokenizer, rows: list[dict], max_length: int, key: str, path: Path) -> None:
+    """TRL silently drops rows whose prompt alone fills max_length; a recipe that would lose rows that way is
+    bad input, named before any training."""
+    lengths = [len(token_ids(tokenizer, r["prompt"], add_generation_prompt=True)) for r in rows]
+    too_long = [i for i, n in enumerate(lengths) if n >= max_length]
+    if too_long:
+        raise InputError(f"{key}={max_length} is not longer than the prompt of {len(too_long)} of {len(rows)} rows "
+                         f"of {path} (row {too_long[0] + 1}: {lengths[too_long[0]]} tokens; longest "
+                         f"{max(lengths)}); raise {key} above the longest prompt")
 
 
 def loss_summary(log_history: list[dict], key: str = "loss") -> dict:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from alignment.backends import GenerationError
 from alignment.backends.vllm_server import VLLMServer, free_port
 from alignment.chat import build_tokenizer
 from alignment.config import EngineConfig
@@ -136,3 +137,22 @@ def test_killed_server_then_resume_on_a_server_the_stage_starts(setup, monkeypat
             assert "k-3f9a-secret" not in f.read_text(errors="replace"), f
     # the server the stage started is gone when the stage ends
     assert subprocess.run(["pgrep", "-f", f"api_server --model {model}"], capture_output=True).stdout == b""
+
+
+def test_a_server_that_never_becomes_healthy_is_named_and_stopped(setup):
+    tmp, model = setup
+    server = VLLMServer(str(model), EngineConfig(**ENGINE), port=free_port(), api_key_env=None,
+                        startup_timeout_s=2, log_path=tmp / "slow.log")
+    with pytest.raises(GenerationError, match=rf"{server.base_url} not healthy after .*=2s"):
+        with server:
+            pass
+    assert server.proc.poll() is not None  # stopped, not left running
+
+
+def test_a_server_that_dies_at_start_shows_its_log(setup):
+    tmp, _ = setup
+    server = VLLMServer(str(tmp / "no-such-model"), EngineConfig(**ENGINE), port=free_port(), api_key_env=None,
+                        startup_timeout_s=300, log_path=tmp / "dead.log")
+    with pytest.raises(GenerationError, match=r"exited with code \d+ before becoming healthy; last lines"):
+        with server:
+            pass

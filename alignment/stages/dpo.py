@@ -1,8 +1,11 @@
 """DPO: preference-tune the round's SFT model on best-versus-worst pairs (TRL DPOTrainer).
 
 Llama 3 settings by default: beta 0.1, and an NLL term on the chosen response with weight 0.2 (TRL's extra `sft`
-loss). The reference model is the SFT model itself; its log-probabilities are computed once before training
-(`precompute_ref_log_probs`), so no second model sits in memory during the steps.
+loss). Formatting tokens (`<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, `<|eom_id|>`) are taken out
+of every loss term on both responses: the paper found that their shared presence in chosen and rejected pulls
+the two objectives against each other and teaches tail repetition or early stops. The reference model is the
+SFT model itself unless `dpo.ref_model_name_or_path` names another; its log-probabilities are computed once
+before training (`precompute_ref_log_probs`), so no second model runs during the steps.
 
     align stage dpo --recipe recipes/tiny.yaml --round 1
 """
@@ -11,13 +14,53 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from alignment.config import InputError, Recipe
 from alignment.prompts import read_jsonl
 from alignment.stages.result import StageResult
-from alignment.training import count_over_length, load_for_training, loss_summary, save_model, trainer_fields
+from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, save_model,
+                                trainer_fields)
+
+FORMATTING_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>")
+
+
+class MaskFormattingTokens:
+    """TRL's preference collator, with formatting tokens removed from `completion_mask`, the mask every DPO loss
+    term (and the reference log-probabilities) sums over. Attention still sees them."""
+
+    def __init__(self, collator, token_ids: list[int]):
+        self.collator = collator
+        self.token_ids = torch.tensor(token_ids)
+
+    def __call__(self, examples):
+        batch = self.collator(examples)
+        keep = ~torch.isin(batch["input_ids"], self.token_ids)
+        batch["completion_mask"] = batch["completion_mask"] * keep.to(batch["completion_mask"].dtype)
+        return batch
+
+
+def formatting_token_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in FORMATTING_TOKENS]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None) -> DPOTrainer:
+    cfg = recipe.dpo
+    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    args = DPOConfig(**trainer_fields(cfg, out_dir, recipe.seed), beta=cfg.beta, loss_type=list(cfg.loss_type),
+                     loss_weights=list(cfg.loss_weights), precompute_ref_log_probs=True)
+    model.config.pad_token_id = tokenizer.pad_token_id  # what TRL does when it builds the collator itself
+    collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
+                                         truncation_mode=args.truncation_mode,
+                                         pad_to_multiple_of=args.pad_to_multiple_of)
+    if cfg.mask_formatting_tokens:
+        collator = MaskFormattingTokens(collator, formatting_token_ids(tokenizer))
+    return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tokenizer,
+                      data_collator=collator)
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
@@ -26,15 +69,16 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
         raise InputError(f"{inputs['pairs']}: no preference pairs were selected; see the select stage's drop counts")
     cfg = recipe.dpo
     model, tokenizer = load_for_training(inputs["model"])
+    check_prompts_fit(tokenizer, rows, cfg.max_length, "dpo.max_length", inputs["pairs"])
     over = count_over_length(tokenizer, rows, cfg.max_length, ("chosen", "rejected"))
-    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
-    args = DPOConfig(**trainer_fields(cfg, out_dir, recipe.seed), beta=cfg.beta, loss_type=list(cfg.loss_type),
-                     loss_weights=list(cfg.loss_weights), precompute_ref_log_probs=True)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    ref_model = load_for_training(inputs["ref_model"])[0] if "ref_model" in inputs else None
+    trainer = build_trainer(recipe, model, tokenizer, rows, out_dir, ref_model)
     trainer.train()
     save_model(trainer, tokenizer, out_dir / "model")
     history = trainer.state.log_history
     stats = loss_summary(history)
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
-    return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"}, rows={"pairs": len(rows), "truncated": over}, stats=stats)
+    stats["masked_formatting_tokens"] = cfg.mask_formatting_tokens
+    return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
+                       rows={"pairs": len(rows), "truncated": over}, stats=stats)
