@@ -194,6 +194,10 @@ class TrainerConfig(Strict):
 class SFTConfig(TrainerConfig):
     """Supervised fine-tuning on the best sample of each prompt, loss on response tokens only."""
 
+    packing: bool = Field(False, description="pack examples into rows of max_length tokens (best-fit decreasing, "
+                          "no example cut) with no padding; position ids mark where each example starts, and "
+                          "attention stays within an example")
+
 
 class DPOConfig(TrainerConfig):
     beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO temperature (Llama 3: 0.1)")

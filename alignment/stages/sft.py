@@ -16,7 +16,18 @@ from trl import SFTConfig, SFTTrainer
 from alignment.config import InputError, Recipe
 from alignment.prompts import read_jsonl
 from alignment.stages.result import StageResult
-from alignment.training import count_over_length, load_for_training, loss_summary, save_model, trainer_fields
+from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, save_model,
+                                trainer_fields)
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: Path) -> SFTTrainer:
+    cfg = recipe.sft
+    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
+    # Packing uses TRL's best-fit decreasing: whole examples per row (none cut), padding-free. transformers reads
+    # the restarting position ids as example boundaries and masks attention per example, with SDPA too.
+    args = SFTConfig(**trainer_fields(cfg, out_dir, recipe.seed), completion_only_loss=True, packing=cfg.packing,
+                     packing_strategy="bfd")
+    return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
@@ -24,10 +35,9 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     if not rows:
         raise InputError(f"{inputs['sft']}: no SFT examples were selected; see the select stage's drop counts")
     model, tokenizer = load_for_training(inputs["model"])
+    check_prompts_fit(tokenizer, rows, recipe.sft.max_length, "sft.max_length", inputs["sft"])
     over = count_over_length(tokenizer, rows, recipe.sft.max_length, ("completion",))
-    data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
-    args = SFTConfig(**trainer_fields(recipe.sft, out_dir, recipe.seed), completion_only_loss=True)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer = build_trainer(recipe, model, tokenizer, rows, out_dir)
     trainer.train()
     save_model(trainer, tokenizer, out_dir / "model")
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"}, rows={"examples": len(rows), "truncated": over},
