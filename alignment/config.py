@@ -167,6 +167,31 @@ class SelectConfig(Strict):
     pair_min_margin: float = Field(gt=0.0, description="chosen minus rejected reward must reach this for a pair")
 
 
+class LoraConfig(Strict):
+    """Train low-rank adapters (peft) instead of every weight; the stage merges them into a full model, so later
+    stages and the next round see an ordinary checkpoint."""
+
+    r: int = Field(16, gt=0, description="adapter rank")
+    lora_alpha: float = Field(32.0, gt=0, description="scale: updates are multiplied by lora_alpha / r")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="module names to adapt")
+    quantize_base_4bit: bool = Field(False, description="QLoRA: keep the frozen base in 4-bit NF4 (bitsandbytes; "
+                                     "needs a CUDA GPU)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.quantize_base_4bit:
+            import importlib.util
+
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("quantize_base_4bit (QLoRA) needs a CUDA GPU; this machine has none")
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ValueError("quantize_base_4bit (QLoRA) needs bitsandbytes (pip install bitsandbytes)")
+        return self
+
+
 class TrainerConfig(Strict):
     """Fields both trainers take; the names are TRL's, and pass straight through."""
 
@@ -180,6 +205,16 @@ class TrainerConfig(Strict):
     logging_steps: int = Field(10, gt=0, description="steps between loss logs")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(["tensorboard"], description="where training logs "
                                                              "go besides log_history.json (the stage's logs/)")
+    save_steps: int = Field(500, gt=0, description="optimizer steps between checkpoints; an interrupted stage "
+                            "resumes from its last one")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight (null: full)")
+    average_seeds: list[int] = Field([], description="train once per seed (data order, initialisation of "
+                                     "adapters, dropout) and average the weights, as Llama 3 did at each stage; "
+                                     "empty: one run with the recipe's seed")
+    distributed: Literal["ddp", "fsdp", "zero3"] | None = Field(
+        None, description="run the stage through `accelerate launch` with recipes/accelerate/<name>.yaml; "
+        "null: one process")
+    num_processes: int = Field(1, gt=0, description="processes (GPUs) for `distributed`")
 
     @model_validator(mode="after")
     def _check_report_to(self):
@@ -188,6 +223,21 @@ class TrainerConfig(Strict):
         missing = [r for r in self.report_to if importlib.util.find_spec(r) is None]
         if missing:
             raise ValueError(f"report_to {missing}: not installed in this environment (pip install {missing[0]})")
+        if len(self.average_seeds) == 1 or len(set(self.average_seeds)) != len(self.average_seeds):
+            raise ValueError("average_seeds needs two or more distinct seeds (or none)")
+        if self.distributed:
+            import torch
+
+            gpus = torch.cuda.device_count()
+            if self.distributed in ("fsdp", "zero3") and gpus == 0:
+                raise ValueError(f"distributed: {self.distributed} shards weights over GPUs and this machine has "
+                                 "none; use ddp (gloo on CPU) or no distributed")
+            if self.distributed == "zero3" and importlib.util.find_spec("deepspeed") is None:
+                raise ValueError("distributed: zero3 needs DeepSpeed (pip install deepspeed)")
+            if gpus and self.num_processes > gpus:
+                raise ValueError(f"num_processes {self.num_processes} is more than this machine's {gpus} GPUs")
+        elif self.num_processes > 1:
+            raise ValueError("num_processes > 1 needs distributed: ddp, fsdp or zero3")
         return self
 
 

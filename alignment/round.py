@@ -116,6 +116,33 @@ def fingerprint(stage: str, config: dict, inputs: dict[str, dict]) -> str:
     return hash_json({"stage": stage, "config": config, "inputs": {k: v["hash"] for k, v in inputs.items()}})
 
 
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+
+
+def stage_command(recipe: Recipe, stage: str, job: Path) -> list[str]:
+    """`python -m alignment.runner job.json`, or the same under `accelerate launch` for a distributed trainer."""
+    cfg = getattr(recipe, stage, None) if stage in ("sft", "dpo") else None
+    if cfg is None or cfg.distributed is None:
+        return [sys.executable, "-m", "alignment.runner", str(job)]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"), "--num_processes", str(cfg.num_processes),
+            "-m", "alignment.runner", str(job)]
+
+
+def stage_env(recipe: Recipe, stage: str) -> dict:
+    env = dict(os.environ)
+    cfg = getattr(recipe, stage, None) if stage in ("sft", "dpo") else None
+    if cfg is not None and cfg.distributed and not torch_cuda_available():
+        env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: accelerate's config alone would run one process
+    return env
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def partial_fingerprint(folder: Path) -> str | None:
     """The fingerprint of the run that left `job.json` in the folder, if any."""
     try:
@@ -149,7 +176,7 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
            "overrides": overrides, "config": config, "inputs": inputs, "fingerprint": fp}
     write_json_atomic(folder / "job.json", job)
     start = time.time()
-    proc = subprocess.run([sys.executable, "-m", "alignment.runner", str(folder / "job.json")])
+    proc = subprocess.run(stage_command(recipe, stage, folder / "job.json"), env=stage_env(recipe, stage))
     if proc.returncode != 0:
         raise StageFailed(f"stage {stage} of round {round_n} failed (exit code {proc.returncode}); {folder} has "
                           "no manifest, so the next run of this round starts that stage again")

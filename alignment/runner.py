@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -32,6 +33,8 @@ def run_job(job_path: Path) -> dict:
     start = time.time()
     result = stage.run(recipe, inputs, out_dir, job["round"])
     wall = time.time() - start
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {}  # under `accelerate launch`, the main process alone writes the manifest
     missing = [p for p in result.outputs.values() if not (out_dir / p).exists()]
     if missing:
         raise RuntimeError(f"stage {job['stage']} did not write its outputs {missing}")

@@ -1,9 +1,11 @@
-"""Pieces the SFT and DPO stages share: TrainingArguments fields, loss summaries, saving the final model."""
+"""Pieces the SFT and DPO stages share: loading (full, LoRA or QLoRA), TrainingArguments fields, one training
+run per seed with checkpoint resume, weight averaging, loss summaries, and saving a full model."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -14,10 +16,29 @@ from alignment.config import InputError
 from alignment.stats import describe
 
 
-def load_for_training(path: Path):
+def load_for_training(path: Path, cfg=None):
+    """The model to train and its tokenizer; with `cfg.lora.quantize_base_4bit`, the base loads in 4-bit NF4."""
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    kwargs = {"dtype": torch.float32}
+    if cfg is not None and cfg.lora and cfg.lora.quantize_base_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True)}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model, tokenizer
+
+
+def peft_config(cfg):
+    """peft's LoraConfig from the recipe, or None for full fine-tuning."""
+    if cfg.lora is None:
+        return None
+    from peft import LoraConfig
+
+    lc = cfg.lora
+    return LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules))
 
 
 def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
@@ -30,11 +51,54 @@ def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, max_length=cfg.max_length, logging_steps=cfg.logging_steps, seed=seed,
-        data_seed=seed, save_strategy="no", report_to=list(cfg.report_to) or "none", disable_tqdm=False,
-        dataloader_num_workers=0,
+        data_seed=seed, report_to=list(cfg.report_to) or "none", disable_tqdm=False, dataloader_num_workers=0,
+        # Checkpoints (the latest only) let a killed stage resume mid-training instead of starting over.
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         # TRL defaults to bf16, which CPUs here cannot train in; use it exactly where the hardware supports it.
         bf16=bf16_supported(), use_cpu=not torch.cuda.is_available(),
     )
+
+
+def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build) -> tuple[list, dict]:
+    """Train once per seed of `cfg.average_seeds` (or once with `base_seed`), each run resuming from its last
+    checkpoint if an earlier attempt left one, and leave the final full model in out_dir/model (the weight
+    average when there are several runs). `build(run_dir, seed)` returns a ready trainer.
+    Returns each run's log history and statistics about resuming and averaging."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    seeds = list(cfg.average_seeds) or [base_seed]
+    histories, resumed, run_models = [], {}, []
+    for seed in seeds:
+        run_dir = out_dir if len(seeds) == 1 else out_dir / "runs" / f"seed-{seed}"
+        trainer = build(run_dir, seed)
+        ckpt = get_last_checkpoint(str(run_dir / "trainer")) if (run_dir / "trainer").is_dir() else None
+        if ckpt:
+            print(f"resuming seed {seed} from {ckpt}", flush=True)
+            resumed[seed] = int(Path(ckpt).name.split("-")[-1])
+        trainer.train(resume_from_checkpoint=ckpt)
+        save_model(trainer, trainer.processing_class, run_dir / "model", model_path)
+        histories.append(trainer.state.log_history)
+        run_models.append(run_dir / "model")
+    if len(seeds) > 1:
+        average_models(run_models, out_dir / "model")
+        (out_dir / "log_history.json").write_text(json.dumps(histories[0], indent=1))
+        for seed in seeds:  # one TensorBoard folder for the stage, a run per seed
+            shutil.move(out_dir / "runs" / f"seed-{seed}" / "logs", out_dir / "logs" / f"seed-{seed}")
+    return histories, {"seeds": seeds, "resumed_from_step": resumed, "averaged_runs": len(seeds)}
+
+
+def average_models(paths: list[Path], out: Path) -> None:
+    """Uniform average of the weights of models with one architecture (Llama 3's model averaging); the first
+    model's config and tokenizer go with it."""
+    model = AutoModelForCausalLM.from_pretrained(paths[0], dtype=torch.float32)
+    total = {k: v.clone() for k, v in model.state_dict().items()}
+    for p in paths[1:]:
+        other = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).state_dict()
+        for k in total:
+            total[k] += other[k]
+    model.load_state_dict({k: v / len(paths) for k, v in total.items()})
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(paths[0]).save_pretrained(out)
 
 
 def bf16_supported() -> bool:
@@ -69,9 +133,22 @@ def loss_summary(log_history: list[dict], key: str = "loss") -> dict:
     return out
 
 
-def save_model(trainer, tokenizer, path: Path) -> None:
-    """The final model, its tokenizer (set up for generation), and the trainer's log history beside them."""
-    trainer.save_model(str(path))
+def save_model(trainer, tokenizer, path: Path, base_path: Path | None = None) -> None:
+    """The final model as an ordinary full checkpoint, its tokenizer (set up for generation), and the trainer's log
+    history beside it. LoRA adapters are kept in `adapter/` and merged into a full-precision copy of the base,
+    so the next stage and the next round need no peft (a 4-bit base is never merged into)."""
+    if not trainer.is_world_process_zero():
+        trainer.save_model(str(path))  # every process must join the (sharded) save; rank 0 writes
+        return
+    from peft import PeftModel
+
+    if isinstance(trainer.model, PeftModel) or hasattr(trainer.model, "peft_config"):
+        adapter = path.parent / "adapter"
+        trainer.save_model(str(adapter))
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(str(path))
+    else:
+        trainer.save_model(str(path))
     (path.parent / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     tokenizer.padding_side = "left"  # the saved tokenizer is used for generation next
     tokenizer.save_pretrained(str(path))

@@ -77,3 +77,32 @@ def test_cli_prints_one_clear_message_without_traceback(tmp_path, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "sampling.num_samples" in err and f"{p}:" in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sft.distributed=zero3", "zero3 shards weights over GPUs and this machine has none"),
+    ("dpo.distributed=fsdp", "fsdp shards weights over GPUs"),
+    ("sft.num_processes=2", "num_processes > 1 needs distributed"),
+    ("sft.learning_rate=2.0", "learning_rate"),
+    ("dpo.beta=0", "beta"),
+    ("sft.average_seeds=[3]", "two or more distinct seeds"),
+    ("sft.lora={quantize_base_4bit: true}", r"\(QLoRA\) needs a CUDA GPU"),
+])
+def test_training_settings_this_machine_cannot_run_are_named_before_any_work(override, message):
+    with pytest.raises(InputError, match=message) as e:
+        load_recipe("recipes/tiny.yaml", [override])
+    assert override.split(".")[0] in str(e.value)  # the section or key it is in
+
+
+def test_a_max_length_shorter_than_the_prompts_is_named(tmp_path):
+    from alignment.chat import build_tokenizer
+    from alignment.training import check_prompts_fit
+
+    rows = [{"prompt": [{"role": "user", "content": "What is 12 + 7?"}]},
+            {"prompt": [{"role": "user", "content": "x" * 100}]}]
+    tok = build_tokenizer()
+    # the second prompt renders to 123 tokens: BOS, two headers (1 + 4 or 9 characters + 1 + 2 newlines), the
+    # 100 characters and one end-of-turn: 1 + (1 + 4 + 1 + 2) + 100 + 1 + (1 + 9 + 1 + 2)
+    with pytest.raises(InputError, match=r"sft.max_length=64 .* 1 of 2 rows of data.jsonl \(row 2: 123 tokens"):
+        check_prompts_fit(tok, rows, 64, "sft.max_length", "data.jsonl")
+    check_prompts_fit(tok, rows, 124, "sft.max_length", "data.jsonl")  # fits: no error

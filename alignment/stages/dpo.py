@@ -22,8 +22,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from alignment.config import InputError, Recipe
 from alignment.prompts import read_jsonl
 from alignment.stages.result import StageResult
-from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, save_model,
-                                trainer_fields)
+from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, peft_config,
+                                train_runs, trainer_fields)
 
 FORMATTING_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>")
 
@@ -48,19 +48,21 @@ def formatting_token_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None) -> DPOTrainer:
+def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None,
+                  seed: int | None = None) -> DPOTrainer:
     cfg = recipe.dpo
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
-    args = DPOConfig(**trainer_fields(cfg, out_dir, recipe.seed), beta=cfg.beta, loss_type=list(cfg.loss_type),
-                     loss_weights=list(cfg.loss_weights), precompute_ref_log_probs=True)
+    args = DPOConfig(**trainer_fields(cfg, out_dir, recipe.seed if seed is None else seed), beta=cfg.beta,
+                     loss_type=list(cfg.loss_type), loss_weights=list(cfg.loss_weights), precompute_ref_log_probs=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # what TRL does when it builds the collator itself
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
                                          truncation_mode=args.truncation_mode,
                                          pad_to_multiple_of=args.pad_to_multiple_of)
     if cfg.mask_formatting_tokens:
         collator = MaskFormattingTokens(collator, formatting_token_ids(tokenizer))
+    # With LoRA and no separate reference, TRL's reference is the policy with its adapters off: the SFT model.
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tokenizer,
-                      data_collator=collator)
+                      data_collator=collator, peft_config=peft_config(cfg))
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
@@ -68,17 +70,20 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     if not rows:
         raise InputError(f"{inputs['pairs']}: no preference pairs were selected; see the select stage's drop counts")
     cfg = recipe.dpo
-    model, tokenizer = load_for_training(inputs["model"])
+    tokenizer = load_for_training(inputs["model"], cfg)[1]
     check_prompts_fit(tokenizer, rows, cfg.max_length, "dpo.max_length", inputs["pairs"])
     over = count_over_length(tokenizer, rows, cfg.max_length, ("chosen", "rejected"))
-    ref_model = load_for_training(inputs["ref_model"])[0] if "ref_model" in inputs else None
-    trainer = build_trainer(recipe, model, tokenizer, rows, out_dir, ref_model)
-    trainer.train()
-    save_model(trainer, tokenizer, out_dir / "model")
-    history = trainer.state.log_history
-    stats = loss_summary(history)
+
+    def build(run_dir: Path, seed: int):
+        model, tok = load_for_training(inputs["model"], cfg)
+        ref_model = load_for_training(inputs["ref_model"])[0] if "ref_model" in inputs else None
+        return build_trainer(recipe, model, tok, rows, run_dir, ref_model, seed)
+
+    histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
+    history = histories[0]
+    stats = {**loss_summary(history), **runs, "lora": cfg.lora is not None,
+             "masked_formatting_tokens": cfg.mask_formatting_tokens}
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
-    stats["masked_formatting_tokens"] = cfg.mask_formatting_tokens
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
                        rows={"pairs": len(rows), "truncated": over}, stats=stats)

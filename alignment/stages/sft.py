@@ -1,7 +1,9 @@
 """SFT: fine-tune the round's input model on the rejection-sampled best responses (TRL SFTTrainer).
 
 Rows are prompt-completion conversations, so the loss falls on the response tokens only: the prompt, rendered
-with the chat template and its generation header, is masked, as in Llama 3.
+with the chat template and its generation header, is masked, as in Llama 3. Optional: packing (padding-free),
+LoRA/QLoRA adapters merged into a full model at the end, several seeds averaged, multi-process training through
+`accelerate launch`. An interrupted run resumes from its last checkpoint.
 
     align stage sft --recipe recipes/tiny.yaml --round 1
 """
@@ -16,29 +18,37 @@ from trl import SFTConfig, SFTTrainer
 from alignment.config import InputError, Recipe
 from alignment.prompts import read_jsonl
 from alignment.stages.result import StageResult
-from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, save_model,
-                                trainer_fields)
+from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, peft_config,
+                                train_runs, trainer_fields)
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: Path) -> SFTTrainer:
+def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: Path, seed: int | None = None):
     cfg = recipe.sft
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     # Packing uses TRL's best-fit decreasing: whole examples per row (none cut), padding-free. transformers reads
     # the restarting position ids as example boundaries and masks attention per example, with SDPA too.
-    args = SFTConfig(**trainer_fields(cfg, out_dir, recipe.seed), completion_only_loss=True, packing=cfg.packing,
-                     packing_strategy="bfd")
-    return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    args = SFTConfig(**trainer_fields(cfg, out_dir, recipe.seed if seed is None else seed),
+                     completion_only_loss=True, packing=cfg.packing, packing_strategy="bfd")
+    return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                      peft_config=peft_config(cfg))
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     rows = read_jsonl(inputs["sft"])
     if not rows:
         raise InputError(f"{inputs['sft']}: no SFT examples were selected; see the select stage's drop counts")
-    model, tokenizer = load_for_training(inputs["model"])
-    check_prompts_fit(tokenizer, rows, recipe.sft.max_length, "sft.max_length", inputs["sft"])
-    over = count_over_length(tokenizer, rows, recipe.sft.max_length, ("completion",))
-    trainer = build_trainer(recipe, model, tokenizer, rows, out_dir)
-    trainer.train()
-    save_model(trainer, tokenizer, out_dir / "model")
-    return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"}, rows={"examples": len(rows), "truncated": over},
-                       stats=loss_summary(trainer.state.log_history))
+    cfg = recipe.sft
+    tokenizer = load_for_training(inputs["model"], cfg)[1]
+    check_prompts_fit(tokenizer, rows, cfg.max_length, "sft.max_length", inputs["sft"])
+    over = count_over_length(tokenizer, rows, cfg.max_length, ("completion",))
+
+    def build(run_dir: Path, seed: int):
+        model, tok = load_for_training(inputs["model"], cfg)  # each run starts from the same weights
+        return build_trainer(recipe, model, tok, rows, run_dir, seed)
+
+    histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
+    stats = {**loss_summary(histories[0]), **runs, "lora": cfg.lora is not None, "packing": cfg.packing}
+    if len(histories) > 1:
+        stats["last_loss_per_run"] = [loss_summary(h).get("last_loss") for h in histories]
+    return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
+                       rows={"examples": len(rows), "truncated": over}, stats=stats)

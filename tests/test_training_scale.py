@@ -1,0 +1,123 @@
+"""SFT as the orchestrator runs it (`alignment.runner` on a job file, under `accelerate launch` when distributed):
+two DDP processes against one with doubled accumulation, LoRA merged into a full model, seed averaging, and
+resuming a killed run from its checkpoint."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.chat import build_tokenizer
+from alignment.config import load_recipe
+from alignment.round import stage_command, stage_env
+from alignment.tiny_models import random_llama, save
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("scale")
+    tok = build_tokenizer()
+    model = save(random_llama(tok, seed=0, **SHAPE), tok, tmp / "base")
+    rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i % 9}?"}],
+             "completion": [{"role": "assistant", "content": f"{i} + {i % 9} = {i + i % 9}"}]} for i in range(64)]
+    (tmp / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp, model
+
+
+def run_sft(tmp: Path, model: Path, name: str, *overrides, wait=True):
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", [
+        "sft.report_to=[]", "sft.num_train_epochs=1", "sft.per_device_train_batch_size=4", "sft.logging_steps=1",
+        "sft.learning_rate=1e-3", "sft.lr_scheduler_type=constant", "sft.warmup_steps=0", *overrides])
+    folder = tmp / name
+    folder.mkdir(exist_ok=True)
+    job = {"stage": "sft", "round": 1, "recipe": recipe.model_dump(mode="json"), "recipe_file": "test",
+           "overrides": list(overrides), "config": {}, "fingerprint": name,
+           "inputs": {"model": {"path": str(model), "hash": "m"}, "sft": {"path": str(tmp / "sft.jsonl"), "hash": "d"}}}
+    (folder / "job.json").write_text(json.dumps(job))
+    cmd, env = stage_command(recipe, "sft", folder / "job.json"), stage_env(recipe, "sft")
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True), folder
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((folder / "manifest.json").read_text()), folder, proc.stdout
+
+
+def losses(folder: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((folder / "log_history.json").read_text()) if "loss" in h]
+
+
+def weights(path: Path) -> dict:
+    return load_file(path / "model.safetensors")
+
+
+def test_two_ddp_processes_match_one_with_doubled_accumulation(data):
+    """TRL's invariance idea: 2 processes x 4 examples x 1 step of accumulation sees the same batches as
+    1 process x 4 x 2, so the loss curves agree to float rounding (tolerance 1e-4 relative)."""
+    tmp, model = data
+    one, _, _ = run_sft(tmp, model, "one", "sft.gradient_accumulation_steps=2")
+    two, _, _ = run_sft(tmp, model, "two", "sft.gradient_accumulation_steps=1", "sft.distributed=ddp",
+                        "sft.num_processes=2")
+    a, b = losses(tmp / "one"), losses(tmp / "two")
+    assert len(a) == len(b) == 8  # 64 examples / (4 x 2) per optimizer step
+    assert b == pytest.approx(a, rel=1e-4)
+    assert a[-1] < a[0]  # and it trains
+
+
+def test_lora_is_merged_into_a_full_model(data):
+    tmp, model = data
+    manifest, folder, _ = run_sft(tmp, model, "lora", "sft.lora={r: 4, lora_alpha: 8, lora_dropout: 0.0, "
+                                  "target_modules: [q_proj, v_proj]}")
+    assert manifest["stats"]["lora"] is True
+    assert not (folder / "model" / "adapter_config.json").exists()  # an ordinary checkpoint
+    base, merged = weights(model), weights(folder / "model")
+    adapter = load_file(folder / "adapter" / "adapter_model.safetensors")
+    key = "model.layers.0.self_attn.q_proj"
+    a = next(v for k, v in adapter.items() if k.endswith(f"{key}.lora_A.weight"))
+    b = next(v for k, v in adapter.items() if k.endswith(f"{key}.lora_B.weight"))
+    assert b.abs().sum() > 0  # the adapter learned something
+    expected = base[f"{key}.weight"] + (8 / 4) * b @ a  # W + (alpha / r) B A
+    assert torch.allclose(merged[f"{key}.weight"], expected, atol=1e-6)
+    assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"], base["model.layers.0.self_attn.k_proj.weight"])
+
+
+def test_seed_runs_are_averaged(data):
+    tmp, model = data
+    manifest, folder, _ = run_sft(tmp, model, "avg", "sft.average_seeds=[1, 2]")
+    assert manifest["stats"]["averaged_runs"] == 2
+    r1, r2 = weights(folder / "runs/seed-1/model"), weights(folder / "runs/seed-2/model")
+    avg = weights(folder / "model")
+    key = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(r1[key], r2[key])  # different seeds, different runs
+    for k in avg:
+        assert torch.allclose(avg[k], (r1[k] + r2[k]) / 2, atol=1e-6), k
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(data):
+    tmp, model = data
+    steps = ["sft.save_steps=4", "sft.num_train_epochs=3"]  # 48 steps; a checkpoint every 4
+    run_sft(tmp, model, "whole", *steps)
+    proc, folder = run_sft(tmp, model, "killed", *steps, wait=False)
+    deadline = time.time() + 300
+    while not list((folder / "trainer").glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "manifest.json").exists()
+    ckpt = int(next((folder / "trainer").glob("checkpoint-*")).name.split("-")[1])
+    manifest, _, out = run_sft(tmp, model, "killed", *steps)
+    assert f"resuming seed 0 from {folder / 'trainer'}/checkpoint-" in out
+    assert manifest["stats"]["resumed_from_step"]["0"] >= ckpt
+    whole, resumed = weights(tmp / "whole" / "model"), weights(folder / "model")
+    for k in whole:
+        assert torch.allclose(whole[k], resumed[k], atol=1e-5), k
