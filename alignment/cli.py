@@ -64,10 +64,15 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "validate":
             recipe, n_train, n_eval = validate(args.recipe, args.overrides)
             print(f"{args.recipe}: ok (recipe {recipe.name!r}; {n_train} training prompts, {n_eval} held out)")
+            for problem in recipe.sft.machine_problems("sft") + recipe.dpo.machine_problems("dpo"):
+                print(f"note: this machine cannot run it as written: {problem}")
         else:
             if getattr(args, "force", None):
                 args.overrides.append(f"gate.force={args.force}")  # recorded with the other overrides
             recipe, _, _ = validate(args.recipe, args.overrides)
+            problems = recipe.sft.machine_problems("sft") + recipe.dpo.machine_problems("dpo")
+            if problems and args.cmd in ("round", "stage"):
+                raise InputError("this machine cannot train as the recipe asks:\n  " + "\n  ".join(problems))
             if args.cmd in ("round", "eval"):
                 run_round(recipe, args.n, recipe_file=args.recipe, overrides=args.overrides,
                           stages=ROUND_STAGES if args.cmd == "round" else EVAL_STAGES)

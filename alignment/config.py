@@ -178,18 +178,6 @@ class LoraConfig(Strict):
     quantize_base_4bit: bool = Field(False, description="QLoRA: keep the frozen base in 4-bit NF4 (bitsandbytes; "
                                      "needs a CUDA GPU)")
 
-    @model_validator(mode="after")
-    def _check(self):
-        if self.quantize_base_4bit:
-            import importlib.util
-
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("quantize_base_4bit (QLoRA) needs a CUDA GPU; this machine has none")
-            if importlib.util.find_spec("bitsandbytes") is None:
-                raise ValueError("quantize_base_4bit (QLoRA) needs bitsandbytes (pip install bitsandbytes)")
-        return self
 
 
 class TrainerConfig(Strict):
@@ -225,20 +213,31 @@ class TrainerConfig(Strict):
             raise ValueError(f"report_to {missing}: not installed in this environment (pip install {missing[0]})")
         if len(self.average_seeds) == 1 or len(set(self.average_seeds)) != len(self.average_seeds):
             raise ValueError("average_seeds needs two or more distinct seeds (or none)")
-        if self.distributed:
-            import torch
-
-            gpus = torch.cuda.device_count()
-            if self.distributed in ("fsdp", "zero3") and gpus == 0:
-                raise ValueError(f"distributed: {self.distributed} shards weights over GPUs and this machine has "
-                                 "none; use ddp (gloo on CPU) or no distributed")
-            if self.distributed == "zero3" and importlib.util.find_spec("deepspeed") is None:
-                raise ValueError("distributed: zero3 needs DeepSpeed (pip install deepspeed)")
-            if gpus and self.num_processes > gpus:
-                raise ValueError(f"num_processes {self.num_processes} is more than this machine's {gpus} GPUs")
-        elif self.num_processes > 1:
+        if self.num_processes > 1 and not self.distributed:
             raise ValueError("num_processes > 1 needs distributed: ddp, fsdp or zero3")
         return self
+
+    def machine_problems(self, key: str) -> list[str]:
+        """What this machine lacks to train as configured (a recipe written for a GPU cluster still validates
+        here; running it is what fails, before any work)."""
+        import importlib.util
+
+        import torch
+
+        gpus, out = torch.cuda.device_count(), []
+        if self.distributed in ("fsdp", "zero3") and gpus == 0:
+            out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none; "
+                       "use ddp (gloo on CPU) or no distributed")
+        if self.distributed == "zero3" and importlib.util.find_spec("deepspeed") is None:
+            out.append(f"{key}.distributed: zero3 needs DeepSpeed (pip install deepspeed)")
+        if gpus and self.num_processes > gpus:
+            out.append(f"{key}.num_processes: {self.num_processes} is more than this machine's {gpus} GPUs")
+        if self.lora and self.lora.quantize_base_4bit:
+            if gpus == 0:
+                out.append(f"{key}.lora.quantize_base_4bit (QLoRA) needs a CUDA GPU; this machine has none")
+            elif importlib.util.find_spec("bitsandbytes") is None:
+                out.append(f"{key}.lora.quantize_base_4bit (QLoRA) needs bitsandbytes (pip install bitsandbytes)")
+        return out
 
 
 class SFTConfig(TrainerConfig):

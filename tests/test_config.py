@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -80,18 +81,33 @@ def test_cli_prints_one_clear_message_without_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sft.distributed=zero3", "zero3 shards weights over GPUs and this machine has none"),
-    ("dpo.distributed=fsdp", "fsdp shards weights over GPUs"),
     ("sft.num_processes=2", "num_processes > 1 needs distributed"),
     ("sft.learning_rate=2.0", "learning_rate"),
     ("dpo.beta=0", "beta"),
     ("sft.average_seeds=[3]", "two or more distinct seeds"),
-    ("sft.lora={quantize_base_4bit: true}", r"\(QLoRA\) needs a CUDA GPU"),
 ])
-def test_training_settings_this_machine_cannot_run_are_named_before_any_work(override, message):
+def test_bad_training_settings_are_named(override, message):
     with pytest.raises(InputError, match=message) as e:
         load_recipe("recipes/tiny.yaml", [override])
     assert override.split(".")[0] in str(e.value)  # the section or key it is in
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sft.distributed=zero3", "sft.distributed: zero3 shards weights over GPUs and this machine has none"),
+    ("dpo.distributed=fsdp", "dpo.distributed: fsdp shards weights over GPUs"),
+    ("sft.lora={quantize_base_4bit: true}", r"sft.lora.quantize_base_4bit \(QLoRA\) needs a CUDA GPU"),
+])
+def test_training_this_machine_cannot_run_fails_before_any_work(override, message, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit):
+        align(["round", "1", "--recipe", "recipes/tiny.yaml", override, f"runs_dir={tmp_path}"])
+    assert re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []  # nothing started
+    align(["validate", "recipes/tiny.yaml", override])  # the recipe itself is fine: it names the problem
+    assert re.search(message, capsys.readouterr().out)
 
 
 def test_a_max_length_shorter_than_the_prompts_is_named(tmp_path):

@@ -28,6 +28,9 @@ def test_paper_settings(path):
     assert t.model_name_or_path == "meta-llama/Llama-3.1-405B-Instruct-FP8"
     assert t.backend == Backend.openai and t.serve
     assert t.engine.tensor_parallel_size == 8 and t.engine.quantization == "fbgemm_fp8"
+    for train in (r.sft, r.dpo):  # full weights of 8B and 70B do not fit one GPU with their optimizer state
+        assert train.distributed == "fsdp" and train.num_processes == 8
+    assert r.dpo.mask_formatting_tokens and r.sft.packing
 
 
 @pytest.mark.parametrize("path", RECIPES)
