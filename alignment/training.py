@@ -59,19 +59,35 @@ def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
     )
 
 
+def last_complete_checkpoint(trainer_dir: Path) -> str | None:
+    """The newest checkpoint under `trainer_dir` that the Trainer finished writing, or None.
+
+    A process killed while saving leaves a checkpoint folder without `trainer_state.json` (the Trainer writes it
+    after the weights, optimizer and RNG states), and resuming from it fails. Such folders are removed so that the
+    run restarts from the last whole checkpoint and rewrites them."""
+    if not trainer_dir.is_dir():
+        return None
+    ckpts = sorted((p for p in trainer_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for ckpt in ckpts:
+        if (ckpt / "trainer_state.json").exists():
+            return str(ckpt)
+        print(f"removing {ckpt}: it was not completely written (no trainer_state.json)", flush=True)
+        shutil.rmtree(ckpt)
+    return None
+
+
 def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build) -> tuple[list, dict]:
     """Train once per seed of `cfg.average_seeds` (or once with `base_seed`), each run resuming from its last
     checkpoint if an earlier attempt left one, and leave the final full model in out_dir/model (the weight
     average when there are several runs). `build(run_dir, seed)` returns a ready trainer.
     Returns each run's log history and statistics about resuming and averaging."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     seeds = list(cfg.average_seeds) or [base_seed]
     histories, resumed, run_models = [], {}, []
     for seed in seeds:
         run_dir = out_dir if len(seeds) == 1 else out_dir / "runs" / f"seed-{seed}"
         trainer = build(run_dir, seed)
-        ckpt = get_last_checkpoint(str(run_dir / "trainer")) if (run_dir / "trainer").is_dir() else None
+        ckpt = last_complete_checkpoint(run_dir / "trainer")
         if ckpt:
             print(f"resuming seed {seed} from {ckpt}", flush=True)
             resumed[seed] = int(Path(ckpt).name.split("-")[-1])

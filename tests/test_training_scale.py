@@ -4,6 +4,7 @@ resuming a killed run from its checkpoint."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -109,15 +110,20 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     run_sft(tmp, model, "whole", *steps)
     proc, folder = run_sft(tmp, model, "killed", *steps, wait=False)
     deadline = time.time() + 300
-    while not list((folder / "trainer").glob("checkpoint-*")) and time.time() < deadline and proc.poll() is None:
+    while not list((folder / "trainer").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline \
+            and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (folder / "manifest.json").exists()
-    ckpt = int(next((folder / "trainer").glob("checkpoint-*")).name.split("-")[1])
+    done = max(int(p.parent.name.split("-")[1]) for p in (folder / "trainer").glob("checkpoint-*/trainer_state.json"))
+    # A kill in the middle of a save leaves a newer checkpoint without its trainer state; resuming must skip it.
+    torn = folder / "trainer" / f"checkpoint-{done + 4}"
+    shutil.copytree(folder / "trainer" / f"checkpoint-{done}", torn, dirs_exist_ok=True)
+    (torn / "trainer_state.json").unlink()
     manifest, _, out = run_sft(tmp, model, "killed", *steps)
-    assert f"resuming seed 0 from {folder / 'trainer'}/checkpoint-" in out
-    assert manifest["stats"]["resumed_from_step"]["0"] >= ckpt
+    assert f"resuming seed 0 from {folder / 'trainer'}/checkpoint-{done}\n" in out
+    assert manifest["stats"]["resumed_from_step"]["0"] == done
     whole, resumed = weights(tmp / "whole" / "model"), weights(folder / "model")
     for k in whole:
         assert torch.allclose(whole[k], resumed[k], atol=1e-5), k
