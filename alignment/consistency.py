@@ -8,8 +8,6 @@ conversation, against the student's rendering.
 
 from __future__ import annotations
 
-from transformers import AutoTokenizer
-
 from alignment.config import InputError
 
 SAMPLE = [
@@ -27,6 +25,8 @@ def rendering(tokenizer) -> tuple[str, list[int], str | None]:
 
 def check_chat_templates(models: dict[str, str]) -> None:
     """models: role -> path, the first being the reference; raises InputError showing both renderings."""
+    from transformers import AutoTokenizer  # here, so `align status` and `align validate` start in a second
+
     (ref_name, ref_path), *others = models.items()
     ref_text, ref_ids, ref_eos = rendering(AutoTokenizer.from_pretrained(ref_path))
     for name, path in others:

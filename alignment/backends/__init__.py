@@ -10,10 +10,12 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from alignment.config import Backend, TeacherConfig
-from alignment.generation import Completion
+
+if TYPE_CHECKING:  # the runner imports this module for its error type; torch loads only with a backend
+    from alignment.generation import Completion
 
 
 @dataclass(frozen=True)
