@@ -5,6 +5,7 @@
     align eval 1 --recipe recipes/tiny.yaml [--force dpo]      # evaluate and gate round 1's checkpoints
     align status --recipe recipes/tiny.yaml                   # done / stale / missing, per round and stage
     align report --recipe recipes/tiny.yaml                   # runs/<recipe>/report/report.md and plots
+    align stats 1 --recipe recipes/tiny.yaml                  # round 1's scoring and selection, filter by filter
     align stage sft --round 1 --recipe recipes/tiny.yaml [key.path=value ...]   # re-run one stage
 """
 
@@ -15,15 +16,19 @@ import sys
 
 from alignment.config import InputError, load_recipe
 from alignment.prompts import read_prompts
+from alignment.verifiers import check_prompt_fields
 from alignment.round import EVAL_STAGES, ROUND_STAGES, StageFailed, run_round, run_stage, status_table
 
 
 def validate(recipe_file: str, overrides: list[str]):
     """The recipe and the prompt files it names, checked without running anything."""
     recipe = load_recipe(recipe_file, overrides)
-    need_answer = recipe.reward.verifier is not None
-    train = read_prompts(recipe.prompts.train_path, need_answer=need_answer)
-    held_out = read_prompts(recipe.prompts.eval_path, need_answer=need_answer)
+    train = read_prompts(recipe.prompts.train_path)
+    held_out = read_prompts(recipe.prompts.eval_path)
+    for path, rows in ((recipe.prompts.train_path, train), (recipe.prompts.eval_path, held_out)):
+        check_prompt_fields(recipe.reward.verifiers, rows, path)
+    if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path != "trained":
+        check_reward_model(recipe.reward.reward_model.model_name_or_path)
     shared = {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}
     if shared:
         raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {recipe.prompts.train_path}, "
@@ -35,6 +40,30 @@ def validate(recipe_file: str, overrides: list[str]):
                          f"{recipe.prompts.train_path} (it has {sorted(capabilities)}); a misspelt key would "
                          "silently leave those prompts without their system prompt")
     return recipe, len(train), len(held_out)
+
+
+def check_reward_model(path: str) -> None:
+    """A reward model must be a sequence classifier with one output; its config says so without loading weights."""
+    from transformers import AutoConfig
+
+    key = "reward.reward_model.model_name_or_path"
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{key}: cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from None
+    archs = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise InputError(f"{key}: {path} is {archs or 'an unknown architecture'}, not a sequence classifier; a "
+                         "reward model is an AutoModelForSequenceClassification with one label")
+    if config.num_labels != 1:
+        raise InputError(f"{key}: {path} has {config.num_labels} labels; a reward model has exactly one")
+
+
+def machine_problems(recipe) -> list[str]:
+    out = recipe.sft.machine_problems("sft") + recipe.dpo.machine_problems("dpo")
+    if recipe.reward_training is not None:
+        out += recipe.reward_training.machine_problems("reward_training")
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -50,10 +79,12 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--force", choices=("dpo", "sft"), help="promote this checkpoint whatever the gate says")
     st = sub.add_parser("status", help="which stages of which rounds are done, stale or missing")
     rep = sub.add_parser("report", help="Markdown report and plots across rounds")
+    sts = sub.add_parser("stats", help="round N's scoring and selection: scorers, filters, pairs, reward model")
+    sts.add_argument("n", type=int)
     s = sub.add_parser("stage", help="re-run one stage of a round, even if it is up to date")
     s.add_argument("stage", choices=("bootstrap",) + ROUND_STAGES)
     s.add_argument("--round", type=int, default=1)
-    for p in (r, e, st, rep, s):
+    for p in (r, e, st, rep, sts, s):
         p.add_argument("--recipe", default="recipes/tiny.yaml")
     # Overrides are the leftover key.path=value words, so they may stand before or after the options.
     args, args.overrides = ap.parse_known_args(argv)
@@ -64,13 +95,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.cmd == "validate":
             recipe, n_train, n_eval = validate(args.recipe, args.overrides)
             print(f"{args.recipe}: ok (recipe {recipe.name!r}; {n_train} training prompts, {n_eval} held out)")
-            for problem in recipe.sft.machine_problems("sft") + recipe.dpo.machine_problems("dpo"):
+            for problem in machine_problems(recipe):
                 print(f"note: this machine cannot run it as written: {problem}")
         else:
             if getattr(args, "force", None):
                 args.overrides.append(f"gate.force={args.force}")  # recorded with the other overrides
             recipe, _, _ = validate(args.recipe, args.overrides)
-            problems = recipe.sft.machine_problems("sft") + recipe.dpo.machine_problems("dpo")
+            problems = machine_problems(recipe)
             if problems and args.cmd in ("round", "stage"):
                 raise InputError("this machine cannot train as the recipe asks:\n  " + "\n  ".join(problems))
             if args.cmd in ("round", "eval"):
@@ -78,6 +109,10 @@ def main(argv: list[str] | None = None) -> None:
                           stages=ROUND_STAGES if args.cmd == "round" else EVAL_STAGES)
             elif args.cmd == "status":
                 print(status_table(recipe))
+            elif args.cmd == "stats":
+                from alignment.summary import round_summary
+
+                print(round_summary(recipe, args.n))
             elif args.cmd == "report":
                 from alignment.report import write_report  # matplotlib loads only when asked for
 

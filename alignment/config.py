@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class InputError(Exception):
@@ -37,6 +37,8 @@ class PromptsConfig(Strict):
     train_path: Path = Field(description="JSONL prompt file the teacher answers; rows need prompt_id and messages")
     eval_path: Path = Field(description="held-out JSONL prompt file for evaluation; never reaches training")
     num_prompts: int = Field(gt=0, description="prompts drawn from train_path each round (seeded by seed and round)")
+    retry_failed: bool = Field(False, description="add the prompts on which every sample of the previous round "
+                               "failed its verifiers (select's failed_prompts.jsonl) to this round's draw")
 
 
 class StudentConfig(Strict):
@@ -133,38 +135,130 @@ class SamplingConfig(Strict):
 
 
 class VerifierConfig(Strict):
-    answer_regex: str = Field(r"-?\d+", description="regex for candidate answers; the last match is compared")
-    weight: float = Field(1.0, description="weight of the verifier score (1 correct, 0 wrong) in the reward")
+    """A rule-based check. A new verifiable task needs only a prompt file whose rows carry the field the check
+    reads (`answer` or `tests`) and one entry here."""
 
-    @model_validator(mode="after")
-    def _check(self):
+    name: str = Field("verifier", pattern=r"^[A-Za-z0-9_.-]+$", description="score name in scores.jsonl")
+    kind: Literal["answer", "code"] = Field("answer", description="answer: compare the response's final answer "
+                                            "with the prompt's `answer`; code: run the response's last Python "
+                                            "block against the prompt's `tests` in a sandbox")
+    capability: str | None = Field(None, description="check only prompts of this `capability`; null: every "
+                                   "prompt that has the field the check reads")
+    answer_regex: str = Field(r"-?\d+", description="answer: regex for candidate answers; the last match (its "
+                              "first group, if any) is compared")
+    match: Literal["exact", "numeric"] = Field("exact", description="answer: string equality, or numbers equal "
+                                               "within `tolerance` (so 0.50 matches 0.5)")
+    tolerance: float = Field(1e-6, ge=0.0, description="answer, numeric: allowed absolute difference")
+    timeout_s: float = Field(5.0, gt=0.0, description="code: wall-clock (and CPU) seconds per run")
+    memory_mb: int = Field(512, ge=64, description="code: address-space limit per run")
+    weight: float = Field(1.0, description="weight of this check (1 pass, 0 fail) in a weighted_sum reward")
+
+    @field_validator("answer_regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:  # a field validator, so the error points at the key's own line
         try:
-            re.compile(self.answer_regex)
+            re.compile(v)
         except re.error as e:
-            raise ValueError(f"answer_regex does not compile: {e}") from None
-        return self
+            raise ValueError(f"does not compile: {e}") from None
+        return v
 
 
 class RewardModelConfig(Strict):
-    model_name_or_path: str = Field(description="a sequence-classification reward model with a chat template")
+    model_name_or_path: str = Field(description="a sequence-classification reward model (one label) with a chat "
+                                    "template, or `trained`: the reward model the previous round's reward_model "
+                                    "stage trained (the verifier-only reward is used in round 1)")
     batch_size: int = Field(32, gt=0, description="conversations per forward pass")
+    sort_by_length: bool = Field(True, description="batch conversations of similar length together, so batches "
+                                 "pad little (bench/README.md); scores return in input order either way")
     weight: float = Field(1.0, description="weight of the reward-model score in the reward")
 
 
+class JudgeConfig(Strict):
+    """An LLM-as-judge through the teacher's backend (greedy, one verdict per sample). Llama 3 used a 3-point
+    rubric for general text and a 2-point one for code."""
+
+    template: str = Field(description="the judge's user message; must contain {prompt} and {response}")
+    verdict_regex: str = Field(r"(?i)score:\s*(\d+)", description="regex with one group: the integer verdict; "
+                               "the last match counts. Replies without one are counted, not fatal")
+    max_score: int = Field(3, gt=0, description="the rubric's top score; verdicts outside 0..max_score are "
+                           "counted as unparseable")
+    max_new_tokens: int = Field(256, gt=0, description="room for the judge's reasoning before the verdict")
+    weight: float = Field(1.0, description="weight of verdict / max_score in the reward")
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        missing = [p for p in ("{prompt}", "{response}") if p not in v]
+        if missing:
+            raise ValueError(f"lacks the placeholders {missing}")
+        return v
+
+    @field_validator("verdict_regex")
+    @classmethod
+    def _one_group(cls, v: str) -> str:
+        try:
+            groups = re.compile(v).groups
+        except re.error as e:
+            raise ValueError(f"does not compile: {e}") from None
+        if groups != 1:
+            raise ValueError(f"needs exactly one group (the score), it has {groups}")
+        return v
+
+
 class RewardConfig(Strict):
-    verifier: VerifierConfig | None = Field(None, description="rule-based check against the prompt's answer")
+    verifiers: list[VerifierConfig] = Field([], description="rule-based checks (answer match, code tests)")
     reward_model: RewardModelConfig | None = Field(None, description="learned scalar reward")
+    judge: JudgeConfig | None = Field(None, description="LLM-as-judge through the teacher's endpoint")
+    combine: Literal["weighted_sum", "gate_then_rank"] = Field(
+        "weighted_sum", description="weighted_sum: reward = sum of weight x score over every scorer; "
+        "gate_then_rank: a sample failing a verifier ranks below every sample that passes, and the reward is the "
+        "weighted sum of the reward model and judge only")
 
     @model_validator(mode="after")
     def _check(self):
-        if self.verifier is None and self.reward_model is None:
-            raise ValueError("reward needs at least one scorer: verifier or reward_model")
+        if not (self.verifiers or self.reward_model or self.judge):
+            raise ValueError("reward needs at least one scorer: verifiers, reward_model or judge")
+        names = [v.name for v in self.verifiers]
+        if len(set(names)) != len(names) or {"reward_model", "judge"} & set(names):
+            raise ValueError(f"verifier names must be unique and not 'reward_model' or 'judge', got {names}")
+        if self.combine == "gate_then_rank" and not (self.verifiers and (self.reward_model or self.judge)):
+            raise ValueError("combine gate_then_rank needs verifiers (the gate) and a reward_model or judge (the "
+                             "ranking)")
         return self
+
+
+class CleaningConfig(Strict):
+    """Llama 3's rule-based cleaning of SFT data."""
+
+    max_emojis: int | None = Field(3, ge=0, description="drop responses with more emojis; null: off")
+    max_exclamations: int | None = Field(3, ge=0, description="drop responses with more '!'; null: off")
+    max_apology_share: float | None = Field(0.1, ge=0.0, le=1.0, description="at most this share of SFT rows "
+                                            "may open with an apology (\"I'm sorry\", \"I apologize\"...); the "
+                                            "lowest-reward ones beyond it are dropped. null: off")
+
+
+class FiltersConfig(Strict):
+    """Each filter is switchable, and every row it drops is counted under its name in the stage's statistics."""
+
+    cleaning: CleaningConfig | None = Field(CleaningConfig(), description="emoji / exclamation / apology rules")
+    min_response_tokens: int | None = Field(None, ge=0, description="drop shorter samples; null: off")
+    max_response_tokens: int | None = Field(None, gt=0, description="drop longer samples; null: off")
+    exact_dedup: bool = Field(True, description="drop SFT rows whose prompt and response repeat an earlier row's")
+    semantic_dedup_threshold: float | None = Field(
+        None, gt=0.0, le=1.0, description="greedy semantic dedup of SFT rows (Llama 3): highest reward first, keep "
+        "a row when its all-MiniLM-L6-v2 cosine to every kept row is below this (Llama 3 style: ~0.9); null: off")
+    quality: bool = Field(False, description="keep SFT rows whose reward-model score is in the top quartile of "
+                          "the round's samples OR whose judge verdict is the top score (needs either scorer)")
 
 
 class SelectConfig(Strict):
     sft_min_reward: float = Field(description="the best sample must reach this reward to become an SFT example")
-    pair_min_margin: float = Field(gt=0.0, description="chosen minus rejected reward must reach this for a pair")
+    pair_min_margin: float = Field(gt=0.0, description="chosen minus rejected reward must reach this for a pair "
+                                   "(with gate_then_rank, a passing chosen over a failing rejected always pairs)")
+    pair_policy: Literal["best_vs_worst", "best_vs_random"] = Field(
+        "best_vs_worst", description="rejected response of a DPO pair: the lowest-ranked sample, or a seeded "
+        "random one among those ranked below the best by the margin")
+    filters: FiltersConfig = Field(FiltersConfig(), description="data filters, each counted")
 
 
 class LoraConfig(Strict):
@@ -246,6 +340,24 @@ class SFTConfig(TrainerConfig):
     packing: bool = Field(False, description="pack examples into rows of max_length tokens (best-fit decreasing, "
                           "no example cut) with no padding; position ids mark where each example starts, and "
                           "attention stays within an example")
+
+
+class RewardTrainingConfig(TrainerConfig):
+    """The reward_model stage: a Bradley-Terry reward model (TRL RewardTrainer, no margin term) trained each round
+    on every preference pair selected so far, initialised from the round's input model with a scalar head."""
+
+    held_out_share: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts whose pairs are held out to "
+                                  "report pair accuracy (split by prompt id, so no held-out prompt is trained on)")
+    preference_paths: list[Path] = Field([], description="extra preference files (JSONL: prompt, chosen, "
+                                         "rejected, optionally edited) such as human annotations; a row with "
+                                         "`edited` gives the ranking edited > chosen > rejected")
+
+    @model_validator(mode="after")
+    def _check_supported(self):
+        if self.lora is not None or self.average_seeds:
+            raise ValueError("lora and average_seeds are not supported for the reward model; train it in full, "
+                             "one run")
+        return self
 
 
 class DPOConfig(TrainerConfig):
@@ -359,6 +471,9 @@ class Recipe(Strict):
     select: SelectConfig
     sft: SFTConfig
     dpo: DPOConfig
+    reward_training: RewardTrainingConfig | None = Field(
+        None, description="train a reward model each round (the reward_model stage); `reward.reward_model: "
+        "{model_name_or_path: trained}` scores the next round with it. null: no such stage")
     eval: EvalConfig
     gate: GateConfig = Field(GateConfig(), description="promotion of the round's best checkpoint")
     bootstrap: BootstrapConfig | None = Field(None, description="build tiny models in code (no download)")
@@ -368,6 +483,13 @@ class Recipe(Strict):
         uses = [s.value for s in (self.student.source, self.teacher.source) if s == ModelSource.bootstrap]
         if uses and self.bootstrap is None:
             raise ValueError("student or teacher source is 'bootstrap' but the recipe has no bootstrap section")
+        rm = self.reward.reward_model
+        if rm is not None and rm.model_name_or_path == "trained" and self.reward_training is None:
+            raise ValueError("reward.reward_model.model_name_or_path is 'trained' but the recipe has no "
+                             "reward_training section to train it")
+        if self.select.filters.quality and not (rm or self.reward.judge):
+            raise ValueError("select.filters.quality keeps the reward model's top quartile or the judge's top "
+                             "verdict; it needs reward.reward_model or reward.judge")
         return self
 
 
@@ -464,10 +586,11 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
     sections = {
         "bootstrap": ["bootstrap", "seed"],
         "generate": ["teacher", "sampling", "prompts", "seed"],  # less TEACHER_TRANSPORT
-        "score": ["reward"],
-        "select": ["select", "sampling"],
+        "score": ["reward"] + (["teacher"] if recipe.reward.judge else []),  # the judge is the teacher
+        "select": ["select", "sampling", "seed"],
         "sft": ["sft", "seed"],
         "dpo": ["dpo", "seed"],
+        "reward_model": ["reward_training", "seed"],
         "eval": ["eval", "reward", "prompts"],
         "promote": ["gate"],
     }[stage]

@@ -21,7 +21,7 @@ from alignment.config import InputError, ModelSource, Recipe, stage_config
 from alignment.consistency import check_chat_templates
 from alignment.manifest import hash_file, hash_json, hash_model_dir, read_manifest, write_json_atomic
 
-ROUND_STAGES = ("generate", "score", "select", "sft", "dpo", "eval", "promote")
+ROUND_STAGES = ("generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote")
 EVAL_STAGES = ("eval", "promote")
 
 
@@ -86,12 +86,24 @@ def stage_inputs(recipe: Recipe, round_n: int, stage: str) -> dict[str, dict]:
     if stage == "bootstrap":
         return {"eval_prompts": data_file(recipe.prompts.eval_path, "prompts.eval_path")}
     if stage == "generate":
-        return {"teacher": teacher_input(recipe, round_n), "prompts": train()}
+        inputs = {"teacher": teacher_input(recipe, round_n), "prompts": train()}
+        if recipe.prompts.retry_failed and round_n > 1:
+            inputs["failed_prompts"] = upstream(stage_dir(recipe, round_n - 1, "select"), "failed_prompts",
+                                                "prompts.retry_failed")
+        return inputs
     if stage == "score":
-        return {"samples": upstream(d("generate"), "samples", "score"), "prompts": train()}
+        inputs = {"samples": upstream(d("generate"), "samples", "score"), "prompts": train(),
+                  **reward_model_input(recipe, round_n - 1)}
+        if recipe.reward.judge:
+            inputs["teacher"] = teacher_input(recipe, round_n)
+        return inputs
     if stage == "select":
         return {"samples": upstream(d("generate"), "samples", "select"),
                 "scores": upstream(d("score"), "scores", "select"), "prompts": train()}
+    if stage == "reward_model":  # every pair selected so far, this round's included
+        return {"model": student_input(recipe, round_n), **{
+            f"pairs_round_{k}": upstream(stage_dir(recipe, k, "select"), "pairs", f"reward_model (round {k})")
+            for k in range(1, round_n + 1)}}
     if stage == "sft":
         return {"model": student_input(recipe, round_n), "sft": upstream(d("select"), "sft", "sft")}
     if stage == "dpo":
@@ -102,11 +114,31 @@ def stage_inputs(recipe: Recipe, round_n: int, stage: str) -> dict[str, dict]:
     if stage == "eval":
         return {"input": student_input(recipe, round_n), "sft": upstream(d("sft"), "model", "eval"),
                 "dpo": upstream(d("dpo"), "model", "eval"),
-                "eval_prompts": data_file(recipe.prompts.eval_path, "prompts.eval_path")}
+                "eval_prompts": data_file(recipe.prompts.eval_path, "prompts.eval_path"),
+                **reward_model_input(recipe, round_n)}
     if stage == "promote":
         return {"metrics": upstream(d("eval"), "metrics", "promote"), "input": student_input(recipe, round_n),
                 "sft": upstream(d("sft"), "model", "promote"), "dpo": upstream(d("dpo"), "model", "promote")}
     raise InputError(f"unknown stage {stage!r}")
+
+
+def reward_model_input(recipe: Recipe, trained_in: int) -> dict[str, dict]:
+    """{"reward_model": identity} for the recipe's reward model: a fixed checkpoint, or the one the reward_model
+    stage of round `trained_in` trained; {} when there is none (no reward model, or round 0 for `trained`)."""
+    rm = recipe.reward.reward_model
+    if rm is None:
+        return {}
+    if rm.model_name_or_path != "trained":
+        return {"reward_model": model_path(rm.model_name_or_path)}
+    if trained_in < 1:
+        return {}
+    return {"reward_model": upstream(stage_dir(recipe, trained_in, "reward_model"), "model",
+                                     f"the reward model round {trained_in} trained")}
+
+
+def recipe_stages(recipe: Recipe, stages: tuple[str, ...]) -> tuple[str, ...]:
+    """The stages this recipe has: reward_model only when it trains one."""
+    return tuple(s for s in stages if s != "reward_model" or recipe.reward_training is not None)
 
 
 # --- running -------------------------------------------------------------------------------------------------
@@ -121,7 +153,7 @@ ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelera
 
 def stage_command(recipe: Recipe, stage: str, job: Path) -> list[str]:
     """`python -m alignment.runner job.json`, or the same under `accelerate launch` for a distributed trainer."""
-    cfg = getattr(recipe, stage, None) if stage in ("sft", "dpo") else None
+    cfg = trainer_config(recipe, stage)
     if cfg is None or cfg.distributed is None:
         return [sys.executable, "-m", "alignment.runner", str(job)]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -129,9 +161,14 @@ def stage_command(recipe: Recipe, stage: str, job: Path) -> list[str]:
             "-m", "alignment.runner", str(job)]
 
 
+def trainer_config(recipe: Recipe, stage: str):
+    """The TrainerConfig of a training stage, None for the others."""
+    return {"sft": recipe.sft, "dpo": recipe.dpo, "reward_model": recipe.reward_training}.get(stage)
+
+
 def stage_env(recipe: Recipe, stage: str) -> dict:
     env = dict(os.environ)
-    cfg = getattr(recipe, stage, None) if stage in ("sft", "dpo") else None
+    cfg = trainer_config(recipe, stage)
     if cfg is not None and cfg.distributed and not torch_cuda_available():
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: accelerate's config alone would run one process
     return env
@@ -189,8 +226,9 @@ def round_models(recipe: Recipe, round_n: int) -> dict[str, str]:
     models = {"student": student_input(recipe, round_n)["path"]}
     if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
         models["teacher"] = teacher_input(recipe, round_n)["path"]
-    if recipe.reward.reward_model:
-        models["reward model"] = recipe.reward.reward_model.model_name_or_path
+    rm = reward_model_input(recipe, round_n - 1).get("reward_model")
+    if rm:  # a trained one was made from the student: its template is the student's by construction
+        models["reward model"] = rm["path"]
     return models
 
 
@@ -213,6 +251,7 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
         student_input(recipe, round_n)  # fail now, before any work, if round n-1 is missing
     if stages == ROUND_STAGES and needs_bootstrap(recipe, round_n):
         stages = ("bootstrap",) + stages
+    stages = recipe_stages(recipe, stages)
     for stage in stages:
         if stage == "generate":  # models exist now (bootstrap ran); check them before any spends time
             check_chat_templates(round_models(recipe, round_n))
@@ -241,7 +280,7 @@ def status(recipe: Recipe, round_n: int, stage: str) -> str:
 def status_table(recipe: Recipe) -> str:
     rounds = sorted(int(p.name.split("-")[1]) for p in (recipe.runs_dir / recipe.name).glob("round-*")
                     if p.name.split("-")[1].isdigit())
-    stages = ("bootstrap",) + ROUND_STAGES if recipe.bootstrap else ROUND_STAGES
+    stages = recipe_stages(recipe, ("bootstrap",) + ROUND_STAGES if recipe.bootstrap else ROUND_STAGES)
     lines = [f"{recipe.runs_dir / recipe.name}", "round  " + "".join(f"{s:>10}" for s in stages)]
     for n in rounds or [1]:
         cells, behind = [], False

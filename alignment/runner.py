@@ -19,7 +19,7 @@ from alignment.backends import GenerationError
 from alignment.config import InputError, Recipe
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
 
-STAGES = ("bootstrap", "generate", "score", "select", "sft", "dpo", "eval", "promote")
+STAGES = ("bootstrap", "generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote")
 
 
 def run_job(job_path: Path) -> dict:

@@ -1,7 +1,7 @@
 """Generate-stage throughput: output tokens per second of each backend, the stage against its raw engine, and
 vLLM's K samples per request (n=K) against K separate requests on long prompts.
 
-    .venv/bin/python bench/generate_throughput.py [--quick]      # prints a Markdown table; see bench/README.md
+    .venv/bin/python bench/generate_throughput.py [--quick] [--prefix-sharing]   # a Markdown table; see bench/README.md
 
 Every case runs in a fresh process (one engine at a time, all memory back between cases) on random-weight Llamas
 built in code: `tiny` (the tiny recipe's shape, 0.1M parameters) and `100m` (hidden 768, 12 layers, 113M).
@@ -121,10 +121,10 @@ def run_case(case: dict) -> dict:
 # --- the table -------------------------------------------------------------------------------------------------
 
 
-def cases(quick: bool) -> list[dict]:
+def cases(quick: bool, only_prefix: bool = False) -> list[dict]:
     out = []
     for shape, prompts, k, tokens in (("tiny", 512, 4, 16), ("100m", 16, 4, 32)):
-        if quick and shape == "100m":
+        if (quick and shape == "100m") or only_prefix:
             continue
         for kind in ("raw-transformers", "stage-transformers", "raw-vllm", "stage-vllm", "stage-openai"):
             out.append({"shape": shape, "kind": kind, "prompts": prompts, "k": k, "tokens": tokens})
@@ -137,6 +137,7 @@ def cases(quick: bool) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model only")
+    ap.add_argument("--prefix-sharing", action="store_true", help="only n=K against K separate requests")
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case, print its JSON
     args = ap.parse_args()
     if args.case:
@@ -144,7 +145,7 @@ def main() -> None:
         return
     results = []
     with tempfile.TemporaryDirectory() as work:
-        for case in cases(args.quick):
+        for case in cases(args.quick, args.prefix_sharing):
             case["work"] = work
             proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(case)], capture_output=True,
                                   text=True, cwd=ROOT)
@@ -153,7 +154,8 @@ def main() -> None:
                 print(f"case {case} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
                 continue
             r = json.loads(line[7:])
-            results.append({**case, **r, "tok_s": r["tokens"] / r["seconds"]})
+            results.append({**case, "out_tokens": r["tokens"], "seconds": r["seconds"],
+                            "tok_s": r["tokens"] / r["seconds"]})
             print(f"  {case['shape']:>5} {case['kind']:<19} {r['tokens']:>6} tokens {r['seconds']:7.2f}s "
                   f"{r['tokens'] / r['seconds']:8.1f} tok/s", file=sys.stderr, flush=True)
     print(table(results))

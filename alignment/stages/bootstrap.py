@@ -21,7 +21,7 @@ from alignment.chat import build_tokenizer, render
 from alignment.config import InputError, Recipe
 from alignment.generation import sample
 from alignment.prompts import read_prompts
-from alignment.rewards import verify_answer
+from alignment.verifiers import final_answer
 from alignment.stages.result import StageResult
 from alignment.tasks import arithmetic
 from alignment.tiny_models import random_llama, save
@@ -50,7 +50,7 @@ def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
                      desc="dev accuracy")
     model.train()
     tokenizer.padding_side = "right"
-    return sum(verify_answer(a[0].text, str(arithmetic.solve(*p)), r"-?\d+") for a, p in zip(answers, dev)) / len(dev)
+    return sum(final_answer(a[0].text, r"-?\d+") == str(arithmetic.solve(*p)) for a, p in zip(answers, dev)) / len(dev)
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:

@@ -12,6 +12,7 @@ drift against the input model; and the share of answers cut at the token limit. 
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -28,16 +29,29 @@ from alignment.stages.result import StageResult
 MODELS = ("input", "sft", "dpo")
 
 
-def answer_and_score(recipe: Recipe, model, tokenizer, prompts: list[dict], n: int, temperature: float, desc: str):
+def answer_and_score(recipe: Recipe, model, tokenizer, prompts: list[dict], n: int, temperature: float, desc: str,
+                     reward_model: str | None):
     """n answers per prompt (greedy when temperature is 0), each scored: a list per prompt of (completion, score)."""
     completions = sample(model, tokenizer, [p["messages"] for p in prompts], num_samples=n, temperature=temperature,
                          top_p=1.0, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
                          seed=recipe.seed, desc=desc)
     flat = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
-    scored = rewards.score(recipe.reward, [p["messages"] + [{"role": "assistant", "content": c.text}] for p, c in flat],
-                           [p.get("answer") for p, _ in flat])
+    scored = rewards.score(recipe.reward, [p for p, _ in flat], [c.text for _, c in flat], reward_model=reward_model)
     it = iter(zip((c for _, c in flat), scored))
     return [[next(it) for _ in range(n)] for _ in prompts]
+
+
+@functools.cache
+def task_manager(include: str | None, tasks: tuple[str, ...]):
+    """One lm-eval task index for the stage's models. Indexing lm-eval's thousands of bundled task files takes
+    about 15 s here, so when the recipe's own folder holds every task asked for, the bundled ones are skipped."""
+    from lm_eval.tasks import TaskManager
+
+    if include:
+        local = TaskManager(include_path=include, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=include)
 
 
 def lm_eval_metrics(recipe: Recipe, model_path: Path) -> dict[str, float]:
@@ -45,25 +59,28 @@ def lm_eval_metrics(recipe: Recipe, model_path: Path) -> dict[str, float]:
     if not recipe.eval.lm_eval_tasks:
         return {}
     import lm_eval  # heavy, and needed only when a recipe asks for it
-    from lm_eval.tasks import TaskManager
 
     include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     results = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model_path},dtype={dtype}", tasks=list(recipe.eval.lm_eval_tasks),
-        task_manager=TaskManager(include_path=include), apply_chat_template=True, batch_size=recipe.eval.batch_size,
+        task_manager=task_manager(include, tuple(recipe.eval.lm_eval_tasks)), apply_chat_template=True,
+        batch_size=recipe.eval.batch_size,
         limit=recipe.eval.lm_eval_limit, device=device(), random_seed=recipe.seed)["results"]
     return {f"lm_eval/{task}/{key}": value for task, res in results.items() for key, value in res.items()
             if isinstance(value, float) and "stderr" not in key}
 
 
-def evaluate(recipe: Recipe, model_path: Path, prompts: list[dict], name: str) -> tuple[dict, list[dict]]:
+def evaluate(recipe: Recipe, model_path: Path, prompts: list[dict], name: str,
+             reward_model: str | None) -> tuple[dict, list[dict]]:
     model, tokenizer = load_policy(str(model_path))
-    greedy = [g[0] for g in answer_and_score(recipe, model, tokenizer, prompts, 1, 0.0, f"eval {name} greedy")]
+    greedy = [g[0] for g in answer_and_score(recipe, model, tokenizer, prompts, 1, 0.0, f"eval {name} greedy",
+                                             reward_model)]
     n = len(prompts)
-    verified = recipe.reward.verifier is not None
+    checked = [s["verified"] for _, s in greedy if s["verified"] is not None]  # prompts some verifier applies to
+    verified = bool(checked)
     metrics = {
-        "accuracy": sum(s["scores"]["verifier"] for _, s in greedy) / n if verified else None,
+        "accuracy": sum(checked) / len(checked) if verified else None,
         "mean_reward": sum(s["reward"] for _, s in greedy) / n,
         "mean_response_tokens": sum(c.num_tokens for c, _ in greedy) / n,
         "hit_token_limit_share": sum(c.finish_reason == "length" for c, _ in greedy) / n,
@@ -71,10 +88,11 @@ def evaluate(recipe: Recipe, model_path: Path, prompts: list[dict], name: str) -
     }
     if verified and recipe.eval.num_samples:
         sampled = answer_and_score(recipe, model, tokenizer, prompts, recipe.eval.num_samples,
-                                   recipe.eval.temperature, f"eval {name} pass@k")
-        correct = [sum(int(s["scores"]["verifier"]) for _, s in group) for group in sampled]
+                                   recipe.eval.temperature, f"eval {name} pass@k", reward_model)
+        correct = [sum(s["verified"] is True for _, s in group) for group in sampled
+                   if group[0][1]["verified"] is not None]
         for k in recipe.eval.pass_k:
-            metrics[f"pass@{k}"] = sum(pass_at_k(recipe.eval.num_samples, c, k) for c in correct) / n
+            metrics[f"pass@{k}"] = sum(pass_at_k(recipe.eval.num_samples, c, k) for c in correct) / len(correct)
     metrics.update(lm_eval_metrics(recipe, model_path))
     rows = [{"model": name, "prompt_id": p["prompt_id"], "response": c.text, "finish_reason": c.finish_reason, **s}
             for p, (c, s) in zip(prompts, greedy)]
@@ -82,11 +100,13 @@ def evaluate(recipe: Recipe, model_path: Path, prompts: list[dict], name: str) -
 
 
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    prompts = read_prompts(inputs["eval_prompts"], need_answer=recipe.reward.verifier is not None)
+    prompts = read_prompts(inputs["eval_prompts"])
     prompts = prompts[:recipe.eval.num_prompts] if recipe.eval.num_prompts else prompts
     metrics, answers = {}, {}
+    # The recipe's reward model, or (`trained`) the one this round trained; the judge is not run here.
+    reward_model = str(inputs["reward_model"]) if "reward_model" in inputs else None
     for name in MODELS:
-        metrics[name], answers[name] = evaluate(recipe, inputs[name], prompts, name)
+        metrics[name], answers[name] = evaluate(recipe, inputs[name], prompts, name, reward_model)
         metrics[name]["model_path"] = str(inputs[name])
     base = metrics["input"]
     reward = {name: {r["prompt_id"]: r["reward"] for r in answers[name]} for name in MODELS}

@@ -22,7 +22,7 @@ from pathlib import Path
 from alignment.backends import GenerationError, Request, open_backend
 from alignment.config import Recipe
 from alignment.manifest import hash_json
-from alignment.prompts import read_prompts, write_jsonl
+from alignment.prompts import read_jsonl, read_prompts, write_jsonl
 from alignment.shards import ShardWriter, load_shards
 from alignment.stages.result import StageResult
 from alignment.stats import describe
@@ -65,6 +65,12 @@ def build_requests(prompts: list[dict], recipe: Recipe, teacher: str, base_seed:
 def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     t, s = recipe.teacher, recipe.sampling
     prompts = draw_round_prompts(read_prompts(inputs["prompts"]), recipe.prompts.num_prompts, recipe.seed, round_n)
+    retried = 0
+    if "failed_prompts" in inputs:  # last round's prompts where every sample failed: another chance
+        drawn = {p["prompt_id"] for p in prompts}
+        again = [{k: v for k, v in p.items() if k != "failed_round"} for p in read_jsonl(inputs["failed_prompts"])
+                 if p["prompt_id"] not in drawn]
+        prompts, retried = prompts + again, len(again)
     teacher = str(inputs["teacher"])
     ids, requests, systems = build_requests(prompts, recipe, teacher, recipe.seed + 1000 * round_n)
 
@@ -115,6 +121,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
         rows={"prompts": len(prompts), "requests": len(requests), "samples": len(rows)},
         stats={
             "duplicate_prompts_not_sent": len(prompts) - len(requests),
+            "failed_prompts_retried": retried,
             "requests_resumed_from_shards": resumed, "requests_sent": len(todo), "retries": retries,
             "backend_start_seconds": round(start_s, 2), "generate_seconds": round(generate_s, 2),
             "output_tokens_per_second": round(new_tokens / generate_s, 1) if generate_s > 0 else None,

@@ -1,0 +1,84 @@
+"""Rule-based verifiers: a final-answer match and Python code run against unit tests.
+
+A verifier applies to a prompt when the prompt has the field it reads (`answer` or `tests`) and, if the verifier
+names a `capability`, the prompt's capability is that one. Where it does not apply its score is absent (not 0), so
+a coding prompt is never failed by the math check.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+
+from alignment import sandbox
+from alignment.config import InputError, VerifierConfig
+
+FIELD = {"answer": "answer", "code": "tests"}  # the prompt field each kind of verifier reads
+
+
+def applies(v: VerifierConfig, prompt: dict) -> bool:
+    if v.capability is not None and prompt.get("capability") != v.capability:
+        return False
+    return isinstance(prompt.get(FIELD[v.kind]), str)
+
+
+def final_answer(response: str, answer_regex: str) -> str | None:
+    """The last match of `answer_regex` (its first group if it has groups): a worked answer restates the
+    operands first ("12 + 7 = 19")."""
+    found = re.findall(answer_regex, response)
+    if not found:
+        return None
+    last = found[-1]
+    return (last[0] if isinstance(last, tuple) else last).strip()
+
+
+def answer_matches(response: str, answer: str, v: VerifierConfig) -> float:
+    got = final_answer(response, v.answer_regex)
+    if got is None:
+        return 0.0
+    if v.match == "exact":
+        return float(got == answer.strip())
+    try:
+        a, b = float(got.replace(",", "")), float(answer.strip().replace(",", ""))
+    except ValueError:
+        return 0.0
+    return float(math.isfinite(a) and abs(a - b) <= v.tolerance)
+
+
+def verify(verifiers: list[VerifierConfig], prompts: list[dict], responses: list[str]) -> dict[str, list]:
+    """{verifier name: [1.0 | 0.0 | None per response]}; None where the verifier does not apply."""
+    out: dict[str, list] = {}
+    for v in verifiers:
+        scores: list = [None] * len(responses)
+        if v.kind == "answer":
+            for i, (p, r) in enumerate(zip(prompts, responses)):
+                if applies(v, p):
+                    scores[i] = answer_matches(r, p["answer"], v)
+        else:
+            todo = [i for i, p in enumerate(prompts) if applies(v, p)]
+            outcomes = sandbox.run_many([(sandbox.extract_code(responses[i]), prompts[i]["tests"]) for i in todo],
+                                        v.timeout_s, v.memory_mb)
+            for i, o in zip(todo, outcomes):
+                scores[i] = float(o.passed)
+        out[v.name] = scores
+    return out
+
+
+def check_prompt_fields(verifiers: list[VerifierConfig], rows: list[dict], path) -> None:
+    """Before any work: every prompt a code verifier will run has tests that parse, and a verifier bound to a
+    capability finds prompts of it with the field it reads."""
+    for v in verifiers:
+        hits = [r for r in rows if applies(v, r)]
+        if not hits:
+            which = f"capability {v.capability!r} and " if v.capability is not None else ""
+            raise InputError(f"reward.verifiers[{v.name}]: no prompt in {path} has {which}a {FIELD[v.kind]!r} "
+                             "field (a string); the check would never run")
+        if v.kind == "code":
+            for r in hits:
+                try:
+                    ast.parse(r["tests"])
+                except SyntaxError as e:
+                    raise InputError(f"{path}: prompt {r['prompt_id']!r}: tests do not parse as Python "
+                                     f"(line {e.lineno}: {e.msg}); verifier {v.name!r} would fail every sample"
+                                     ) from None
