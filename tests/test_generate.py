@@ -119,6 +119,7 @@ class Scripted(BaseHTTPRequestHandler):
     script: list = []
     models = ["teacher"]
     seen: list = []
+    text = staticmethod(lambda body, i: f"s{i}")  # the i-th choice's content for a request body
 
     def log_message(self, *a):
         pass
@@ -141,7 +142,7 @@ class Scripted(BaseHTTPRequestHandler):
         if step == "ok":
             n = body["n"]
             self.reply(200, {"choices": [
-                {"index": i, "message": {"content": f"s{i}"}, "finish_reason": "length" if i == 0 else "stop",
+                {"index": i, "message": {"content": self.text(body, i)}, "finish_reason": "length" if i == 0 else "stop",
                  "stop_reason": None, "token_ids": [1] * (body["max_tokens"] if i == 0 else 3)} for i in range(n)],
                 "prompt_token_ids": [5, 6, 7]})
         elif step == "bad":
@@ -153,6 +154,7 @@ class Scripted(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     Scripted.script, Scripted.models, Scripted.seen = [], ["teacher"], []
+    Scripted.text = staticmethod(lambda body, i: f"s{i}")
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
@@ -228,3 +230,20 @@ def test_a_missing_key_variable_is_named(server, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
     with pytest.raises(GenerationError, match="NO_SUCH_KEY"):
         client([server], api_key_env="NO_SUCH_KEY")
+
+
+def test_the_judge_grades_through_the_teacher_endpoint_and_counts_unreadable_verdicts(server, tmp_path):
+    from alignment.config import JudgeConfig
+    from alignment.judge import judge
+
+    replies = {"4": "Right, and brief. Score: 3", "5": "Wrong sum. Score: 0", "22": "Score: 7", "?": "I cannot say."}
+    Scripted.text = staticmethod(lambda body, i: replies[body["messages"][0]["content"].split("A: ")[1]])
+    cfg = JudgeConfig(template="Q: {prompt}\nA: {response}", max_score=3)
+    teacher = TeacherConfig.model_validate({"source": "path", "model_name_or_path": "teacher", "backend": "openai",
+                                            "endpoints": [server], "retry_backoff_s": 0.01})
+    q = [{"role": "user", "content": "2 + 2?"}]
+    verdicts = judge(cfg, teacher, "teacher", [(q, "4"), (q, "5"), (q, "22"), (q, "?")], tmp_path)
+    assert verdicts == [3, 0, None, None]  # 7 is outside the 0..3 rubric; no verdict at all is None too
+    bodies = [b for _, b in Scripted.seen]
+    assert sorted(b["messages"][0]["content"] for b in bodies) == sorted(f"Q: 2 + 2?\nA: {r}" for r in replies)
+    assert all(b["n"] == 1 and b["temperature"] == 0.0 and b["max_tokens"] == cfg.max_new_tokens for b in bodies)

@@ -161,3 +161,42 @@ def test_join_refuses_missing_or_duplicate_keys():
         join_by_key(samples, [{"prompt_id": "a", "sample_index": 0, "reward": 1.0}])
     with pytest.raises(InputError, match="duplicate"):
         join_by_key(samples, [{"prompt_id": "a", "sample_index": 0, "reward": 1.0}] * 2)
+
+
+def test_the_stage_keeps_failed_prompts_aside_and_draws_its_histograms(tmp_path):
+    import json
+
+    from alignment.config import load_recipe
+    from alignment.stages import select
+
+    def jsonl(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return tmp_path / name
+
+    # "hard": every sample wrong; "mixed": one right of three; "easy": all right, two texts
+    verdicts = {"hard": [0, 0, 0], "mixed": [0, 1, 0], "easy": [1, 1, 1]}
+    prompts = jsonl("prompts.jsonl", [{"prompt_id": p, "messages": [{"role": "user", "content": f"{p}?"}],
+                                       "answer": "1"} for p in verdicts])
+    samples = jsonl("samples.jsonl", [{"prompt_id": p, "sample_index": i, "response": f"{p} {i % 2}",
+                                       "finish_reason": "stop", "num_tokens": 3}
+                                      for p, vs in verdicts.items() for i in range(3)])
+    scores = jsonl("scores.jsonl", [{"prompt_id": p, "sample_index": i, "scores": {"arithmetic": float(v)},
+                                     "verified": bool(v), "passed": True, "reward": float(v)}
+                                    for p, vs in verdicts.items() for i, v in enumerate(vs)])
+    out = tmp_path / "select"
+    out.mkdir()
+    result = select.run(load_recipe("recipes/tiny.yaml"), {"prompts": prompts, "samples": samples,
+                                                          "scores": scores}, out, 2)
+    failed = [json.loads(x) for x in (out / "failed_prompts.jsonl").read_text().splitlines()]
+    assert failed == [{"prompt_id": "hard", "messages": [{"role": "user", "content": "hard?"}], "answer": "1",
+                       "failed_round": 2}]
+    sft = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
+    pairs = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
+    assert [(r["prompt_id"], r["sample_index"]) for r in sft] == [("easy", 0), ("mixed", 1)]
+    (pair,) = pairs  # the right answer against one of the two equally wrong ones
+    assert pair["prompt_id"] == "mixed" and pair["chosen_index"] == 1 and pair["rejected_index"] in (0, 2)
+    # hard and easy: the worst-ranked sample (the last of equals) repeats the best one's text, "x 0"
+    assert result.stats["dropped"] == {"sft_best_below_min_reward": 1, "pair_identical_responses": 2}
+    assert result.stats["acceptance_per_prompt"]["mean"] == pytest.approx((0 + 1 / 3 + 1) / 3)
+    for png in result.stats["plots"]:
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
