@@ -6,7 +6,8 @@ vLLM's K samples per request (n=K) against K separate requests on long prompts.
 Every case runs in a fresh process (one engine at a time, all memory back between cases) on random-weight Llamas
 built in code: `tiny` (the tiny recipe's shape, 0.1M parameters) and `100m` (hidden 768, 12 layers, 113M).
 "Raw" calls the engine directly on the same conversations; "stage" runs `alignment.stages.generate.run`, which
-adds request building, dedup, shard writes and samples.jsonl. Engine start-up is excluded from both. Random
+adds request building, dedup, shard writes and samples.jsonl. Engine start-up and shut-down are excluded from
+both (the stage's manifest reports them; vLLM takes about 5 s here to stop its engine process). Random
 models rarely write <|eot_id|>, so nearly every sample runs to the token limit: the token counts are comparable.
 """
 
@@ -70,11 +71,15 @@ def raw_vllm(model: Path, convs, k: int, tokens: int, separate: bool = False) ->
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=str(model), **ENGINE)
+    tok = llm.get_tokenizer()
+    stop = [tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|eom_id|>")]  # as the stage asks
     if separate:  # K requests of one sample each, as an engine without n would be driven
         convs = [c for c in convs for _ in range(k)]
-        params = [SamplingParams(n=1, temperature=1.0, max_tokens=tokens, seed=i) for i in range(len(convs))]
+        params = [SamplingParams(n=1, temperature=1.0, max_tokens=tokens, seed=i, stop_token_ids=stop)
+                  for i in range(len(convs))]
     else:
-        params = [SamplingParams(n=k, temperature=1.0, max_tokens=tokens, seed=i) for i in range(len(convs))]
+        params = [SamplingParams(n=k, temperature=1.0, max_tokens=tokens, seed=i, stop_token_ids=stop)
+                  for i in range(len(convs))]
     start = time.time()
     outs = llm.chat(convs, params, use_tqdm=False)
     secs = time.time() - start
@@ -99,7 +104,7 @@ def stage(model: Path, convs, k: int, tokens: int, backend: str, work: Path) -> 
     out.mkdir()
     start = time.time()
     result = generate.run(recipe, {"prompts": prompts, "teacher": model}, out, round_n=1)
-    wall = time.time() - start - result.stats["backend_start_seconds"]
+    wall = time.time() - start - result.stats["backend_start_seconds"] - result.stats["backend_stop_seconds"]
     rows = [json.loads(line) for line in open(out / "samples.jsonl")]
     tokens_out = sum(r["num_tokens"] + (r["finish_reason"] == "stop") for r in rows)  # as raw: end token counts
     return {"tokens": tokens_out, "seconds": wall}

@@ -77,7 +77,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     done = load_shards(out_dir / "shards")
     resumed = sum(rid in done for rid in requests)
     todo = [rid for rid in requests if rid not in done]
-    start_s = generate_s = 0.0
+    start_s = generate_s = stop_s = 0.0
     retries = 0
     if todo:
         print(f"generate: {len(todo)} requests to send ({resumed} already saved) with backend "
@@ -94,6 +94,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
                     done[todo[i]] = record
                 retries = getattr(backend, "retries", 0)
                 generate_s = time.time() - t1
+            stop_s = time.time() - t1 - generate_s  # stopping the engine or server frees its memory: not generation
         except GenerationError as e:
             saved = sum(rid in done for rid in requests)
             raise GenerationError(f"{e}\n{saved} of {len(requests)} requests are saved in {out_dir / 'shards'}; "
@@ -124,6 +125,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
             "failed_prompts_retried": retried,
             "requests_resumed_from_shards": resumed, "requests_sent": len(todo), "retries": retries,
             "backend_start_seconds": round(start_s, 2), "generate_seconds": round(generate_s, 2),
+            "backend_stop_seconds": round(stop_s, 2),
             "output_tokens_per_second": round(new_tokens / generate_s, 1) if generate_s > 0 else None,
             "response_tokens": describe([r["num_tokens"] for r in rows if r["num_tokens"] is not None]),
             "prompt_tokens": describe([done[rid]["prompt_tokens"] for rid in requests
