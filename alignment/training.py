@@ -17,7 +17,8 @@ from alignment.stats import describe
 
 
 def load_for_training(path: Path, cfg=None):
-    """The model to train and its tokenizer; with `cfg.lora.quantize_base_4bit`, the base loads in 4-bit NF4."""
+    """The model to train and its tokenizer, with the recipe's attention kernel; with
+    `cfg.lora.quantize_base_4bit`, the base loads in 4-bit NF4."""
     tokenizer = AutoTokenizer.from_pretrained(path)
     kwargs = {"dtype": torch.float32}
     if cfg is not None and cfg.lora and cfg.lora.quantize_base_4bit:
@@ -26,6 +27,8 @@ def load_for_training(path: Path, cfg=None):
         kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)}
+    if cfg is not None:
+        kwargs["attn_implementation"] = cfg.attn_implementation
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     return model, tokenizer
 
@@ -49,7 +52,8 @@ def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
     return dict(
         output_dir=str(out_dir / "trainer"), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, lr_scheduler_type=cfg.lr_scheduler_type,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_checkpointing=cfg.gradient_checkpointing, lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, max_length=cfg.max_length, logging_steps=cfg.logging_steps, seed=seed,
         data_seed=seed, report_to=list(cfg.report_to) or "none", disable_tqdm=False, dataloader_num_workers=0,
         # Checkpoints (the latest only) let a killed stage resume mid-training instead of starting over.

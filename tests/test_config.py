@@ -86,6 +86,7 @@ def test_cli_prints_one_clear_message_without_traceback(tmp_path, capsys):
     ("sft.learning_rate=2.0", "learning_rate"),
     ("dpo.beta=0", "beta"),
     ("sft.average_seeds=[3]", "two or more distinct seeds"),
+    ("dpo.attn_implementation=flash", "attn_implementation"),
 ])
 def test_bad_training_settings_are_named(override, message):
     with pytest.raises(InputError, match=message) as e:
@@ -97,6 +98,7 @@ def test_bad_training_settings_are_named(override, message):
     ("sft.distributed=zero3", "sft.distributed: zero3 shards weights over GPUs and this machine has none"),
     ("dpo.distributed=fsdp", "dpo.distributed: fsdp shards weights over GPUs"),
     ("sft.lora={quantize_base_4bit: true}", r"sft.lora.quantize_base_4bit \(QLoRA\) needs a CUDA GPU"),
+    ("sft.attn_implementation=flex_attention", "sft.attn_implementation: flex_attention trains on CUDA GPUs only"),
 ])
 def test_training_this_machine_cannot_run_fails_before_any_work(override, message, tmp_path, capsys):
     import torch

@@ -15,11 +15,13 @@ ROWS = [{"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
         for a, b in [(12, 7), (40, 3), (99, 99), (5, 60), (31, 2), (8, 8)]]
 
 
-def one_batch_loss(tmp_path, overrides):
+def one_batch_loss(tmp_path, overrides, attn="sdpa"):
     tok = build_tokenizer()
     recipe = load_recipe("recipes/tiny.yaml", ["sft.report_to=[]", "sft.max_length=512",
                                                f"sft.per_device_train_batch_size={len(ROWS)}", *overrides])
-    trainer = build_trainer(recipe, random_llama(tok, seed=0, **SHAPE), tok, ROWS, tmp_path)
+    model = random_llama(tok, seed=0, **SHAPE)
+    model.set_attn_implementation(attn)
+    trainer = build_trainer(recipe, model, tok, ROWS, tmp_path)
     batches = list(trainer.get_train_dataloader())
     assert len(batches) == 1  # every example in one batch, so both losses average over the same tokens
     trainer.model.eval()
@@ -50,3 +52,22 @@ def test_without_example_boundaries_the_loss_differs(tmp_path):
     # a random model predicts nearly uniformly, so leakage moves the loss little, but far beyond packing's error
     assert leaked != pytest.approx(padded, rel=1e-5)
     assert abs(leaked - padded) > 10 * abs(packed - padded)
+
+
+def test_the_recipes_attention_kernel_is_the_one_trained_and_packing_holds_with_it(tmp_path):
+    """`attn_implementation` reaches the model the stage loads; eager attention on packed rows still keeps each
+    example to itself (the same loss as padded sdpa batches), so the kernel choice is about speed alone."""
+    from alignment.tiny_models import save
+    from alignment.training import load_for_training
+
+    tok = build_tokenizer()
+    path = save(random_llama(tok, seed=0, **SHAPE), tok, tmp_path / "base")
+    eager = load_recipe("recipes/tiny.yaml", ["sft.attn_implementation=eager"]).sft
+    assert load_for_training(path, eager)[0].config._attn_implementation == "eager"
+    default = load_recipe("recipes/tiny.yaml", []).sft
+    assert load_for_training(path, default)[0].config._attn_implementation == "sdpa"
+
+    padded, _ = one_batch_loss(tmp_path / "a", [])
+    packed_eager, kb = one_batch_loss(tmp_path / "b", ["sft.packing=true"], attn="eager")
+    assert kb["input_ids"].shape[0] == 1
+    assert packed_eager == pytest.approx(padded, rel=1e-5)

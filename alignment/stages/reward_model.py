@@ -77,7 +77,8 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     check_prompts_fit(tokenizer, train, cfg.max_length, "reward_training.max_length", "the preference pairs")
     init = out_dir / "init"  # the input model with a fresh scalar head: also the "before" of the accuracy
     torch.manual_seed(recipe.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(inputs["model"], num_labels=1, dtype=torch.float32)
+    model = AutoModelForSequenceClassification.from_pretrained(inputs["model"], num_labels=1, dtype=torch.float32,
+                                                               attn_implementation=cfg.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(init)
     tokenizer.save_pretrained(init)
