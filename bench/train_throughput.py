@@ -1,14 +1,19 @@
 """Training throughput: SFT tokens per second with packing against padded batches on a length-skewed set, and DPO
-step time with reference log-probabilities precomputed once against computing them at every step; peak memory
-of each.
+step time with reference log-probabilities precomputed once against computing them at every step (full
+fine-tuning and LoRA); peak memory of each; on a GPU, SFT's model FLOPs utilisation.
 
-    .venv/bin/python bench/train_throughput.py      # prints a Markdown table; see bench/README.md
+    .venv/bin/python bench/train_throughput.py              # CPU, 3.6M-parameter Llama; see bench/README.md
+    python bench/train_throughput.py --model 1b             # GPU, ~1B-parameter Llama, bf16 mixed precision
 
 Each case runs in a fresh process through the stages' own `build_trainer` (TRL underneath) on a random-weight
-Llama (hidden 256, 4 layers, 3.6M parameters). The SFT set is skewed as rejection-sampled data is: 85% short
-answers (10-30 tokens), 15% long ones (200-500). Throughput counts real (non-padding) tokens; time is the
-trainer's own train_runtime, so start-up and the reference pre-pass are not in it (the pre-pass is reported
-apart). Peak memory is the process's maximum resident set size.
+Llama. The SFT set is skewed as rejection-sampled data is: 85% short answers (10-30 tokens), 15% long ones
+(200-500). Throughput counts real (non-padding) tokens; time is the trainer's own train_runtime, so start-up and
+the reference pre-pass are not in it (the pre-pass is reported apart). Peak memory is the process's maximum
+resident set size and, on a GPU, the most GPU memory PyTorch allocated.
+
+Model FLOPs utilisation (GPU only) counts 6 FLOPs per parameter of every matrix multiply (lm_head included) per
+real token, leaves attention's own FLOPs out (short packed examples attend over few tokens), and is measured
+after the first 5 optimizer steps, against the GPU's dense bf16 peak (`--peak-tflops`, 989 for an H100 SXM).
 """
 
 from __future__ import annotations
@@ -24,7 +29,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHAPE = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4)
+# Per model: its shape and the sizes of the cases. `1b` is Llama-3.2-1B-like in depth and width (16 layers,
+# hidden 2048, MLP 8192, head dim 128) with the project's ~110-token vocabulary: 1.07B parameters.
+MODELS = {
+    "small": {"shape": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4),
+              "sft_rows": 512, "max_length": 640, "padded_batch": 16, "packed_batch": 2,
+              "dpo_pairs": 128, "dpo_batch": 8},
+    "1b": {"shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16),
+           "sft_rows": 8192, "max_length": 2048, "padded_batch": 32, "packed_batch": 4,
+           "dpo_pairs": 1024, "dpo_batch": 16},
+}
+WARM_STEPS = 5
+LORA = "{r: 16, lora_alpha: 32, lora_dropout: 0.0}"
 
 
 def skewed_rows(n: int, seed: int = 0) -> list[dict]:
@@ -40,6 +56,14 @@ def skewed_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def matmul_params(model) -> int:
+    """Parameters that take part in a matrix multiply per token: every Linear weight, lm_head included (tied to
+    the embedding here, so the embedding lookup is not counted twice)."""
+    import torch
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
 def run_case(case: dict) -> dict:
     import torch
 
@@ -47,27 +71,44 @@ def run_case(case: dict) -> dict:
     from alignment.config import load_recipe
     from alignment.tiny_models import random_llama
 
-    torch.set_num_threads(2)
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(2)
+    spec, stage = MODELS[case["model"]], case["stage"]
+    batch = spec["dpo_batch"] if stage == "dpo" else spec["packed_batch" if case["packing"] else "padded_batch"]
+    # eval.lm_eval_tasks=[]: the recipe only carries training settings here; no lm-eval needed.
+    overrides = ["eval.lm_eval_tasks=[]"] + [f"{stage}.{c}" for c in (
+        "report_to=[]", "num_train_epochs=1", "logging_steps=1000", "save_steps=100000",
+        f"max_length={spec['max_length']}", f"per_device_train_batch_size={batch}")]
+    if stage == "sft":
+        overrides.append(f"sft.packing={str(case['packing']).lower()}")
+    if case.get("lora"):
+        overrides.append(f"{stage}.lora={LORA}")
+    for key in ("gradient_checkpointing", "attn_implementation"):
+        if case.get(key) is not None:
+            overrides.append(f"{stage}.{key}={str(case[key]).lower()}")
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", overrides)
+    cfg = getattr(recipe, stage)
+
+    def model():  # what load_for_training gives the stage, from random weights instead of a checkpoint
+        m = random_llama(tok, seed=0, **spec["shape"])
+        m.set_attn_implementation(cfg.attn_implementation)
+        return m
+
     tok = build_tokenizer()
-    model = random_llama(tok, seed=0, **SHAPE)
+    policy = model()
     work = Path(case["work"])
-    rows = skewed_rows(case["rows"])
-    common = ["report_to=[]", "num_train_epochs=1", "logging_steps=1000", "save_steps=100000", "max_length=640"]
-    if case["stage"] == "sft":
+    rows = skewed_rows(spec["sft_rows"] if stage == "sft" else spec["dpo_pairs"])
+    start = time.time()
+    if stage == "sft":
         from alignment.stages.sft import build_trainer
 
-        recipe = load_recipe(ROOT / "recipes/tiny.yaml", [f"sft.{c}" for c in common] + [
-            f"sft.packing={str(case['packing']).lower()}", f"sft.per_device_train_batch_size={case['batch']}"])
-        trainer = build_trainer(recipe, model, tok, rows, work)
+        trainer = build_trainer(recipe, policy, tok, rows, work)
     else:
         from alignment.stages import dpo
 
-        recipe = load_recipe(ROOT / "recipes/tiny.yaml", [f"dpo.{c}" for c in common] + [
-            f"dpo.per_device_train_batch_size={case['batch']}"])
-        start = time.time()
-        if case["precompute"]:
-            trainer = dpo.build_trainer(recipe, model, tok, rows, work)
-        else:  # the same trainer, with the reference run at every step
+        ref_model = None
+        if not case["precompute"]:  # the same trainer, with the reference run at every step
             from trl import DPOConfig
 
             original = DPOConfig.__init__
@@ -77,61 +118,155 @@ def run_case(case: dict) -> dict:
                 original(self, *a, **kw)
 
             DPOConfig.__init__ = no_precompute
-            trainer = dpo.build_trainer(recipe, model, tok, rows, work,
-                                        ref_model=random_llama(tok, seed=0, **SHAPE))
-        setup = time.time() - start
+            # Full fine-tuning needs the SFT model as a second model; with LoRA the reference is the policy with
+            # its adapters switched off, as in the stage.
+            if not case.get("lora"):
+                ref_model = model()
+        trainer = dpo.build_trainer(recipe, policy, tok, rows, work, ref_model=ref_model)
+    setup = time.time() - start  # for DPO with a precomputed reference: the pre-pass (TRL runs it here)
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):  # wall time at the end of every optimizer step, for a steady-state rate
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    clock = StepClock()
+    trainer.add_callback(clock)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
     out = trainer.train()
     steps = trainer.state.global_step
-    tokens = sum(len(token_ids(tok, r["prompt"] + r["completion"])) for r in rows)
-    result = {"seconds": out.metrics["train_runtime"], "steps": steps, "tokens": tokens,
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if case["stage"] == "dpo":
-        result["setup_seconds"] = setup
+    key = "completion" if stage == "sft" else "chosen"
+    tokens = sum(len(token_ids(tok, r["prompt"] + r[key])) for r in rows)
+    if stage == "dpo":
+        tokens += sum(len(token_ids(tok, r["prompt"] + r["rejected"])) for r in rows)
+    result = {"seconds": out.metrics["train_runtime"], "steps": steps, "tokens": tokens, "setup_seconds": setup,
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "matmul_params": matmul_params(policy)}
+    if len(clock.times) > WARM_STEPS + 1:  # steady state: after the first optimizer steps (kernels warmed up)
+        result["steady_seconds"] = clock.times[-1] - clock.times[WARM_STEPS - 1]
+    result["loop_seconds"] = clock.times[-1] - t0 if clock.times else None
+    if cuda:
+        result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        result["gpu"] = torch.cuda.get_device_name()
     return result
 
 
 CASES = [
-    {"name": "sft padded", "stage": "sft", "packing": False, "batch": 16, "rows": 512},
-    {"name": "sft packed", "stage": "sft", "packing": True, "batch": 2, "rows": 512},
-    {"name": "dpo precomputed reference", "stage": "dpo", "precompute": True, "batch": 8, "rows": 128},
-    {"name": "dpo reference every step", "stage": "dpo", "precompute": False, "batch": 8, "rows": 128},
+    {"name": "sft padded", "stage": "sft", "packing": False},
+    {"name": "sft packed", "stage": "sft", "packing": True},
+    {"name": "dpo precomputed", "stage": "dpo", "precompute": True},
+    {"name": "dpo every step", "stage": "dpo", "precompute": False},
+    {"name": "dpo lora precomputed", "stage": "dpo", "precompute": True, "lora": True},
+    {"name": "dpo lora every step", "stage": "dpo", "precompute": False, "lora": True},
 ]
+
+
+def steady(r: dict) -> tuple[float, float]:
+    """(real tokens per second, seconds per optimizer step) after the first WARM_STEPS steps: kernel warm-up and
+    compilation (minutes for flex_attention) are paid once per run and left out; they are reported apart."""
+    steps = r["steps"] - WARM_STEPS
+    return r["tokens"] * steps / r["steps"] / r["steady_seconds"], r["steady_seconds"] / steps
+
+
+def table(results: dict, settings: dict) -> str:
+    """Markdown tables of whatever cases `results` holds."""
+    spec = MODELS[settings["model"]]
+    gpu = any("peak_gpu_gib" in r for r in results.values())
+    note = (f"gradient checkpointing {settings.get('gradient_checkpointing') or 'as in the recipe (on)'}, "
+            f"attention {settings.get('attn_implementation') or 'sdpa'}")
+
+    def row(*cells) -> str:
+        return "| " + " | ".join(str(c) for c in cells) + " |"
+
+    def mem(r) -> list:
+        return [f"{r['peak_rss_mib']:.0f}"] + ([f"{r['peak_gpu_gib']:.1f}"] if gpu else [])
+
+    mem_head = ["peak RSS MiB"] + (["peak GPU GiB"] if gpu else [])
+    lines = []
+    sft = {k: results[k] for k in ("sft padded", "sft packed") if k in results}
+    if sft:
+        params = next(iter(sft.values()))["matmul_params"] / 1e6
+        head = [f"SFT, {spec['sft_rows']} length-skewed examples, {params:.0f}M parameters, {note}", "tokens/s",
+                "steps", "warm-up s", *mem_head, *(["MFU"] if gpu else [])]
+        lines += [row(*head), row("---", *["---:"] * (len(head) - 1))]
+        labels = {"sft padded": f"padded batches of {spec['padded_batch']}",
+                  "sft packed": f"packed rows of {spec['max_length']} tokens, {spec['packed_batch']} per batch"}
+        for name, r in sft.items():
+            rate = steady(r)[0]
+            mfu = [f"{100 * 6 * r['matmul_params'] * rate / (settings['peak_tflops'] * 1e12):.1f}%"] if gpu else []
+            lines.append(row(labels[name], f"{rate:.0f}", r["steps"], f"{r['loop_seconds'] - r['steady_seconds']:.1f}",
+                             *mem(r), *mfu))
+        if len(sft) == 2:
+            speedup = steady(sft["sft packed"])[0] / steady(sft["sft padded"])[0]
+            lines.append(row("**packed / padded**", f"**{speedup:.2f}x**", *[""] * (len(head) - 2)))
+        lines.append("")
+    for kind, label in (("dpo", "full fine-tuning"), ("dpo lora", "LoRA r=16")):
+        pre, every = results.get(f"{kind} precomputed"), results.get(f"{kind} every step")
+        if not (pre or every):
+            continue
+        head = [f"DPO {label}, {spec['dpo_pairs']} pairs, batches of {spec['dpo_batch']}, {note}", "s per step",
+                "reference pre-pass s", *mem_head]
+        lines += [row(*head), row("---", *["---:"] * (len(head) - 1))]
+        if pre:
+            lines.append(row("reference log-probs precomputed once", f"{steady(pre)[1]:.3f}",
+                             f"{pre['setup_seconds']:.1f}", *mem(pre)))
+        if every:
+            lines.append(row("reference model run at every step", f"{steady(every)[1]:.3f}", "-", *mem(every)))
+        if pre and every:
+            lines.append(row("**precomputed / every step**", f"**{steady(pre)[1] / steady(every)[1]:.2f}x**",
+                             *[""] * (len(head) - 2)))
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--case":
         print("RESULT " + json.dumps(run_case(json.loads(sys.argv[2]))))
         return
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="small")
+    ap.add_argument("--only", nargs="*", choices=[c["name"] for c in CASES], help="run just these cases")
+    ap.add_argument("--gradient-checkpointing", choices=["on", "off"],
+                    help="override the recipe's sft/dpo gradient_checkpointing (default: the recipe's, on)")
+    ap.add_argument("--attn", dest="attn_implementation", choices=["sdpa", "eager", "flex_attention",
+                    "flash_attention_2"], help="override the recipe's attn_implementation (default: sdpa)")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
+    ap.add_argument("--json", type=Path, help="write the settings and every case's raw measurements here")
+    ap.add_argument("--from-json", type=Path, help="print the tables of a saved --json file; run nothing")
+    args = ap.parse_args()
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        print(table(saved["results"], {**saved["settings"], "peak_tflops": args.peak_tflops}))
+        return
+    settings = {"model": args.model, "attn_implementation": args.attn_implementation,
+                "gradient_checkpointing": args.gradient_checkpointing, "peak_tflops": args.peak_tflops}
     results = {}
     for case in CASES:
+        if args.only and case["name"] not in args.only:
+            continue
+        overrides = {"attn_implementation": args.attn_implementation, "gradient_checkpointing":
+                     None if args.gradient_checkpointing is None else args.gradient_checkpointing == "on"}
         with tempfile.TemporaryDirectory() as work:
-            proc = subprocess.run([sys.executable, __file__, "--case", json.dumps({**case, "work": work})],
+            spec = {**case, **overrides, "model": args.model, "work": work}
+            proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(spec)],
                                   capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"case {case['name']} failed:\n{proc.stderr[-3000:]}")
         results[case["name"]] = r = json.loads(line[7:])
-        print(f"  {case['name']:<28} {r}", file=sys.stderr, flush=True)
-    padded, packed = results["sft padded"], results["sft packed"]
-    pre, every = results["dpo precomputed reference"], results["dpo reference every step"]
-    lines = [
-        "| SFT, 512 length-skewed examples (85% 10-30 tokens, 15% 200-500) | tokens/s | optimizer steps | peak RSS MiB |",
-        "|---|---:|---:|---:|",
-        f"| padded batches of 16 | {padded['tokens'] / padded['seconds']:.0f} | {padded['steps']} | "
-        f"{padded['peak_rss_mib']:.0f} |",
-        f"| packed rows of 640 tokens, 2 per batch (padding-free) | {packed['tokens'] / packed['seconds']:.0f} | "
-        f"{packed['steps']} | {packed['peak_rss_mib']:.0f} |",
-        f"| **packed / padded** | **{padded['seconds'] / packed['seconds']:.2f}x** | | |",
-        "",
-        "| DPO, 128 pairs, batches of 8 | s per step | reference pre-pass s | peak RSS MiB |",
-        "|---|---:|---:|---:|",
-        f"| reference log-probs precomputed once | {pre['seconds'] / pre['steps']:.3f} | "
-        f"{pre['setup_seconds']:.1f} | {pre['peak_rss_mib']:.0f} |",
-        f"| reference model run at every step | {every['seconds'] / every['steps']:.3f} | - | "
-        f"{every['peak_rss_mib']:.0f} |",
-        f"| **precomputed / every step** | **{(pre['seconds'] / pre['steps']) / (every['seconds'] / every['steps']):.2f}x** | | |",
-    ]
-    print("\n".join(lines))
+        print(f"  {case['name']:<22} {r}", file=sys.stderr, flush=True)
+        if args.json:  # after every case, so a run stopped part-way keeps what it measured
+            args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=1))
+    print(table(results, settings))
 
 
 if __name__ == "__main__":
