@@ -89,6 +89,8 @@ def run_case(case: dict) -> dict:
             overrides.append(f"{stage}.{key}={str(case[key]).lower()}")
     recipe = load_recipe(ROOT / "recipes/tiny.yaml", overrides)
     cfg = getattr(recipe, stage)
+    if problems := cfg.machine_problems(stage):  # e.g. --attn flex_attention on a CPU: say so, not a traceback
+        sys.exit("\n".join(problems))
 
     def model():  # what load_for_training gives the stage, from random weights instead of a checkpoint
         m = random_llama(tok, seed=0, **spec["shape"])
