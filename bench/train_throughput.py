@@ -7,9 +7,11 @@ fine-tuning and LoRA); peak memory of each; on a GPU, SFT's model FLOPs utilisat
 
 Each case runs in a fresh process through the stages' own `build_trainer` (TRL underneath) on a random-weight
 Llama. The SFT set is skewed as rejection-sampled data is: 85% short answers (10-30 tokens), 15% long ones
-(200-500). Throughput counts real (non-padding) tokens; time is the trainer's own train_runtime, so start-up and
-the reference pre-pass are not in it (the pre-pass is reported apart). Peak memory is the process's maximum
-resident set size and, on a GPU, the most GPU memory PyTorch allocated.
+(200-500). Throughput counts real (non-padding) tokens at the steady rate, after the first 5 optimizer steps
+(their warm-up, with flex_attention its compilation, is reported apart); DPO step time likewise, and the
+reference pre-pass apart. Gradient checkpointing is on and attention is sdpa unless the flags say otherwise
+(the tiny recipe only carries the other settings). Peak memory is the process's maximum resident set size and,
+on a GPU, the most GPU memory PyTorch allocated.
 
 Model FLOPs utilisation (GPU only) counts 6 FLOPs per parameter of every matrix multiply (lm_head included) per
 real token, leaves attention's own FLOPs out (short packed examples attend over few tokens), and is measured
@@ -84,9 +86,8 @@ def run_case(case: dict) -> dict:
         overrides.append(f"sft.packing={str(case['packing']).lower()}")
     if case.get("lora"):
         overrides.append(f"{stage}.lora={LORA}")
-    for key in ("gradient_checkpointing", "attn_implementation"):
-        if case.get(key) is not None:
-            overrides.append(f"{stage}.{key}={str(case[key]).lower()}")
+    overrides += [f"{stage}.gradient_checkpointing={str(case['gradient_checkpointing'] == 'on').lower()}",
+                  f"{stage}.attn_implementation={case['attn_implementation']}"]
     recipe = load_recipe(ROOT / "recipes/tiny.yaml", overrides)
     cfg = getattr(recipe, stage)
     if problems := cfg.machine_problems(stage):  # e.g. --attn flex_attention on a CPU: say so, not a traceback
@@ -181,8 +182,7 @@ def table(results: dict, settings: dict) -> str:
     """Markdown tables of whatever cases `results` holds."""
     spec = MODELS[settings["model"]]
     gpu = any("peak_gpu_gib" in r for r in results.values())
-    note = (f"gradient checkpointing {settings.get('gradient_checkpointing') or 'as in the recipe (on)'}, "
-            f"attention {settings.get('attn_implementation') or 'sdpa'}")
+    note = f"gradient checkpointing {settings['gradient_checkpointing']}, attention {settings['attn_implementation']}"
 
     def row(*cells) -> str:
         return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -237,10 +237,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="small")
     ap.add_argument("--only", nargs="*", choices=[c["name"] for c in CASES], help="run just these cases")
-    ap.add_argument("--gradient-checkpointing", choices=["on", "off"],
-                    help="override the recipe's sft/dpo gradient_checkpointing (default: the recipe's, on)")
-    ap.add_argument("--attn", dest="attn_implementation", choices=["sdpa", "eager", "flex_attention",
-                    "flash_attention_2"], help="override the recipe's attn_implementation (default: sdpa)")
+    ap.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                    help="the stages' gradient_checkpointing (default on, as TRL and the production recipes)")
+    ap.add_argument("--attn", dest="attn_implementation", default="sdpa", choices=["sdpa", "eager",
+                    "flex_attention", "flash_attention_2"], help="the stages' attn_implementation")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for MFU")
     ap.add_argument("--json", type=Path, help="write the settings and every case's raw measurements here")
     ap.add_argument("--from-json", type=Path, help="print the tables of a saved --json file; run nothing")
@@ -255,10 +255,8 @@ def main() -> None:
     for case in CASES:
         if args.only and case["name"] not in args.only:
             continue
-        overrides = {"attn_implementation": args.attn_implementation, "gradient_checkpointing":
-                     None if args.gradient_checkpointing is None else args.gradient_checkpointing == "on"}
         with tempfile.TemporaryDirectory() as work:
-            spec = {**case, **overrides, "model": args.model, "work": work}
+            spec = {**case, **settings, "work": work}
             proc = subprocess.run([sys.executable, __file__, "--case", json.dumps(spec)],
                                   capture_output=True, text=True, cwd=ROOT)
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
