@@ -17,7 +17,8 @@ import sys
 from alignment.config import InputError, load_recipe
 from alignment.prompts import read_prompts
 from alignment.verifiers import check_prompt_fields
-from alignment.round import EVAL_STAGES, ROUND_STAGES, StageFailed, run_round, run_stage, status_table
+from alignment.round import StageFailed, run_round, run_stage, status_table
+from alignment.stage_table import STAGES
 
 
 def validate(recipe_file: str, overrides: list[str]):
@@ -27,7 +28,7 @@ def validate(recipe_file: str, overrides: list[str]):
     held_out = read_prompts(recipe.prompts.eval_path)
     for path, rows in ((recipe.prompts.train_path, train), (recipe.prompts.eval_path, held_out)):
         check_prompt_fields(recipe.reward.verifiers, rows, path)
-    if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path != "trained":
+    if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path:
         check_reward_model(recipe.reward.reward_model.model_name_or_path)
     shared = {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}
     if shared:
@@ -60,10 +61,9 @@ def check_reward_model(path: str) -> None:
 
 
 def machine_problems(recipe) -> list[str]:
-    out = recipe.sft.machine_problems("sft") + recipe.dpo.machine_problems("dpo")
-    if recipe.reward_training is not None:
-        out += recipe.reward_training.machine_problems("reward_training")
-    return out
+    """What this machine lacks for the recipe's training stages, from the stage table."""
+    sections = [s.trains for s in STAGES.values() if s.trains and getattr(recipe, s.trains) is not None]
+    return [p for key in sections for p in getattr(recipe, key).machine_problems(key)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     sts = sub.add_parser("stats", help="round N's scoring and selection: scorers, filters, pairs, reward model")
     sts.add_argument("n", type=int)
     s = sub.add_parser("stage", help="re-run one stage of a round, even if it is up to date")
-    s.add_argument("stage", choices=("bootstrap",) + ROUND_STAGES)
+    s.add_argument("stage", choices=list(STAGES))
     s.add_argument("--round", type=int, default=1)
     for p in (r, e, st, rep, sts, s):
         p.add_argument("--recipe", default="recipes/tiny.yaml")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 raise InputError("this machine cannot train as the recipe asks:\n  " + "\n  ".join(problems))
             if args.cmd in ("round", "eval"):
                 run_round(recipe, args.n, recipe_file=args.recipe, overrides=args.overrides,
-                          stages=ROUND_STAGES if args.cmd == "round" else EVAL_STAGES)
+                          eval_only=args.cmd == "eval")
             elif args.cmd == "status":
                 print(status_table(recipe))
             elif args.cmd == "stats":

@@ -163,14 +163,27 @@ class VerifierConfig(Strict):
         return v
 
 
+class RewardModelSource(str, Enum):
+    path = "path"  # `model_name_or_path`: a fixed checkpoint
+    trained = "trained"  # the reward model the previous round's reward_model stage trained (none in round 1)
+
+
 class RewardModelConfig(Strict):
-    model_name_or_path: str = Field(description="a sequence-classification reward model (one label) with a chat "
-                                    "template, or `trained`: the reward model the previous round's reward_model "
-                                    "stage trained (the verifier-only reward is used in round 1)")
+    source: RewardModelSource = Field(RewardModelSource.path, description="path: the checkpoint in "
+                                      "model_name_or_path; trained: the reward model the previous round's "
+                                      "reward_model stage trained (the verifier-only reward is used in round 1)")
+    model_name_or_path: str | None = Field(None, description="a sequence-classification reward model (one label) "
+                                           "with a chat template, when source is path")
     batch_size: int = Field(32, gt=0, description="conversations per forward pass")
     sort_by_length: bool = Field(True, description="batch conversations of similar length together, so batches "
                                  "pad little (bench/README.md); scores return in input order either way")
     weight: float = Field(1.0, description="weight of the reward-model score in the reward")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.source == RewardModelSource.path) != bool(self.model_name_or_path):
+            raise ValueError("model_name_or_path is required when source is 'path', and only then")
+        return self
 
 
 class JudgeConfig(Strict):
@@ -205,7 +218,9 @@ class JudgeConfig(Strict):
         return v
 
 
-class RewardConfig(Strict):
+class ScoringConfig(Strict):
+    """The `reward:` section: the scorers every sample goes through and how their scores combine."""
+
     verifiers: list[VerifierConfig] = Field([], description="rule-based checks (answer match, code tests)")
     reward_model: RewardModelConfig | None = Field(None, description="learned scalar reward")
     judge: JudgeConfig | None = Field(None, description="LLM-as-judge through the teacher's endpoint")
@@ -348,7 +363,7 @@ class TrainerConfig(Strict):
         return out
 
 
-class SFTConfig(TrainerConfig):
+class SFTTrainingConfig(TrainerConfig):
     """Supervised fine-tuning on the best sample of each prompt, loss on response tokens only."""
 
     packing: bool = Field(False, description="pack examples into rows of max_length tokens (best-fit decreasing, "
@@ -374,7 +389,9 @@ class RewardTrainingConfig(TrainerConfig):
         return self
 
 
-class DPOConfig(TrainerConfig):
+class DPOTrainingConfig(TrainerConfig):
+    """Direct preference optimization from the round's SFT model on its best-versus-worst pairs."""
+
     beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO temperature (Llama 3: 0.1)")
     loss_type: list[str] = Field(["sigmoid", "sft"], description="TRL loss terms; 'sft' is the NLL on chosen")
     loss_weights: list[float] = Field([1.0, 0.2], description="weight of each loss term (Llama 3: NLL 0.2)")
@@ -481,13 +498,13 @@ class Recipe(Strict):
     student: StudentConfig
     teacher: TeacherConfig
     sampling: SamplingConfig
-    reward: RewardConfig
+    reward: ScoringConfig
     select: SelectConfig
-    sft: SFTConfig
-    dpo: DPOConfig
+    sft: SFTTrainingConfig
+    dpo: DPOTrainingConfig
     reward_training: RewardTrainingConfig | None = Field(
         None, description="train a reward model each round (the reward_model stage); `reward.reward_model: "
-        "{model_name_or_path: trained}` scores the next round with it. null: no such stage")
+        "{source: trained}` scores the next round with it. null: no such stage")
     eval: EvalConfig
     gate: GateConfig = Field(GateConfig(), description="promotion of the round's best checkpoint")
     bootstrap: BootstrapConfig | None = Field(None, description="build tiny models in code (no download)")
@@ -498,8 +515,8 @@ class Recipe(Strict):
         if uses and self.bootstrap is None:
             raise ValueError("student or teacher source is 'bootstrap' but the recipe has no bootstrap section")
         rm = self.reward.reward_model
-        if rm is not None and rm.model_name_or_path == "trained" and self.reward_training is None:
-            raise ValueError("reward.reward_model.model_name_or_path is 'trained' but the recipe has no "
+        if rm is not None and rm.source == RewardModelSource.trained and self.reward_training is None:
+            raise ValueError("reward.reward_model.source is 'trained' but the recipe has no "
                              "reward_training section to train it")
         if self.select.filters.quality and not (rm or self.reward.judge):
             raise ValueError("select.filters.quality keeps the reward model's top quartile or the judge's top "
@@ -592,29 +609,3 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     except ValidationError as e:
         overridden = {tuple(parse_override(o)[0]) for o in overrides}
         raise InputError(format_errors(e, str(path), _key_lines(node) if node else {}, overridden)) from None
-
-
-def stage_config(recipe: Recipe, stage: str) -> dict:
-    """The recipe sections a stage depends on: its hash decides whether the stage must run again."""
-    r = recipe.model_dump(mode="json")
-    sections = {
-        "bootstrap": ["bootstrap", "seed"],
-        "generate": ["teacher", "sampling", "prompts", "seed"],  # less TEACHER_TRANSPORT
-        "score": ["reward"] + (["teacher"] if recipe.reward.judge else []),  # the judge is the teacher
-        "select": ["select", "sampling", "seed"],
-        "sft": ["sft", "seed"],
-        "dpo": ["dpo", "seed"],
-        "reward_model": ["reward_training", "seed"],
-        "eval": ["eval", "reward", "prompts"],
-        "promote": ["gate"],
-    }[stage]
-    config = {k: r[k] for k in sections}
-    if "teacher" in config:  # where and how requests travel does not change what the teacher writes
-        config["teacher"] = {k: v for k, v in config["teacher"].items() if k not in TEACHER_TRANSPORT}
-    return config
-
-
-# Teacher fields that change how requests reach the model but not the samples: editing them (a new port after a
-# server died, more concurrency) resumes a stage instead of starting it again.
-TEACHER_TRANSPORT = {"serve", "server_port", "server_startup_timeout_s", "endpoints",
-                     "api_key_env", "max_concurrency", "request_timeout_s", "max_retries", "retry_backoff_s"}

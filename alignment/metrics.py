@@ -20,3 +20,11 @@ def win_rate(candidate: list[float], baseline: list[float]) -> float:
         raise ValueError("win rate needs two equally long, non-empty lists of per-prompt rewards")
     wins = sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline))
     return wins / len(candidate)
+
+
+def metric_columns(metrics: list[dict]) -> list[str]:
+    """The columns of an evaluation table, in reading order, for the `metrics.json` of one or more rounds."""
+    keys = {k for m in metrics for k in m["input"]}
+    return (["accuracy", "mean_reward"] + sorted(k for k in keys if k.startswith("pass@"))
+            + ["win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"]
+            + sorted(k for k in keys if k.startswith("lm_eval/")))

@@ -15,7 +15,7 @@ from alignment.chat import ROLES
 from alignment.config import InputError
 
 
-def read_prompts(path: Path, need_answer: bool = False) -> list[dict]:
+def read_prompts(path: Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: prompt file does not exist")
@@ -50,9 +50,6 @@ def read_prompts(path: Path, need_answer: bool = False) -> list[dict]:
             if "capability" in row and not (isinstance(row["capability"], str) and row["capability"].strip()):
                 raise InputError(f"{where}: prompt {pid!r}: capability must be a non-empty string (it picks the "
                                  "teacher's system prompt)")
-            if need_answer and not isinstance(row.get("answer"), str):
-                raise InputError(f"{where}: prompt {pid!r}: a verifier scores this file, so 'answer' (a string) "
-                                  "is required")
             rows.append(row)
     if not rows:
         raise InputError(f"{path}: prompt file has no rows")

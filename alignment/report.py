@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from alignment.config import InputError, Recipe  # noqa: E402
 from alignment.manifest import read_manifest  # noqa: E402
+from alignment.metrics import metric_columns  # noqa: E402
 
 MODELS = ("input", "sft", "dpo")
 PLOTS = {  # file -> (metric in metrics.json, axis label)
@@ -105,10 +106,7 @@ def write_report(recipe: Recipe) -> Path:
         plot_series(margins, "DPO step", "reward margin (chosen - rejected)", out / "dpo_margins.png")
         plots.append("dpo_margins.png")
 
-    metric_cols = ["accuracy", "mean_reward"] + sorted({k for r in rounds for k in r["metrics"]["input"]
-                                                        if k.startswith("pass@")}) + [
-        "win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"] + sorted(
-        {k for r in rounds for k in r["metrics"]["input"] if k.startswith("lm_eval/")})
+    metric_cols = metric_columns([r["metrics"] for r in rounds])
     lines = [f"# Report: {recipe.name}", "", f"Rounds with a completed evaluation: {len(rounds)}.", "",
              "| round | model | " + " | ".join(metric_cols) + " |", "|---|---|" + "---|" * len(metric_cols)]
     for r in rounds:

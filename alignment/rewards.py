@@ -12,7 +12,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from alignment import verifiers
-from alignment.config import InputError, RewardConfig
+from alignment.config import InputError, ScoringConfig
 from alignment.generation import device
 
 
@@ -44,7 +44,7 @@ def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: 
     return scores
 
 
-def combine(cfg: RewardConfig, per_scorer: dict[str, list], weights: dict[str, float]) -> list[dict]:
+def combine(cfg: ScoringConfig, per_scorer: dict[str, list], weights: dict[str, float]) -> list[dict]:
     """Per sample: {"scores": {name: value}, "verified": bool | None, "passed": bool, "reward": float}.
 
     `verified` is whether every verifier that applies passed (None: none applies). weighted_sum adds weight x score
@@ -65,7 +65,7 @@ def combine(cfg: RewardConfig, per_scorer: dict[str, list], weights: dict[str, f
     return out
 
 
-def score(cfg: RewardConfig, prompts: list[dict], responses: list[str], *, reward_model: str | None = None,
+def score(cfg: ScoringConfig, prompts: list[dict], responses: list[str], *, reward_model: str | None = None,
           judge_verdicts: list[int | None] | None = None) -> list[dict]:
     """Score each (prompt row, response); `reward_model` is the resolved model path (None: not used) and
     `judge_verdicts` the judge's replies, already collected (None: no judge)."""

@@ -16,30 +16,34 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alignment.backends import GenerationError
-from alignment.config import InputError, Recipe
+from alignment.config import InputError
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
-
-STAGES = ("bootstrap", "generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote")
+from alignment.stage_table import STAGES, StageConfig
 
 
 def run_job(job_path: Path) -> dict:
     job = json.loads(job_path.read_text())
     if job["stage"] not in STAGES:
-        raise InputError(f"{job_path}: unknown stage {job['stage']!r}; expected one of {STAGES}")
-    stage = importlib.import_module(f"alignment.stages.{job['stage']}")  # a fixed name from STAGES, never YAML
-    recipe = Recipe.model_validate(job["recipe"])
+        raise InputError(f"{job_path}: unknown stage {job['stage']!r}; expected one of {list(STAGES)}")
+    stage = importlib.import_module(f"alignment.stages.{job['stage']}")  # a fixed name from the table, never YAML
+    cfg = StageConfig(job["stage"], job["config"])  # the declared sections only
     out_dir = job_path.parent
-    inputs = {name: Path(v["path"]) for name, v in job["inputs"].items()}
+    inputs = {name: [Path(x["path"]) for x in v] if isinstance(v, list) else Path(v["path"])
+              for name, v in job["inputs"].items()}
     start = time.time()
-    result = stage.run(recipe, inputs, out_dir, job["round"])
+    result = stage.run(cfg, inputs, out_dir, job["round"])
     wall = time.time() - start
     if int(os.environ.get("RANK", "0")) != 0:
         return {}  # under `accelerate launch`, the main process alone writes the manifest
+    declared = STAGES[job["stage"]].outputs
+    if set(result.outputs) != set(declared):
+        raise RuntimeError(f"stage {job['stage']} returned outputs {sorted(result.outputs)}; the stage table "
+                           f"declares {sorted(declared)}")
     missing = [p for p in result.outputs.values() if not (out_dir / p).exists()]
     if missing:
         raise RuntimeError(f"stage {job['stage']} did not write its outputs {missing}")
     manifest = {
-        "stage": job["stage"], "round": job["round"], "recipe": recipe.name, "recipe_file": job["recipe_file"],
+        "stage": job["stage"], "round": job["round"], "recipe": job["recipe_name"], "recipe_file": job["recipe_file"],
         "overrides": job["overrides"], "config": job["config"], "config_hash": hash_json(job["config"]),
         "inputs": job["inputs"], "fingerprint": job["fingerprint"], "outputs": result.outputs, "rows": result.rows,
         "stats": result.stats, "wall_time_s": round(wall, 2), "versions": library_versions(),

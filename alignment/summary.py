@@ -5,6 +5,7 @@ from __future__ import annotations
 from alignment.config import InputError, Recipe
 from alignment.manifest import read_manifest
 from alignment.round import round_dir, stage_dir
+from alignment.stage_table import round_stages
 
 
 def fmt(d: dict | None) -> str:
@@ -13,41 +14,51 @@ def fmt(d: dict | None) -> str:
     return f"n={d['count']} mean={d['mean']:.3f} p25={d['p25']:.3f} median={d['median']:.3f} p75={d['p75']:.3f}"
 
 
+def generate_lines(m: dict) -> list[str]:
+    return [f"  {m['stats']['hit_token_limit']} samples hit the token limit"]
+
+
+def score_lines(m: dict) -> list[str]:
+    st = m["stats"]
+    lines = [f"  combine {st['combine']}; verified {st['verified']}"]
+    lines += [f"  {name:<14} {fmt(d)}" for name, d in st["scorers"].items()] + [f"  {'reward':<14} {fmt(st['reward'])}"]
+    if "judge_unparseable" in st:
+        lines.append(f"  judge verdicts {st['judge_verdicts']}, unparseable {st['judge_unparseable']}")
+    return lines
+
+
+def select_lines(m: dict) -> list[str]:
+    rows, st = m["rows"], m["stats"]
+    return ([f"  {rows['sft']} SFT rows and {rows['pairs']} pairs ({st['pair_policy']}) from {rows['prompts']} "
+             f"prompts; {rows['failed_prompts']} prompts failed every sample (kept aside)",
+             f"  acceptance per prompt {fmt(st['acceptance_per_prompt'])}",
+             f"  pair margin           {fmt(st['pair_margin'])}"]
+            + [f"  dropped {reason:<34} {n}" for reason, n in st["dropped"].items()])
+
+
+def reward_model_lines(m: dict) -> list[str]:
+    st = m["stats"]
+    acc = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731  (None: no held-out pairs)
+    return [f"  held-out pair accuracy {acc(st['held_out_pair_accuracy_before'])} -> "
+            f"{acc(st['held_out_pair_accuracy'])} on {m['rows']['held_out_pairs']} pairs"]
+
+
+DETAILS = {"generate": generate_lines, "score": score_lines, "select": select_lines,
+           "reward_model": reward_model_lines}
+
+
 def round_summary(recipe: Recipe, round_n: int) -> str:
+    """Every finished stage of the round: its rows in and out, wall time, and the details its statistics hold."""
     if not round_dir(recipe, round_n).exists():
         raise InputError(f"round {round_n} does not exist: no folder {round_dir(recipe, round_n)}")
     lines = [f"round {round_n} of {recipe.name}"]
-    gen = read_manifest(stage_dir(recipe, round_n, "generate"))
-    if gen:
-        st = gen["stats"]
-        lines.append(f"generate: {gen['rows']['samples']} samples of {gen['rows']['prompts']} prompts; "
-                     f"{st['hit_token_limit']} hit the token limit")
-    score = read_manifest(stage_dir(recipe, round_n, "score"))
-    if score:
-        st = score["stats"]
-        lines.append(f"score ({st['combine']}): verified {st['verified']}")
-        for name, d in st["scorers"].items():
-            lines.append(f"  {name:<14} {fmt(d)}")
-        lines.append(f"  {'reward':<14} {fmt(st['reward'])}")
-        if "judge_unparseable" in st:
-            lines.append(f"  judge verdicts {st['judge_verdicts']}, unparseable {st['judge_unparseable']}")
-    sel = read_manifest(stage_dir(recipe, round_n, "select"))
-    if sel:
-        rows, st = sel["rows"], sel["stats"]
-        lines.append(f"select: {rows['sft']} SFT rows and {rows['pairs']} pairs ({st['pair_policy']}) from "
-                     f"{rows['prompts']} prompts; {rows['failed_prompts']} prompts failed every sample (kept aside)")
-        lines.append(f"  acceptance per prompt {fmt(st['acceptance_per_prompt'])}")
-        lines.append(f"  pair margin           {fmt(st['pair_margin'])}")
-        for reason, n in st["dropped"].items():
-            lines.append(f"  dropped {reason:<34} {n}")
-        lines.append(f"  plots: {stage_dir(recipe, round_n, 'select') / 'plots'}")
-    rm = read_manifest(stage_dir(recipe, round_n, "reward_model"))
-    if rm:
-        st = rm["stats"]
-        acc = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731  (None: no held-out pairs)
-        lines.append(f"reward_model: {rm['rows']['train_pairs']} training pairs; held-out pair accuracy "
-                     f"{acc(st['held_out_pair_accuracy_before'])} -> {acc(st['held_out_pair_accuracy'])} on "
-                     f"{rm['rows']['held_out_pairs']} pairs")
+    for stage in round_stages(recipe, round_n):
+        m = read_manifest(stage_dir(recipe, round_n, stage.name))
+        if m is None:
+            continue
+        rows = ", ".join(f"{k} {v}" for k, v in m["rows"].items())
+        lines.append(f"{stage.name}: {rows} ({m['wall_time_s']:.0f}s)")
+        lines += DETAILS.get(stage.name, lambda m: [])(m)
     if len(lines) == 1:
         lines.append("no stage of this round has finished")
     return "\n".join(lines)

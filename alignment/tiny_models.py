@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignment.chat import build_tokenizer
 
@@ -25,11 +25,9 @@ def llama_config(tokenizer, *, hidden_size: int, intermediate_size: int, num_hid
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, **extra)
 
 
-def random_llama(tokenizer, *, seed: int, reward_model: bool = False, **shape):
-    """A Llama causal LM (or a one-logit sequence classifier) with seeded random weights."""
+def random_llama(tokenizer, *, seed: int, **shape) -> LlamaForCausalLM:
+    """A Llama causal LM with seeded random weights."""
     torch.manual_seed(seed)
-    if reward_model:
-        return LlamaForSequenceClassification(llama_config(tokenizer, num_labels=1, **shape))
     return LlamaForCausalLM(llama_config(tokenizer, **shape))
 
 

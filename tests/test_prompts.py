@@ -30,15 +30,7 @@ def test_bad_rows_are_rejected_with_their_line(tmp_path, bad, line, message):
     assert str(e.value).startswith(f"{p}:{line}: ") and message in str(e.value)
 
 
-def test_answer_required_only_when_a_verifier_scores(tmp_path):
-    row = {k: v for k, v in GOOD.items() if k != "answer"}
-    p = write(tmp_path, [row])
-    assert read_prompts(p)[0]["prompt_id"] == "a"
-    with pytest.raises(InputError, match=r":1: prompt 'a': a verifier scores this file, so 'answer'"):
-        read_prompts(p, need_answer=True)
-
-
 def test_shipped_splits_are_disjoint_by_question():
-    train = read_prompts("data/arithmetic/train.jsonl", need_answer=True)
-    held_out = read_prompts("data/arithmetic/eval.jsonl", need_answer=True)
+    train = read_prompts("data/arithmetic/train.jsonl")
+    held_out = read_prompts("data/arithmetic/eval.jsonl")
     assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in held_out}

@@ -1,6 +1,6 @@
 import pytest
 
-from alignment.config import InputError, JudgeConfig, RewardConfig, VerifierConfig
+from alignment.config import InputError, JudgeConfig, ScoringConfig, VerifierConfig
 from alignment.judge import judge_request, parse_verdict
 from alignment.rewards import combine, score
 from alignment.verifiers import answer_matches, check_prompt_fields, verify
@@ -52,7 +52,7 @@ def test_a_verifier_scores_only_the_prompts_it_applies_to():
 
 
 def test_weighted_sum_adds_every_present_score():
-    cfg = RewardConfig(verifiers=[VerifierConfig(name="math", weight=2.0)],
+    cfg = ScoringConfig(verifiers=[VerifierConfig(name="math", weight=2.0)],
                        reward_model={"model_name_or_path": "rm", "weight": 0.5})
     out = combine(cfg, {"math": [1.0, 0.0, None], "reward_model": [0.4, 3.0, -1.0]},
                   {"math": 2.0, "reward_model": 0.5})
@@ -63,7 +63,7 @@ def test_weighted_sum_adds_every_present_score():
 
 
 def test_gate_then_rank_keeps_verifiers_out_of_the_reward_and_gates_instead():
-    cfg = RewardConfig(verifiers=[VerifierConfig(name="math"), VerifierConfig(name="units")],
+    cfg = ScoringConfig(verifiers=[VerifierConfig(name="math"), VerifierConfig(name="units")],
                        reward_model={"model_name_or_path": "rm", "weight": 1.0}, combine="gate_then_rank")
     out = combine(cfg, {"math": [1.0, 1.0, None], "units": [1.0, 0.0, None], "reward_model": [0.1, 0.9, 0.5]},
                   {"math": 1.0, "units": 1.0, "reward_model": 1.0})
@@ -73,7 +73,7 @@ def test_gate_then_rank_keeps_verifiers_out_of_the_reward_and_gates_instead():
 
 
 def test_score_runs_verifiers_and_reports_judge_verdicts_scaled():
-    cfg = RewardConfig(verifiers=[VerifierConfig(name="arith")],
+    cfg = ScoringConfig(verifiers=[VerifierConfig(name="arith")],
                        judge={"template": "{prompt} {response}", "max_score": 2, "weight": 1.0})
     prompts = [{"messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}] * 3
     out = score(cfg, prompts, ["2", "3", "2"], judge_verdicts=[2, 1, None])
@@ -83,7 +83,7 @@ def test_score_runs_verifiers_and_reports_judge_verdicts_scaled():
 
 def test_gate_then_rank_needs_a_gate_and_a_ranking():
     with pytest.raises(ValueError, match="gate_then_rank needs verifiers"):
-        RewardConfig(verifiers=[VerifierConfig()], combine="gate_then_rank")
+        ScoringConfig(verifiers=[VerifierConfig()], combine="gate_then_rank")
 
 
 JUDGE = JudgeConfig(template='Rate {"json": true}\nQ: {prompt}\nA: {response}\nEnd with "Score: N".', max_score=3)

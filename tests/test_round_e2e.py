@@ -100,12 +100,14 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     assert sel["rows"]["sft"] > 0 and 0 < sel["rows"]["pairs"] <= 24
     # `align stats` reads the same manifests back to the user
     stats = align("stats", "1", "--recipe", str(recipe)).stdout
-    assert f"select: {sel['rows']['sft']} SFT rows and {sel['rows']['pairs']} pairs (best_vs_worst) from 24 prompts" \
-        in stats
+    assert f"{sel['rows']['sft']} SFT rows and {sel['rows']['pairs']} pairs (best_vs_worst) from 24 prompts" in stats
     for reason, n in sel["stats"]["dropped"].items():
         assert f"dropped {reason}" in stats and stats.split(f"dropped {reason}")[1].split()[0] == str(n)
     rm = manifest(run, "reward_model")
-    assert f"reward_model: {rm['rows']['train_pairs']} training pairs" in stats
+    assert f"reward_model: preference_rows {rm['rows']['preference_rows']}, train_pairs {rm['rows']['train_pairs']}" \
+        in stats
+    for stage in STAGES[1:]:  # every stage of the round, from the table, with its rows
+        assert f"\n{stage}: " in stats
     assert sel["stats"]["dropped"].get("sample_hit_token_limit", 0) == manifest(run, "generate")["stats"][
         "hit_token_limit"]
     # upstream paths come from upstream manifests, and identities chain through fingerprints

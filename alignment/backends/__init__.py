@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Iterator, Protocol
 
 from alignment.config import Backend, TeacherConfig
 
@@ -34,13 +34,22 @@ class Result:
     prompt_tokens: int | None  # None when the engine did not say
 
 
+class GenerationBackend(Protocol):
+    """What the stages use of a backend."""
+
+    retries: int  # requests sent again after a transient failure, for the stage's statistics
+
+    def generate(self, requests: list[Request]) -> Iterator[tuple[int, Result]]:
+        """`(index into requests, Result)` as each request finishes, in any order."""
+
+
 class GenerationError(Exception):
     """Generation could not go on (an endpoint failed after its retries, a server never became healthy); the
     message names the endpoint. Results saved before it stay saved."""
 
 
 @contextmanager
-def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator:
+def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator[GenerationBackend]:
     """The recipe's backend, ready to `generate(requests)`; closed (and a started server stopped) on exit."""
     if cfg.backend == Backend.transformers:
         from alignment.backends.hf import TransformersBackend

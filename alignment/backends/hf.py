@@ -8,6 +8,8 @@ from alignment.generation import load_policy, sample
 
 
 class TransformersBackend:
+    retries = 0  # in-process: nothing to retry
+
     def __init__(self, model_path: str, *, batch_size: int, shard_size: int):
         self.model, self.tokenizer = load_policy(model_path)
         self.batch_size = batch_size

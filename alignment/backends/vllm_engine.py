@@ -24,6 +24,8 @@ def engine_kwargs(cfg: EngineConfig) -> dict:
 
 
 class VLLMBackend:
+    retries = 0  # in-process: nothing to retry
+
     def __init__(self, model_path: str, cfg: EngineConfig, *, shard_size: int):
         from vllm import LLM  # imported here: machines without vLLM still run the other backends
 

@@ -18,10 +18,11 @@ from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
 from alignment.chat import build_tokenizer, render
-from alignment.config import InputError, Recipe
+from alignment.config import InputError
 from alignment.generation import sample
 from alignment.prompts import read_prompts
 from alignment.verifiers import final_answer
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.tasks import arithmetic
 from alignment.tiny_models import random_llama, save
@@ -53,7 +54,7 @@ def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
     return sum(final_answer(a[0].text, r"-?\d+") == str(arithmetic.solve(*p)) for a, p in zip(answers, dev)) / len(dev)
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.bootstrap
     tokenizer = build_tokenizer()
     model = tiny_llama(cfg, tokenizer, recipe.seed)

@@ -19,17 +19,17 @@ from pathlib import Path
 import torch
 
 from alignment import rewards
-from alignment.config import Recipe
 from alignment.generation import device, load_policy, sample
 from alignment.manifest import write_json_atomic
 from alignment.metrics import pass_at_k, win_rate
 from alignment.prompts import read_prompts, write_jsonl
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 
 MODELS = ("input", "sft", "dpo")
 
 
-def answer_and_score(recipe: Recipe, model, tokenizer, prompts: list[dict], n: int, temperature: float, desc: str,
+def answer_and_score(recipe: StageConfig, model, tokenizer, prompts: list[dict], n: int, temperature: float, desc: str,
                      reward_model: str | None):
     """n answers per prompt (greedy when temperature is 0), each scored: a list per prompt of (completion, score)."""
     completions = sample(model, tokenizer, [p["messages"] for p in prompts], num_samples=n, temperature=temperature,
@@ -54,7 +54,7 @@ def task_manager(include: str | None, tasks: tuple[str, ...]):
     return TaskManager(include_path=include)
 
 
-def lm_eval_metrics(recipe: Recipe, model_path: Path) -> dict[str, float]:
+def lm_eval_metrics(recipe: StageConfig, model_path: Path) -> dict[str, float]:
     """The recipe's lm-evaluation-harness tasks on one model, with the model's own chat template."""
     if not recipe.eval.lm_eval_tasks:
         return {}
@@ -71,7 +71,7 @@ def lm_eval_metrics(recipe: Recipe, model_path: Path) -> dict[str, float]:
             if isinstance(value, float) and "stderr" not in key}
 
 
-def evaluate(recipe: Recipe, model_path: Path, prompts: list[dict], name: str,
+def evaluate(recipe: StageConfig, model_path: Path, prompts: list[dict], name: str,
              reward_model: str | None) -> tuple[dict, list[dict]]:
     model, tokenizer = load_policy(str(model_path))
     greedy = [g[0] for g in answer_and_score(recipe, model, tokenizer, prompts, 1, 0.0, f"eval {name} greedy",
@@ -99,7 +99,7 @@ def evaluate(recipe: Recipe, model_path: Path, prompts: list[dict], name: str,
     return metrics, rows
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     prompts = read_prompts(inputs["eval_prompts"])
     prompts = prompts[:recipe.eval.num_prompts] if recipe.eval.num_prompts else prompts
     metrics, answers = {}, {}

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 from alignment.backends import GenerationError, Request, open_backend
-from alignment.config import Recipe
 from alignment.manifest import hash_json
 from alignment.prompts import read_jsonl, read_prompts, write_jsonl
 from alignment.shards import ShardWriter, load_shards
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.stats import describe
 
@@ -44,7 +44,7 @@ def system_prompt_for(prompt: dict, system_prompts: dict[str, str]) -> str | Non
     return system_prompts.get(prompt.get("capability") or "default", system_prompts.get("default"))
 
 
-def build_requests(prompts: list[dict], recipe: Recipe, teacher: str, base_seed: int):
+def build_requests(prompts: list[dict], recipe: StageConfig, teacher: str, base_seed: int):
     """One request per distinct conversation: (request_id per prompt, {request_id: Request}, system prompts)."""
     s = recipe.sampling
     ids, requests, systems = [], {}, {}
@@ -62,7 +62,7 @@ def build_requests(prompts: list[dict], recipe: Recipe, teacher: str, base_seed:
     return ids, requests, systems
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     t, s = recipe.teacher, recipe.sampling
     prompts = draw_round_prompts(read_prompts(inputs["prompts"]), recipe.prompts.num_prompts, recipe.seed, round_n)
     retried = 0
@@ -92,7 +92,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
                               "completions": [[c.text, c.num_tokens, c.finish_reason] for c in result.completions]}
                     shard.write(record)
                     done[todo[i]] = record
-                retries = getattr(backend, "retries", 0)
+                retries = backend.retries
                 generate_s = time.time() - t1
             stop_s = time.time() - t1 - generate_s  # stopping the engine or server frees its memory: not generation
         except GenerationError as e:

@@ -14,8 +14,9 @@ import json
 import os
 from pathlib import Path
 
-from alignment.config import GateConfig, InputError, Recipe
+from alignment.config import GateConfig, InputError
 from alignment.manifest import write_json_atomic
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 
 
@@ -46,7 +47,7 @@ def decide(gate: GateConfig, metrics: dict) -> dict:
     return {"promoted": promoted, "forced": False, "checks": checks, "reasons": reasons}
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     metrics = json.loads(Path(inputs["metrics"]).read_text())
     decision = decide(recipe.gate, metrics)
     model = inputs[decision["promoted"]]  # from the upstream manifests: right even if the run folder moved

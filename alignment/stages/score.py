@@ -14,13 +14,14 @@ from collections import Counter
 from pathlib import Path
 
 from alignment import rewards
-from alignment.config import InputError, Recipe
+from alignment.config import InputError
 from alignment.prompts import read_jsonl, read_prompts, write_jsonl
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.stats import describe
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.reward
     prompts = {p["prompt_id"]: p for p in read_prompts(inputs["prompts"])}
     samples = read_jsonl(inputs["samples"])

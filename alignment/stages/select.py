@@ -24,8 +24,9 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from alignment.config import FiltersConfig, InputError, Recipe, SelectConfig
+from alignment.config import FiltersConfig, InputError, SelectConfig
 from alignment.prompts import read_jsonl, read_prompts, write_jsonl
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.stats import describe
 
@@ -235,7 +236,7 @@ def plot(out: Path, pairs: list[dict], acceptance: list[float]) -> list[str]:
     return files + ["acceptance_per_prompt.png"]
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.select
     prompts = {p["prompt_id"]: p for p in read_prompts(inputs["prompts"])}
     rows = join_by_key(read_jsonl(inputs["samples"]), read_jsonl(inputs["scores"]))

@@ -1,0 +1,110 @@
+"""The stage table decides what a stage reads and so what makes it stale: changing a recipe key must mark stale
+exactly the stages that declare it and everything downstream of them, no more and no less."""
+
+import json
+
+import pytest
+
+from alignment.config import Recipe, load_recipe
+from alignment.manifest import write_json_atomic
+from alignment.round import fingerprint, round_status, stage_dir, stage_inputs
+from alignment.stage_table import STAGES, StageConfig, round_stages, stage_config
+
+TINY = "recipes/tiny.yaml"
+ROUND = ["generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
+ALL = {(0, "bootstrap")} | {(n, s) for n in (1, 2) for s in ROUND}
+# In the tiny recipe the teacher is the bootstrap's, so round 2's generate, score and select depend on round 1
+# only through the bootstrap; reward_model, sft, eval and promote start from the model round 1 promoted, and
+# round 2's reward_model also reads round 1's pairs.
+STUDENT_2 = {(2, s) for s in ("reward_model", "sft", "dpo", "eval", "promote")}
+EXPECTED_STALE = {
+    "name": set(), "runs_dir": set(), "rounds": set(),  # name and runs_dir move the folder: see below
+    "seed": ALL,
+    "bootstrap": ALL,
+    "teacher": ALL - {(0, "bootstrap")},
+    "sampling": ALL - {(0, "bootstrap")},
+    "prompts": ALL - {(0, "bootstrap")},
+    "reward": ALL - {(0, "bootstrap"), (1, "generate"), (2, "generate")},
+    "select": {(n, s) for n in (1, 2) for s in ("select", "reward_model", "sft", "dpo", "eval", "promote")},
+    "reward_training": {(1, "reward_model"), (2, "reward_model")},
+    "sft": {(1, "sft"), (1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
+    "dpo": {(1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
+    "eval": {(1, "eval"), (1, "promote")} | STUDENT_2,
+    "gate": {(1, "promote")} | STUDENT_2,
+    "student": {(1, s) for s in ("reward_model", "sft", "dpo", "eval", "promote")} | STUDENT_2,
+}
+CHANGE = {  # one edit per top-level key, as a user would make it
+    "name": "name=other", "runs_dir": "runs_dir=elsewhere", "rounds": "rounds=9", "seed": "seed=1",
+    "bootstrap": "bootstrap.max_steps=1234", "teacher": "teacher.batch_size=7",
+    "sampling": "sampling.temperature=0.7", "prompts": "prompts.num_prompts=99",
+    "reward": "reward.verifiers.0.weight=2.0", "select": "select.pair_min_margin=0.25",
+    "reward_training": "reward_training.learning_rate=0.01", "sft": "sft.learning_rate=0.01",
+    "dpo": "dpo.beta=0.2", "eval": "eval.num_samples=4", "gate": "gate.candidates=[sft]",
+    "student": "student={source: path, model_name_or_path: org/some-model}",
+}
+
+
+def finish_rounds(recipe: Recipe, rounds=(1, 2)) -> None:
+    """Manifests as completed stages leave them (outputs are never opened by `status`), in the table's order."""
+    for n in rounds:
+        for stage in round_stages(recipe, n):
+            fp = fingerprint(stage.name, stage_config(recipe, stage.name), stage_inputs(recipe, n, stage.name))
+            stage_dir(recipe, n, stage.name).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(stage_dir(recipe, n, stage.name) / "manifest.json",
+                              {"fingerprint": fp, "outputs": {o: o for o in stage.outputs}, "wall_time_s": 0})
+
+
+def recipe_with(tmp_path, *overrides) -> Recipe:
+    return load_recipe(TINY, [f"runs_dir={tmp_path}", *overrides])
+
+
+def edit(change: str) -> list[str]:
+    key, value = change.split("=", 1)
+    if key == "reward.verifiers.0.weight":  # overrides address mappings; a list item is replaced whole
+        return ["reward.verifiers=[{name: arithmetic, kind: answer, match: exact, weight: 2.0}]"]
+    return [change]
+
+
+def test_every_top_level_key_has_an_expectation():
+    assert set(EXPECTED_STALE) == set(Recipe.model_fields) == set(CHANGE)
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED_STALE))
+def test_changing_a_key_marks_stale_exactly_the_stages_that_read_it_and_what_follows(tmp_path, key):
+    finish_rounds(recipe_with(tmp_path))
+    changed = recipe_with(tmp_path, *edit(CHANGE[key])) if key != "runs_dir" else recipe_with(tmp_path / "x")
+    status = round_status(changed, [1, 2])
+    if key in ("name", "runs_dir"):  # a new run folder: nothing of the old run is found, nothing is stale
+        assert set(status.values()) == {"missing"}
+        return
+    stale = {(0 if s == "bootstrap" else n, s) for (n, s), c in status.items() if c == "stale"}
+    assert stale == EXPECTED_STALE[key]
+    assert all(c == "done" for (n, s), c in status.items() if (0 if s == "bootstrap" else n, s) not in stale)
+
+
+def test_transport_settings_of_the_teacher_leave_everything_done(tmp_path):
+    finish_rounds(recipe_with(tmp_path))
+    status = round_status(recipe_with(tmp_path, "teacher.max_concurrency=3", "teacher.request_timeout_s=5"), [1, 2])
+    assert set(status.values()) == {"done"}
+
+
+def test_a_stage_reads_only_the_sections_it_declares():
+    recipe = load_recipe(TINY)
+    cfg = StageConfig("eval", stage_config(recipe, "eval"))
+    assert cfg.eval == recipe.eval and cfg.seed == recipe.seed and cfg.reward == recipe.reward
+    with pytest.raises(AttributeError, match="stage 'eval' read the recipe key 'sft', which its entry in "
+                       "alignment/stage_table.py does not declare"):
+        cfg.sft  # noqa: B018
+    assert json.loads(json.dumps(stage_config(recipe, "promote"))) == {"gate": recipe.gate.model_dump(mode="json")}
+
+
+def test_every_stage_module_exists_and_every_upstream_output_is_declared():
+    import importlib
+
+    recipe = load_recipe(TINY, ["prompts.retry_failed=true"])
+    for name, stage in STAGES.items():
+        assert callable(importlib.import_module(f"alignment.stages.{name}").run)
+        for spec in stage.inputs(recipe, 2).values():
+            for s in spec if isinstance(spec, list) else [spec]:
+                if hasattr(s, "output"):
+                    assert s.output in STAGES[s.stage].outputs, (name, s)
