@@ -183,6 +183,8 @@ class RewardModelConfig(Strict):
     def _check(self):
         if (self.source == RewardModelSource.path) != bool(self.model_name_or_path):
             raise ValueError("model_name_or_path is required when source is 'path', and only then")
+        if self.model_name_or_path == "trained":  # what older recipes wrote: a path field is never a mode
+            raise ValueError("model_name_or_path 'trained' is not a model; write `source: trained`")
         return self
 
 

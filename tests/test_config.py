@@ -87,6 +87,9 @@ def test_cli_prints_one_clear_message_without_traceback(tmp_path, capsys):
     ("dpo.beta=0", "beta"),
     ("sft.average_seeds=[3]", "two or more distinct seeds"),
     ("dpo.attn_implementation=flash", "attn_implementation"),
+    ("reward.reward_model={source: path}", "model_name_or_path is required when source is 'path'"),
+    ("reward.reward_model={source: trained, model_name_or_path: m}", "and only then"),
+    ("reward.reward_model={model_name_or_path: trained}", "write `source: trained`"),
 ])
 def test_bad_training_settings_are_named(override, message):
     with pytest.raises(InputError, match=message) as e:
@@ -125,3 +128,11 @@ def test_a_max_length_shorter_than_the_prompts_is_named(tmp_path):
     with pytest.raises(InputError, match=r"sft.max_length=64 .* 1 of 2 rows of data.jsonl \(row 2: 123 tokens"):
         check_prompts_fit(tok, rows, 64, "sft.max_length", "data.jsonl")
     check_prompts_fit(tok, rows, 124, "sft.max_length", "data.jsonl")  # fits: no error
+
+
+def test_a_trained_reward_model_needs_the_stage_that_trains_it():
+    with pytest.raises(InputError, match="reward.reward_model.source is 'trained' but the recipe has no "
+                       "reward_training"):
+        load_recipe("recipes/tiny.yaml", ["reward.reward_model={source: trained}", "reward_training=null"])
+    assert load_recipe("recipes/tiny.yaml", ["reward.reward_model={source: trained}"]).reward.reward_model.source \
+        == "trained"
