@@ -28,3 +28,13 @@ def metric_columns(metrics: list[dict]) -> list[str]:
     return (["accuracy", "mean_reward"] + sorted(k for k in keys if k.startswith("pass@"))
             + ["win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"]
             + sorted(k for k in keys if k.startswith("lm_eval/")))
+
+
+def fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def metrics_table(rows: list[tuple[str, dict]], cols: list[str], head: str = "model") -> list[str]:
+    """A Markdown table, one row per (label, metrics) and one column per metric: for the terminal and the report."""
+    return [f"| {head} | " + " | ".join(cols) + " |", "|---|" + "---|" * (len(cols) + head.count("|"))] + [
+        f"| {label} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |" for label, m in rows]

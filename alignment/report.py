@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from alignment.config import InputError, Recipe  # noqa: E402
 from alignment.manifest import read_manifest  # noqa: E402
-from alignment.metrics import metric_columns  # noqa: E402
+from alignment.metrics import fmt, metric_columns, metrics_table  # noqa: E402
 
 MODELS = ("input", "sft", "dpo")
 PLOTS = {  # file -> (metric in metrics.json, axis label)
@@ -52,38 +52,27 @@ def collect(run_dir: Path) -> list[dict]:
 
 
 def plot_metric(rounds: list[dict], metric: str, label: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 3.5))
     xs = [r["round"] for r in rounds]
-    for name in MODELS:
-        ys = [r["metrics"][name].get(metric) for r in rounds]
-        if any(y is not None for y in ys):
-            ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=name)
-    ax.set(xlabel="round", ylabel=label, xticks=xs)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ys = {name: [r["metrics"][name].get(metric) for r in rounds] for name in MODELS}
+    plot_series({name: (xs, [float("nan") if y is None else y for y in v]) for name, v in ys.items()
+                 if any(y is not None for y in v)}, "round", label, path, xticks=xs)
 
 
-def plot_series(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path: Path, kind="line") -> None:
+def plot_series(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path: Path, kind="line",
+                xticks=None) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, (xs, ys) in series.items():
         if kind == "bar":
             ax.bar(xs, ys, label=label)
         else:
-            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
-    ax.set(xlabel=xlabel, ylabel=ylabel)
+            ax.plot(xs, ys, marker="o" if xticks else "." if len(xs) < 50 else None, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, **({"xticks": xticks} if xticks else {}))
     ax.grid(alpha=0.3)
     if kind != "bar":
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def fmt(v) -> str:
-    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
 def write_report(recipe: Recipe) -> Path:
@@ -107,12 +96,8 @@ def write_report(recipe: Recipe) -> Path:
         plots.append("dpo_margins.png")
 
     metric_cols = metric_columns([r["metrics"] for r in rounds])
-    lines = [f"# Report: {recipe.name}", "", f"Rounds with a completed evaluation: {len(rounds)}.", "",
-             "| round | model | " + " | ".join(metric_cols) + " |", "|---|---|" + "---|" * len(metric_cols)]
-    for r in rounds:
-        for name in MODELS:
-            lines.append(f"| {r['round']} | {name} | " + " | ".join(fmt(r["metrics"][name].get(c)) for c in metric_cols)
-                         + " |")
+    lines = [f"# Report: {recipe.name}", "", f"Rounds with a completed evaluation: {len(rounds)}.", ""] + metrics_table(
+        [(f"{r['round']} | {name}", r["metrics"][name]) for r in rounds for name in MODELS], metric_cols, "round | model")
     lines += ["", "| round | SFT rows | DPO pairs | acceptance | promoted | reasons |", "|---|---|---|---|---|---|"]
     for r in rounds:
         p = r.get("promoted", {})

@@ -21,7 +21,7 @@ from pathlib import Path
 from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates
 from alignment.manifest import hash_file, hash_json, hash_model_dir, read_manifest, write_json_atomic
-from alignment.metrics import metric_columns
+from alignment.metrics import metric_columns, metrics_table
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
                                    round_stages, stage_config, student, teacher, upstreams)
 
@@ -230,13 +230,5 @@ def status_table(recipe: Recipe) -> str:
 
 
 def format_metrics(round_n: int, metrics: dict) -> str:
-    cols = metric_columns([metrics])
-    short = {"mean_response_tokens": "tokens", "length_drift_vs_input": "len_drift", "win_rate_vs_input": "win_rate",
-             "hit_token_limit_share": "at_limit"}
-    head = [short.get(c, c.split("/")[1] if c.startswith("lm_eval/") else c) for c in cols]
-    width = [max(12, len(h) + 2) for h in head]
-    lines = [f"round {round_n} held-out evaluation", f"{'model':<8}" + "".join(f"{h:>{w}}" for h, w in zip(head, width))]
-    for name in ("input", "sft", "dpo"):
-        vals = [metrics[name].get(c) for c in cols]
-        lines.append(f"{name:<8}" + "".join(f"{'-' if v is None else f'{v:.3f}':>{w}}" for v, w in zip(vals, width)))
-    return "\n".join(lines)
+    rows = [(name, metrics[name]) for name in ("input", "sft", "dpo")]
+    return "\n".join([f"round {round_n} held-out evaluation"] + metrics_table(rows, metric_columns([metrics])))
