@@ -62,7 +62,7 @@ def test_the_stage_trains_a_reward_model_that_ranks_held_out_pairs(tmp_path):
         pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
         out = tmp_path / name
         out.mkdir()
-        return reward_model.run(recipe, {"model": model, "pairs_round_1": pairs}, out, 1), out
+        return reward_model.run(recipe, {"model": model, "pairs": [pairs]}, out, 1), out
 
     # An untrained head ranks every pair by the closing word, so it gets all of them right or all wrong. The words
     # are set against the untrained preference (the head starts from the recipe's seed either way), so a held-out

@@ -104,8 +104,9 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     for reason, n in sel["stats"]["dropped"].items():
         assert f"dropped {reason}" in stats and stats.split(f"dropped {reason}")[1].split()[0] == str(n)
     rm = manifest(run, "reward_model")
-    assert f"reward_model: preference_rows {rm['rows']['preference_rows']}, train_pairs {rm['rows']['train_pairs']}" \
-        in stats
+    rm_line = stats.split("\nreward_model: ")[1].split("\n")[0]
+    assert f"train_pairs {rm['rows']['train_pairs']}" in rm_line and f"held_out_pairs {rm['rows']['held_out_pairs']}" \
+        in rm_line
     for stage in STAGES[1:]:  # every stage of the round, from the table, with its rows
         assert f"\n{stage}: " in stats
     assert sel["stats"]["dropped"].get("sample_hit_token_limit", 0) == manifest(run, "generate")["stats"][
