@@ -10,9 +10,11 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from alignment.chat import render
+from alignment.seeding import sample_seed
 
 
 @dataclass
@@ -34,10 +36,30 @@ def load_policy(path: str):
     return model, tokenizer
 
 
+class SeededSampler(LogitsProcessor):
+    """Draws each row's next token with that row's own generator, so a sample depends on its request's seed
+    alone, never on what else shares its batch; `generate` then runs greedily over the one-hot scores returned."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+        self.seeds, self.generators = seeds, None
+        self.warpers = [TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]
+
+    def __call__(self, input_ids, scores):
+        if self.generators is None:  # on the scores' device, made at the first step
+            self.generators = [torch.Generator(scores.device).manual_seed(s) for s in self.seeds]
+        for warp in self.warpers:
+            scores = warp(input_ids, scores)
+        probs = scores.float().softmax(-1)
+        picks = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter_(1, picks[:, None], 0.0)
+
+
 @torch.inference_mode()
 def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: int, temperature: float,
-           top_p: float, max_new_tokens: int, batch_size: int, seed: int, desc: str) -> list[list[Completion]]:
-    """`num_samples` completions for each conversation, in input order; temperature 0 is greedy."""
+           top_p: float, max_new_tokens: int, batch_size: int, seeds: list[int] | None, desc: str
+           ) -> list[list[Completion]]:
+    """`num_samples` completions for each conversation, in input order; temperature 0 is greedy. With sampling,
+    conversation i's k-th sample draws from its own generator, seeded by `seeds[i]` and k (alignment.seeding)."""
     tokenizer.padding_side = "left"  # new tokens must line up at the right edge
     stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eom_id|>")} - {None}
     greedy = temperature == 0
@@ -46,13 +68,16 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: in
         batch = conversations[start:start + batch_size]
         texts = [render(tokenizer, c, add_generation_prompt=True) for c in batch]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        torch.manual_seed(seed + start)  # a batch's samples do not depend on which batches ran before it
+        # K copies of each row instead of num_return_sequences, which greedy decoding refuses: sampling happens in
+        # SeededSampler, so generate itself decodes greedily.
+        enc = {k: v.repeat_interleave(num_samples, dim=0) for k, v in enc.items()}
+        sampler = [] if greedy else [SeededSampler(
+            [sample_seed(s, k) for s in seeds[start:start + batch_size] for k in range(num_samples)], temperature, top_p)]
         gen = model.generate(
-            **enc, do_sample=not greedy, temperature=None if greedy else temperature, top_p=None if greedy else top_p,
-            top_k=None, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids),
+            **enc, do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=sampler,
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids),
         )
-        new = gen[:, enc.input_ids.shape[1]:].tolist()
+        new = gen[:, enc["input_ids"].shape[1]:].tolist()
         for i in range(len(batch)):
             row = []
             for ids in new[i * num_samples:(i + 1) * num_samples]:

@@ -20,8 +20,9 @@ from pathlib import Path
 
 from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates
-from alignment.manifest import hash_file, hash_json, hash_model_dir, read_manifest, write_json_atomic
+from alignment.manifest import hash_file, hash_json, read_manifest, write_json_atomic
 from alignment.metrics import metric_columns, metrics_table
+from alignment.seeding import model_identity
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
                                    round_stages, stage_config, student, teacher, upstreams)
 
@@ -59,8 +60,7 @@ def identity(recipe: Recipe, spec) -> dict:
         if not spec.path.is_file():
             raise InputError(f"{spec.key}: {spec.path} does not exist")
         return {"path": str(spec.path), "hash": hash_file(spec.path)}
-    p = Path(spec.name)
-    return {"path": spec.name, "hash": hash_model_dir(p) if p.is_dir() else hash_json(spec.name)}
+    return {"path": spec.name, "hash": model_identity(spec.name)}
 
 
 def stage_inputs(recipe: Recipe, round_n: int, stage: str) -> dict:

@@ -61,7 +61,7 @@ def raw_transformers(model: Path, convs, k: int, tokens: int) -> dict:
     m, tok = load_policy(str(model))
     start = time.time()
     out = sample(m, tok, convs, num_samples=k, temperature=1.0, top_p=1.0, max_new_tokens=tokens,
-                 batch_size=len(convs), seed=0, desc="raw transformers")
+                 batch_size=len(convs), seeds=list(range(len(convs))), desc="raw transformers")
     secs = time.time() - start
     # every generated token, the end-of-turn token included (vLLM's token_ids count it too)
     return {"tokens": sum(c.num_tokens + (c.finish_reason == "stop") for cs in out for c in cs), "seconds": secs}

@@ -18,11 +18,13 @@ class TransformersBackend:
     def generate(self, requests: list[Request]):
         for start in range(0, len(requests), self.shard_size):
             shard = requests[start:start + self.shard_size]
-            # One sampling setting per call: the stage sends the same K and settings for every request.
+            # One sampling setting per call: the stage sends the same K and settings for every request. Each
+            # request samples with its own seed, so its samples do not depend on the shard it landed in.
             r = shard[0]
             completions = sample(self.model, self.tokenizer, [q.messages for q in shard], num_samples=r.n,
                                  temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_tokens,
-                                 batch_size=self.batch_size, seed=r.seed, desc=f"generate {start}/{len(requests)}")
+                                 batch_size=self.batch_size, seeds=[q.seed for q in shard],
+                                 desc=f"generate {start}/{len(requests)}")
             for i, (q, cs) in enumerate(zip(shard, completions)):
                 prompt = render(self.tokenizer, q.messages, add_generation_prompt=True)
                 yield start + i, Result(cs, len(self.tokenizer(prompt, add_special_tokens=False).input_ids))

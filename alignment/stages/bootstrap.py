@@ -47,7 +47,7 @@ def draw(rng: random.Random, n: int, held_out: set[str]) -> list[tuple[int, str,
 def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
     model.eval()
     answers = sample(model, tokenizer, [[{"role": "user", "content": arithmetic.question(*p)}] for p in dev],
-                     num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=16, batch_size=len(dev), seed=0,
+                     num_samples=1, temperature=0.0, top_p=1.0, max_new_tokens=16, batch_size=len(dev), seeds=None,
                      desc="dev accuracy")
     model.train()
     tokenizer.padding_side = "right"

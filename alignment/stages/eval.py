@@ -23,6 +23,7 @@ from alignment.generation import device, load_policy, sample
 from alignment.manifest import write_json_atomic
 from alignment.metrics import pass_at_k, win_rate
 from alignment.prompts import read_prompts, write_jsonl
+from alignment.seeding import model_identity, request_seed
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 
@@ -30,11 +31,13 @@ MODELS = ("input", "sft", "dpo")
 
 
 def answer_and_score(recipe: StageConfig, model, tokenizer, prompts: list[dict], n: int, temperature: float, desc: str,
-                     reward_model: str | None):
+                     reward_model: str | None, model_id: str):
     """n answers per prompt (greedy when temperature is 0), each scored: a list per prompt of (completion, score)."""
+    settings = {"n": n, "temperature": temperature, "max_new_tokens": recipe.eval.max_new_tokens, "seed": recipe.seed}
+    seeds = [request_seed({"messages": p["messages"], "model": model_id, **settings}) for p in prompts]
     completions = sample(model, tokenizer, [p["messages"] for p in prompts], num_samples=n, temperature=temperature,
                          top_p=1.0, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-                         seed=recipe.seed, desc=desc)
+                         seeds=seeds, desc=desc)
     flat = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
     scored = rewards.score(recipe.reward, [p for p, _ in flat], [c.text for _, c in flat], reward_model=reward_model)
     it = iter(zip((c for _, c in flat), scored))
@@ -74,8 +77,9 @@ def lm_eval_metrics(recipe: StageConfig, model_path: Path) -> dict[str, float]:
 def evaluate(recipe: StageConfig, model_path: Path, prompts: list[dict], name: str,
              reward_model: str | None) -> tuple[dict, list[dict]]:
     model, tokenizer = load_policy(str(model_path))
+    model_id = model_identity(str(model_path))
     greedy = [g[0] for g in answer_and_score(recipe, model, tokenizer, prompts, 1, 0.0, f"eval {name} greedy",
-                                             reward_model)]
+                                             reward_model, model_id)]
     n = len(prompts)
     checked = [s["verified"] for _, s in greedy if s["verified"] is not None]  # prompts some verifier applies to
     verified = bool(checked)
@@ -88,7 +92,7 @@ def evaluate(recipe: StageConfig, model_path: Path, prompts: list[dict], name: s
     }
     if verified and recipe.eval.num_samples:
         sampled = answer_and_score(recipe, model, tokenizer, prompts, recipe.eval.num_samples,
-                                   recipe.eval.temperature, f"eval {name} pass@k", reward_model)
+                                   recipe.eval.temperature, f"eval {name} pass@k", reward_model, model_id)
         correct = [sum(s["verified"] is True for _, s in group) for group in sampled
                    if group[0][1]["verified"] is not None]
         for k in recipe.eval.pass_k:

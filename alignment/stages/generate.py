@@ -22,6 +22,7 @@ from pathlib import Path
 from alignment.backends import GenerationError, Request, open_backend
 from alignment.manifest import hash_json
 from alignment.prompts import read_jsonl, read_prompts, write_jsonl
+from alignment.seeding import model_identity, request_seed
 from alignment.shards import ShardWriter, load_shards
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
@@ -44,21 +45,20 @@ def system_prompt_for(prompt: dict, system_prompts: dict[str, str]) -> str | Non
     return system_prompts.get(prompt.get("capability") or "default", system_prompts.get("default"))
 
 
-def build_requests(prompts: list[dict], recipe: StageConfig, teacher: str, base_seed: int):
-    """One request per distinct conversation: (request_id per prompt, {request_id: Request}, system prompts)."""
+def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, base_seed: int):
+    """One request per distinct conversation: (request_id per prompt, {request_id: Request}, system prompts).
+    `teacher_id` is the model's identity (alignment.seeding), never its path."""
     s = recipe.sampling
     ids, requests, systems = [], {}, {}
     for p in prompts:
         system = system_prompt_for(p, recipe.teacher.system_prompts)
         messages = ([{"role": "system", "content": system}] if system else []) + p["messages"]
-        rid = hash_json({"messages": messages, "teacher": teacher, "sampling": s.model_dump(), "seed": base_seed})
+        rid = hash_json({"messages": messages, "teacher": teacher_id, "sampling": s.model_dump(), "seed": base_seed})
         ids.append(rid)
         systems[p["prompt_id"]] = system
         if rid not in requests:
-            # The seed comes from the request itself: its samples are the same however requests are batched,
-            # sharded or resumed.
             requests[rid] = Request(messages, n=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-                                    max_tokens=s.max_new_tokens, seed=int(rid[:8], 16))
+                                    max_tokens=s.max_new_tokens, seed=request_seed({"request_id": rid}))
     return ids, requests, systems
 
 
@@ -71,8 +71,8 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         again = [{k: v for k, v in p.items() if k != "failed_round"} for p in read_jsonl(inputs["failed_prompts"])
                  if p["prompt_id"] not in drawn]
         prompts, retried = prompts + again, len(again)
-    teacher = str(inputs["teacher"])
-    ids, requests, systems = build_requests(prompts, recipe, teacher, recipe.seed + 1000 * round_n)
+    teacher, teacher_id = str(inputs["teacher"]), model_identity(str(inputs["teacher"]))
+    ids, requests, systems = build_requests(prompts, recipe, teacher_id, recipe.seed + 1000 * round_n)
 
     done = load_shards(out_dir / "shards")
     resumed = sum(rid in done for rid in requests)
@@ -106,7 +106,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         record = done[rid]
         for k, (text, num_tokens, finish) in enumerate(record["completions"]):
             rows.append({"prompt_id": p["prompt_id"], "sample_index": k, "response": text, "num_tokens": num_tokens,
-                         "prompt_tokens": record["prompt_tokens"], "finish_reason": finish, "teacher": teacher,
+                         "prompt_tokens": record["prompt_tokens"], "finish_reason": finish, "teacher": teacher_id,
                          "backend": t.backend.value, "sampling": settings, "seed": requests[rid].seed,
                          "system_prompt": systems[p["prompt_id"]], "request_id": rid})
     write_jsonl(out_dir / "samples.jsonl", rows)
