@@ -71,7 +71,8 @@ def test_the_stage_trains_a_reward_model_that_ranks_held_out_pairs(tmp_path):
     result, out = train("Correct.", "Wrong.", "a")
     if result.stats["held_out_pair_accuracy_before"] > 0.5:
         result, out = train("Wrong.", "Correct.", "b")
-    assert result.rows["preference_rows"] == 401
+    assert result.rows["preference_rows"] == 401  # both rounds' files and the annotated row
+    assert result.stats["resumed_from_step"] == {} and result.stats["seeds"] == [recipe.seed]
     assert result.rows["train_pairs"] + result.rows["held_out_pairs"] == 403
     assert 50 <= result.rows["held_out_pairs"] <= 110  # ~20% of 400 prompts
     assert result.stats["held_out_pair_accuracy_before"] < 0.5

@@ -1,12 +1,13 @@
 """SFT as the orchestrator runs it (`alignment.runner` on a job file, under `accelerate launch` when distributed):
 two DDP processes against one with doubled accumulation, LoRA merged into a full model, seed averaging, and
-resuming a killed run from its checkpoint."""
+resuming a killed run from its checkpoint; the reward_model stage resuming through the same training path."""
 
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -127,3 +128,61 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     whole, resumed = weights(tmp / "whole" / "model"), weights(folder / "model")
     for k in whole:
         assert torch.allclose(whole[k], resumed[k], atol=1e-5), k
+
+
+def run_reward_model(tmp: Path, model: Path, name: str, *overrides, wait=True):
+    """The reward_model stage in a process of its own, on 64 preference pairs (one round's), none held out."""
+    pairs = tmp / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i % 9}?"}],
+        "chosen": [{"role": "assistant", "content": f"{i + i % 9}"}],
+        "rejected": [{"role": "assistant", "content": f"{i + i % 9 + 1}"}]}) + "\n" for i in range(64)))
+    folder = tmp / name
+    folder.mkdir(exist_ok=True)
+    code = ("import json, sys; from pathlib import Path; from alignment.config import load_recipe; "
+            "from alignment.stages import reward_model; "
+            "r = reward_model.run(load_recipe('recipes/tiny.yaml', sys.argv[4:]), "
+            "{'model': Path(sys.argv[1]), 'pairs': [Path(sys.argv[2])]}, Path(sys.argv[3]), 1); "
+            "Path(sys.argv[3], 'stats.json').write_text(json.dumps(r.stats))")
+    cmd = [sys.executable, "-c", code, str(model), str(pairs), str(folder), "reward_training.held_out_share=0.0",
+           "reward_training.num_train_epochs=3", "reward_training.per_device_train_batch_size=4",
+           "reward_training.save_steps=4", "reward_training.logging_steps=1", "reward_training.learning_rate=1e-3",
+           "reward_training.lr_scheduler_type=constant", "reward_training.warmup_steps=0", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True), folder
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((folder / "stats.json").read_text()), folder, proc.stdout
+
+
+def test_a_killed_reward_model_run_resumes_like_sft_and_reports_the_step(data):
+    """The reward_model stage trains through the SFT/DPO path: resumed from its last whole checkpoint, reported as
+    `resumed_from_step` per seed, TensorBoard logs in the stage's logs/, the tokenizer saved padding right."""
+    tmp, model = data
+    whole, _, _ = run_reward_model(tmp, model, "rm-whole", "reward_training.report_to=[]")
+    assert whole["resumed_from_step"] == {} and whole["seeds"] == [0]
+    proc, folder = run_reward_model(tmp, model, "rm-killed", wait=False)
+    deadline = time.time() + 300
+    while not list((folder / "trainer").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "stats.json").exists()
+    done = max(int(p.parent.name.split("-")[1]) for p in (folder / "trainer").glob("checkpoint-*/trainer_state.json"))
+    assert done < 48  # 64 pairs / 4 per step x 3 epochs: killed before the end
+    torn = folder / "trainer" / f"checkpoint-{done + 4}"  # killed while saving the next one
+    shutil.copytree(folder / "trainer" / f"checkpoint-{done}", torn, dirs_exist_ok=True)
+    (torn / "trainer_state.json").unlink()
+    stats, _, out = run_reward_model(tmp, model, "rm-killed")
+    assert f"resuming seed 0 from {folder / 'trainer'}/checkpoint-{done}\n" in out
+    assert stats["resumed_from_step"] == {"0": done} and stats["seeds"] == [0]
+    assert stats["steps"] == 48
+    whole_w, resumed_w = weights(tmp / "rm-whole" / "model"), weights(folder / "model")
+    assert "score.weight" in whole_w  # the scalar head, trained and saved with the rest
+    for k in whole_w:
+        assert torch.allclose(whole_w[k], resumed_w[k], atol=1e-5), k
+    assert list((folder / "logs").glob("events.out.tfevents.*"))  # report_to: tensorboard, into the stage's logs/
+    assert json.loads((folder / "model" / "tokenizer_config.json").read_text())["padding_side"] == "right"
