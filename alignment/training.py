@@ -45,10 +45,7 @@ def peft_config(cfg):
 
 
 def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
-    """The TrainingArguments fields both trainers take from the recipe; names pass straight through to TRL."""
-    # transformers 5 takes TensorBoard's folder from the environment; this process runs this one stage only.
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "logs")
+    """The TrainingArguments fields every trainer takes from the recipe; names pass straight through to TRL."""
     return dict(
         output_dir=str(out_dir / "trainer"), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -91,6 +88,9 @@ def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build,
     histories, resumed, run_models = [], {}, []
     for seed in seeds:
         run_dir = out_dir if len(seeds) == 1 else out_dir / "runs" / f"seed-{seed}"
+        # transformers 5 reads TensorBoard's folder from the environment as the trainer is built (a stage per process)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "logs")
         trainer = build(run_dir, seed)
         ckpt = last_complete_checkpoint(run_dir / "trainer")
         if ckpt:
