@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -70,7 +71,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     if not rows:
         raise InputError(f"{inputs['pairs']}: no preference pairs were selected; see the select stage's drop counts")
     cfg = recipe.dpo
-    tokenizer = load_for_training(inputs["model"], cfg)[1]
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])  # the model itself loads per run, in build
     check_prompts_fit(tokenizer, rows, cfg.max_length, "dpo.max_length", inputs["pairs"])
     over = count_over_length(tokenizer, rows, cfg.max_length, ("chosen", "rejected"))
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset
+from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from alignment.config import InputError, Recipe
@@ -38,7 +39,7 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     if not rows:
         raise InputError(f"{inputs['sft']}: no SFT examples were selected; see the select stage's drop counts")
     cfg = recipe.sft
-    tokenizer = load_for_training(inputs["model"], cfg)[1]
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])  # the model itself loads per run, in build
     check_prompts_fit(tokenizer, rows, cfg.max_length, "sft.max_length", inputs["sft"])
     over = count_over_length(tokenizer, rows, cfg.max_length, ("completion",))
 
