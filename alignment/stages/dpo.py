@@ -5,7 +5,7 @@ loss). Formatting tokens (`<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|
 of every loss term on both responses: the paper found that their shared presence in chosen and rejected pulls
 the two objectives against each other and teaches tail repetition or early stops. The reference model is the
 SFT model itself unless `dpo.ref_model_name_or_path` names another; its log-probabilities are computed once
-before training (`precompute_ref_log_probs`), so no second model runs during the steps.
+before training (`dpo.precompute_ref_log_probs`, on by default), so no second model runs during the steps.
 
     align stage dpo --recipe recipes/tiny.yaml --round 1
 """
@@ -54,7 +54,8 @@ def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: P
     cfg = recipe.dpo
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
     args = DPOConfig(**trainer_fields(cfg, out_dir, recipe.seed if seed is None else seed), beta=cfg.beta,
-                     loss_type=list(cfg.loss_type), loss_weights=list(cfg.loss_weights), precompute_ref_log_probs=True)
+                     loss_type=list(cfg.loss_type), loss_weights=list(cfg.loss_weights),
+                     precompute_ref_log_probs=cfg.precompute_ref_log_probs)
     model.config.pad_token_id = tokenizer.pad_token_id  # what TRL does when it builds the collator itself
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
                                          truncation_mode=args.truncation_mode,
