@@ -1,5 +1,5 @@
-"""Pieces the SFT and DPO stages share: loading (full, LoRA or QLoRA), TrainingArguments fields, one training
-run per seed with checkpoint resume, weight averaging, loss summaries, and saving a full model."""
+"""Pieces the training stages (SFT, DPO, reward model) share: loading (full, LoRA or QLoRA), TrainingArguments
+fields, one training run per seed with checkpoint resume, weight averaging, loss summaries, saving a full model."""
 
 from __future__ import annotations
 
@@ -45,10 +45,7 @@ def peft_config(cfg):
 
 
 def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
-    """The TrainingArguments fields both trainers take from the recipe; names pass straight through to TRL."""
-    # transformers 5 takes TensorBoard's folder from the environment; this process runs this one stage only.
-    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out_dir / "logs")
+    """The TrainingArguments fields every trainer takes from the recipe; names pass straight through to TRL."""
     return dict(
         output_dir=str(out_dir / "trainer"), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
@@ -81,22 +78,26 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
     return None
 
 
-def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build) -> tuple[list, dict]:
+def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build,
+               padding_side: str = "left") -> tuple[list, dict]:
     """Train once per seed of `cfg.average_seeds` (or once with `base_seed`), each run resuming from its last
     checkpoint if an earlier attempt left one, and leave the final full model in out_dir/model (the weight
-    average when there are several runs). `build(run_dir, seed)` returns a ready trainer.
-    Returns each run's log history and statistics about resuming and averaging."""
+    average when there are several runs; its tokenizer pads on `padding_side`). `build(run_dir, seed)` returns a
+    ready trainer. Returns each run's log history and statistics about resuming and averaging."""
     seeds = list(cfg.average_seeds) or [base_seed]
     histories, resumed, run_models = [], {}, []
     for seed in seeds:
         run_dir = out_dir if len(seeds) == 1 else out_dir / "runs" / f"seed-{seed}"
+        # transformers 5 reads TensorBoard's folder from the environment as the trainer is built (a stage per process)
+        (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "logs")
         trainer = build(run_dir, seed)
         ckpt = last_complete_checkpoint(run_dir / "trainer")
         if ckpt:
             print(f"resuming seed {seed} from {ckpt}", flush=True)
             resumed[seed] = int(Path(ckpt).name.split("-")[-1])
         trainer.train(resume_from_checkpoint=ckpt)
-        save_model(trainer, trainer.processing_class, run_dir / "model", model_path)
+        save_model(trainer, trainer.processing_class, run_dir / "model", model_path, padding_side)
         histories.append(trainer.state.log_history)
         run_models.append(run_dir / "model")
     if len(seeds) > 1:
@@ -153,10 +154,10 @@ def loss_summary(log_history: list[dict], key: str = "loss") -> dict:
     return out
 
 
-def save_model(trainer, tokenizer, path: Path, base_path: Path | None = None) -> None:
-    """The final model as an ordinary full checkpoint, its tokenizer (set up for generation), and the trainer's log
-    history beside it. LoRA adapters are kept in `adapter/` and merged into a full-precision copy of the base,
-    so the next stage and the next round need no peft (a 4-bit base is never merged into)."""
+def save_model(trainer, tokenizer, path: Path, base_path: Path | None = None, padding_side: str = "left") -> None:
+    """The final model as an ordinary full checkpoint, its tokenizer (padding on `padding_side`: left where a
+    policy generates next) and the trainer's log history beside it. LoRA adapters are kept in `adapter/` and merged
+    into a full-precision copy of the base, so the next stage and round need no peft (a 4-bit base is not merged)."""
     if not trainer.is_world_process_zero():
         trainer.save_model(str(path))  # every process must join the (sharded) save; rank 0 writes
         return
@@ -170,5 +171,5 @@ def save_model(trainer, tokenizer, path: Path, base_path: Path | None = None) ->
     else:
         trainer.save_model(str(path))
     (path.parent / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    tokenizer.padding_side = "left"  # the saved tokenizer is used for generation next
+    tokenizer.padding_side = padding_side
     tokenizer.save_pretrained(str(path))

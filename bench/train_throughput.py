@@ -84,6 +84,8 @@ def run_case(case: dict) -> dict:
         f"max_length={spec['max_length']}", f"per_device_train_batch_size={batch}")]
     if stage == "sft":
         overrides.append(f"sft.packing={str(case['packing']).lower()}")
+    else:  # the same trainer either way; without precomputing, the reference runs at every step
+        overrides.append(f"dpo.precompute_ref_log_probs={str(case['precompute']).lower()}")
     if case.get("lora"):
         overrides.append(f"{stage}.lora={LORA}")
     overrides += [f"{stage}.gradient_checkpointing={str(case['gradient_checkpointing'] == 'on').lower()}",
@@ -110,21 +112,9 @@ def run_case(case: dict) -> dict:
     else:
         from alignment.stages import dpo
 
-        ref_model = None
-        if not case["precompute"]:  # the same trainer, with the reference run at every step
-            from trl import DPOConfig
-
-            original = DPOConfig.__init__
-
-            def no_precompute(self, *a, **kw):
-                kw["precompute_ref_log_probs"] = False
-                original(self, *a, **kw)
-
-            DPOConfig.__init__ = no_precompute
-            # Full fine-tuning needs the SFT model as a second model; with LoRA the reference is the policy with
-            # its adapters switched off, as in the stage.
-            if not case.get("lora"):
-                ref_model = model()
+        # Run at every step, full fine-tuning's reference is a second model (the SFT model); with LoRA it is the
+        # policy with its adapters switched off, as in the stage.
+        ref_model = model() if not case["precompute"] and not case.get("lora") else None
         trainer = dpo.build_trainer(recipe, policy, tok, rows, work, ref_model=ref_model)
     setup = time.time() - start  # for DPO with a precomputed reference: the pre-pass (TRL runs it here)
     from transformers import TrainerCallback

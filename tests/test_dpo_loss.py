@@ -80,3 +80,24 @@ def test_masking_changes_the_loss_and_removes_exactly_the_formatting_tokens(tmp_
     assert dropped.sum().item() == 5
     names = {tok.convert_ids_to_tokens(int(t)) for t in a["input_ids"][dropped]}
     assert names == {"<|eot_id|>", "<|eom_id|>"}
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_the_recipes_precompute_setting_reaches_trl(tmp_path, precompute):
+    """`dpo.precompute_ref_log_probs` is TRL's: on, the reference's log-probabilities (the masked hand computation
+    above) are in the data before any step; off, they are not, and the reference runs at every step."""
+    tok = build_tokenizer()
+    recipe = load_recipe("recipes/tiny.yaml", ["dpo.report_to=[]", "dpo.max_length=256",
+                                               f"dpo.precompute_ref_log_probs={str(precompute).lower()}"])
+    policy = random_llama(tok, seed=0, **SHAPE)
+    # Run at every step, a full fine-tuning reference is a second model (the stage loads it from the SFT model's
+    # folder; this policy has none to load from); precomputed, TRL takes it from the untrained policy.
+    ref = None if precompute else random_llama(tok, seed=0, **SHAPE)
+    trainer = build_trainer(recipe, policy, tok, PAIRS, tmp_path, ref_model=ref)
+    assert trainer.args.precompute_ref_log_probs is precompute
+    assert ("ref_chosen_logps" in trainer.train_dataset.column_names) is precompute
+    if precompute:
+        for i, pair in enumerate(PAIRS):
+            for k in ("chosen", "rejected"):
+                expected = sequence_logps(policy, tok, pair["prompt"], pair[k], mask=True).sum().item()
+                assert trainer.train_dataset[i][f"ref_{k}_logps"] == pytest.approx(expected, rel=1e-5)

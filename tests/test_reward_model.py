@@ -58,11 +58,12 @@ def test_the_stage_trains_a_reward_model_that_ranks_held_out_pairs(tmp_path):
             wrong = a + b + rng.choice([-10, -1, 1, 10])
             rows.append({"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {a} + {b}?"}],
                          "chosen": A(f"{a} + {b} = {a + b}. {good}"), "rejected": A(f"{a} + {b} = {wrong}. {bad}")})
-        pairs = tmp_path / f"{name}.jsonl"
-        pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pairs = [tmp_path / f"{name}-round-{k}.jsonl" for k in (1, 2)]  # two rounds' select outputs, 200 rows each
+        for k, path in enumerate(pairs):
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows[200 * k:200 * (k + 1)]))
         out = tmp_path / name
         out.mkdir()
-        return reward_model.run(recipe, {"model": model, "pairs": [pairs]}, out, 1), out
+        return reward_model.run(recipe, {"model": model, "pairs": pairs}, out, 2), out
 
     # An untrained head ranks every pair by the closing word, so it gets all of them right or all wrong. The words
     # are set against the untrained preference (the head starts from the recipe's seed either way), so a held-out
@@ -70,7 +71,8 @@ def test_the_stage_trains_a_reward_model_that_ranks_held_out_pairs(tmp_path):
     result, out = train("Correct.", "Wrong.", "a")
     if result.stats["held_out_pair_accuracy_before"] > 0.5:
         result, out = train("Wrong.", "Correct.", "b")
-    assert result.rows["preference_rows"] == 401
+    assert result.rows["preference_rows"] == 401  # both rounds' files and the annotated row
+    assert result.stats["resumed_from_step"] == {} and result.stats["seeds"] == [recipe.seed]
     assert result.rows["train_pairs"] + result.rows["held_out_pairs"] == 403
     assert 50 <= result.rows["held_out_pairs"] <= 110  # ~20% of 400 prompts
     assert result.stats["held_out_pair_accuracy_before"] < 0.5

@@ -1,6 +1,8 @@
 """SFT batching: packed (padding-free) batches must give the same loss as padded ones on the same examples, which
 holds only if attention stays within each example and the prompt stays out of the loss."""
 
+import os
+
 import pytest
 import torch
 
@@ -71,3 +73,19 @@ def test_the_recipes_attention_kernel_is_the_one_trained_and_packing_holds_with_
     packed_eager, kb = one_batch_loss(tmp_path / "b", ["sft.packing=true"], attn="eager")
     assert kb["input_ids"].shape[0] == 1
     assert packed_eager == pytest.approx(padded, rel=1e-5)
+
+
+def test_trainer_fields_only_returns_the_fields(tmp_path, monkeypatch):
+    """Building a trainer's arguments touches neither the environment nor the disk; the stage's TensorBoard folder
+    is set up by `train_runs`, which trains."""
+    from alignment.training import trainer_fields
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    env = dict(os.environ)
+    cfg = load_recipe("recipes/tiny.yaml", ["sft.save_steps=7"]).sft
+    fields = trainer_fields(cfg, tmp_path / "stage", seed=3)
+    assert dict(os.environ) == env
+    assert list(tmp_path.iterdir()) == []
+    assert fields["output_dir"] == str(tmp_path / "stage" / "trainer")
+    assert (fields["seed"], fields["data_seed"], fields["save_steps"]) == (3, 3, 7)
+    assert fields["report_to"] == ["tensorboard"] and fields["learning_rate"] == cfg.learning_rate

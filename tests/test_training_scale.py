@@ -1,12 +1,13 @@
 """SFT as the orchestrator runs it (`alignment.runner` on a job file, under `accelerate launch` when distributed):
 two DDP processes against one with doubled accumulation, LoRA merged into a full model, seed averaging, and
-resuming a killed run from its checkpoint."""
+resuming a killed run from its checkpoint; the reward_model stage resuming through the same training path."""
 
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from safetensors.torch import load_file
 from alignment.chat import build_tokenizer
 from alignment.config import load_recipe
 from alignment.round import stage_command, stage_env
+from alignment.stage_table import stage_config
 from alignment.tiny_models import random_llama, save
 
 pytestmark = pytest.mark.slow
@@ -41,11 +43,17 @@ def run_sft(tmp: Path, model: Path, name: str, *overrides, wait=True):
         "sft.learning_rate=1e-3", "sft.lr_scheduler_type=constant", "sft.warmup_steps=0", *overrides])
     folder = tmp / name
     folder.mkdir(exist_ok=True)
-    job = {"stage": "sft", "round": 1, "recipe": recipe.model_dump(mode="json"), "recipe_file": "test",
-           "overrides": list(overrides), "config": {}, "fingerprint": name,
-           "inputs": {"model": {"path": str(model), "hash": "m"}, "sft": {"path": str(tmp / "sft.jsonl"), "hash": "d"}}}
+    return run_job(recipe, "sft", folder, {"model": str(model), "sft": str(tmp / "sft.jsonl")}, overrides, wait)
+
+
+def run_job(recipe, stage: str, folder: Path, inputs: dict, overrides, wait: bool):
+    """The stage as the orchestrator starts it: job.json with the declared sections, then the runner's process."""
+    ident = lambda p: [ident(x) for x in p] if isinstance(p, list) else {"path": p, "hash": "h"}  # noqa: E731
+    job = {"stage": stage, "round": 1, "recipe_name": recipe.name, "recipe_file": "test", "overrides": list(overrides),
+           "config": stage_config(recipe, stage), "fingerprint": folder.name,
+           "inputs": {k: ident(v) for k, v in inputs.items()}}
     (folder / "job.json").write_text(json.dumps(job))
-    cmd, env = stage_command(recipe, "sft", folder / "job.json"), stage_env(recipe, "sft")
+    cmd, env = stage_command(recipe, stage, folder / "job.json"), stage_env(recipe, stage)
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True), folder
@@ -127,3 +135,52 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
     whole, resumed = weights(tmp / "whole" / "model"), weights(folder / "model")
     for k in whole:
         assert torch.allclose(whole[k], resumed[k], atol=1e-5), k
+
+
+def run_reward_model(tmp: Path, model: Path, name: str, *overrides, wait=True):
+    """The reward_model stage in a process of its own, on 64 preference pairs (one round's), none held out."""
+    pairs = tmp / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({
+        "prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i % 9}?"}],
+        "chosen": [{"role": "assistant", "content": f"{i + i % 9}"}],
+        "rejected": [{"role": "assistant", "content": f"{i + i % 9 + 1}"}]}) + "\n" for i in range(64)))
+    folder = tmp / name
+    folder.mkdir(exist_ok=True)
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", [
+        "reward_training.held_out_share=0.0", "reward_training.num_train_epochs=3",
+        "reward_training.per_device_train_batch_size=4", "reward_training.save_steps=4",
+        "reward_training.logging_steps=1", "reward_training.learning_rate=1e-3",
+        "reward_training.lr_scheduler_type=constant", "reward_training.warmup_steps=0", *overrides])
+    result = run_job(recipe, "reward_model", folder, {"model": str(model), "pairs": [str(pairs)]}, overrides, wait)
+    return (result[0]["stats"], *result[1:]) if wait else result
+
+
+def test_a_killed_reward_model_run_resumes_like_sft_and_reports_the_step(data):
+    """The reward_model stage trains through the SFT/DPO path: resumed from its last whole checkpoint, reported as
+    `resumed_from_step` per seed, TensorBoard logs in the stage's logs/, the tokenizer saved padding right."""
+    tmp, model = data
+    whole, _, _ = run_reward_model(tmp, model, "rm-whole", "reward_training.report_to=[]")
+    assert whole["resumed_from_step"] == {} and whole["seeds"] == [0]
+    proc, folder = run_reward_model(tmp, model, "rm-killed", wait=False)
+    deadline = time.time() + 300
+    while not list((folder / "trainer").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (folder / "manifest.json").exists()
+    done = max(int(p.parent.name.split("-")[1]) for p in (folder / "trainer").glob("checkpoint-*/trainer_state.json"))
+    assert done < 48  # 64 pairs / 4 per step x 3 epochs: killed before the end
+    torn = folder / "trainer" / f"checkpoint-{done + 4}"  # killed while saving the next one
+    shutil.copytree(folder / "trainer" / f"checkpoint-{done}", torn, dirs_exist_ok=True)
+    (torn / "trainer_state.json").unlink()
+    stats, _, out = run_reward_model(tmp, model, "rm-killed")
+    assert f"resuming seed 0 from {folder / 'trainer'}/checkpoint-{done}\n" in out
+    assert stats["resumed_from_step"] == {"0": done} and stats["seeds"] == [0]
+    assert stats["steps"] == 48
+    whole_w, resumed_w = weights(tmp / "rm-whole" / "model"), weights(folder / "model")
+    assert "score.weight" in whole_w  # the scalar head, trained and saved with the rest
+    for k in whole_w:
+        assert torch.allclose(whole_w[k], resumed_w[k], atol=1e-5), k
+    assert list((folder / "logs").glob("events.out.tfevents.*"))  # report_to: tensorboard, into the stage's logs/
+    assert json.loads((folder / "model" / "tokenizer_config.json").read_text())["padding_side"] == "right"

@@ -5,7 +5,7 @@ loss). Formatting tokens (`<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|
 of every loss term on both responses: the paper found that their shared presence in chosen and rejected pulls
 the two objectives against each other and teaches tail repetition or early stops. The reference model is the
 SFT model itself unless `dpo.ref_model_name_or_path` names another; its log-probabilities are computed once
-before training (`precompute_ref_log_probs`), so no second model runs during the steps.
+before training (`dpo.precompute_ref_log_probs`, on by default), so no second model runs during the steps.
 
     align stage dpo --recipe recipes/tiny.yaml --round 1
 """
@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from alignment.config import InputError, Recipe
+from alignment.config import InputError
 from alignment.prompts import read_jsonl
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, peft_config,
                                 train_runs, trainer_fields)
@@ -48,12 +50,13 @@ def formatting_token_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None,
+def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None,
                   seed: int | None = None) -> DPOTrainer:
     cfg = recipe.dpo
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
     args = DPOConfig(**trainer_fields(cfg, out_dir, recipe.seed if seed is None else seed), beta=cfg.beta,
-                     loss_type=list(cfg.loss_type), loss_weights=list(cfg.loss_weights), precompute_ref_log_probs=True)
+                     loss_type=list(cfg.loss_type), loss_weights=list(cfg.loss_weights),
+                     precompute_ref_log_probs=cfg.precompute_ref_log_probs)
     model.config.pad_token_id = tokenizer.pad_token_id  # what TRL does when it builds the collator itself
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
                                          truncation_mode=args.truncation_mode,
@@ -65,12 +68,12 @@ def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: P
                       data_collator=collator, peft_config=peft_config(cfg))
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     rows = read_jsonl(inputs["pairs"])
     if not rows:
         raise InputError(f"{inputs['pairs']}: no preference pairs were selected; see the select stage's drop counts")
     cfg = recipe.dpo
-    tokenizer = load_for_training(inputs["model"], cfg)[1]
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])  # the model itself loads per run, in build
     check_prompts_fit(tokenizer, rows, cfg.max_length, "dpo.max_length", inputs["pairs"])
     over = count_over_length(tokenizer, rows, cfg.max_length, ("chosen", "rejected"))
 

@@ -13,7 +13,6 @@ and after training. The next round scores with this model when the recipe says `
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -21,11 +20,12 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from alignment.config import InputError, Recipe
+from alignment.config import InputError
 from alignment.prompts import read_jsonl
 from alignment.rewards import reward_model_scores
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
-from alignment.training import check_prompts_fit, last_complete_checkpoint, loss_summary, trainer_fields
+from alignment.training import check_prompts_fit, loss_summary, train_runs, trainer_fields
 
 
 def ranked_pairs(row: dict) -> list[dict]:
@@ -62,9 +62,9 @@ def pair_accuracy(model_path: str, pairs: list[dict], batch_size: int) -> float 
     return sum(s[2 * i] > s[2 * i + 1] for i in range(len(pairs))) / len(pairs)
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.reward_training
-    rows = [r for path in inputs["pairs"] for r in read_jsonl(path)]
+    rows = [r for path in inputs["pairs"] for r in read_jsonl(path)]  # one pairs file per round so far
     rows += [r for p in cfg.preference_paths for r in read_preferences(Path(p))]
     pairs = [p for r in rows for p in ranked_pairs(r)]
     train = [p for p in pairs if not held_out(p["prompt_id"], cfg.held_out_share)]
@@ -84,24 +84,18 @@ def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) ->
     tokenizer.save_pretrained(init)
     before = pair_accuracy(str(init), test, cfg.per_device_train_batch_size)
 
-    fields = trainer_fields(cfg, out_dir, recipe.seed)
-    trainer = RewardTrainer(model=model, args=RewardConfig(**fields),
-                            train_dataset=Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")}
-                                                             for p in train]),
-                            processing_class=tokenizer)
-    ckpt = last_complete_checkpoint(Path(fields["output_dir"]))
-    trainer.train(resume_from_checkpoint=ckpt)
-    trainer.save_model(str(out_dir / "model"))
-    tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(str(out_dir / "model"))
-    (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    def build(run_dir: Path, seed: int):  # one run (the config refuses average_seeds), from the model above
+        data = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in train])
+        return RewardTrainer(model=model, args=RewardConfig(**trainer_fields(cfg, run_dir, seed)),
+                             train_dataset=data, processing_class=tokenizer)
+
+    (history,), runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build, padding_side="right")
     after = pair_accuracy(str(out_dir / "model"), test, cfg.per_device_train_batch_size)
-    train_acc = [h["accuracy"] for h in trainer.state.log_history if "accuracy" in h]
+    train_acc = [h["accuracy"] for h in history if "accuracy" in h]
     print(f"reward model: held-out pair accuracy {before} -> {after} on {len(test)} pairs", flush=True)
     return StageResult(
         outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
         rows={"preference_rows": len(rows), "train_pairs": len(train), "held_out_pairs": len(test)},
-        stats={**loss_summary(trainer.state.log_history), "held_out_pair_accuracy": after,
+        stats={**loss_summary(history), **runs, "held_out_pair_accuracy": after,
                "held_out_pair_accuracy_before": before, "last_train_accuracy": train_acc[-1] if train_acc else None,
-               "resumed_from_checkpoint": ckpt is not None,
                "edited_rows": sum(bool(r.get("edited")) for r in rows)})

@@ -13,16 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset
+from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
-from alignment.config import InputError, Recipe
+from alignment.config import InputError
 from alignment.prompts import read_jsonl
+from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, peft_config,
                                 train_runs, trainer_fields)
 
 
-def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: Path, seed: int | None = None):
+def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, seed: int | None = None):
     cfg = recipe.sft
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     # Packing uses TRL's best-fit decreasing: whole examples per row (none cut), padding-free. transformers reads
@@ -33,12 +35,12 @@ def build_trainer(recipe: Recipe, model, tokenizer, rows: list[dict], out_dir: P
                       peft_config=peft_config(cfg))
 
 
-def run(recipe: Recipe, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     rows = read_jsonl(inputs["sft"])
     if not rows:
         raise InputError(f"{inputs['sft']}: no SFT examples were selected; see the select stage's drop counts")
     cfg = recipe.sft
-    tokenizer = load_for_training(inputs["model"], cfg)[1]
+    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])  # the model itself loads per run, in build
     check_prompts_fit(tokenizer, rows, cfg.max_length, "sft.max_length", inputs["sft"])
     over = count_over_length(tokenizer, rows, cfg.max_length, ("completion",))
 
