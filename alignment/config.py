@@ -31,6 +31,7 @@ class ModelSource(str, Enum):
     bootstrap = "bootstrap"  # the tiny model this recipe's `bootstrap` section builds
     path = "path"  # `model_name_or_path`: a save_pretrained folder or hub id
     previous = "previous"  # the model the round starts from (the last round's DPO model), as Llama 3 sampled
+    best = "best"  # teacher: the best model so far by held-out accuracy, the fixed teacher or a promoted student
 
 
 class PromptsConfig(Strict):
@@ -47,8 +48,8 @@ class StudentConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.source == ModelSource.previous:
-            raise ValueError("student.source cannot be 'previous': the student is what each round trains")
+        if self.source in (ModelSource.previous, ModelSource.best):
+            raise ValueError(f"student.source cannot be {self.source.value!r}: the student is what each round trains")
         if self.source == ModelSource.path and not self.model_name_or_path:
             raise ValueError("student.model_name_or_path is required when source is 'path'")
         return self
@@ -78,8 +79,10 @@ class EngineConfig(Strict):
 
 
 class TeacherConfig(Strict):
-    source: ModelSource = Field(description="bootstrap, path, or previous (the model the round starts from, as "
-                                "Llama 3 sampled from its best model of the last round)")
+    source: ModelSource = Field(description="bootstrap, path, previous (the model the round starts from, as "
+                                "Llama 3 sampled from its best model of the last round), or best: the best model so "
+                                "far by held-out accuracy, the fixed teacher (model_name_or_path, else the "
+                                "bootstrap's teacher) or a student a round promoted")
     model_name_or_path: str | None = Field(None, description="the model when source is path; with existing "
                                            "endpoints, the model name they serve")
     backend: Backend = Field(Backend.transformers, description="generation engine: transformers, vllm or openai")
@@ -517,8 +520,11 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _check(self):
         uses = [s.value for s in (self.student.source, self.teacher.source) if s == ModelSource.bootstrap]
+        if self.teacher.source == ModelSource.best and not self.teacher.model_name_or_path:
+            uses.append("best")  # its fixed teacher is the bootstrap's
         if uses and self.bootstrap is None:
-            raise ValueError("student or teacher source is 'bootstrap' but the recipe has no bootstrap section")
+            raise ValueError(f"student or teacher source {uses[0]!r} needs the bootstrap's models, but the recipe "
+                             "has no bootstrap section")
         rm = self.reward.reward_model
         if rm is not None and rm.source == RewardModelSource.trained and self.reward_training is None:
             raise ValueError("reward.reward_model.source is 'trained' but the recipe has no "

@@ -21,7 +21,7 @@ from pathlib import Path
 from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates
 from alignment.manifest import hash_file, hash_json, read_manifest, write_json_atomic
-from alignment.metrics import metric_columns, metrics_table
+from alignment.metrics import fmt, metric_columns, metrics_table
 from alignment.seeding import model_identity
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
                                    round_stages, stage_config, student, teacher, upstreams)
@@ -36,8 +36,8 @@ def round_dir(recipe: Recipe, round_n: int) -> Path:
 
 
 def stage_dir(recipe: Recipe, round_n: int, stage: str) -> Path:
-    if stage == "bootstrap":  # built once per recipe, shared by every round
-        return recipe.runs_dir / recipe.name / "bootstrap"
+    if STAGES[stage].once:  # built once per recipe, shared by every round
+        return recipe.runs_dir / recipe.name / stage
     return round_dir(recipe, round_n) / stage
 
 
@@ -180,12 +180,20 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
             check_chat_templates(round_models(recipe, round_n))
         run_stage(recipe, round_n, stage.name, recipe_file=recipe_file, overrides=overrides)
     metrics = json.loads((stage_dir(recipe, round_n, "eval") / "metrics.json").read_text())
-    decision = json.loads((stage_dir(recipe, round_n, "promote") / "decision.json").read_text())
-    print(format_metrics(round_n, metrics))
+    promote = stage_dir(recipe, round_n, "promote")
+    decision, best = (json.loads((promote / f).read_text()) for f in ("decision.json", "best.json"))
+    print(format_metrics(round_n, {**metrics, **reference_metrics(recipe)}))
     print(f"promoted: {decision['promoted']}{' (forced)' if decision['forced'] else ''}")
     for reason in decision["reasons"]:
         print(f"  {reason}")
+    print(f"best so far: {best['name']} (held-out accuracy {fmt(best['accuracy'])})")
     return metrics
+
+
+def reference_metrics(recipe: Recipe) -> dict:
+    """{"teacher": metrics} of the fixed teacher, when the recipe evaluated it; else {}."""
+    folder = stage_dir(recipe, 0, "teacher_eval")
+    return json.loads((folder / "metrics.json").read_text()) if read_manifest(folder) else {}
 
 
 def status(recipe: Recipe, round_n: int, stage: str) -> str:
@@ -206,7 +214,7 @@ def round_status(recipe: Recipe, rounds: list[int]) -> dict[tuple[int, str], str
     memo: dict[tuple[int, str], str] = {}
 
     def st(n: int, name: str) -> str:
-        key = (0 if name == "bootstrap" else n, name)
+        key = (0 if STAGES[name].once else n, name)
         if key not in memo:
             c = status(recipe, n, name)
             if c == "done" and any(st(u.round, u.stage) != "done" for u in upstreams(STAGES[name].inputs(recipe, n))):
@@ -230,5 +238,6 @@ def status_table(recipe: Recipe) -> str:
 
 
 def format_metrics(round_n: int, metrics: dict) -> str:
-    rows = [(name, metrics[name]) for name in ("input", "sft", "dpo")]
+    """The round's models, and the fixed teacher as a reference row when it was evaluated."""
+    rows = [(name, metrics[name]) for name in ("input", "sft", "dpo", "teacher") if name in metrics]
     return "\n".join([f"round {round_n} held-out evaluation"] + metrics_table(rows, metric_columns([metrics])))

@@ -51,6 +51,7 @@ class Stage:
     outputs: tuple[str, ...]
     trains: str | None = None  # the recipe section holding its TrainerConfig
     when: Callable[[Recipe, int], bool] = lambda recipe, round_n: True  # does round n of this recipe have it?
+    once: bool = False  # once per recipe (runs/<recipe>/<stage>/, round 0), shared by every round
 
 
 # --- how inputs are found ---------------------------------------------------------------------------------------
@@ -66,12 +67,23 @@ def student(recipe: Recipe, round_n: int) -> Input:
     return Model(recipe.student.model_name_or_path, "student.model_name_or_path")
 
 
-def teacher(recipe: Recipe, round_n: int) -> Input:
-    if recipe.teacher.source == ModelSource.bootstrap:
+def fixed_teacher(recipe: Recipe) -> Input | None:
+    """The teacher that does not change between rounds: a model the recipe names, or the bootstrap's."""
+    t = recipe.teacher
+    if t.source == ModelSource.path or (t.source == ModelSource.best and t.model_name_or_path):
+        return Model(t.model_name_or_path, "teacher.model_name_or_path")
+    if t.source in (ModelSource.bootstrap, ModelSource.best):
         return Upstream("bootstrap", "teacher", 0, "the bootstrapped teacher")
+    return None
+
+
+def teacher(recipe: Recipe, round_n: int) -> Input:
     if recipe.teacher.source == ModelSource.previous:
         return student(recipe, round_n)
-    return Model(recipe.teacher.model_name_or_path, "teacher.model_name_or_path")
+    if recipe.teacher.source == ModelSource.best and round_n > 1:
+        return Upstream("promote", "best", round_n - 1, f"teacher.source best: the best model up to round "
+                        f"{round_n - 1}, which is not complete; run `make round N={round_n - 1}` first")
+    return fixed_teacher(recipe)
 
 
 def reward_model(recipe: Recipe, trained_in: int) -> dict[str, Input]:
@@ -93,8 +105,26 @@ def eval_prompts(recipe: Recipe) -> File:
 
 
 def needs_bootstrap(recipe: Recipe, round_n: int) -> bool:
-    return (recipe.teacher.source == ModelSource.bootstrap
+    return (isinstance(fixed_teacher(recipe), Upstream)
             or (round_n == 1 and recipe.student.source == ModelSource.bootstrap))
+
+
+def evaluates_teacher(recipe: Recipe, round_n: int = 0) -> bool:
+    """A fixed teacher we can load is evaluated once, as the rounds' reference (remote endpoints cannot be)."""
+    return fixed_teacher(recipe) is not None and not recipe.teacher.endpoints
+
+
+def promote_inputs(r: Recipe, n: int) -> dict:
+    """The round's metrics and answers, its three models, and the best model before this round (with its record)
+    from which `promote` carries the best model so far forward."""
+    inputs = {"metrics": Upstream("eval", "metrics", n, "promote"), "answers": Upstream("eval", "answers", n, "promote"),
+              "input": student(r, n), **sft_models(r, n, "promote")}
+    if n > 1:
+        inputs.update(best_before=Upstream("promote", "best", n - 1, "promote"),
+                      best_before_record=Upstream("promote", "best_record", n - 1, "promote"))
+    elif evaluates_teacher(r):
+        inputs.update(best_before=fixed_teacher(r), best_before_record=Upstream("teacher_eval", "record", 0, "promote"))
+    return inputs
 
 
 def generate_inputs(r: Recipe, n: int) -> dict:
@@ -120,7 +150,10 @@ def sft_models(r: Recipe, n: int, why: str) -> dict:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("bootstrap", ("bootstrap", "seed"), lambda r, n: {"eval_prompts": eval_prompts(r)},
-          ("student", "teacher"), when=needs_bootstrap),
+          ("student", "teacher"), when=needs_bootstrap, once=True),
+    Stage("teacher_eval", ("eval", "reward", "seed"), lambda r, n: {
+        "teacher": fixed_teacher(r), "eval_prompts": eval_prompts(r), **reward_model(r, 0)},
+        ("metrics", "answers", "record"), when=evaluates_teacher, once=True),
     Stage("generate", ("teacher", "sampling", "prompts", "seed"), generate_inputs, ("samples",)),
     Stage("score", ("reward", "teacher"), score_inputs, ("scores",)),
     Stage("select", ("select", "seed"), lambda r, n: {
@@ -141,9 +174,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("eval", ("eval", "reward", "seed"), lambda r, n: {
         "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": eval_prompts(r), **reward_model(r, n)},
         ("metrics", "answers")),
-    Stage("promote", ("gate",), lambda r, n: {
-        "metrics": Upstream("eval", "metrics", n, "promote"), "input": student(r, n), **sft_models(r, n, "promote")},
-        ("decision", "model")),
+    Stage("promote", ("gate",), promote_inputs,
+          ("decision", "model", "best", "best_record")),
 )}
 EVAL_STAGES = ("eval", "promote")  # what `align eval` runs
 

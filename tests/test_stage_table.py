@@ -12,24 +12,26 @@ from alignment.stage_table import STAGES, StageConfig, round_stages, stage_confi
 
 TINY = "recipes/tiny.yaml"
 ROUND = ["generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
-ALL = {(0, "bootstrap")} | {(n, s) for n in (1, 2) for s in ROUND}
+ONCE = {(0, "bootstrap"), (0, "teacher_eval")}  # once per recipe
+ALL = ONCE | {(n, s) for n in (1, 2) for s in ROUND}
 # In the tiny recipe the teacher is the bootstrap's, so round 2's generate, score and select depend on round 1
 # only through the bootstrap; reward_model, sft, eval and promote start from the model round 1 promoted, and
-# round 2's reward_model also reads round 1's pairs.
+# round 2's reward_model also reads round 1's pairs. The teacher is evaluated once, the way eval evaluates (its
+# sections), and round 1's promote compares the best student with it.
 STUDENT_2 = {(2, s) for s in ("reward_model", "sft", "dpo", "eval", "promote")}
 EXPECTED_STALE = {
     "name": set(), "runs_dir": set(), "rounds": set(),  # name and runs_dir move the folder: see below
     "seed": ALL,
     "bootstrap": ALL,
-    "teacher": ALL - {(0, "bootstrap")},
-    "sampling": ALL - {(0, "bootstrap")},
-    "prompts": ALL - {(0, "bootstrap")},
+    "teacher": ALL - ONCE,
+    "sampling": ALL - ONCE,
+    "prompts": ALL - ONCE,
     "reward": ALL - {(0, "bootstrap"), (1, "generate"), (2, "generate")},
     "select": {(n, s) for n in (1, 2) for s in ("select", "reward_model", "sft", "dpo", "eval", "promote")},
     "reward_training": {(1, "reward_model"), (2, "reward_model")},
     "sft": {(1, "sft"), (1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "dpo": {(1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
-    "eval": {(1, "eval"), (1, "promote")} | STUDENT_2,
+    "eval": {(0, "teacher_eval"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "gate": {(1, "promote")} | STUDENT_2,
     "student": {(1, s) for s in ("reward_model", "sft", "dpo", "eval", "promote")} | STUDENT_2,
 }
@@ -77,9 +79,9 @@ def test_changing_a_key_marks_stale_exactly_the_stages_that_read_it_and_what_fol
     if key in ("name", "runs_dir"):  # a new run folder: nothing of the old run is found, nothing is stale
         assert set(status.values()) == {"missing"}
         return
-    stale = {(0 if s == "bootstrap" else n, s) for (n, s), c in status.items() if c == "stale"}
+    stale = {(0 if STAGES[s].once else n, s) for (n, s), c in status.items() if c == "stale"}
     assert stale == EXPECTED_STALE[key]
-    assert all(c == "done" for (n, s), c in status.items() if (0 if s == "bootstrap" else n, s) not in stale)
+    assert all(c == "done" for (n, s), c in status.items() if (0 if STAGES[s].once else n, s) not in stale)
 
 
 def test_transport_settings_of_the_teacher_leave_everything_done(tmp_path):
