@@ -43,17 +43,20 @@ def collect(run_dir: Path) -> list[dict]:
             entry["sft_rows"], entry["pairs"] = select["rows"]["sft"], select["rows"]["pairs"]
         if read_manifest(d / "promote"):
             entry["promoted"] = json.loads((d / "promote/decision.json").read_text())
-        history = d / "dpo" / "log_history.json"
-        if read_manifest(d / "dpo") and history.exists():
+        history, dpo = d / "dpo" / "log_history.json", read_manifest(d / "dpo")
+        if dpo and history.exists():
             entry["dpo_margins"] = [(h["step"], h["rewards/margins"]) for h in json.loads(history.read_text())
                                     if "rewards/margins" in h and "step" in h]
+            entry["dpo_log_probs"] = dpo.get("stats", {}).get("log_probs", [])
         rounds.append(entry)
     return rounds
 
 
-def plot_metric(rounds: list[dict], metric: str, label: str, path: Path) -> None:
+def plot_metric(rounds: list[dict], metric: str, label: str, path: Path, reference: dict) -> None:
+    """Each model's metric over the rounds; the fixed teacher's (`reference`, when evaluated) as a flat line."""
     xs = [r["round"] for r in rounds]
     ys = {name: [r["metrics"][name].get(metric) for r in rounds] for name in MODELS}
+    ys["teacher"] = [reference.get(metric)] * len(xs)
     plot_series({name: (xs, [float("nan") if y is None else y for y in v]) for name, v in ys.items()
                  if any(y is not None for y in v)}, "round", label, path, xticks=xs)
 
@@ -82,8 +85,10 @@ def write_report(recipe: Recipe) -> Path:
         raise InputError(f"no round of {run_dir} has a completed eval; run `make round N=1` first")
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
+    teacher = run_dir / "teacher_eval"
+    reference = json.loads((teacher / "metrics.json").read_text())["teacher"] if read_manifest(teacher) else {}
     for name, (metric, label) in PLOTS.items():
-        plot_metric(rounds, metric, label, out / name)
+        plot_metric(rounds, metric, label, out / name, reference)
     plots = list(PLOTS)
     with_acceptance = [r for r in rounds if r.get("acceptance") is not None]
     if with_acceptance:
@@ -94,6 +99,12 @@ def write_report(recipe: Recipe) -> Path:
     if margins:
         plot_series(margins, "DPO step", "reward margin (chosen - rejected)", out / "dpo_margins.png")
         plots.append("dpo_margins.png")
+    shifts = {f"round {r['round']} {side}": ([p["step"] for p in r["dpo_log_probs"]],
+                                              [p[f"policy_{side}"] - p[f"ref_{side}"] for p in r["dpo_log_probs"]])
+              for r in rounds if r.get("dpo_log_probs") for side in ("chosen", "rejected")}
+    if shifts:  # chosen falling below 0 is DPO lowering the likelihood of the answers it prefers
+        plot_series(shifts, "DPO step", "log p(policy) - log p(reference)", out / "dpo_log_probs.png")
+        plots.append("dpo_log_probs.png")
 
     metric_cols = metric_columns([r["metrics"] for r in rounds])
     lines = [f"# Report: {recipe.name}", "", f"Rounds with a completed evaluation: {len(rounds)}.", ""] + metrics_table(

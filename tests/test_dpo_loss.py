@@ -101,3 +101,13 @@ def test_the_recipes_precompute_setting_reaches_trl(tmp_path, precompute):
             for k in ("chosen", "rejected"):
                 expected = sequence_logps(policy, tok, pair["prompt"], pair[k], mask=True).sum().item()
                 assert trainer.train_dataset[i][f"ref_{k}_logps"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_reference_log_probs_are_recovered_from_the_logged_rewards():
+    from alignment.stages.dpo import log_probs
+
+    history = [{"step": 5, "logps/chosen": -10.0, "logps/rejected": -12.0, "rewards/chosen": 0.5,
+                "rewards/rejected": -0.2}, {"step": 5, "train_loss": 0.6}]
+    # reward = beta * (policy - reference): reference = policy - reward / beta = -10 - 5 and -12 + 2
+    assert log_probs(history, beta=0.1) == [{"step": 5, "policy_chosen": -10.0, "policy_rejected": -12.0,
+                                             "ref_chosen": -15.0, "ref_rejected": -10.0}]

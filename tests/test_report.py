@@ -24,7 +24,8 @@ def fake_round(run, n, accs, acceptance, promoted, with_dpo_log=True):
                                      "stats": {"acceptance_per_prompt": {"mean": acceptance}}})
     put(d / "promote/manifest.json", {"stage": "promote"})
     put(d / "promote/decision.json", {"promoted": promoted, "forced": promoted == "sft", "reasons": ["r"]})
-    put(d / "dpo/manifest.json", {"stage": "dpo"})
+    put(d / "dpo/manifest.json", {"stage": "dpo", "stats": {"log_probs": [
+        {"step": 10, "policy_chosen": -5.0, "policy_rejected": -9.0, "ref_chosen": -6.0, "ref_rejected": -7.0}]}})
     if with_dpo_log:
         put(d / "dpo/log_history.json", [{"step": 10, "rewards/margins": 0.1}, {"step": 20, "rewards/margins": 0.3},
                                          {"step": 20, "train_loss": 0.5}])
@@ -41,7 +42,7 @@ def test_report_has_a_row_per_round_and_model_and_every_plot(tmp_path):
     assert "| 2 | dpo | 0.850 | 0.850 | 0.850 | 0.500 | 10.000 | 0.000 | 0.000 |" in report
     assert "| 1 | 10 | 5 | 0.200 | dpo | r |" in report and "| 2 | 20 | 10 | 0.600 | sft (forced) | r |" in report
     assert "| 3 |" not in report
-    for png in ("accuracy", "reward", "win_rate", "length", "acceptance", "dpo_margins"):
+    for png in ("accuracy", "reward", "win_rate", "length", "acceptance", "dpo_margins", "dpo_log_probs"):
         assert (run / "report" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{png}]({png}.png)" in report
 

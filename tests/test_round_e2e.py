@@ -111,6 +111,9 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
         assert f"\n{stage}: " in stats
     assert sel["stats"]["dropped"].get("sample_hit_token_limit", 0) == manifest(run, "generate")["stats"][
         "hit_token_limit"]
+    # DPO's log-probabilities per step: at the first step the policy is still the reference (the SFT model)
+    first = manifest(run, "dpo")["stats"]["log_probs"][0]
+    assert first["step"] == 1 and first["policy_chosen"] == pytest.approx(first["ref_chosen"], abs=1e-3)
     # upstream paths come from upstream manifests, and identities chain through fingerprints
     assert manifest(run, "dpo")["inputs"]["model"]["hash"] == manifest(run, "sft")["fingerprint"] + ":model"
     metrics = json.loads((run / "round-1/eval/metrics.json").read_text())

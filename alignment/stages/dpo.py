@@ -68,6 +68,16 @@ def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_d
                       data_collator=collator, peft_config=peft_config(cfg))
 
 
+def log_probs(history: list[dict], beta: float) -> list[dict]:
+    """Per logging step, the mean log-probability of chosen and rejected responses under the policy and under the
+    reference. TRL logs the policy's and the rewards beta * (policy - reference), both as batch means, so the
+    reference's mean is exact. Both policy values falling is DPO pushing probability off the chosen answers too."""
+    return [{"step": h["step"], "policy_chosen": h["logps/chosen"], "policy_rejected": h["logps/rejected"],
+             "ref_chosen": h["logps/chosen"] - h["rewards/chosen"] / beta,
+             "ref_rejected": h["logps/rejected"] - h["rewards/rejected"] / beta}
+            for h in history if "logps/chosen" in h and "rewards/chosen" in h and "step" in h]
+
+
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     rows = read_jsonl(inputs["pairs"])
     if not rows:
@@ -88,5 +98,6 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
              "masked_formatting_tokens": cfg.mask_formatting_tokens}
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
+    stats["log_probs"] = log_probs(history, cfg.beta)
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
                        rows={"pairs": len(rows), "truncated": over}, stats=stats)
