@@ -142,7 +142,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": eval_prompts(r), **reward_model(r, n)},
         ("metrics", "answers")),
     Stage("promote", ("gate",), lambda r, n: {
-        "metrics": Upstream("eval", "metrics", n, "promote"), "input": student(r, n), **sft_models(r, n, "promote")},
+        "metrics": Upstream("eval", "metrics", n, "promote"), "answers": Upstream("eval", "answers", n, "promote"),
+        "input": student(r, n), **sft_models(r, n, "promote")},
         ("decision", "model")),
 )}
 EVAL_STAGES = ("eval", "promote")  # what `align eval` runs
