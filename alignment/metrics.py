@@ -8,7 +8,6 @@ from __future__ import annotations
 from math import comb
 
 import numpy as np
-from scipy.stats import binomtest, bootstrap
 
 BOOTSTRAP_SEED = 20240723  # fixed: an interval must not move when nothing but the run changes
 BOOTSTRAP_RESAMPLES = 10_000
@@ -41,6 +40,8 @@ def wilson_interval(successes: int, n: int) -> list[float] | None:
     normal approximation it stays inside [0, 1] and keeps its coverage near 0 and 1, where small models live."""
     if n == 0:
         return None
+    from scipy.stats import binomtest  # here, not at the top: scipy.stats adds 0.7 s to every `align` command
+
     ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
     return [float(ci.low), float(ci.high)]
 
@@ -48,6 +49,8 @@ def wilson_interval(successes: int, n: int) -> list[float] | None:
 def _bootstrap(values: list[float]):
     # Percentile rather than scipy's default BCa: BCa is undefined when every value is equal (all prompts solved,
     # or paired differences all zero), which is common here; the percentile interval is then the point itself.
+    from scipy.stats import bootstrap
+
     return bootstrap((np.asarray(values, dtype=float),), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
                      method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED), batch=1000)
 
@@ -78,6 +81,8 @@ def mcnemar_exact(better: int, worse: int) -> float:
     `worse` where only the baseline is. Under "no difference" each discordant prompt is a fair coin."""
     if better + worse == 0:
         return 1.0
+    from scipy.stats import binomtest
+
     return float(binomtest(better, better + worse, 0.5).pvalue)
 
 
