@@ -104,6 +104,14 @@ def fmt_ci(value, ci) -> str:
     return fmt(value) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
+def fmt_evidence(c: dict | None) -> str:
+    """A gate comparison (decision.json) in short: `accuracy +0.033 [-0.010, +0.077] vs input, McNemar exact p=0.16`."""
+    if not c or "p_value" not in c:
+        return ""
+    return (f"{c['metric']} {c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] vs {c['against']}, "
+            f"{c['test']} p={c['p_value']:.2g}")
+
+
 def metrics_table(rows: list[tuple[str, dict]], cols: list[str], head: str = "model") -> list[str]:
     """A Markdown table, one row per (label, metrics) and one column per metric, each with its 95% interval where
     `metrics.json` has one: for the terminal and the report."""
