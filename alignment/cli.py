@@ -3,7 +3,7 @@
     align validate recipes/tiny.yaml [key.path=value ...]   # overrides: any key of the recipe
     align round 1 --recipe recipes/tiny.yaml [--force dpo] [key.path=value ...]
     align eval 1 --recipe recipes/tiny.yaml [--force dpo]      # evaluate and gate round 1's checkpoints
-    align status --recipe recipes/tiny.yaml                   # done / stale / missing, per round and stage
+    align status --recipe recipes/tiny.yaml                   # done / stale / missing; what each round promoted
     align report --recipe recipes/tiny.yaml                   # runs/<recipe>/report/report.md and plots
     align stats 1 --recipe recipes/tiny.yaml                  # round 1's scoring and selection, filter by filter
     align stage sft --round 1 --recipe recipes/tiny.yaml [key.path=value ...]   # re-run one stage
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("n", type=int)
     for p in (r, e):
         p.add_argument("--force", choices=("dpo", "sft"), help="promote this checkpoint whatever the gate says")
-    st = sub.add_parser("status", help="which stages of which rounds are done, stale or missing")
+    st = sub.add_parser("status", help="which stages of which rounds are done, stale or missing, and what each "
+                        "round promoted (primary metric, its interval, the gate's evidence)")
     rep = sub.add_parser("report", help="Markdown report and plots across rounds")
     sts = sub.add_parser("stats", help="round N's scoring and selection: scorers, filters, pairs, reward model")
     sts.add_argument("n", type=int)

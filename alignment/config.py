@@ -444,12 +444,19 @@ class EvalConfig(Strict):
 
 
 class GateConfig(Strict):
-    """Which of the round's checkpoints seeds the next round, and how much worse than the round's input model
-    a checkpoint may be on each metric before it is refused."""
+    """Which of the round's checkpoints seeds the next round. A candidate is refused when it is significantly worse
+    than the round's input model (a paired test on the same prompts) or further below it than a tolerance allows;
+    of the rest the best on `primary_metric` is promoted, the recipe's order deciding only between candidates
+    within noise of each other."""
 
-    candidates: list[Literal["dpo", "sft"]] = Field(["dpo", "sft"], description="in order of preference")
-    tolerances: dict[str, float] = Field({"accuracy": 0.0}, description="metric -> largest allowed drop below "
-                                         "the input model (0 = must not regress)")
+    candidates: list[Literal["dpo", "sft"]] = Field(["dpo", "sft"], description="in order of preference, which "
+                                                    "decides only between candidates within noise of each other")
+    tolerances: dict[str, float] = Field({"accuracy": 0.0}, description="metric -> largest allowed drop of the "
+                                         "point estimate below the input model (0 = must not regress)")
+    primary_metric: str = Field("accuracy", description="the metric on which the best candidate is chosen: "
+                                "accuracy, mean_reward or pass@k (needs eval.num_samples)")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of the gate's two-sided paired "
+                         "tests (McNemar's exact test for accuracy, a paired bootstrap for reward and pass@k)")
     force: Literal["dpo", "sft"] | None = Field(None, description="promote this checkpoint whatever the gate "
                                                 "says (recorded in the decision)")
 
@@ -458,10 +465,14 @@ class GateConfig(Strict):
         unknown = {m for m in self.tolerances if m not in GATE_METRICS and not m.startswith("lm_eval/")}
         if unknown:
             raise ValueError(f"tolerances: unknown metrics {sorted(unknown)}; expected some of {sorted(GATE_METRICS)}")
+        if self.primary_metric not in PAIRED_METRICS:
+            raise ValueError(f"primary_metric: {self.primary_metric!r} has no per-prompt outcomes to compare; "
+                             "expected accuracy, mean_reward or pass@k")
         return self
 
 
-GATE_METRICS = {"accuracy", "mean_reward", "win_rate_vs_input"} | {f"pass@{k}" for k in range(1, 101)}
+PAIRED_METRICS = {"accuracy", "mean_reward"} | {f"pass@{k}" for k in range(1, 101)}  # per-prompt outcomes kept
+GATE_METRICS = PAIRED_METRICS | {"win_rate_vs_input"}
 
 
 class BootstrapConfig(Strict):

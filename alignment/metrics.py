@@ -1,8 +1,16 @@
-"""Evaluation metrics as plain functions, so each can be checked by hand."""
+"""Evaluation metrics and their noise as plain functions, so each can be checked by hand.
+
+Every interval is 95%. Bootstraps resample prompts with a fixed seed, so the same per-prompt outcomes always give
+the same interval and the same gate decision, whoever runs it and wherever the run folder is."""
 
 from __future__ import annotations
 
 from math import comb
+
+import numpy as np
+
+BOOTSTRAP_SEED = 20240723  # fixed: an interval must not move when nothing but the run changes
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -14,17 +22,74 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def win_rate(candidate: list[float], baseline: list[float]) -> float:
-    """Share of prompts where the candidate's reward beats the baseline's on the same prompt; ties count half."""
+def wins(candidate: list[float], baseline: list[float]) -> list[float]:
+    """Per prompt: 1 when the candidate's reward beats the baseline's on the same prompt, 0.5 on a tie, else 0."""
     if len(candidate) != len(baseline) or not candidate:
         raise ValueError("win rate needs two equally long, non-empty lists of per-prompt rewards")
-    wins = sum(1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline))
-    return wins / len(candidate)
+    return [1.0 if c > b else 0.5 if c == b else 0.0 for c, b in zip(candidate, baseline)]
+
+
+def win_rate(candidate: list[float], baseline: list[float]) -> float:
+    """Share of prompts where the candidate's reward beats the baseline's on the same prompt; ties count half."""
+    w = wins(candidate, baseline)
+    return sum(w) / len(w)
+
+
+def wilson_interval(successes: int, n: int) -> list[float] | None:
+    """95% Wilson score interval of a proportion (no continuity correction); None without trials. Unlike the
+    normal approximation it stays inside [0, 1] and keeps its coverage near 0 and 1, where small models live."""
+    if n == 0:
+        return None
+    from scipy.stats import binomtest  # here, not at the top: scipy.stats adds 0.7 s to every `align` command
+
+    ci = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [float(ci.low), float(ci.high)]
+
+
+def _bootstrap(values: list[float]):
+    # Percentile rather than scipy's default BCa: BCa is undefined when every value is equal (all prompts solved,
+    # or paired differences all zero), which is common here; the percentile interval is then the point itself.
+    from scipy.stats import bootstrap
+
+    return bootstrap((np.asarray(values, dtype=float),), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
+                     method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED), batch=1000)
+
+
+def bootstrap_interval(values: list[float]) -> list[float] | None:
+    """95% interval of the mean of per-prompt values, by resampling prompts; None below two prompts."""
+    if len(values) < 2:
+        return None
+    ci = _bootstrap(values).confidence_interval
+    return [float(ci.low), float(ci.high)]
+
+
+def paired_bootstrap(differences: list[float]) -> tuple[list[float], float]:
+    """([lo, hi], p) for the mean of per-prompt differences (candidate - baseline on the same prompt).
+
+    The two-sided p-value is twice the share of resampled means on the far side of zero (capped at 1): it falls
+    below 0.05 exactly when zero lies outside the 95% percentile interval, so the interval and the test agree."""
+    if len(differences) < 2:
+        return [float(np.mean(differences))] * 2, 1.0
+    res = _bootstrap(differences)
+    dist = res.bootstrap_distribution
+    p = min(1.0, 2 * min(float(np.mean(dist <= 0)), float(np.mean(dist >= 0))))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)], p
+
+
+def mcnemar_exact(better: int, worse: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant prompts: `better` where only the candidate is right,
+    `worse` where only the baseline is. Under "no difference" each discordant prompt is a fair coin."""
+    if better + worse == 0:
+        return 1.0
+    from scipy.stats import binomtest
+
+    return float(binomtest(better, better + worse, 0.5).pvalue)
 
 
 def metric_columns(metrics: list[dict]) -> list[str]:
-    """The columns of an evaluation table, in reading order, for the `metrics.json` of one or more rounds."""
-    keys = {k for m in metrics for k in m["input"]}
+    """The columns of an evaluation table, in reading order, for the `metrics.json` of one or more rounds.
+    A metric's interval (`<metric>_ci`) is shown in its metric's cell, not as a column."""
+    keys = {k for m in metrics for k in m["input"] if not k.endswith("_ci")}
     return (["accuracy", "mean_reward"] + sorted(k for k in keys if k.startswith("pass@"))
             + ["win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"]
             + sorted(k for k in keys if k.startswith("lm_eval/")))
@@ -34,7 +99,21 @@ def fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def fmt_ci(value, ci) -> str:
+    """`0.433 [0.38, 0.49]`: a value with its 95% interval, or the value alone when it has none."""
+    return fmt(value) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def fmt_evidence(c: dict | None) -> str:
+    """A gate comparison (decision.json) in short: `accuracy +0.033 [-0.010, +0.077] vs input, McNemar exact p=0.16`."""
+    if not c or "p_value" not in c:
+        return ""
+    return (f"{c['metric']} {c['difference']:+.3f} [{c['ci'][0]:+.3f}, {c['ci'][1]:+.3f}] vs {c['against']}, "
+            f"{c['test']} p={c['p_value']:.2g}")
+
+
 def metrics_table(rows: list[tuple[str, dict]], cols: list[str], head: str = "model") -> list[str]:
-    """A Markdown table, one row per (label, metrics) and one column per metric: for the terminal and the report."""
+    """A Markdown table, one row per (label, metrics) and one column per metric, each with its 95% interval where
+    `metrics.json` has one: for the terminal and the report."""
     return [f"| {head} | " + " | ".join(cols) + " |", "|---|" + "---|" * (len(cols) + head.count("|"))] + [
-        f"| {label} | " + " | ".join(fmt(m.get(c)) for c in cols) + " |" for label, m in rows]
+        f"| {label} | " + " | ".join(fmt_ci(m.get(c), m.get(f"{c}_ci")) for c in cols) + " |" for label, m in rows]

@@ -1,8 +1,8 @@
 """`make report`: every round's numbers in one Markdown file, with plots across rounds.
 
-Reads only completed stages (those with a manifest) and writes `runs/<recipe>/report/`: `report.md` and
-PNGs of held-out accuracy, reward, win rate, response length, rejection-sampling acceptance and DPO reward
-margins over training steps.
+Reads only completed stages (those with a manifest) and writes `runs/<recipe>/report/`: `report.md` (each metric
+with its 95% interval, each promotion with the gate's evidence) and PNGs of held-out accuracy, reward, win rate and
+response length with 95% error bars, rejection-sampling acceptance and DPO reward margins over training steps.
 
     align report --recipe recipes/tiny.yaml
 """
@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from alignment.config import InputError, Recipe  # noqa: E402
 from alignment.manifest import read_manifest  # noqa: E402
-from alignment.metrics import fmt, metric_columns, metrics_table  # noqa: E402
+from alignment.metrics import fmt, fmt_evidence, metric_columns, metrics_table  # noqa: E402
 
 MODELS = ("input", "sft", "dpo")
 PLOTS = {  # file -> (metric in metrics.json, axis label)
@@ -55,18 +55,32 @@ def collect(run_dir: Path) -> list[dict]:
 def plot_metric(rounds: list[dict], metric: str, label: str, path: Path, reference: dict) -> None:
     """Each model's metric over the rounds; the fixed teacher's (`reference`, when evaluated) as a flat line."""
     xs = [r["round"] for r in rounds]
-    ys = {name: [r["metrics"][name].get(metric) for r in rounds] for name in MODELS}
-    ys["teacher"] = [reference.get(metric)] * len(xs)
-    plot_series({name: (xs, [float("nan") if y is None else y for y in v]) for name, v in ys.items()
-                 if any(y is not None for y in v)}, "round", label, path, xticks=xs)
+    nan = float("nan")
+    series, cis = {}, {}
+    for i, name in enumerate(MODELS):
+        ms = [r["metrics"][name] for r in rounds]
+        if all(m.get(metric) is None for m in ms):
+            continue
+        # models side by side within a round, so that their error bars do not hide each other
+        series[name] = ([x + 0.08 * (i - 1) for x in xs], [nan if m.get(metric) is None else m[metric] for m in ms])
+        cis[name] = [m.get(f"{metric}_ci") or [nan, nan] for m in ms]
+    if reference.get(metric) is not None:  # the fixed teacher, evaluated once: a flat line
+        series["teacher"] = (xs, [reference[metric]] * len(xs))
+        cis["teacher"] = [reference.get(f"{metric}_ci") or [nan, nan]] * len(xs)
+    plot_series(series, "round", label, path, xticks=xs, cis=cis)
 
 
 def plot_series(series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, path: Path, kind="line",
-                xticks=None) -> None:
+                xticks=None, cis: dict[str, list] | None = None) -> None:
+    """One line (or bars) per label; `cis` adds each point's 95% interval [lo, hi] as an error bar."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, (xs, ys) in series.items():
         if kind == "bar":
             ax.bar(xs, ys, label=label)
+        elif cis and label in cis:
+            below = [y - lo for y, (lo, _) in zip(ys, cis[label])]
+            above = [hi - y for y, (_, hi) in zip(ys, cis[label])]
+            ax.errorbar(xs, ys, yerr=[below, above], marker="o", capsize=3, label=label)
         else:
             ax.plot(xs, ys, marker="o" if xticks else "." if len(xs) < 50 else None, label=label)
     ax.set(xlabel=xlabel, ylabel=ylabel, **({"xticks": xticks} if xticks else {}))
@@ -113,6 +127,8 @@ def write_report(recipe: Recipe) -> Path:
     for r in rounds:
         p = r.get("promoted", {})
         promoted = p.get("promoted", "-") + (" (forced)" if p.get("forced") else "")
+        evidence = fmt_evidence(p.get("evidence"))
+        promoted += f": {evidence}" if evidence else ""
         lines.append(f"| {r['round']} | {fmt(r.get('sft_rows'))} | {fmt(r.get('pairs'))} | {fmt(r.get('acceptance'))} "
                      f"| {promoted} | {'; '.join(p.get('reasons', []))} |")
     lines += [""] + [f"![{p[:-4]}]({p})" for p in plots]

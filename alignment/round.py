@@ -21,7 +21,7 @@ from pathlib import Path
 from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates
 from alignment.manifest import hash_file, hash_json, read_manifest, write_json_atomic
-from alignment.metrics import fmt, metric_columns, metrics_table
+from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
 from alignment.seeding import model_identity
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
                                    round_stages, stage_config, student, teacher, upstreams)
@@ -183,7 +183,7 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
     promote = stage_dir(recipe, round_n, "promote")
     decision, best = (json.loads((promote / f).read_text()) for f in ("decision.json", "best.json"))
     print(format_metrics(round_n, {**metrics, **reference_metrics(recipe)}))
-    print(f"promoted: {decision['promoted']}{' (forced)' if decision['forced'] else ''}")
+    print(promotion(decision, metrics))
     for reason in decision["reasons"]:
         print(f"  {reason}")
     print(f"best so far: {best['name']} (held-out accuracy {fmt(best['accuracy'])})")
@@ -234,7 +234,22 @@ def status_table(recipe: Recipe) -> str:
     for n in rounds:
         cells = [table.get((n, s), "-") for s in names]
         lines.append(f"{n:<7}" + "".join(f"{c:>13}" for c in cells))
+    for n in rounds:  # what each finished round promoted, and on what evidence
+        promote, evaluation = stage_dir(recipe, n, "promote"), stage_dir(recipe, n, "eval")
+        if read_manifest(promote) and read_manifest(evaluation):
+            lines.append(f"round {n} " + promotion(json.loads((promote / "decision.json").read_text()),
+                                                   json.loads((evaluation / "metrics.json").read_text())))
     return "\n".join(lines)
+
+
+def promotion(decision: dict, metrics: dict) -> str:
+    """`promoted: sft, accuracy 0.467 [0.41, 0.52]; accuracy +0.033 [-0.010, +0.077] vs input, McNemar exact
+    p=0.16`: the promoted model's primary metric with its interval, and the gate's evidence against the input."""
+    name, metric = decision["promoted"], decision.get("primary_metric", "accuracy")  # older decisions lack it
+    m = metrics[name]
+    evidence = fmt_evidence(decision.get("evidence"))
+    return (f"promoted: {name}{' (forced)' if decision['forced'] else ''}, {metric} "
+            f"{fmt_ci(m.get(metric), m.get(f'{metric}_ci'))}" + (f"; {evidence}" if evidence else ""))
 
 
 def format_metrics(round_n: int, metrics: dict) -> str:

@@ -1,48 +1,160 @@
+"""The gate on per-prompt outcomes built here, each decision and p-value worked out by hand.
+
+Prompts are described by how many share a pattern of greedy correctness (input, sft, dpo). McNemar's exact test
+then needs only the discordant prompts: with b prompts where only one model is right and c where only the other
+is, the two-sided p-value is 2 * P(X <= min(b, c)) for X ~ Binomial(b + c, 1/2), capped at 1."""
+
+from math import comb
+
 import pytest
 
 from alignment.config import GateConfig, InputError
 from alignment.stages.promote import decide
 
 
-def metrics(input_acc, sft_acc, dpo_acc, input_reward=0.5, sft_reward=0.5, dpo_reward=0.5):
-    return {"input": {"accuracy": input_acc, "mean_reward": input_reward},
-            "sft": {"accuracy": sft_acc, "mean_reward": sft_reward},
-            "dpo": {"accuracy": dpo_acc, "mean_reward": dpo_reward}}
+def mcnemar_by_hand(b: int, c: int) -> float:
+    n = b + c
+    return min(1.0, 2 * sum(comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n)
 
 
-def test_dpo_preferred_when_it_does_not_regress():
-    assert decide(GateConfig(), metrics(0.30, 0.40, 0.35))["promoted"] == "dpo"
+def round_outcomes(patterns: dict[tuple[int, int, int], int]) -> tuple[dict, list[dict]]:
+    """(metrics, answers) for prompts with the given (input, sft, dpo) correctness counts. Reward = correctness.
+    The input's rows are written in reverse order, so a gate matching rows by position would pair wrong prompts."""
+    per_prompt = [p for p, count in patterns.items() for _ in range(count)]
+    answers, metrics = [], {}
+    for m, name in enumerate(("input", "sft", "dpo")):
+        rows = [{"model": name, "prompt_id": f"p{i}", "verified": bool(p[m]), "reward": float(p[m])}
+                for i, p in enumerate(per_prompt)]
+        answers += rows[::-1] if name == "input" else rows
+        right = sum(p[m] for p in per_prompt)
+        metrics[name] = {"accuracy": right / len(per_prompt), "mean_reward": right / len(per_prompt)}
+    return metrics, answers
 
 
-def test_falls_back_to_sft_when_dpo_regresses():
-    d = decide(GateConfig(), metrics(0.30, 0.40, 0.25))
-    assert d["promoted"] == "sft"
-    assert [c["passed"] for c in d["checks"]] == [False, True]  # dpo checked first, then sft
-    assert "dpo accuracy 0.2500 vs input 0.3000 (tolerance 0.0): REGRESSION" in d["reasons"]
+def comparison(decision, model, against, metric="accuracy"):
+    [c] = [c for c in decision["comparisons"] if (c["model"], c["against"], c["metric"]) == (model, against, metric)]
+    return c
 
 
-def test_nothing_promoted_when_both_regress_so_the_input_model_carries_on():
-    d = decide(GateConfig(), metrics(0.30, 0.29, 0.25))
-    assert d["promoted"] == "input" and d["reasons"][-1].startswith("no candidate passed")
+def test_mcnemar_by_hand_matches_two_worked_cases():
+    assert mcnemar_by_hand(1, 9) == 22 / 1024          # 2 * (C(10,0) + C(10,1)) / 2^10
+    assert mcnemar_by_hand(4, 4) == 1.0
 
 
-def test_tolerance_allows_a_small_drop_and_every_gated_metric_must_pass():
-    gate = GateConfig(tolerances={"accuracy": 0.02, "mean_reward": 0.0})
-    assert decide(gate, metrics(0.30, 0.0, 0.285))["promoted"] == "dpo"          # 0.015 below, within 0.02
-    assert decide(gate, metrics(0.30, 0.0, 0.275))["promoted"] == "input"        # 0.025 below
-    assert decide(gate, metrics(0.30, 0.31, 0.35, dpo_reward=0.4))["promoted"] == "sft"  # dpo's reward fell
+def test_a_better_candidate_within_noise_is_promoted_and_the_decision_says_it_is_noise():
+    # input 20/40 right; sft gains 5 prompts and loses 2: 23/40, p = 2 * (1 + 7 + 21) / 2^7 = 58/128
+    metrics, answers = round_outcomes({(1, 1, 0): 18, (1, 0, 0): 2, (0, 1, 0): 5, (0, 0, 0): 15})
+    d = decide(GateConfig(candidates=["sft"]), metrics, answers)
+    assert d["promoted"] == "sft" and not d["forced"]
+    e = d["evidence"]
+    assert (e["model"], e["against"], e["metric"]) == ("sft", "input", "accuracy")
+    assert e["difference"] == pytest.approx(3 / 40) and e["p_value"] == pytest.approx(58 / 128)
+    assert e["test"] == "McNemar exact" and e["prompts"] == 40
+    assert e["ci"][0] < 0 < e["ci"][1]  # the interval of a within-noise gain holds zero
+    assert any("sft accuracy 0.5750 vs input 0.5000: +0.0750" in r and "p=0.453, within noise" in r
+               for r in d["reasons"])
+
+
+def test_a_significantly_worse_candidate_is_refused_even_within_a_loose_tolerance():
+    # dpo right on 1 prompt the input misses, wrong on 9 it gets: p = 22/1024 = 0.0215 < 0.05.
+    # sft agrees with the input on every prompt: no discordant pair, p = 1.
+    metrics, answers = round_outcomes({(1, 1, 1): 11, (1, 1, 0): 9, (0, 0, 1): 1, (0, 0, 0): 19})
+    d = decide(GateConfig(tolerances={"accuracy": 0.5}), metrics, answers)
+    dpo = comparison(d, "dpo", "input")
+    assert dpo["p_value"] == pytest.approx(22 / 1024) and dpo["difference"] == pytest.approx(-8 / 40)
+    assert dpo["within_tolerance"]  # 0.3 vs 0.5 is inside the 0.5 tolerance: only the test refuses it
+    assert comparison(d, "sft", "input")["p_value"] == 1.0
+    assert "dpo refused: accuracy significantly worse than the input model" in d["reasons"]
+    assert d["promoted"] == "sft" and d["eligible"] == ["sft"]
+
+
+def test_the_best_candidate_is_promoted_though_second_in_the_recipes_order():
+    # input 20/40, dpo 23/40 (+3, p = 2/8), sft 32/40 (+12, p = 2/2^12).
+    # sft vs dpo: sft alone right on 9, dpo alone on none: p = 2/2^9 = 0.0039 < 0.05, so the order cannot overrule
+    metrics, answers = round_outcomes({(1, 1, 1): 20, (0, 1, 1): 3, (0, 1, 0): 9, (0, 0, 0): 8})
+    d = decide(GateConfig(candidates=["dpo", "sft"]), metrics, answers)
+    assert comparison(d, "dpo", "input")["p_value"] == pytest.approx(2 / 8)
+    assert comparison(d, "sft", "input")["p_value"] == pytest.approx(2 / 4096)
+    head_to_head = comparison(d, "sft", "dpo")
+    assert head_to_head["p_value"] == pytest.approx(mcnemar_by_hand(9, 0)) == pytest.approx(2 / 512)
+    assert head_to_head["difference"] == pytest.approx(9 / 40)
+    assert d["promoted"] == "sft" and d["evidence"]["difference"] == pytest.approx(12 / 40)
+    assert d["reasons"][-1] == "sft promoted: the best accuracy of the candidates that passed (dpo, sft)"
+
+
+def test_between_candidates_within_noise_of_each_other_the_recipes_order_decides():
+    # input 20/40, dpo 24/40, sft 26/40. sft vs dpo: sft alone right on 3, dpo alone on 1: p = 2 * 5/16 = 0.625
+    metrics, answers = round_outcomes({(1, 1, 1): 20, (0, 1, 1): 3, (0, 1, 0): 3, (0, 0, 1): 1, (0, 0, 0): 13})
+    d = decide(GateConfig(candidates=["dpo", "sft"]), metrics, answers)
+    assert comparison(d, "sft", "dpo")["p_value"] == pytest.approx(10 / 16)
+    assert d["promoted"] == "dpo" and d["eligible"] == ["dpo", "sft"]
+    assert d["reasons"][-1] == "sft is within noise of dpo on accuracy: the recipe's order prefers dpo"
+    # the other order: sft is both first and best, so no head-to-head is needed
+    d = decide(GateConfig(candidates=["sft", "dpo"]), metrics, answers)
+    assert d["promoted"] == "sft" and not [c for c in d["comparisons"] if c["against"] != "input"]
+
+
+def test_nothing_passes_so_the_input_model_carries_on():
+    # input 20/40, sft 11/40 (lost 9, p = 2/512), dpo 12/40 (lost 8, p = 2/256): both below, both significant
+    metrics, answers = round_outcomes({(1, 1, 1): 10, (1, 0, 1): 2, (1, 1, 0): 1, (1, 0, 0): 7, (0, 0, 0): 20})
+    d = decide(GateConfig(), metrics, answers)
+    assert comparison(d, "sft", "input")["p_value"] == pytest.approx(2 / 512)
+    assert comparison(d, "dpo", "input")["p_value"] == pytest.approx(2 / 256)
+    assert d["promoted"] == "input" and d["evidence"] is None and d["eligible"] == []
+    assert "dpo refused: accuracy significantly worse than the input model; accuracy below the input model by " \
+           "more than its tolerance" in d["reasons"]
+    assert d["reasons"][-1].startswith("no candidate passed")
+
+
+def test_tolerance_refuses_a_drop_the_test_calls_noise():
+    # dpo loses 1 prompt of 40 (p = 1): within noise, but the default tolerance 0 allows no drop at all
+    metrics, answers = round_outcomes({(1, 1, 1): 19, (1, 1, 0): 1, (0, 0, 0): 20})
+    d = decide(GateConfig(candidates=["dpo"]), metrics, answers)
+    assert comparison(d, "dpo", "input")["p_value"] == 1.0 and d["promoted"] == "input"
+    assert decide(GateConfig(candidates=["dpo"], tolerances={"accuracy": 0.03}), metrics, answers)["promoted"] == "dpo"
+
+
+def test_mean_reward_as_primary_metric_uses_a_paired_bootstrap():
+    # every prompt: sft's reward is the input's + 0.25, dpo's the input's - 0.5. Every resampled mean difference is
+    # then +0.25 (or -0.5): the interval is that point and no resample falls on the other side of zero, so p = 0.
+    ids = [f"p{i}" for i in range(30)]
+    base = {i: (k % 3) / 4 for k, i in enumerate(ids)}
+    answers = [{"model": m, "prompt_id": i, "verified": None, "reward": base[i] + shift}
+               for m, shift in (("input", 0.0), ("sft", 0.25), ("dpo", -0.5)) for i in ids]
+    mean = sum(base.values()) / 30  # (0 + 0.25 + 0.5) / 3 = 0.25
+    metrics = {"input": {"mean_reward": mean}, "sft": {"mean_reward": mean + 0.25}, "dpo": {"mean_reward": mean - 0.5}}
+    d = decide(GateConfig(primary_metric="mean_reward", tolerances={"mean_reward": 1.0}), metrics, answers)
+    dpo, sft = comparison(d, "dpo", "input", "mean_reward"), comparison(d, "sft", "input", "mean_reward")
+    assert dpo["test"] == "paired bootstrap" and dpo["p_value"] == 0.0 and dpo["ci"] == pytest.approx([-0.5, -0.5])
+    assert sft["p_value"] == 0.0 and sft["difference"] == pytest.approx(0.25)
+    assert d["promoted"] == "sft" and "dpo refused: mean_reward significantly worse than the input model" in d["reasons"]
 
 
 def test_force_overrides_and_records_what_the_gate_would_have_done():
-    d = decide(GateConfig(force="dpo"), metrics(0.30, 0.29, 0.25))
+    metrics, answers = round_outcomes({(1, 1, 1): 10, (1, 0, 1): 2, (1, 1, 0): 1, (1, 0, 0): 7, (0, 0, 0): 20})
+    d = decide(GateConfig(force="dpo"), metrics, answers)
     assert (d["promoted"], d["forced"], d["gate_would_promote"]) == ("dpo", True, "input")
+    assert d["evidence"]["difference"] == pytest.approx(-8 / 40)
+
+
+def test_models_scored_on_different_prompts_are_not_compared():
+    metrics, answers = round_outcomes({(1, 1, 1): 3, (0, 0, 0): 3})
+    with pytest.raises(InputError, match="same prompts"):
+        decide(GateConfig(), metrics, [r for r in answers if (r["model"], r["prompt_id"]) != ("sft", "p0")])
+    with pytest.raises(InputError, match="two rows for the same model and prompt_id"):
+        decide(GateConfig(), metrics, answers + answers[:1])
 
 
 def test_gating_on_a_metric_the_eval_did_not_report_is_a_clear_error():
+    metrics, answers = round_outcomes({(1, 1, 1): 3, (0, 0, 0): 3})
     with pytest.raises(InputError, match=r"gate.tolerances.pass@4: the eval did not report"):
-        decide(GateConfig(tolerances={"pass@4": 0.0}), metrics(0.3, 0.3, 0.3))
+        decide(GateConfig(tolerances={"pass@4": 0.0}), metrics, answers)
+    with pytest.raises(InputError, match=r"gate.primary_metric: the eval did not report 'pass@2'"):
+        decide(GateConfig(primary_metric="pass@2"), metrics, answers)
 
 
 def test_unknown_gate_metric_is_rejected_by_the_schema():
     with pytest.raises(ValueError, match="unknown metrics"):
         GateConfig(tolerances={"acuracy": 0.0})
+    with pytest.raises(ValueError, match="primary_metric: 'win_rate_vs_input' has no per-prompt outcomes"):
+        GateConfig(primary_metric="win_rate_vs_input")

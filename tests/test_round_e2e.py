@@ -122,7 +122,12 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
         assert 0.0 <= m["accuracy"] <= 1.0 and isinstance(m["mean_reward"], float) and m["num_prompts"] == 16
         assert 0.0 <= m["pass@1"] <= m["pass@4"] <= 1.0 and 0.0 <= m["win_rate_vs_input"] <= 1.0
         assert 0.0 <= m["lm_eval/arithmetic_local/exact_match,last_integer"] <= 1.0
+        assert m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]  # Wilson holds its point estimate
+        assert all(len(m[f"{k}_ci"]) == 2 for k in ("mean_reward", "pass@1", "pass@4", "win_rate_vs_input"))
     assert metrics["input"]["win_rate_vs_input"] == 0.5 and metrics["input"]["length_drift_vs_input"] == 0.0
+    assert metrics["input"]["win_rate_vs_input_ci"] == [0.5, 0.5]  # against itself every prompt ties
+    answers = [json.loads(line) for line in (run / "round-1/eval/answers.jsonl").read_text().splitlines()]
+    assert all(r["num_samples"] == 8 and 0 <= r["num_correct"] <= 8 for r in answers)  # for pass@k in the gate
 
 
 @pytest.mark.parametrize("stage,start", [("sft", "bootstrap/student"), ("dpo", "round-1/sft/model")])
@@ -196,8 +201,14 @@ def test_promotion_decides_the_next_rounds_start_and_force_is_recorded(round1, t
     recipe, run = copy_run(round1, tmp_path)
     decision = json.loads((run / "round-1/promote/decision.json").read_text())
     metrics = json.loads((run / "round-1/eval/metrics.json").read_text())
+    # tolerance 0: a candidate not below the input passes (and cannot be significantly worse); the better of two
+    # is promoted unless they are within noise of each other, when the recipe's order (dpo first) decides
     passed = [n for n in ("dpo", "sft") if metrics[n]["accuracy"] >= metrics["input"]["accuracy"]]
-    assert decision["promoted"] == (passed[0] if passed else "input") and not decision["forced"]
+    assert decision["eligible"] == passed and not decision["forced"]
+    best = max(passed, key=lambda n: metrics[n]["accuracy"]) if passed else "input"
+    head_to_head = [c for c in decision["comparisons"] if c["against"] != "input"]
+    assert decision["promoted"] == (passed[0] if head_to_head and head_to_head[0]["p_value"] >= 0.05 else best)
+    assert all(len(c["ci"]) == 2 and 0 <= c["p_value"] <= 1 for c in decision["comparisons"])
     proc = align("eval", "1", "--recipe", str(recipe), "--force", "sft")
     assert ran(proc) == ["promote"] and "promoted: sft (forced)" in proc.stdout
     m = manifest(run, "promote")

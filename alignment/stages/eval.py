@@ -3,9 +3,13 @@
 Per model, in `metrics.json`: greedy `accuracy` (verifier) and `mean_reward` (the recipe's combined reward);
 `pass@k` from `eval.num_samples` sampled answers (unbiased estimator); `win_rate_vs_input`, the share of prompts
 where the checkpoint's greedy answer out-scores the input model's (ties half); mean response length and its
-drift against the input model; and the share of answers cut at the token limit. Every answer is kept in
-`answers.jsonl`, keyed by model and prompt_id. Tasks of EleutherAI's lm-evaluation-harness named in
-`eval.lm_eval_tasks` add `lm_eval/<task>/<metric>`.
+drift against the input model; and the share of answers cut at the token limit. Each of accuracy, mean reward,
+pass@k and win rate has its 95% interval beside it as `<metric>_ci: [lo, hi]` (Wilson for accuracy, a seeded
+bootstrap over prompts for the others), since 3 points on 300 prompts are within noise. Every greedy answer is kept
+in `answers.jsonl`, keyed by model and prompt_id, with the prompt's count of correct sampled answers
+(`num_correct` of `num_samples`) where pass@k was measured: the gate's paired tests read these. Tasks of
+EleutherAI's lm-evaluation-harness named in `eval.lm_eval_tasks` add `lm_eval/<task>/<metric>` (with an interval
+of +-1.96 of lm-eval's standard error).
 
     align eval 1 --recipe recipes/tiny.yaml        (make eval N=1)
 """
@@ -21,7 +25,7 @@ import torch
 from alignment import rewards
 from alignment.generation import device, load_policy, sample
 from alignment.manifest import write_json_atomic
-from alignment.metrics import pass_at_k, win_rate
+from alignment.metrics import bootstrap_interval, pass_at_k, wilson_interval, win_rate, wins
 from alignment.prompts import read_prompts, write_jsonl
 from alignment.seeding import model_identity, request_seed
 from alignment.stage_table import StageConfig
@@ -70,8 +74,15 @@ def lm_eval_metrics(recipe: StageConfig, model_path: Path) -> dict[str, float]:
         task_manager=task_manager(include, tuple(recipe.eval.lm_eval_tasks)), apply_chat_template=True,
         batch_size=recipe.eval.batch_size,
         limit=recipe.eval.lm_eval_limit, device=device(), random_seed=recipe.seed)["results"]
-    return {f"lm_eval/{task}/{key}": value for task, res in results.items() for key, value in res.items()
-            if isinstance(value, float) and "stderr" not in key}
+    metrics = {}
+    for task, res in results.items():
+        for key, value in res.items():
+            if isinstance(value, float) and "stderr" not in key:
+                metrics[f"lm_eval/{task}/{key}"] = value
+                stderr = res.get(key.replace(",", "_stderr,", 1))  # "acc,none" -> "acc_stderr,none"
+                if isinstance(stderr, float):  # lm-eval writes "N/A" where it has none
+                    metrics[f"lm_eval/{task}/{key}_ci"] = [value - 1.96 * stderr, value + 1.96 * stderr]
+    return metrics
 
 
 def evaluate(recipe: StageConfig, model_path: Path, prompts: list[dict], name: str,
@@ -85,20 +96,27 @@ def evaluate(recipe: StageConfig, model_path: Path, prompts: list[dict], name: s
     verified = bool(checked)
     metrics = {
         "accuracy": sum(checked) / len(checked) if verified else None,
+        "accuracy_ci": wilson_interval(sum(checked), len(checked)),
         "mean_reward": sum(s["reward"] for _, s in greedy) / n,
+        "mean_reward_ci": bootstrap_interval([s["reward"] for _, s in greedy]),
         "mean_response_tokens": sum(c.num_tokens for c, _ in greedy) / n,
         "hit_token_limit_share": sum(c.finish_reason == "length" for c, _ in greedy) / n,
         "num_prompts": n,
     }
+    correct = {}  # prompt_id -> correct sampled answers, for the prompts a verifier applies to
     if verified and recipe.eval.num_samples:
         sampled = answer_and_score(recipe, model, tokenizer, prompts, recipe.eval.num_samples,
                                    recipe.eval.temperature, f"eval {name} pass@k", reward_model, model_id)
-        correct = [sum(s["verified"] is True for _, s in group) for group in sampled
-                   if group[0][1]["verified"] is not None]
+        correct = {p["prompt_id"]: sum(s["verified"] is True for _, s in group) for p, group in zip(prompts, sampled)
+                   if group[0][1]["verified"] is not None}
         for k in recipe.eval.pass_k:
-            metrics[f"pass@{k}"] = sum(pass_at_k(recipe.eval.num_samples, c, k) for c in correct) / len(correct)
+            per_prompt = [pass_at_k(recipe.eval.num_samples, c, k) for c in correct.values()]
+            metrics[f"pass@{k}"] = sum(per_prompt) / len(per_prompt)
+            metrics[f"pass@{k}_ci"] = bootstrap_interval(per_prompt)
     metrics.update(lm_eval_metrics(recipe, model_path))
-    rows = [{"model": name, "prompt_id": p["prompt_id"], "response": c.text, "finish_reason": c.finish_reason, **s}
+    rows = [{"model": name, "prompt_id": p["prompt_id"], "response": c.text, "finish_reason": c.finish_reason, **s,
+             **({"num_correct": correct[p["prompt_id"]], "num_samples": recipe.eval.num_samples}
+                if p["prompt_id"] in correct else {})}
             for p, (c, s) in zip(prompts, greedy)]
     return metrics, rows
 
@@ -116,7 +134,9 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
     reward = {name: {r["prompt_id"]: r["reward"] for r in answers[name]} for name in MODELS}
     ids = [p["prompt_id"] for p in prompts]
     for name in MODELS:
-        metrics[name]["win_rate_vs_input"] = win_rate([reward[name][i] for i in ids], [reward["input"][i] for i in ids])
+        ours, theirs = [reward[name][i] for i in ids], [reward["input"][i] for i in ids]
+        metrics[name]["win_rate_vs_input"] = win_rate(ours, theirs)
+        metrics[name]["win_rate_vs_input_ci"] = bootstrap_interval(wins(ours, theirs))
         metrics[name]["length_drift_vs_input"] = (metrics[name]["mean_response_tokens"]
                                                   / max(base["mean_response_tokens"], 1e-9) - 1.0)
     write_jsonl(out_dir / "answers.jsonl", [r for name in MODELS for r in answers[name]])

@@ -1,11 +1,20 @@
 """Promote: the gate that decides which of the round's checkpoints seeds the next round.
 
-The first of `gate.candidates` whose every gated metric is no more than its tolerance below the round's input
-model is promoted. If none passes, the input model itself is "promoted": the next round starts again from the
-last model that earned it. `gate.force` promotes a named checkpoint regardless. The decision and every reason
-go to `decision.json`; the next round reads the promoted model's path from this stage's manifest. The best model
-so far by held-out accuracy (the evaluated fixed teacher or a promoted student) is carried forward in `best.json`:
-it is what `teacher.source: best` samples from next round.
+Each candidate is compared with the round's input model on the same prompts, joined by (model, prompt_id) in the
+eval stage's `answers.jsonl`: McNemar's exact test on greedy correctness for accuracy, a seeded paired bootstrap of
+per-prompt differences for mean reward and pass@k. A candidate is refused when it is significantly worse than the
+input (two-sided p < `gate.alpha` with a negative difference) on the primary metric or a gated one, or when its
+point estimate falls further below the input's than `gate.tolerances` allows. Of the others, the best on
+`gate.primary_metric` is promoted; an earlier candidate in the recipe's order wins only when the best is within
+noise of it (the same paired test), because a difference the evaluation cannot tell from noise is no reason to
+overrule the order. If none passes, the input model itself is "promoted": the next round starts again from the
+last model that earned it. `gate.force` promotes a named checkpoint regardless.
+
+Two-sided tests, so that one p-value answers both "is it worse than the input?" and "are these two candidates
+apart?", and agrees with the 95% interval recorded beside it. Every comparison (difference, interval, p-value) and
+the reasons in words go to `decision.json`; the next round reads the promoted model's path from this stage's
+manifest. The best model so far by held-out accuracy (the evaluated fixed teacher or a promoted student) is carried
+forward in `best.json`: it is what `teacher.source: best` samples from next round.
 
     align eval 1 --recipe recipes/tiny.yaml [--force dpo]        (make eval N=1 [FORCE=dpo])
 """
@@ -16,37 +25,133 @@ import json
 import os
 from pathlib import Path
 
-from alignment.config import GateConfig, InputError
+from alignment.config import PAIRED_METRICS, GateConfig, InputError
 from alignment.manifest import write_json_atomic
+from alignment.metrics import mcnemar_exact, paired_bootstrap, pass_at_k
+from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 
 
-def decide(gate: GateConfig, metrics: dict) -> dict:
-    """{"promoted": name, "forced": bool, "checks": [...], "reasons": [...]} from the eval metrics."""
-    checks, passed = [], []
+def index(answers: list[dict]) -> dict[tuple[str, str], dict]:
+    """The eval's greedy answers keyed by (model, prompt_id)."""
+    rows = {(r["model"], r["prompt_id"]): r for r in answers}
+    if len(rows) != len(answers):
+        raise InputError("answers.jsonl holds two rows for the same model and prompt_id")
+    return rows
+
+
+def outcomes(rows: dict[tuple[str, str], dict], model: str, metric: str) -> dict[str, float]:
+    """prompt_id -> the model's outcome on one prompt: 1/0 for accuracy (prompts no verifier applies to are left
+    out), the reward, or the prompt's unbiased pass@k from its sampled answers."""
+    mine = [r for (m, _), r in rows.items() if m == model]
+    if metric == "accuracy":
+        return {r["prompt_id"]: float(r["verified"]) for r in mine if r["verified"] is not None}
+    if metric == "mean_reward":
+        return {r["prompt_id"]: r["reward"] for r in mine}
+    k = int(metric.removeprefix("pass@"))
+    return {r["prompt_id"]: pass_at_k(r["num_samples"], r["num_correct"], k) for r in mine if "num_correct" in r}
+
+
+def compare(ours: dict[str, float], theirs: dict[str, float], metric: str) -> dict:
+    """The paired comparison of two models' per-prompt outcomes: mean difference, its 95% interval, p-value."""
+    if set(ours) != set(theirs) or not ours:
+        raise InputError(f"gate: {metric} needs per-prompt outcomes of both models on the same prompts "
+                         f"({len(ours)} and {len(theirs)} prompts, {len(set(ours) & set(theirs))} shared)")
+    diffs = [ours[i] - theirs[i] for i in sorted(ours)]
+    ci, p = paired_bootstrap(diffs)
+    if metric == "accuracy":  # exact where an exact test exists; the interval stays the bootstrap's
+        p, test = mcnemar_exact(diffs.count(1.0), diffs.count(-1.0)), "McNemar exact"
+    else:
+        test = "paired bootstrap"
+    return {"difference": sum(diffs) / len(diffs), "ci": ci, "p_value": p, "test": test, "prompts": len(diffs)}
+
+
+def verdict(c: dict, alpha: float) -> str:
+    if c["p_value"] >= alpha:
+        return "within noise"
+    return "significantly better" if c["difference"] > 0 else "significantly worse"
+
+
+def describe(c: dict, alpha: float) -> str:
+    """One comparison in words: `dpo accuracy 0.4667 vs input 0.4333: +0.0333 [-0.0100, +0.0767], McNemar exact
+    p=0.16, within noise; tolerance 0.0: pass`."""
+    text = f"{c['model']} {c['metric']} {c['value']:.4f} vs {c['against']} {c['baseline']:.4f}: "
+    if "p_value" in c:
+        text += (f"{c['difference']:+.4f} [{c['ci'][0]:+.4f}, {c['ci'][1]:+.4f}], {c['test']} p={c['p_value']:.3g}, "
+                 f"{verdict(c, alpha)}")
+    else:
+        text += f"{c['value'] - c['baseline']:+.4f} (no per-prompt outcomes: no test)"
+    if "tolerance" in c:
+        text += f"; tolerance {c['tolerance']}: {'pass' if c['within_tolerance'] else 'REGRESSION'}"
+    return text
+
+
+def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
+    """The gate's decision from the eval's metrics and its per-prompt answers: {"promoted", "forced", "evidence"
+    (the promoted model's comparison with the input on the primary metric), "comparisons", "reasons", ...}."""
+    rows, primary = index(answers), gate.primary_metric
+    checked = [primary] + sorted(set(gate.tolerances) - {primary})
+
+    def comparison(model: str, against: str, metric: str) -> dict:
+        value, base = metrics[model].get(metric), metrics[against].get(metric)
+        if value is None or base is None:
+            key = "primary_metric" if metric == primary else f"tolerances.{metric}"
+            raise InputError(f"gate.{key}: the eval did not report {metric!r} "
+                             f"(e.g. pass@k needs eval.num_samples, accuracy needs a verifier)")
+        c = {"model": model, "against": against, "metric": metric, "value": value, "baseline": base}
+        if metric in PAIRED_METRICS:
+            c |= compare(outcomes(rows, model, metric), outcomes(rows, against, metric), metric)
+        return c
+
+    comparisons, reasons, eligible = [], [], []
     for name in gate.candidates:
-        ok = True
-        for metric, tolerance in sorted(gate.tolerances.items()):
-            value, base = metrics[name].get(metric), metrics["input"].get(metric)
-            if value is None or base is None:
-                raise InputError(f"gate.tolerances.{metric}: the eval did not report {metric!r} "
-                                 f"(e.g. pass@k needs eval.num_samples, accuracy needs a verifier)")
-            good = value >= base - tolerance
-            ok &= good
-            checks.append({"model": name, "metric": metric, "value": value, "input": base, "tolerance": tolerance,
-                           "passed": good})
-        if ok:
-            passed.append(name)
-    reasons = [f"{c['model']} {c['metric']} {c['value']:.4f} vs input {c['input']:.4f} (tolerance "
-               f"{c['tolerance']}): {'pass' if c['passed'] else 'REGRESSION'}" for c in checks]
-    if gate.force:
-        return {"promoted": gate.force, "forced": True, "gate_would_promote": passed[0] if passed else "input",
-                "checks": checks, "reasons": reasons + [f"forced: {gate.force} promoted by gate.force"]}
-    promoted = passed[0] if passed else "input"
-    if not passed:
+        refused = []
+        for metric in checked:
+            c = comparison(name, "input", metric)
+            if "p_value" in c and verdict(c, gate.alpha) == "significantly worse":
+                refused.append(f"{metric} significantly worse than the input model")
+            if metric in gate.tolerances:
+                c["tolerance"] = gate.tolerances[metric]
+                c["within_tolerance"] = c["value"] >= c["baseline"] - c["tolerance"]
+                if not c["within_tolerance"]:
+                    refused.append(f"{metric} below the input model by more than its tolerance")
+            comparisons.append(c)
+            reasons.append(describe(c, gate.alpha))
+        if refused:
+            reasons.append(f"{name} refused: {'; '.join(refused)}")
+        else:
+            eligible.append(name)
+
+    promoted = "input"
+    if eligible:
+        best = max(eligible, key=lambda n: metrics[n][primary])  # the first in order on an exact tie
+        promoted = best
+        for name in eligible[:eligible.index(best)]:  # earlier in the recipe's order than the best
+            c = comparison(best, name, primary)
+            comparisons.append(c)
+            reasons.append(describe(c, gate.alpha))
+            if verdict(c, gate.alpha) == "within noise":
+                promoted = name
+                reasons.append(f"{best} is within noise of {name} on {primary}: the recipe's order prefers {name}")
+                break
+        if promoted == best:
+            reasons.append(f"{best} promoted: the best {primary} of the candidates that passed "
+                           f"({', '.join(eligible)})")
+    else:
         reasons.append("no candidate passed; the next round starts from this round's input model")
-    return {"promoted": promoted, "forced": False, "checks": checks, "reasons": reasons}
+
+    def evidence(model: str) -> dict | None:  # what the printout and report show beside the promoted model
+        return next((c for c in comparisons if (c["model"], c["against"], c["metric"]) == (model, "input", primary)),
+                    None)
+
+    decision = {"promoted": promoted, "forced": False, "primary_metric": primary, "alpha": gate.alpha,
+                "eligible": eligible, "evidence": evidence(promoted), "comparisons": comparisons, "reasons": reasons}
+    if gate.force:
+        decision |= {"promoted": gate.force, "forced": True, "gate_would_promote": promoted,
+                     "evidence": evidence(gate.force),
+                     "reasons": reasons + [f"forced: {gate.force} promoted by gate.force"]}
+    return decision
 
 
 def best_so_far(inputs: dict, metrics: dict, promoted: str, round_n: int) -> tuple[Path, dict]:
@@ -64,7 +169,7 @@ def best_so_far(inputs: dict, metrics: dict, promoted: str, round_n: int) -> tup
 
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     metrics = json.loads(Path(inputs["metrics"]).read_text())
-    decision = decide(recipe.gate, metrics)
+    decision = decide(recipe.gate, metrics, read_jsonl(Path(inputs["answers"])))
     model = inputs[decision["promoted"]]  # from the upstream manifests: right even if the run folder moved
     decision["model_path"] = str(model)
     write_json_atomic(out_dir / "decision.json", decision)
