@@ -2,6 +2,7 @@
 RECIPE ?= recipes/tiny.yaml
 N ?= 1
 ARGS ?=
+KEY ?=
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -42,6 +43,10 @@ report: $(STAMP)  ## runs/<recipe>/report/report.md with every round's metrics a
 
 validate: $(STAMP)  ## check RECIPE and its prompt files without running anything
 	$(VENV)/bin/align validate $(RECIPE) $(ARGS)
+
+.PHONY: explain
+explain: $(STAMP)  ## what a recipe key means (type, default, description), e.g. make explain KEY=dpo.beta
+	$(VENV)/bin/align explain $(KEY)
 
 test: $(STAMP)  ## every test, the end-to-end round included
 	$(PY) -m pytest -q tests

@@ -7,6 +7,7 @@
     align report --recipe recipes/tiny.yaml                   # runs/<recipe>/report/report.md and plots
     align stats 1 --recipe recipes/tiny.yaml                  # round 1's scoring and selection, filter by filter
     align stage sft --round 1 --recipe recipes/tiny.yaml [key.path=value ...]   # re-run one stage
+    align explain [sft | dpo.beta | teacher.engine ...]       # a recipe section's or key's type, default, meaning
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
     s = sub.add_parser("stage", help="re-run one stage of a round, even if it is up to date")
     s.add_argument("stage", choices=list(STAGES))
     s.add_argument("--round", type=int, default=1)
+    x = sub.add_parser("explain", help="what a recipe key means: type, default and description")
+    x.add_argument("key", nargs="?", default="", help="a section (sft), a dotted path (teacher.engine) or a field "
+                   "(dpo.beta); none: the top-level keys")
     for p in (r, e, st, rep, sts, s):
         p.add_argument("--recipe", default="recipes/tiny.yaml")
     # Overrides are the leftover key.path=value words, so they may stand before or after the options.
@@ -93,7 +97,11 @@ def main(argv: list[str] | None = None) -> None:
     if stray:
         ap.error(f"unrecognized arguments: {' '.join(stray)} (overrides are written key.path=value)")
     try:
-        if args.cmd == "validate":
+        if args.cmd == "explain":
+            from alignment.explain import explain
+
+            print(explain(args.key))
+        elif args.cmd == "validate":
             recipe, n_train, n_eval = validate(args.recipe, args.overrides)
             print(f"{args.recipe}: ok (recipe {recipe.name!r}; {n_train} training prompts, {n_eval} held out)")
             for problem in machine_problems(recipe):

@@ -513,18 +513,18 @@ class Recipe(Strict):
     runs_dir: Path = Field(Path("runs"), description="where artifacts go")
     rounds: int | None = Field(None, gt=0, description="rounds the recipe plans (Llama 3.1: 6); asking for a "
                                "later one is an error. Unset: no limit")
-    prompts: PromptsConfig
-    student: StudentConfig
-    teacher: TeacherConfig
-    sampling: SamplingConfig
-    reward: ScoringConfig
-    select: SelectConfig
-    sft: SFTTrainingConfig
-    dpo: DPOTrainingConfig
+    prompts: PromptsConfig = Field(description="prompt files, and how many prompts each round draws")
+    student: StudentConfig = Field(description="the model round 1 starts from")
+    teacher: TeacherConfig = Field(description="the model that writes the samples, and its engine")
+    sampling: SamplingConfig = Field(description="how the teacher samples: K per prompt, temperature, length")
+    reward: ScoringConfig = Field(description="verifiers, reward model and judge, and how they combine")
+    select: SelectConfig = Field(description="rejection sampling: SFT rows, DPO pairs and data filters")
+    sft: SFTTrainingConfig = Field(description="supervised fine-tuning (TRL SFTTrainer) of the input model")
+    dpo: DPOTrainingConfig = Field(description="preference optimisation of the SFT model (TRL DPOTrainer)")
     reward_training: RewardTrainingConfig | None = Field(
         None, description="train a reward model each round (the reward_model stage); `reward.reward_model: "
         "{source: trained}` scores the next round with it. null: no such stage")
-    eval: EvalConfig
+    eval: EvalConfig = Field(description="held-out evaluation of the input, SFT and DPO models")
     gate: GateConfig = Field(GateConfig(), description="promotion of the round's best checkpoint")
     bootstrap: BootstrapConfig | None = Field(None, description="build tiny models in code (no download)")
 

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
+import readme_commands
 from alignment.chat import build_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -64,9 +65,11 @@ def ran(proc) -> list[str]:
 
 @pytest.fixture(scope="module")
 def round1(tmp_path_factory):
+    """Round 1 run as the README tells a newcomer to: its own `make round N=1` line, on the shrunken recipe."""
     tmp = tmp_path_factory.mktemp("e2e")
     recipe = small_recipe(tmp, tmp / "runs")
-    proc = align("round", "1", "--recipe", str(recipe))
+    proc = readme_commands.run(readme_commands.ROUND1, recipe)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return recipe, tmp / "runs" / "e2e", proc
 
 
@@ -224,3 +227,22 @@ def test_eval_of_a_missing_round_or_checkpoint_names_what_is_missing(round1, tmp
     proc = align("eval", "1", "--recipe", str(recipe), check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"{run / 'round-1' / 'dpo'} has no manifest.json" in proc.stderr
+
+
+def test_every_command_of_the_readme_and_docs_runs(round1, tmp_path):
+    """Each command of a ```bash block, in page order, against a copy of the round (round 1 itself was the
+    fixture's README line); only `make test` is skipped, so a new documented command cannot go untested."""
+    recipe, _ = copy_run(round1, tmp_path)
+    documented = [c for _, c in readme_commands.commands()]
+    done, times = {readme_commands.ROUND1}, []
+    for where, command in readme_commands.commands():
+        if command in done or command in readme_commands.SKIPPED:
+            continue
+        start = time.time()
+        proc = readme_commands.run(command, recipe)
+        times.append(f"{time.time() - start:6.1f} s  {command}")
+        assert proc.returncode == 0, f"{where}: `{command}` failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, f"{where}: {command}"
+        done.add(command)
+    print("\n".join(times))
+    assert set(documented) - done == readme_commands.SKIPPED
