@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from alignment.explain import lookup
+from alignment.explain import explain
 from readme_commands import PAGES, ROOT, ROUND1, SKIPPED, argv, commands, stray_commands
 
 
@@ -48,4 +48,4 @@ def test_the_recipe_keys_the_readme_names_exist():
     keys = [k for row in table.splitlines()[2:] for k in re.findall(r"`([a-z_.]+)`", row.split("|")[1])]
     assert len(keys) >= 15
     for key in keys:
-        lookup(key)  # raises InputError naming the nearest keys
+        explain(key)  # raises InputError naming the nearest keys
