@@ -44,7 +44,12 @@ report: $(STAMP)  ## runs/<recipe>/report/report.md with every round's metrics a
 validate: $(STAMP)  ## check RECIPE and its prompt files without running anything
 	$(VENV)/bin/align validate $(RECIPE) $(ARGS)
 
-.PHONY: explain
+ROUNDS ?= 6
+SEEDS ?= 3
+curve: $(STAMP)  ## rounds 1..ROUNDS for SEEDS seeds, each in runs/curve/seed-<s>: one table and one plot (~40 min)
+	$(PY) bench/curve.py --recipe $(RECIPE) --rounds $(ROUNDS) --seeds $(shell seq 0 $$(($(SEEDS) - 1))) $(ARGS)
+
+.PHONY: explain curve
 explain: $(STAMP)  ## what a recipe key means (type, default, description), e.g. make explain KEY=dpo.beta
 	$(VENV)/bin/align explain $(KEY)
 

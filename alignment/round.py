@@ -239,6 +239,9 @@ def status_table(recipe: Recipe) -> str:
         if read_manifest(promote) and read_manifest(evaluation):
             lines.append(f"round {n} " + promotion(json.loads((promote / "decision.json").read_text()),
                                                    json.loads((evaluation / "metrics.json").read_text())))
+    teacher = reference_metrics(recipe).get("teacher")
+    if teacher:
+        lines.append(f"fixed teacher: accuracy {fmt_ci(teacher.get('accuracy'), teacher.get('accuracy_ci'))}")
     return "\n".join(lines)
 
 

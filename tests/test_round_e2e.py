@@ -19,7 +19,8 @@ from alignment.chat import build_tokenizer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["bootstrap", "generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
+STAGES = ["bootstrap", "teacher_eval", "generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
+ONCE = ("bootstrap", "teacher_eval")  # once per recipe: runs/<recipe>/<stage>/
 
 
 def small_recipe(tmp: Path, runs: Path) -> Path:
@@ -74,7 +75,7 @@ def round1(tmp_path_factory):
 
 
 def manifest(run: Path, stage: str) -> dict:
-    folder = run / "bootstrap" if stage == "bootstrap" else run / "round-1" / stage
+    folder = run / stage if stage in ONCE else run / "round-1" / stage
     return json.loads((folder / "manifest.json").read_text())
 
 
@@ -85,7 +86,7 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
         m = manifest(run, stage)
         assert m["stage"] == stage and m["wall_time_s"] >= 0 and m["versions"]["trl"] == "1.16.0"
         for out in m["outputs"].values():
-            folder = run / "bootstrap" if stage == "bootstrap" else run / "round-1" / stage
+            folder = run / stage if stage in ONCE else run / "round-1" / stage
             assert (folder / out).exists()
     # one request per prompt asks for all K samples (n=K)
     assert manifest(run, "generate")["rows"] == {"prompts": 24, "requests": 24, "samples": 72}
@@ -110,7 +111,7 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     rm_line = stats.split("\nreward_model: ")[1].split("\n")[0]
     assert f"train_pairs {rm['rows']['train_pairs']}" in rm_line and f"held_out_pairs {rm['rows']['held_out_pairs']}" \
         in rm_line
-    for stage in STAGES[1:]:  # every stage of the round, from the table, with its rows
+    for stage in STAGES[2:]:  # every stage of the round, from the table, with its rows
         assert f"\n{stage}: " in stats
     assert sel["stats"]["dropped"].get("sample_hit_token_limit", 0) == manifest(run, "generate")["stats"][
         "hit_token_limit"]
@@ -215,7 +216,13 @@ def test_promotion_decides_the_next_rounds_start_and_force_is_recorded(round1, t
     proc = align("eval", "1", "--recipe", str(recipe), "--force", "sft")
     assert ran(proc) == ["promote"] and "promoted: sft (forced)" in proc.stdout
     m = manifest(run, "promote")
-    assert m["overrides"] == ["gate.force=sft"] and m["stats"] == {"promoted": "sft", "forced": True}
+    assert m["overrides"] == ["gate.force=sft"] and m["stats"]["promoted"] == "sft" and m["stats"]["forced"]
+    # the best model so far: the teacher (evaluated once), unless the promoted model beats its accuracy
+    teacher = json.loads((run / "teacher_eval/metrics.json").read_text())["teacher"]["accuracy"]
+    better = metrics["sft"]["accuracy"] > teacher
+    assert m["stats"]["best_so_far"] == ({"name": "round 1 sft", "accuracy": metrics["sft"]["accuracy"]} if better
+                                         else {"name": "teacher", "accuracy": teacher})
+    assert f"best so far: {m['stats']['best_so_far']['name']}" in proc.stdout and "\n| teacher |" in proc.stdout
     assert Path(m["outputs"]["model"]) == Path("../sft/model")
 
 
@@ -246,3 +253,26 @@ def test_every_command_of_the_readme_and_docs_runs(round1, tmp_path):
         done.add(command)
     print("\n".join(times))
     assert set(documented) - done == readme_commands.SKIPPED
+
+
+def test_a_round_moved_to_another_runs_folder_and_working_directory_makes_the_same_data(round1, tmp_path):
+    """Seeds come from requests' content and models' identities, never from paths: the same round run from a copy
+    of its inputs (the bootstrap) elsewhere, from another working directory, writes the same bytes."""
+    recipe, run, _ = round1
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(run / "bootstrap", moved / "e2e" / "bootstrap")
+    r = yaml.safe_load(recipe.read_text())
+    r["runs_dir"] = str(moved)
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(r))
+    (tmp_path / "cwd").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(tmp_path / "moved.yaml")],
+                          cwd=tmp_path / "cwd", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bootstrap: up to date" in proc.stdout  # the copied bootstrap was reused, not rebuilt
+    for f in ("generate/samples.jsonl", "select/sft.jsonl", "select/pairs.jsonl", "eval/metrics.json",
+              "eval/answers.jsonl", "promote/decision.json"):
+        ours, theirs = (moved / "e2e/round-1" / f).read_text(), (run / "round-1" / f).read_text()
+        assert ours == theirs or f == "promote/decision.json" and json.loads(ours)["promoted"] == json.loads(
+            theirs)["promoted"], f
+    weights = [load_file(r / "round-1/dpo/model/model.safetensors") for r in (run, moved / "e2e")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -129,7 +129,6 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
     reward_model = str(inputs["reward_model"]) if "reward_model" in inputs else None
     for name in MODELS:
         metrics[name], answers[name] = evaluate(recipe, inputs[name], prompts, name, reward_model)
-        metrics[name]["model_path"] = str(inputs[name])
     base = metrics["input"]
     reward = {name: {r["prompt_id"]: r["reward"] for r in answers[name]} for name in MODELS}
     ids = [p["prompt_id"] for p in prompts]
@@ -141,7 +140,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                                                   / max(base["mean_response_tokens"], 1e-9) - 1.0)
     write_jsonl(out_dir / "answers.jsonl", [r for name in MODELS for r in answers[name]])
     write_json_atomic(out_dir / "metrics.json", metrics)
-    print(json.dumps({k: {m: v for m, v in d.items() if m != "model_path"} for k, d in metrics.items()}, indent=2))
+    print(json.dumps(metrics, indent=2))
     return StageResult(outputs={"metrics": "metrics.json", "answers": "answers.jsonl"},
                        rows={"prompts": len(prompts), "answers": sum(len(a) for a in answers.values())},
                        stats=metrics)
