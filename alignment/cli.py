@@ -18,7 +18,7 @@ import sys
 from alignment.config import InputError, load_recipe
 from alignment.prompts import read_prompts
 from alignment.verifiers import check_prompt_fields
-from alignment.round import StageFailed, run_round, run_stage, status_table
+from alignment.round import StageFailed, run_lock, run_round, run_stage, status_table
 from alignment.stage_table import STAGES
 
 
@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> None:
 
                 print(f"wrote {write_report(recipe)}")
             else:
-                run_stage(recipe, args.round, args.stage, recipe_file=args.recipe, overrides=args.overrides,
-                          force=True)
+                with run_lock(recipe):
+                    run_stage(recipe, args.round, args.stage, recipe_file=args.recipe, overrides=args.overrides,
+                              force=True)
     except (InputError, StageFailed) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

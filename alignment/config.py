@@ -23,8 +23,12 @@ class InputError(Exception):
     key and what was expected, and the command prints it without a traceback."""
 
 
+MAX_TOKENS = 2**20  # no model has a longer context; `max_new_tokens: 1e12` is a typo, not a plan
+MAX_YAML_NODES = 100_000  # a recipe has a few hundred; a YAML alias bomb expands to billions
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf and .nan are typos
 
 
 class ModelSource(str, Enum):
@@ -70,7 +74,7 @@ class EngineConfig(Strict):
     quantization: Literal["fp8", "fbgemm_fp8"] | None = Field(
         None, description="fp8: quantize a bf16 checkpoint when loading; fbgemm_fp8: a checkpoint saved with "
         "row-wise FP8 scales (Meta's 405B FP8); null: whatever the checkpoint's config says")
-    max_model_len: int | None = Field(None, gt=0, description="context length; null: the model's own")
+    max_model_len: int | None = Field(None, gt=0, le=MAX_TOKENS, description="context length; null: the model's own")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory vLLM may take; "
                                           "on CPU, the share of host memory for weights and the KV cache")
     enforce_eager: bool = Field(False, description="skip CUDA-graph capture/compilation: faster start, slower steps")
@@ -134,7 +138,7 @@ class SamplingConfig(Strict):
     num_samples: int = Field(gt=0, description="K: samples per prompt (Llama 3 used 10 to 30)")
     temperature: float = Field(ge=0.0, description="0 means greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
-    max_new_tokens: int = Field(gt=0, description="token limit per sample; hits are counted in the statistics")
+    max_new_tokens: int = Field(gt=0, le=MAX_TOKENS, description="token limit per sample; hits are counted in the statistics")
 
 
 class VerifierConfig(Strict):
@@ -200,7 +204,7 @@ class JudgeConfig(Strict):
                                "the last match counts. Replies without one are counted, not fatal")
     max_score: int = Field(3, gt=0, description="the rubric's top score; verdicts outside 0..max_score are "
                            "counted as unparseable")
-    max_new_tokens: int = Field(256, gt=0, description="room for the judge's reasoning before the verdict")
+    max_new_tokens: int = Field(256, gt=0, le=MAX_TOKENS, description="room for the judge's reasoning before the verdict")
     weight: float = Field(1.0, description="weight of verdict / max_score in the reward")
 
     @field_validator("template")
@@ -303,7 +307,7 @@ class TrainerConfig(Strict):
     gradient_accumulation_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
     lr_scheduler_type: str = Field("cosine", description="transformers scheduler name")
     warmup_steps: float = Field(0.0, ge=0.0, description="warmup steps; below 1, a share of all steps")
-    max_length: int = Field(gt=0, description="tokens per prompt+response; longer rows are counted as truncated")
+    max_length: int = Field(gt=0, le=MAX_TOKENS, description="tokens per prompt+response; longer rows are counted as truncated")
     gradient_checkpointing: bool = Field(True, description="recompute activations in the backward pass instead "
                                          "of keeping them: less memory (8B/70B need it), 14-30% more time per "
                                          "step on a 1B Llama (bench/README.md); TRL's default: true")
@@ -416,7 +420,7 @@ class DPOTrainingConfig(TrainerConfig):
 
 
 class EvalConfig(Strict):
-    max_new_tokens: int = Field(gt=0, description="token limit of every answer; hits are reported")
+    max_new_tokens: int = Field(gt=0, le=MAX_TOKENS, description="token limit of every answer; hits are reported")
     batch_size: int = Field(64, gt=0, description="prompts per generate call")
     num_prompts: int | None = Field(None, gt=0, description="first N rows of eval_path; all when unset")
     num_samples: int = Field(8, ge=0, description="sampled answers per prompt for pass@k (n); 0 skips sampling")
@@ -508,7 +512,7 @@ class BootstrapConfig(Strict):
 
 
 class Recipe(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="run folder name: runs/<name>/round-<n>/")
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="run folder name: runs/<name>/round-<n>/")
     seed: int = Field(0, description="seeds sampling, prompt draws and training")
     runs_dir: Path = Field(Path("runs"), description="where artifacts go")
     rounds: int | None = Field(None, gt=0, description="rounds the recipe plans (Llama 3.1: 6); asking for a "
@@ -554,7 +558,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key or not all(key.split(".")):
         raise InputError(f"override {text!r}: expected key.path=value")
-    return key.split("."), yaml.safe_load(value)
+    try:
+        return key.split("."), yaml.safe_load(value)
+    except yaml.YAMLError as e:  # also tags such as !!python/object, which safe_load refuses
+        raise InputError(f"override {text!r}: the value is not plain YAML: {getattr(e, 'problem', None) or e}") from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -597,32 +604,62 @@ def format_errors(err: ValidationError, source: str, lines: dict[tuple, int], ov
         elif "input" in e and not isinstance(e["input"], dict):
             msg += f" (got {e['input']!r})"
         # Point at the deepest line we know of: the key itself, or its enclosing section.
+        # An override replaces the file's value below its key, so it wins over any line the file has there.
         where = source
-        for n in range(len(loc), -1, -1):
-            if loc[:n] in overridden:
-                where = "command-line override"
-                break
-            if loc[:n] in lines:
-                where = f"{source}:{lines[loc[:n]]}"
-                break
+        if any(loc[:n] in overridden for n in range(len(loc) + 1)):
+            where = "command-line override"
+        else:
+            where = next((f"{source}:{lines[loc[:n]]}" for n in range(len(loc), -1, -1) if loc[:n] in lines), source)
         out.append(f"{where}: {key}: {msg}")
     return "\n".join(out)
+
+
+def check_yaml_tree(node: yaml.Node | None, path: Path) -> None:
+    """Refuse a key given twice in one mapping (YAML keeps the last one silently), naming both lines, and a tree
+    that aliases expand beyond MAX_YAML_NODES (an alias bomb), before anything is constructed."""
+    sizes: dict[int, int] = {}
+
+    def size(n) -> int:  # nodes once aliases are expanded; a shared node is measured once
+        if id(n) not in sizes:
+            sizes[id(n)] = 1
+            if isinstance(n, yaml.MappingNode):
+                first: dict = {}
+                for k, _ in n.value:
+                    if isinstance(k, yaml.ScalarNode) and k.value in first:
+                        raise InputError(f"{path}:{k.start_mark.line + 1}: key {k.value!r} is given twice (first "
+                                         f"on line {first[k.value]}); YAML would silently keep the last")
+                    first[getattr(k, "value", None)] = k.start_mark.line + 1
+            children = [c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else (
+                n.value if isinstance(n, yaml.SequenceNode) else [])
+            sizes[id(n)] = 1 + sum(size(c) for c in children)
+            if sizes[id(n)] > MAX_YAML_NODES:
+                raise InputError(f"{path}: the YAML expands to more than {MAX_YAML_NODES} values through its "
+                                 "aliases (&anchor / *alias); a recipe needs a few hundred")
+        return sizes[id(n)]
+
+    if node is not None:
+        size(node)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; any problem raises InputError naming file, line and key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise InputError(f"{path}: cannot read recipe: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     try:
         node = yaml.compose(text)
+        check_yaml_tree(node, path)  # before constructing: an alias bomb expands only then
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise InputError(f"{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    except RecursionError:
+        raise InputError(f"{path}: YAML nested too deeply") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     data = apply_overrides(data, list(overrides))

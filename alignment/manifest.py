@@ -58,7 +58,12 @@ def read_manifest(stage_dir: Path) -> dict | None:
     p = Path(stage_dir) / MANIFEST
     if not p.exists():
         return None
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, RecursionError) as e:  # written atomically, so only a hand edit or a failing disk does this
+        from alignment.config import InputError
+
+        raise InputError(f"{p}: not a readable manifest ({e}); delete it to run that stage again") from None
 
 
 def library_versions() -> dict[str, str]:

@@ -17,18 +17,24 @@ from alignment.config import InputError
 
 def read_prompts(path: Path) -> list[dict]:
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: prompt file does not exist")
+    if not path.is_file():
+        raise InputError(f"{path}: prompt file " + ("is a folder; expected a JSONL file" if path.is_dir()
+                                                    else "does not exist"))
     rows, seen = [], {}
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                row = json.loads(line)
+                line = raw.decode("utf-8")
+                row = json.loads(line) if line.strip() else None
+            except UnicodeDecodeError as e:
+                raise InputError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: not valid JSON: {e.msg}") from None
+            except RecursionError:
+                raise InputError(f"{where}: JSON nested too deeply") from None
+            if row is None:
+                continue
             if not isinstance(row, dict):
                 raise InputError(f"{where}: expected a JSON object")
             pid = row.get("prompt_id")

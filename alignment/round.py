@@ -10,12 +10,14 @@ in upstream manifests (or in the recipe), never "the latest folder".
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignment.config import InputError, Recipe
@@ -29,6 +31,26 @@ from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, h
 
 class StageFailed(Exception):
     pass
+
+
+@contextmanager
+def run_lock(recipe: Recipe):
+    """One writer per recipe run folder. A second `align round`, `eval` or `stage` on it fails at once, naming the
+    holder; read-only commands (status, stats, report) take no lock. flock, so the kernel releases it when the
+    holder exits, even by kill -9."""
+    folder = recipe.runs_dir / recipe.name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise InputError(f"{folder} is in use by another run ({f.read().strip() or 'starting'}); wait for it to "
+                             "finish, or stop it") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()}: {' '.join(sys.argv)}")
+        f.flush()
+        yield
 
 
 def round_dir(recipe: Recipe, round_n: int) -> Path:
@@ -175,10 +197,11 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
                          f"run `make round N={round_n}` first")
     if round_n > 1:
         identity(recipe, student(recipe, round_n))  # fail now, before any work, if round n-1 is missing
-    for stage in round_stages(recipe, round_n, EVAL_STAGES if eval_only else tuple(STAGES)):
-        if stage.name == "generate":  # models exist now (bootstrap ran); check them before any spends time
-            check_chat_templates(round_models(recipe, round_n))
-        run_stage(recipe, round_n, stage.name, recipe_file=recipe_file, overrides=overrides)
+    with run_lock(recipe):
+        for stage in round_stages(recipe, round_n, EVAL_STAGES if eval_only else tuple(STAGES)):
+            if stage.name == "generate":  # models exist now (bootstrap ran); check them before any spends time
+                check_chat_templates(round_models(recipe, round_n))
+            run_stage(recipe, round_n, stage.name, recipe_file=recipe_file, overrides=overrides)
     metrics = json.loads((stage_dir(recipe, round_n, "eval") / "metrics.json").read_text())
     promote = stage_dir(recipe, round_n, "promote")
     decision, best = (json.loads((promote / f).read_text()) for f in ("decision.json", "best.json"))

@@ -1,0 +1,113 @@
+"""Bad input gets one `error:` line that names the file, line or key, before any work: never a traceback, never a
+silently wrong value. And one writer per run folder."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from alignment.cli import main as align
+from alignment.config import InputError, load_recipe
+from alignment.round import run_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = (ROOT / "recipes/tiny.yaml").read_text()
+
+
+def error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        align(list(argv))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "Traceback" not in err and err.startswith("error: "), err
+    return err
+
+
+def recipe_file(tmp_path, text: str | bytes) -> str:
+    p = tmp_path / "r.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return str(p)
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    bomb = 'a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]\n'
+    for i, name in enumerate("bcdefghi"):  # each level repeats the previous one ten times: 10^9 strings
+        prev = "abcdefghi"[i]
+        bomb += f"{name}: &{name} [{', '.join([f'*{prev}'] * 10)}]\n"
+    with pytest.raises(InputError, match="expands to more than 100000 values through its aliases"):
+        load_recipe(recipe_file(tmp_path, bomb))
+
+
+def test_a_key_given_twice_names_both_lines(tmp_path):
+    lines = TINY.count("\n")
+    text = TINY + "sampling:\n  num_samples: 1\n  temperature: 0\n  max_new_tokens: 1\n"
+    first = next(i for i, line in enumerate(TINY.splitlines(), 1) if line.startswith("sampling:"))
+    with pytest.raises(InputError, match=rf"r.yaml:{lines + 1}: key 'sampling' is given twice \(first on line "
+                                         rf"{first}\)"):
+        load_recipe(recipe_file(tmp_path, text))
+    nested = TINY.replace("  temperature: 1.0\n", "  temperature: 1.0\n  temperature: 0.0\n", 1)
+    with pytest.raises(InputError, match="key 'temperature' is given twice"):
+        load_recipe(recipe_file(tmp_path, nested))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sampling.temperature=.inf", "sampling.temperature"), ("sampling.temperature=.nan", "sampling.temperature"),
+    ("dpo.beta=.nan", "dpo.beta"), ("select.sft_min_reward=.nan", "select.sft_min_reward"),
+    ("select.pair_min_margin=.inf", "select.pair_min_margin"),
+    ("reward.verifiers=[{name: a, weight: .inf}]", "reward.verifiers.0.weight"),
+    ("sampling.max_new_tokens=1e12", "sampling.max_new_tokens"), ("eval.max_new_tokens=2000000", "eval.max_new_tokens"),
+    ("name=..", "name"), ("name=.hidden", "name"),
+])
+def test_values_that_cannot_be_meant_are_refused_by_key(override, key):
+    with pytest.raises(InputError, match=rf"command-line override: {key}: "):
+        load_recipe(ROOT / "recipes/tiny.yaml", [override])
+
+
+def test_unreadable_files_and_overrides_are_one_clear_line(tmp_path, capsys):
+    assert "not UTF-8 text (byte 7)" in error(capsys, "validate", recipe_file(tmp_path, b"name: \xff\xfe\n"))
+    tiny = str(ROOT / "recipes/tiny.yaml")
+    assert "is a folder; expected a JSONL file" in error(capsys, "validate", tiny, f"prompts.train_path={tmp_path}")
+    err = error(capsys, "validate", tiny, "sampling.num_samples=[1,2")
+    assert "override 'sampling.num_samples=[1,2': the value is not plain YAML" in err
+    err = error(capsys, "validate", tiny, "sampling.num_samples=!!python/object/apply:os.system [echo hi]")
+    assert "the value is not plain YAML" in err
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    assert f"{deep}:1: JSON nested too deeply" in error(capsys, "validate", tiny, f"prompts.train_path={deep}")
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt_id": "a", "messages": [{"role": "user", "content": "hi"}]}\n{"x": "caf\xe9"}\n')
+    assert f"{bad}:2: not UTF-8 text" in error(capsys, "validate", tiny, f"prompts.train_path={bad}")
+
+
+def test_a_truncated_manifest_is_named_not_a_traceback(tmp_path, capsys):
+    folder = tmp_path / "tiny" / "round-1" / "generate"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text('{"stage": "gen')
+    err = error(capsys, "status", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
+    assert f"{folder / 'manifest.json'}: not a readable manifest" in err and "delete it" in err
+
+
+def test_a_second_writer_fails_at_once_naming_the_first_and_kill_9_frees_the_folder(tmp_path, capsys):
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", [f"runs_dir={tmp_path}"])
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from alignment.config import load_recipe; "
+         "from alignment.round import run_lock; r = load_recipe('recipes/tiny.yaml', sys.argv[1:]); "
+         "lock = run_lock(r); lock.__enter__(); print('locked', flush=True); time.sleep(600)", f"runs_dir={tmp_path}"],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
+        assert f"{tmp_path / 'tiny'} is in use by another run (pid {holder.pid}: -c runs_dir={tmp_path})" in err
+        assert not (tmp_path / "tiny" / "bootstrap").exists()  # nothing started
+        error(capsys, "stage", "sft", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
+        align(["status", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}"])  # reading is fine
+        assert "missing" in capsys.readouterr().out
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with run_lock(recipe):  # the kernel released the dead holder's lock
+        assert (tmp_path / "tiny" / ".lock").read_text().startswith(f"pid {os.getpid()}: ")
