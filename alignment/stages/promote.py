@@ -30,7 +30,7 @@ from alignment.manifest import write_json_atomic
 from alignment.metrics import mcnemar_exact, paired_bootstrap, pass_at_k
 from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
-from alignment.stages.result import StageResult
+from alignment.stages.result import HUB, StageResult
 
 
 def index(answers: list[dict]) -> dict[tuple[str, str], dict]:
@@ -175,8 +175,12 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     write_json_atomic(out_dir / "decision.json", decision)
     best, record = best_so_far(inputs, metrics, decision["promoted"], round_n)
     write_json_atomic(out_dir / "best.json", record)
-    # Paths relative to this folder, so that a moved run folder still resolves.
-    return StageResult(outputs={"decision": "decision.json", "model": os.path.relpath(model, out_dir),
-                                "best": os.path.relpath(best, out_dir), "best_record": "best.json"},
+    # Paths relative to this folder, so that a moved run folder still resolves; a hub id (the recipe's student or
+    # teacher, promoted or kept as the best) is no folder here and is handed on as it is.
+    def where(m: Path) -> str:
+        return os.path.relpath(m, out_dir) if m.exists() else HUB + str(m)
+
+    return StageResult(outputs={"decision": "decision.json", "model": where(Path(model)),
+                                "best": where(Path(best)), "best_record": "best.json"},
                        rows={"candidates": len(recipe.gate.candidates)},
                        stats={"promoted": decision["promoted"], "forced": decision["forced"], "best_so_far": record})
