@@ -22,6 +22,7 @@ forward in `best.json`: it is what `teacher.source: best` samples from next roun
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -53,11 +54,16 @@ def outcomes(rows: dict[tuple[str, str], dict], model: str, metric: str) -> dict
     return {r["prompt_id"]: pass_at_k(r["num_samples"], r["num_correct"], k) for r in mine if "num_correct" in r}
 
 
-def compare(ours: dict[str, float], theirs: dict[str, float], metric: str) -> dict:
+def compare(ours: dict[str, float], theirs: dict[str, float], metric: str,
+            names: tuple[str, str] = ("candidate", "baseline")) -> dict:
     """The paired comparison of two models' per-prompt outcomes: mean difference, its 95% interval, p-value."""
     if set(ours) != set(theirs) or not ours:
         raise InputError(f"gate: {metric} needs per-prompt outcomes of both models on the same prompts "
                          f"({len(ours)} and {len(theirs)} prompts, {len(set(ours) & set(theirs))} shared)")
+    bad = [i for i in sorted(ours) if not (math.isfinite(ours[i]) and math.isfinite(theirs[i]))]
+    if bad:  # a NaN difference makes every resample NaN, which the bootstrap would call p = 0
+        raise InputError(f"gate: {metric} of prompt {bad[0]} is not a finite number ({names[0]} {ours[bad[0]]}, "
+                         f"{names[1]} {theirs[bad[0]]}; {len(bad)} such prompts); see the eval's answers.jsonl")
     diffs = [ours[i] - theirs[i] for i in sorted(ours)]
     ci, p = paired_bootstrap(diffs)
     if metric == "accuracy":  # exact where an exact test exists; the interval stays the bootstrap's
@@ -101,7 +107,7 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
                              f"(e.g. pass@k needs eval.num_samples, accuracy needs a verifier)")
         c = {"model": model, "against": against, "metric": metric, "value": value, "baseline": base}
         if metric in PAIRED_METRICS:
-            c |= compare(outcomes(rows, model, metric), outcomes(rows, against, metric), metric)
+            c |= compare(outcomes(rows, model, metric), outcomes(rows, against, metric), metric, (model, against))
         return c
 
     comparisons, reasons, eligible = [], [], []
@@ -148,6 +154,8 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
     decision = {"promoted": promoted, "forced": False, "primary_metric": primary, "alpha": gate.alpha,
                 "eligible": eligible, "evidence": evidence(promoted), "comparisons": comparisons, "reasons": reasons}
     if gate.force:
+        if evidence(gate.force) is None:  # forced outside the candidates: the gate never compared it
+            comparisons.append(comparison(gate.force, "input", primary))
         decision |= {"promoted": gate.force, "forced": True, "gate_would_promote": promoted,
                      "evidence": evidence(gate.force),
                      "reasons": reasons + [f"forced: {gate.force} promoted by gate.force"]}
