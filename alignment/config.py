@@ -477,6 +477,7 @@ class GateConfig(Strict):
 
 PAIRED_METRICS = {"accuracy", "mean_reward"} | {f"pass@{k}" for k in range(1, 101)}  # per-prompt outcomes kept
 GATE_METRICS = PAIRED_METRICS | {"win_rate_vs_input"}
+PASS_K = {m for m in PAIRED_METRICS if m.startswith("pass@")}
 
 
 class BootstrapConfig(Strict):
@@ -547,6 +548,16 @@ class Recipe(Strict):
         if self.select.filters.quality and not (rm or self.reward.judge):
             raise ValueError("select.filters.quality keeps the reward model's top quartile or the judge's top "
                              "verdict; it needs reward.reward_model or reward.judge")
+        # A gate metric the eval will not report would fail only in promote, the round's last stage: say it now.
+        for key, metrics in (("primary_metric", [self.gate.primary_metric]), ("tolerances", list(self.gate.tolerances))):
+            for m in metrics:
+                if m in ("accuracy", *PASS_K) and not self.reward.verifiers:
+                    raise ValueError(f"gate.{key}: {m} comes from the verifiers and reward.verifiers is empty; "
+                                     "gate on mean_reward")
+                if m in PASS_K and not self.eval.num_samples:
+                    raise ValueError(f"gate.{key}: {m} needs sampled answers; eval.num_samples is 0")
+                if m in PASS_K and int(m.removeprefix("pass@")) not in self.eval.pass_k:
+                    raise ValueError(f"gate.{key}: {m} is not reported: eval.pass_k is {self.eval.pass_k}")
         return self
 
 

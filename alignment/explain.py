@@ -92,6 +92,9 @@ def explain(key: str = "") -> str:
     model, field = Recipe, None
     parts = key.split(".") if key else []
     for i, part in enumerate(parts):
+        if part.isdigit() and field is not None and list in map(typing.get_origin, (field.annotation, *typing.get_args(
+                field.annotation))):  # an item of a list, as validation errors write it: reward.verifiers.0.name
+            continue
         if model is None or part not in model.model_fields:
             near = nearest(key, ".".join(parts[:i]), model)
             raise InputError(f"unknown recipe key {key!r}; " + (f"nearest: {', '.join(near)}" if near else

@@ -27,6 +27,7 @@ from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics
 from alignment.seeding import model_identity
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
                                    round_stages, stage_config, student, teacher, upstreams)
+from alignment.stages.result import HUB
 
 
 class StageFailed(Exception):
@@ -76,7 +77,8 @@ def identity(recipe: Recipe, spec) -> dict:
         m = read_manifest(folder)
         if m is None:
             raise InputError(f"{spec.why}: {folder} has no manifest.json (that stage has not completed)")
-        return {"path": os.path.normpath(folder / m["outputs"][spec.output]),
+        out = m["outputs"][spec.output]
+        return {"path": out.removeprefix(HUB) if out.startswith(HUB) else os.path.normpath(folder / out),
                 "hash": f"{m['fingerprint']}:{spec.output}"}
     if isinstance(spec, File):
         if not spec.path.is_file():

@@ -19,6 +19,7 @@ from alignment.backends import GenerationError
 from alignment.config import InputError
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
 from alignment.stage_table import STAGES, StageConfig
+from alignment.stages.result import HUB
 
 
 def run_job(job_path: Path) -> dict:
@@ -39,7 +40,7 @@ def run_job(job_path: Path) -> dict:
     if set(result.outputs) != set(declared):
         raise RuntimeError(f"stage {job['stage']} returned outputs {sorted(result.outputs)}; the stage table "
                            f"declares {sorted(declared)}")
-    missing = [p for p in result.outputs.values() if not (out_dir / p).exists()]
+    missing = [p for p in result.outputs.values() if not p.startswith(HUB) and not (out_dir / p).exists()]
     if missing:
         raise RuntimeError(f"stage {job['stage']} did not write its outputs {missing}")
     manifest = {

@@ -159,10 +159,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("select", ("select", "seed"), lambda r, n: {
         "samples": Upstream("generate", "samples", n, "select"), "scores": Upstream("score", "scores", n, "select"),
         "prompts": train_prompts(r)}, ("sft", "pairs", "failed_prompts", "plots")),
-    # every pair selected so far, this round's included
+    # every pair selected so far, this round's included, and the recipe's preference files (by content, so that
+    # editing one makes the stage stale; a key only when there are some, so older runs keep their fingerprints)
     Stage("reward_model", ("reward_training", "seed"), lambda r, n: {
         "model": student(r, n),
-        "pairs": [Upstream("select", "pairs", k, f"reward_model (round {k})") for k in range(1, n + 1)]},
+        "pairs": [Upstream("select", "pairs", k, f"reward_model (round {k})") for k in range(1, n + 1)],
+        **({"preferences": [File(p, "reward_training.preference_paths") for p in r.reward_training.preference_paths]}
+           if r.reward_training.preference_paths else {})},
         ("model", "log_history", "logs"), trains="reward_training",
         when=lambda r, n: r.reward_training is not None),
     Stage("sft", ("sft", "seed"), lambda r, n: {"model": student(r, n), "sft": Upstream("select", "sft", n, "sft")},

@@ -59,3 +59,49 @@ def test_a_promoted_student_replaces_the_best_only_when_it_beats_it(tmp_path):
 def test_without_an_evaluated_teacher_round_one_starts_from_its_input(tmp_path):
     path, rec = best_so_far({"input": "in", "sft": "sft", "dpo": "dpo"}, metrics(0.3, 0.2, 0.25), "input", 1)
     assert str(path) == "in" and rec == {"name": "round 1 input", "accuracy": 0.3}
+
+
+def test_promote_carries_a_hub_model_forward_when_it_stays_the_best(tmp_path):
+    # The Llama 3.1 recipes start from a hub id (meta-llama/Llama-3.1-8B), and `teacher: {source: best,
+    # model_name_or_path: <hub id>}` names the teacher by one. Round 1's promote then hands on a hub id whenever
+    # nothing passes the gate (the input carries on) or the teacher stays the best (the usual case: a 405B teacher
+    # beats an 8B student). By hand: input right on all 4 prompts, sft and dpo on none -> both refused by the
+    # default tolerance, "input" promoted (accuracy 1.0); the teacher's record is 1.0 too and a tie keeps the
+    # teacher. Round 2 must then start from org/student and sample from org/teacher.
+    import os
+
+    from alignment.manifest import write_json_atomic
+    from alignment.prompts import write_jsonl
+    from alignment.round import identity, stage_config, stage_dir
+    from alignment.runner import run_job
+
+    recipe = load_recipe(TINY, [f"runs_dir={tmp_path / 'runs'}", "student={source: path, model_name_or_path: org/student}",
+                                "teacher={source: best, model_name_or_path: org/teacher}"])
+    eval_dir, folder = stage_dir(recipe, 1, "eval"), stage_dir(recipe, 1, "promote")
+    eval_dir.mkdir(parents=True)
+    folder.mkdir(parents=True)
+    answers = [{"model": m, "prompt_id": f"p{i}", "verified": m == "input", "reward": float(m == "input")}
+               for m in ("input", "sft", "dpo") for i in range(4)]
+    write_jsonl(eval_dir / "answers.jsonl", answers)
+    metrics = {m: {"accuracy": float(m == "input"), "mean_reward": float(m == "input")} for m in ("input", "sft", "dpo")}
+    write_json_atomic(eval_dir / "metrics.json", metrics)
+    for m in ("sft", "dpo"):
+        (tmp_path / m).mkdir()
+    (tmp_path / "teacher_record.json").write_text(json.dumps({"name": "teacher", "accuracy": 1.0}))
+    inputs = {"metrics": eval_dir / "metrics.json", "answers": eval_dir / "answers.jsonl", "input": "org/student",
+              "sft": tmp_path / "sft", "dpo": tmp_path / "dpo", "best_before": "org/teacher",
+              "best_before_record": tmp_path / "teacher_record.json"}
+    job = {"stage": "promote", "round": 1, "recipe_name": recipe.name, "recipe_file": TINY, "overrides": [],
+           "config": stage_config(recipe, "promote"), "fingerprint": "fp",
+           "inputs": {k: {"path": str(v), "hash": "h"} for k, v in inputs.items()}}
+    write_json_atomic(folder / "job.json", job)
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # wherever the command runs from
+    try:
+        manifest = run_job(folder / "job.json")
+        assert json.loads((folder / "decision.json").read_text())["promoted"] == "input"
+        assert identity(recipe, Upstream("promote", "model", 1, "round 2"))["path"] == "org/student"
+        assert identity(recipe, Upstream("promote", "best", 1, "round 2"))["path"] == "org/teacher"
+    finally:
+        os.chdir(cwd)
+    assert manifest["stats"]["best_so_far"] == {"name": "teacher", "accuracy": 1.0}

@@ -141,3 +141,14 @@ def test_the_walk_follows_annotations_not_names(monkeypatch):
     assert "  depth: int = 3" in explain("maybe").splitlines()
     assert explain("maybe").startswith("maybe: list[section | null] | null = null\n")
     assert set(explain_module.all_keys()) == {"by_name", "by_name.depth", "maybe", "maybe.depth"}
+
+
+def test_a_key_as_validation_errors_write_it_with_a_list_index_is_explained():
+    # `align validate` reports "recipes/x.yaml:31: reward.verifiers.0.answer_regex: does not compile"; pasting
+    # that key into `align explain` must explain the field, not call it unknown.
+    out = explain("reward.verifiers.0.answer_regex")
+    assert out.startswith("reward.verifiers.0.answer_regex: str\n  default: -?\\d+\n")
+    assert "regex for candidate answers" in flat(out)
+    assert explain("reward.verifiers.1").startswith("reward.verifiers.1: list[section] = []\n")
+    with pytest.raises(Exception, match="unknown recipe key 'dpo.0'"):  # only a list takes an index
+        explain("dpo.0")

@@ -158,3 +158,54 @@ def test_unknown_gate_metric_is_rejected_by_the_schema():
         GateConfig(tolerances={"acuracy": 0.0})
     with pytest.raises(ValueError, match="primary_metric: 'win_rate_vs_input' has no per-prompt outcomes"):
         GateConfig(primary_metric="win_rate_vs_input")
+
+
+def test_a_nan_reward_is_an_error_not_a_significant_regression():
+    # One prompt's reward is NaN (a reward model that overflowed). Every resampled mean difference is then NaN, so
+    # no resample is <= 0 or >= 0 and the p-value came out 0: dpo was "significantly worse, p=0" on a single bad
+    # number. The gate cannot tell anything from a NaN; it must say where it is.
+    metrics, answers = round_outcomes({(1, 1, 1): 10, (0, 0, 0): 10})
+    answers = [{**r, "reward": float("nan")} if (r["model"], r["prompt_id"]) == ("dpo", "p3") else r for r in answers]
+    metrics["dpo"]["mean_reward"] = float("nan")
+    with pytest.raises(InputError, match=r"mean_reward of prompt p3 is not a finite number \(dpo nan, input 1.0"):
+        decide(GateConfig(primary_metric="mean_reward", tolerances={}), metrics, answers)
+
+
+def test_forcing_a_checkpoint_outside_the_candidates_still_records_its_evidence():
+    # candidates [sft] and --force dpo: the decision promotes dpo, and the line `promoted: dpo (forced), accuracy
+    # ...; accuracy -0.200 [...] vs input` needs dpo's comparison with the input, which the gate never made.
+    # By hand: dpo loses 9 prompts and gains 1 of 40: -8/40, McNemar p = 22/1024.
+    metrics, answers = round_outcomes({(1, 1, 1): 11, (1, 1, 0): 9, (0, 0, 1): 1, (0, 0, 0): 19})
+    d = decide(GateConfig(candidates=["sft"], force="dpo"), metrics, answers)
+    assert (d["promoted"], d["forced"], d["gate_would_promote"]) == ("dpo", True, "sft")
+    assert d["evidence"] is not None and (d["evidence"]["model"], d["evidence"]["against"]) == ("dpo", "input")
+    assert d["evidence"]["difference"] == pytest.approx(-8 / 40)
+    assert d["evidence"]["p_value"] == pytest.approx(22 / 1024)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    # pass@2 is not among eval.pass_k ([1, 4] in the tiny recipe): eval never reports it
+    (["gate.primary_metric=pass@2"], r"gate.primary_metric: pass@2 .*eval.pass_k"),
+    (["gate.tolerances={pass@2: 0.0}"], r"gate.tolerances: pass@2 .*eval.pass_k"),
+    # no sampled answers at all
+    (["gate.primary_metric=pass@1", "eval.num_samples=0"], r"gate.primary_metric: pass@1 .*eval.num_samples"),
+])
+def test_a_gate_metric_the_eval_will_not_report_fails_when_the_recipe_loads(overrides, message):
+    # Otherwise the round runs every stage (hours on a real recipe) and dies in promote, its last one.
+    from alignment.config import load_recipe
+
+    with pytest.raises(InputError, match=message):
+        load_recipe("recipes/tiny.yaml", overrides)
+    load_recipe("recipes/tiny.yaml", ["gate.primary_metric=pass@4", "gate.tolerances={pass@1: 0.1}"])  # reported
+
+
+def test_gating_on_accuracy_without_a_verifier_fails_when_the_recipe_loads():
+    # accuracy comes from the verifiers; a reward-model-only recipe must gate on mean_reward, and say so up front
+    from alignment.config import load_recipe
+
+    rm_only = ["reward={reward_model: {model_name_or_path: org/rm}}"]
+    with pytest.raises(InputError, match=r"gate.primary_metric: accuracy .*reward.verifiers"):
+        load_recipe("recipes/tiny.yaml", rm_only)
+    with pytest.raises(InputError, match=r"gate.tolerances: accuracy .*reward.verifiers"):
+        load_recipe("recipes/tiny.yaml", rm_only + ["gate.primary_metric=mean_reward"])
+    load_recipe("recipes/tiny.yaml", rm_only + ["gate.primary_metric=mean_reward", "gate.tolerances={mean_reward: 0.0}"])

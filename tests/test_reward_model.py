@@ -63,7 +63,7 @@ def test_the_stage_trains_a_reward_model_that_ranks_held_out_pairs(tmp_path):
             path.write_text("".join(json.dumps(r) + "\n" for r in rows[200 * k:200 * (k + 1)]))
         out = tmp_path / name
         out.mkdir()
-        return reward_model.run(recipe, {"model": model, "pairs": pairs}, out, 2), out
+        return reward_model.run(recipe, {"model": model, "pairs": pairs, "preferences": [human]}, out, 2), out
 
     # An untrained head ranks every pair by the closing word, so it gets all of them right or all wrong. The words
     # are set against the untrained preference (the head starts from the recipe's seed either way), so a held-out

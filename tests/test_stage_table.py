@@ -110,3 +110,25 @@ def test_every_stage_module_exists_and_every_upstream_output_is_declared():
             for s in spec if isinstance(spec, list) else [spec]:
                 if hasattr(s, "output"):
                     assert s.output in STAGES[s.stage].outputs, (name, s)
+
+
+def test_editing_a_preference_file_makes_the_reward_model_stale(tmp_path):
+    # reward_model reads every file in reward_training.preference_paths (human annotations, say). Fixing a row of
+    # one of them changes what it trains on, as much as a new pair from select does: the stage and everything it
+    # feeds must be stale, not "done". By hand: round 1's and round 2's reward_model read the file; nothing
+    # downstream reads the trained reward model in the tiny recipe (reward.reward_model is unset).
+    prefs = tmp_path / "prefs.jsonl"
+    row = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+           "rejected": [{"role": "assistant", "content": "5"}]}
+    prefs.write_text(json.dumps(row) + "\n")
+    recipe = recipe_with(tmp_path, f"reward_training.preference_paths=[{prefs}]")
+    finish_rounds(recipe)
+    assert set(round_status(recipe, [1, 2]).values()) == {"done"}
+    prefs.write_text(json.dumps({**row, "chosen": row["rejected"], "rejected": row["chosen"]}) + "\n")
+    status = round_status(recipe, [1, 2])
+    assert {k for k, c in status.items() if c == "stale"} == {(1, "reward_model"), (2, "reward_model")}
+    # the stage reads the files the runner hands it, like every other input
+    inputs = STAGES["reward_model"].inputs(recipe, 1)
+    assert [x.path for x in inputs["preferences"]] == [prefs]
+    # recipes without preference files keep the fingerprints their runs already have
+    assert "preferences" not in STAGES["reward_model"].inputs(load_recipe(TINY), 1)

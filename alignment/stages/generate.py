@@ -45,6 +45,11 @@ def system_prompt_for(prompt: dict, system_prompts: dict[str, str]) -> str | Non
     return system_prompts.get(prompt.get("capability") or "default", system_prompts.get("default"))
 
 
+def round_seed(seed: int, round_n: int) -> int:
+    """The base seed of a round's requests."""
+    return seed + 1000 * round_n
+
+
 def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, base_seed: int):
     """One request per distinct conversation: (request_id per prompt, {request_id: Request}, system prompts).
     `teacher_id` is the model's identity (alignment.seeding), never its path."""
@@ -72,7 +77,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                  if p["prompt_id"] not in drawn]
         prompts, retried = prompts + again, len(again)
     teacher, teacher_id = str(inputs["teacher"]), model_identity(str(inputs["teacher"]))
-    ids, requests, systems = build_requests(prompts, recipe, teacher_id, recipe.seed + 1000 * round_n)
+    ids, requests, systems = build_requests(prompts, recipe, teacher_id, round_seed(recipe.seed, round_n))
 
     done = load_shards(out_dir / "shards")
     resumed = sum(rid in done for rid in requests)

@@ -22,6 +22,7 @@ forward in `best.json`: it is what `teacher.source: best` samples from next roun
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from alignment.manifest import write_json_atomic
 from alignment.metrics import mcnemar_exact, paired_bootstrap, pass_at_k
 from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
-from alignment.stages.result import StageResult
+from alignment.stages.result import HUB, StageResult
 
 
 def index(answers: list[dict]) -> dict[tuple[str, str], dict]:
@@ -53,11 +54,16 @@ def outcomes(rows: dict[tuple[str, str], dict], model: str, metric: str) -> dict
     return {r["prompt_id"]: pass_at_k(r["num_samples"], r["num_correct"], k) for r in mine if "num_correct" in r}
 
 
-def compare(ours: dict[str, float], theirs: dict[str, float], metric: str) -> dict:
+def compare(ours: dict[str, float], theirs: dict[str, float], metric: str,
+            names: tuple[str, str] = ("candidate", "baseline")) -> dict:
     """The paired comparison of two models' per-prompt outcomes: mean difference, its 95% interval, p-value."""
     if set(ours) != set(theirs) or not ours:
         raise InputError(f"gate: {metric} needs per-prompt outcomes of both models on the same prompts "
                          f"({len(ours)} and {len(theirs)} prompts, {len(set(ours) & set(theirs))} shared)")
+    bad = [i for i in sorted(ours) if not (math.isfinite(ours[i]) and math.isfinite(theirs[i]))]
+    if bad:  # a NaN difference makes every resample NaN, which the bootstrap would call p = 0
+        raise InputError(f"gate: {metric} of prompt {bad[0]} is not a finite number ({names[0]} {ours[bad[0]]}, "
+                         f"{names[1]} {theirs[bad[0]]}; {len(bad)} such prompts); see the eval's answers.jsonl")
     diffs = [ours[i] - theirs[i] for i in sorted(ours)]
     ci, p = paired_bootstrap(diffs)
     if metric == "accuracy":  # exact where an exact test exists; the interval stays the bootstrap's
@@ -101,7 +107,7 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
                              f"(e.g. pass@k needs eval.num_samples, accuracy needs a verifier)")
         c = {"model": model, "against": against, "metric": metric, "value": value, "baseline": base}
         if metric in PAIRED_METRICS:
-            c |= compare(outcomes(rows, model, metric), outcomes(rows, against, metric), metric)
+            c |= compare(outcomes(rows, model, metric), outcomes(rows, against, metric), metric, (model, against))
         return c
 
     comparisons, reasons, eligible = [], [], []
@@ -148,6 +154,8 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
     decision = {"promoted": promoted, "forced": False, "primary_metric": primary, "alpha": gate.alpha,
                 "eligible": eligible, "evidence": evidence(promoted), "comparisons": comparisons, "reasons": reasons}
     if gate.force:
+        if evidence(gate.force) is None:  # forced outside the candidates: the gate never compared it
+            comparisons.append(comparison(gate.force, "input", primary))
         decision |= {"promoted": gate.force, "forced": True, "gate_would_promote": promoted,
                      "evidence": evidence(gate.force),
                      "reasons": reasons + [f"forced: {gate.force} promoted by gate.force"]}
@@ -175,8 +183,12 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     write_json_atomic(out_dir / "decision.json", decision)
     best, record = best_so_far(inputs, metrics, decision["promoted"], round_n)
     write_json_atomic(out_dir / "best.json", record)
-    # Paths relative to this folder, so that a moved run folder still resolves.
-    return StageResult(outputs={"decision": "decision.json", "model": os.path.relpath(model, out_dir),
-                                "best": os.path.relpath(best, out_dir), "best_record": "best.json"},
+    # Paths relative to this folder, so that a moved run folder still resolves; a hub id (the recipe's student or
+    # teacher, promoted or kept as the best) is no folder here and is handed on as it is.
+    def where(m: Path) -> str:
+        return os.path.relpath(m, out_dir) if m.exists() else HUB + str(m)
+
+    return StageResult(outputs={"decision": "decision.json", "model": where(Path(model)),
+                                "best": where(Path(best)), "best_record": "best.json"},
                        rows={"candidates": len(recipe.gate.candidates)},
                        stats={"promoted": decision["promoted"], "forced": decision["forced"], "best_so_far": record})

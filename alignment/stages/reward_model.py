@@ -65,7 +65,7 @@ def pair_accuracy(model_path: str, pairs: list[dict], batch_size: int) -> float 
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.reward_training
     rows = [r for path in inputs["pairs"] for r in read_jsonl(path)]  # one pairs file per round so far
-    rows += [r for p in cfg.preference_paths for r in read_preferences(Path(p))]
+    rows += [r for p in inputs.get("preferences", []) for r in read_preferences(Path(p))]  # declared inputs
     pairs = [p for r in rows for p in ranked_pairs(r)]
     train = [p for p in pairs if not held_out(p["prompt_id"], cfg.held_out_share)]
     test = [p for p in pairs if held_out(p["prompt_id"], cfg.held_out_share)]
