@@ -3,7 +3,6 @@ however requests are batched, sharded or resumed, and wherever the model or the 
 
 import shutil
 
-import pytest
 
 from alignment.backends import Request
 from alignment.backends.hf import TransformersBackend
@@ -63,10 +62,6 @@ def test_request_ids_and_seeds_follow_the_model_not_its_path(tmp_path):
 
 
 
-@pytest.mark.xfail(strict=True, reason="generate's base seed is recipe.seed + 1000 * round (generate.py "
-                   "round_seed), so seed 0's round 2 and seed 1000's round 1 send the same requests to a fixed "
-                   "teacher: replicate runs are not independent. Hashing (seed, round) would fix it but changes every "
-                   "request id, so interrupted generate stages would not resume from their shards; left to the owner")
 def test_two_recipes_seeds_never_share_a_rounds_samples():
     from alignment.stages.generate import round_seed
 

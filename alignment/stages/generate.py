@@ -46,8 +46,9 @@ def system_prompt_for(prompt: dict, system_prompts: dict[str, str]) -> str | Non
 
 
 def round_seed(seed: int, round_n: int) -> int:
-    """The base seed of a round's requests."""
-    return seed + 1000 * round_n
+    """The base seed of a round's requests: a hash of both, so no two (seed, round) pairs share one (with
+    `seed + 1000 * round`, seed 0's round 2 resent seed 1000's round 1)."""
+    return request_seed({"recipe_seed": seed, "round": round_n})
 
 
 def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, base_seed: int):
