@@ -3,7 +3,6 @@ however requests are batched, sharded or resumed, and wherever the model or the 
 
 import shutil
 
-
 from alignment.backends import Request
 from alignment.backends.hf import TransformersBackend
 from alignment.chat import build_tokenizer
