@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from alignment.config import InputError, load_recipe
-from alignment.prompts import read_prompts
+from alignment.prompts import content_key, read_prompts
 from alignment.verifiers import check_prompt_fields
 from alignment.round import StageFailed, run_lock, run_round, run_stage, status_table
 from alignment.stage_table import STAGES
@@ -35,6 +35,12 @@ def validate(recipe_file: str, overrides: list[str]):
     if shared:
         raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {recipe.prompts.train_path}, "
                          f"e.g. {sorted(shared)[:3]}; the evaluation split must be held out")
+    trained_on = {content_key(p["messages"]): p["prompt_id"] for p in train}
+    leaked = [(p["prompt_id"], trained_on[k]) for p in held_out if (k := content_key(p["messages"])) in trained_on]
+    if leaked:
+        raise InputError(f"{recipe.prompts.eval_path}: {len(leaked)} held-out prompts ask what a training prompt asks "
+                         f"(case and spacing aside), e.g. {leaked[0][0]!r} = {leaked[0][1]!r} in "
+                         f"{recipe.prompts.train_path}; the evaluation split must be held out")
     capabilities = {p.get("capability") or "default" for p in train}
     unused = sorted(set(recipe.teacher.system_prompts) - capabilities - {"default"})
     if unused:

@@ -56,10 +56,19 @@ def read_prompts(path: Path) -> list[dict]:
             if "capability" in row and not (isinstance(row["capability"], str) and row["capability"].strip()):
                 raise InputError(f"{where}: prompt {pid!r}: capability must be a non-empty string (it picks the "
                                  "teacher's system prompt)")
+            for key in ("answer", "tests"):  # verifiers read strings: a JSON number would go silently unscored
+                if key in row and not isinstance(row[key], str):
+                    raise InputError(f"{where}: prompt {pid!r}: {key} must be a string, got "
+                                     f"{type(row[key]).__name__} {json.dumps(row[key])[:40]}")
             rows.append(row)
     if not rows:
         raise InputError(f"{path}: prompt file has no rows")
     return rows
+
+
+def content_key(messages: list[dict]) -> str:
+    """A conversation as text with case and spacing normalised: the same question under another id matches."""
+    return "\n".join(f"{m['role']}: {' '.join(m['content'].lower().split())}" for m in messages)
 
 
 def read_jsonl(path: Path) -> list[dict]:

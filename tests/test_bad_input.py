@@ -111,3 +111,31 @@ def test_a_second_writer_fails_at_once_naming_the_first_and_kill_9_frees_the_fol
         holder.wait()
     with run_lock(recipe):  # the kernel released the dead holder's lock
         assert (tmp_path / "tiny" / ".lock").read_text().startswith(f"pid {os.getpid()}: ")
+
+
+def prompts(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_numeric_answer_is_refused_not_left_unscored(tmp_path):
+    from alignment.prompts import read_prompts
+
+    bad = prompts(tmp_path / "p.jsonl", [{"prompt_id": "a", "messages": [{"role": "user", "content": "1+1?"}],
+                                          "answer": "2"},
+                                         {"prompt_id": "b", "messages": [{"role": "user", "content": "2+2?"}],
+                                          "answer": 4}])
+    with pytest.raises(InputError, match=rf"{bad}:2: prompt 'b': answer must be a string, got int 4"):
+        read_prompts(bad)
+
+
+def test_the_same_question_under_a_new_id_is_caught_as_leakage(tmp_path, capsys):
+    q = lambda pid, text: {"prompt_id": pid, "messages": [{"role": "user", "content": text}], "answer": "1"}  # noqa
+    train = prompts(tmp_path / "train.jsonl", [q("t1", "What is 7 + 5?"), q("t2", "What is 1 + 0?")])
+    held = prompts(tmp_path / "eval.jsonl", [q("e1", "what is  7 +\t5?"), q("e2", "What is 2 + 2?")])
+    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), f"prompts.train_path={train}",
+                f"prompts.eval_path={held}")
+    assert f"{held}: 1 held-out prompts ask what a training prompt asks (case and spacing aside), e.g. 'e1' = 't1'" \
+        in err
+    held = prompts(tmp_path / "eval2.jsonl", [q("e1", "What is 7 + 50?")])  # a different question passes
+    align(["validate", str(ROOT / "recipes/tiny.yaml"), f"prompts.train_path={train}", f"prompts.eval_path={held}"])
