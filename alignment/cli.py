@@ -13,7 +13,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
+from pathlib import Path
+from urllib.parse import urlparse
 
 from alignment.config import InputError, load_recipe
 from alignment.prompts import content_key, read_prompts
@@ -29,6 +33,7 @@ def validate(recipe_file: str, overrides: list[str]):
     held_out = read_prompts(recipe.prompts.eval_path)
     for path, rows in ((recipe.prompts.train_path, train), (recipe.prompts.eval_path, held_out)):
         check_prompt_fields(recipe.reward.verifiers, rows, path)
+    check_models(recipe)
     if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path:
         check_reward_model(recipe.reward.reward_model.model_name_or_path)
     shared = {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}
@@ -48,6 +53,42 @@ def validate(recipe_file: str, overrides: list[str]):
                          f"{recipe.prompts.train_path} (it has {sorted(capabilities)}); a misspelt key would "
                          "silently leave those prompts without their system prompt")
     return recipe, len(train), len(held_out)
+
+
+def check_models(recipe) -> None:
+    """Every model the recipe names exists before any work: a local folder with a config.json, or a Hub id that
+    is cached or reachable. (A teacher behind endpoints is the name its servers serve: they check it.)"""
+    t, rm = recipe.teacher, recipe.reward.reward_model
+    for key, name in (("student.model_name_or_path", recipe.student.model_name_or_path),
+                      ("teacher.model_name_or_path", None if t.endpoints else t.model_name_or_path),
+                      ("reward.reward_model.model_name_or_path", rm.model_name_or_path if rm else None),
+                      ("dpo.ref_model_name_or_path", recipe.dpo.ref_model_name_or_path)):
+        if name:
+            check_model(name, key)
+
+
+def check_model(name: str, key: str) -> None:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise InputError(f"{key}: {name} is a folder without config.json; expected a save_pretrained model")
+        return
+    if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise InputError(f"{key}: {name} does not exist; expected a model folder (or a Hub id such as org/name)")
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    offline = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else None
+    try:
+        if not offline:  # one quick connection instead of transformers' minute of retries later
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError as e:
+        offline = f"{endpoint.hostname} cannot be reached: {e}"
+    if offline:
+        raise InputError(f"{key}: {name!r} is a Hub id that is not in the local cache, and this machine is offline "
+                         f"({offline}); download it first or give a local model folder")
 
 
 def check_reward_model(path: str) -> None:

@@ -139,3 +139,25 @@ def test_the_same_question_under_a_new_id_is_caught_as_leakage(tmp_path, capsys)
         in err
     held = prompts(tmp_path / "eval2.jsonl", [q("e1", "What is 7 + 50?")])  # a different question passes
     align(["validate", str(ROOT / "recipes/tiny.yaml"), f"prompts.train_path={train}", f"prompts.eval_path={held}"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("student={source: path, model_name_or_path: /nowhere/student}", "student.model_name_or_path"),
+    ("teacher={source: path, model_name_or_path: ./no/teacher}", "teacher.model_name_or_path"),
+    ("reward.reward_model={model_name_or_path: /nowhere/rm}", "reward.reward_model.model_name_or_path"),
+    ("dpo.ref_model_name_or_path=/nowhere/ref", "dpo.ref_model_name_or_path"),
+])
+def test_a_model_that_does_not_exist_is_named_by_its_key_before_any_work(override, key, tmp_path, capsys):
+    err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}", override)
+    assert f"error: {key}: " in err and "does not exist" in err
+    assert not any(tmp_path.iterdir())  # not even the bootstrap started
+
+
+def test_a_folder_that_is_not_a_model_and_an_uncached_hub_id_offline_are_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), f"dpo.ref_model_name_or_path={tmp_path / 'empty'}")
+    assert "is a folder without config.json" in err
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), "dpo.ref_model_name_or_path=some-org/some-model")
+    assert "dpo.ref_model_name_or_path: 'some-org/some-model' is a Hub id that is not in the local cache" in err
+    assert "HF_HUB_OFFLINE is set" in err
