@@ -263,6 +263,7 @@ def test_a_round_moved_to_another_runs_folder_and_working_directory_makes_the_sa
     shutil.copytree(run / "bootstrap", moved / "e2e" / "bootstrap")
     r = yaml.safe_load(recipe.read_text())
     r["runs_dir"] = str(moved)
+    r["eval"]["lm_eval_include_path"] = str(ROOT / r["eval"]["lm_eval_include_path"])  # relative to the repo
     (tmp_path / "moved.yaml").write_text(yaml.safe_dump(r))
     (tmp_path / "cwd").mkdir()
     proc = subprocess.run([sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(tmp_path / "moved.yaml")],
