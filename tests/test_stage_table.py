@@ -14,7 +14,7 @@ TINY = "recipes/tiny.yaml"
 ROUND = ["generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
 ONCE = {(0, "bootstrap"), (0, "teacher_eval")}  # once per recipe
 ALL = ONCE | {(n, s) for n in (1, 2) for s in ROUND}
-# In the tiny recipe the teacher is the bootstrap's, so round 2's generate, score and select depend on round 1
+# With a fixed teacher (the bootstrap's), round 2's generate, score and select depend on round 1
 # only through the bootstrap; reward_model, sft, eval and promote start from the model round 1 promoted, and
 # round 2's reward_model also reads round 1's pairs. The teacher is evaluated once, the way eval evaluates (its
 # sections), and round 1's promote compares the best student with it.
@@ -56,8 +56,8 @@ def finish_rounds(recipe: Recipe, rounds=(1, 2)) -> None:
                               {"fingerprint": fp, "outputs": {o: o for o in stage.outputs}, "wall_time_s": 0})
 
 
-def recipe_with(tmp_path, *overrides) -> Recipe:
-    return load_recipe(TINY, [f"runs_dir={tmp_path}", *overrides])
+def recipe_with(tmp_path, *overrides, teacher="bootstrap") -> Recipe:
+    return load_recipe(TINY, [f"runs_dir={tmp_path}", f"teacher.source={teacher}", *overrides])
 
 
 def edit(change: str) -> list[str]:
@@ -132,3 +132,15 @@ def test_editing_a_preference_file_makes_the_reward_model_stale(tmp_path):
     assert [x.path for x in inputs["preferences"]] == [prefs]
     # recipes without preference files keep the fingerprints their runs already have
     assert "preferences" not in STAGES["reward_model"].inputs(load_recipe(TINY), 1)
+
+
+def test_with_the_best_model_as_teacher_round_two_samples_from_what_round_one_made(tmp_path):
+    """teacher.source best: round 2's teacher is round 1's best model so far, so a change to SFT reaches round 2's
+    generate (and all after it), and the fixed teacher's evaluation too reaches it."""
+    finish_rounds(recipe_with(tmp_path, teacher="best"))
+    status = round_status(recipe_with(tmp_path, "sft.learning_rate=0.01", teacher="best"), [1, 2])
+    stale = {(n, s) for (n, s), c in status.items() if c == "stale"}
+    assert stale == {(1, s) for s in ("sft", "dpo", "eval", "promote")} | {(2, s) for s in ROUND}
+    status = round_status(recipe_with(tmp_path, "eval.num_samples=4", teacher="best"), [1, 2])
+    assert {(n, s) for (n, s), c in status.items() if c == "stale"} == {
+        (1, "teacher_eval"), (2, "teacher_eval"), (1, "eval"), (1, "promote")} | {(2, s) for s in ROUND}
