@@ -128,9 +128,11 @@ class TeacherConfig(Strict):
             raise ValueError("engine.data_parallel_size > 1 needs a server: use backend 'openai' with serve: true, "
                              "or several endpoints")
         if self.backend == Backend.openai:
-            bad = [e for e in self.endpoints if not re.match(r"^https?://[^/\s]+(/.*)?$", e)]
-            if bad:
-                raise ValueError(f"endpoints must be http(s) base URLs such as http://host:8000/v1, got {bad}")
+            bad = [e for e in self.endpoints if not re.match(r"^https?://[^/\s@?#]+(/[^\s?#@]*)?$", e)]
+            if bad:  # a key written into a URL (user:key@host, ?api_key=) would land in job.json and manifests
+                raise ValueError(f"endpoints must be http(s) base URLs such as http://host:8000/v1, without "
+                                 f"credentials or a query; put the key in the variable api_key_env names; got "
+                                 f"{len(bad)} such endpoint(s)")
         return self
 
 

@@ -121,7 +121,12 @@ def stage_command(recipe: Recipe, stage: str, job: Path) -> list[str]:
 
 
 def stage_env(recipe: Recipe, stage: str) -> dict:
+    """The stage's environment: the teacher's API key only where requests go to the teacher (generate, and score
+    with a judge), so no other stage, nor the code it runs, can read it (from its own or its parent's /proc)."""
     env = dict(os.environ)
+    key = recipe.teacher.api_key_env
+    if key and not (stage == "generate" or (stage == "score" and recipe.reward.judge)):
+        env.pop(key, None)
     cfg = trainer_config(recipe, stage)
     if cfg is not None and cfg.distributed and not torch_cuda_available():
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: accelerate's config alone would run one process

@@ -150,6 +150,8 @@ class Scripted(BaseHTTPRequestHandler):
                 "prompt_token_ids": [5, 6, 7]})
         elif step == "bad":
             self.reply(200, {"choices": []})
+        elif step == "echo401":  # a careless server that echoes the credentials it refused
+            self.reply(401, {"error": f"invalid key: {self.headers.get('Authorization')}"})
         else:
             self.reply(step, {"error": "scripted"})
 
@@ -250,3 +252,34 @@ def test_the_judge_grades_through_the_teacher_endpoint_and_counts_unreadable_ver
     bodies = [b for _, b in Scripted.seen]
     assert sorted(b["messages"][0]["content"] for b in bodies) == sorted(f"Q: 2 + 2?\nA: {r}" for r in replies)
     assert all(b["n"] == 1 and b["temperature"] == 0.0 and b["max_tokens"] == cfg.max_new_tokens for b in bodies)
+
+
+def test_a_key_a_server_echoes_is_cut_out_of_the_error(server, monkeypatch):
+    monkeypatch.setenv("TEACHER_KEY", "s3cret-value")
+    Scripted.script = ["echo401"]
+    with pytest.raises(GenerationError) as e:
+        list(client([server], api_key_env="TEACHER_KEY").generate([REQ]))
+    assert "HTTP 401 (check teacher.api_key_env)" in str(e.value) and "Bearer <api key>" in str(e.value)
+    assert "s3cret-value" not in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["http://user:s3cret@h:8000/v1", "http://h:8000/v1?api_key=s3cret",
+                                 "https://h/v1#s3cret"])
+def test_an_endpoint_url_carrying_a_key_is_refused_without_echoing_it(url):
+    with pytest.raises(InputError, match="without credentials or a query") as e:
+        load_recipe(TINY, [f"teacher={{source: path, model_name_or_path: m, backend: openai, endpoints: ['{url}']}}"])
+    assert "s3cret" not in str(e.value)  # the error a user sees does not print the key either
+
+
+def test_only_the_stages_that_call_the_teacher_get_its_key(monkeypatch):
+    from alignment.round import stage_env
+
+    monkeypatch.setenv("TEACHER_KEY", "s3cret")
+    recipe = load_recipe(TINY, ["teacher={source: path, model_name_or_path: m, backend: openai, serve: true, "
+                                "api_key_env: TEACHER_KEY}"])
+    assert stage_env(recipe, "generate")["TEACHER_KEY"] == "s3cret"
+    for stage in ("score", "select", "sft", "dpo", "eval", "promote", "reward_model"):
+        assert "TEACHER_KEY" not in stage_env(recipe, stage), stage
+    judged = load_recipe(TINY, ["teacher={source: path, model_name_or_path: m, backend: openai, serve: true, "
+                                "api_key_env: TEACHER_KEY}", "reward.judge={template: '{prompt} {response}'}"])
+    assert stage_env(judged, "score")["TEACHER_KEY"] == "s3cret"  # the judge is the teacher

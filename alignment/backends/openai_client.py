@@ -33,12 +33,12 @@ class OpenAIBackend:
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.model = model
         self.cfg = cfg
-        headers = {}
+        headers, self.key = {}, None
         if cfg.api_key_env:
-            key = os.environ.get(cfg.api_key_env)
-            if not key:
+            self.key = os.environ.get(cfg.api_key_env)
+            if not self.key:
                 raise GenerationError(f"teacher.api_key_env names {cfg.api_key_env}, which is not set")
-            headers["Authorization"] = f"Bearer {key}"
+            headers["Authorization"] = f"Bearer {self.key}"
         limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
         self.client = httpx.Client(headers=headers, timeout=cfg.request_timeout_s, limits=limits)
         self.in_flight = {e: 0 for e in self.endpoints}
@@ -49,6 +49,11 @@ class OpenAIBackend:
 
     # --- one HTTP exchange, with retries ---------------------------------------------------------------------
 
+    def _body(self, r) -> str:
+        """The start of an error answer, with the API key cut out: a server may echo what it was sent."""
+        text = r.text[:300]
+        return text.replace(self.key, "<api key>") if self.key else text
+
     def _call(self, endpoint: str, method: str, path: str, body: dict | None = None) -> dict:
         """One attempt: the decoded JSON answer, Retryable, or GenerationError for answers not worth a retry."""
         try:
@@ -58,16 +63,16 @@ class OpenAIBackend:
         except httpx.TransportError as e:
             raise Retryable(f"cannot connect ({type(e).__name__}: {e})") from None
         if r.status_code in RETRYABLE:
-            err = Retryable(f"HTTP {r.status_code}: {r.text[:200]}")
+            err = Retryable(f"HTTP {r.status_code}: {self._body(r)[:200]}")
             err.retry_after = r.headers.get("retry-after")
             raise err
         if r.status_code >= 400:
             hint = " (check teacher.api_key_env)" if r.status_code in (401, 403) else ""
-            raise GenerationError(f"{endpoint}{path}: HTTP {r.status_code}{hint}: {r.text[:300]}")
+            raise GenerationError(f"{endpoint}{path}: HTTP {r.status_code}{hint}: {self._body(r)}")
         try:
             return r.json()
         except ValueError:
-            raise Retryable(f"answer is not JSON: {r.text[:200]!r}") from None
+            raise Retryable(f"answer is not JSON: {self._body(r)[:200]!r}") from None
 
     def _with_retries(self, attempt_fn, what: str, first_endpoint: str):
         endpoint, errors = first_endpoint, []
