@@ -263,7 +263,13 @@ def test_a_round_moved_to_another_runs_folder_and_working_directory_makes_the_sa
     shutil.copytree(run / "bootstrap", moved / "e2e" / "bootstrap")
     r = yaml.safe_load(recipe.read_text())
     r["runs_dir"] = str(moved)
-    r["eval"]["lm_eval_include_path"] = str(ROOT / r["eval"]["lm_eval_include_path"])  # relative to the repo
+    # The recipe's relative paths are relative to the working directory, and so is the lm-eval task's data file
+    # (lm-eval reads it so): elsewhere, the task names it by an absolute path.
+    tasks = tmp_path / "lm_eval"
+    shutil.copytree(ROOT / r["eval"]["lm_eval_include_path"], tasks)
+    for f in tasks.glob("*.yaml"):
+        f.write_text(f.read_text().replace(" data/arithmetic/", f" {ROOT}/data/arithmetic/"))
+    r["eval"]["lm_eval_include_path"] = str(tasks)
     (tmp_path / "moved.yaml").write_text(yaml.safe_dump(r))
     (tmp_path / "cwd").mkdir()
     proc = subprocess.run([sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(tmp_path / "moved.yaml")],
