@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from alignment.config import InputError, Recipe
-from alignment.consistency import check_chat_templates
+from alignment.consistency import check_chat_templates, check_prompt_lengths
 from alignment.manifest import hash_file, hash_json, read_manifest, write_json_atomic
 from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
 from alignment.seeding import model_identity
@@ -180,6 +180,18 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
     return True
 
 
+def check_round_models(recipe: Recipe, round_n: int) -> None:
+    """The round's models render conversations alike, and every prompt fits the context of the model that reads it
+    with the tokens it may add."""
+    models = round_models(recipe, round_n)
+    check_chat_templates(models)
+    if "teacher" in models:  # (behind endpoints, the teacher's server knows its own context)
+        check_prompt_lengths(recipe.prompts.train_path, models["teacher"], recipe.sampling.max_new_tokens,
+                             "sampling.max_new_tokens", recipe.teacher.system_prompts, recipe.teacher.engine.max_model_len)
+    check_prompt_lengths(recipe.prompts.eval_path, models["student"], recipe.eval.max_new_tokens, "eval.max_new_tokens",
+                         {})
+
+
 def round_models(recipe: Recipe, round_n: int) -> dict[str, str]:
     """Every model of the round that renders conversations, the student first."""
     models = {"student": identity(recipe, student(recipe, round_n))["path"]}
@@ -204,10 +216,12 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
                          f"run `make round N={round_n}` first")
     if round_n > 1:
         identity(recipe, student(recipe, round_n))  # fail now, before any work, if round n-1 is missing
+    checked = False
     with run_lock(recipe):
         for stage in round_stages(recipe, round_n, EVAL_STAGES if eval_only else tuple(STAGES)):
-            if stage.name == "generate":  # models exist now (bootstrap ran); check them before any spends time
-                check_chat_templates(round_models(recipe, round_n))
+            if stage.name != "bootstrap" and not eval_only and not checked:  # models exist now: check them
+                check_round_models(recipe, round_n)  # before any stage spends time on them
+                checked = True
             run_stage(recipe, round_n, stage.name, recipe_file=recipe_file, overrides=overrides)
     metrics = json.loads((stage_dir(recipe, round_n, "eval") / "metrics.json").read_text())
     promote = stage_dir(recipe, round_n, "promote")

@@ -161,3 +161,28 @@ def test_a_folder_that_is_not_a_model_and_an_uncached_hub_id_offline_are_refused
     err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), "dpo.ref_model_name_or_path=some-org/some-model")
     assert "dpo.ref_model_name_or_path: 'some-org/some-model' is a Hub id that is not in the local cache" in err
     assert "HF_HUB_OFFLINE is set" in err
+
+
+def test_a_prompt_too_long_for_the_models_context_is_named_before_any_stage(tmp_path, capsys):
+    from alignment.chat import build_tokenizer
+    from alignment.tiny_models import random_llama, save
+
+    tok = build_tokenizer()
+    model = save(random_llama(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, max_position_embeddings=256), tok, tmp_path / "m")
+    capsys.readouterr()  # (saving prints progress bars)
+    q = lambda pid, text: {"prompt_id": pid, "messages": [{"role": "user", "content": text}], "answer": "1"}  # noqa
+    train = prompts(tmp_path / "train.jsonl", [q("a", "What is 1 + 1?"), q("b", "What is 2 + 2?"),
+                                               q("c", "x" * 1_000_000), q("d", "What is 3 + 3?")])
+    err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path / 'runs'}",
+                f"student={{source: path, model_name_or_path: {model}}}", f"teacher.model_name_or_path={model}",
+                f"prompts.train_path={train}")
+    assert f"{train}:3: prompt 'c' is " in err and "with sampling.max_new_tokens=16 it does not fit" in err
+    assert "context of 256 tokens" in err
+    assert not [p for p in (tmp_path / "runs" / "tiny").iterdir() if p.name != ".lock"]  # no stage started
+    # a prompt that fits only without the tokens the answer may add is refused too: 256 - 16 = 240 for the prompt
+    fits = prompts(tmp_path / "t2.jsonl", [q("a", "y" * 230)])
+    err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path / 'runs'}",
+                f"student={{source: path, model_name_or_path: {model}}}", f"teacher.model_name_or_path={model}",
+                f"prompts.train_path={fits}", "sampling.max_new_tokens=100")
+    assert f"{fits}:1: prompt 'a'" in err
