@@ -55,6 +55,23 @@ def validate(recipe_file: str, overrides: list[str]):
     return recipe, len(train), len(held_out)
 
 
+def check_stage_inputs(recipe) -> None:
+    """What only a later stage would read, checked before any work: the reward model's extra preference files and
+    the lm-eval task names (indexing lm-eval's bundled tasks takes ~15 s, so only when the recipe's folder lacks one)."""
+    for i, path in enumerate(recipe.reward_training.preference_paths if recipe.reward_training else []):
+        if not Path(path).is_file():
+            raise InputError(f"reward_training.preference_paths[{i}]: {path} does not exist")
+    if recipe.eval.lm_eval_tasks:
+        from alignment.stages.eval import task_manager
+
+        include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
+        known = set(task_manager(include, tuple(recipe.eval.lm_eval_tasks)).all_tasks)
+        unknown = [t for t in recipe.eval.lm_eval_tasks if t not in known]
+        if unknown:
+            raise InputError(f"eval.lm_eval_tasks: {unknown} are not lm-eval tasks (nor in eval.lm_eval_include_path "
+                             f"{include}); `lm_eval ls tasks` lists them")
+
+
 def check_models(recipe) -> None:
     """Every model the recipe names exists before any work: a local folder with a config.json, or a Hub id that
     is cached or reachable. (A teacher behind endpoints is the name its servers serve: they check it.)"""
@@ -150,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
             print(explain(args.key))
         elif args.cmd == "validate":
             recipe, n_train, n_eval = validate(args.recipe, args.overrides)
+            check_stage_inputs(recipe)
             print(f"{args.recipe}: ok (recipe {recipe.name!r}; {n_train} training prompts, {n_eval} held out)")
             for problem in machine_problems(recipe):
                 print(f"note: this machine cannot run it as written: {problem}")
@@ -157,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
             if getattr(args, "force", None):
                 args.overrides.append(f"gate.force={args.force}")  # recorded with the other overrides
             recipe, _, _ = validate(args.recipe, args.overrides)
+            if args.cmd in ("round", "eval", "stage"):
+                check_stage_inputs(recipe)
             problems = machine_problems(recipe)
             if problems and args.cmd in ("round", "stage"):
                 raise InputError("this machine cannot train as the recipe asks:\n  " + "\n  ".join(problems))

@@ -186,3 +186,13 @@ def test_a_prompt_too_long_for_the_models_context_is_named_before_any_stage(tmp_
                 f"student={{source: path, model_name_or_path: {model}}}", f"teacher.model_name_or_path={model}",
                 f"prompts.train_path={fits}", "sampling.max_new_tokens=100")
     assert f"{fits}:1: prompt 'a'" in err
+
+
+def test_inputs_only_a_later_stage_reads_are_checked_before_any_work(tmp_path, capsys):
+    tiny = str(ROOT / "recipes/tiny.yaml")
+    err = error(capsys, "round", "1", "--recipe", tiny, f"runs_dir={tmp_path}",
+                f"reward_training.preference_paths=[{tmp_path / 'human.jsonl'}]")
+    assert f"reward_training.preference_paths[0]: {tmp_path / 'human.jsonl'} does not exist" in err
+    err = error(capsys, "validate", tiny, "eval.lm_eval_tasks=[arithmetic_local, arithmetic_lokal]")
+    assert "eval.lm_eval_tasks: ['arithmetic_lokal'] are not lm-eval tasks" in err
+    assert not any(tmp_path.iterdir())
