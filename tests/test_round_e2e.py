@@ -2,7 +2,10 @@
 then resume and staleness: what must be skipped is skipped, what must be redone is redone."""
 
 import json
+import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +22,7 @@ from alignment.chat import build_tokenizer
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
+KILLS = 20  # random SIGKILL points in the killed-anywhere test
 STAGES = ["bootstrap", "teacher_eval", "generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
 ONCE = ("bootstrap", "teacher_eval")  # once per recipe: runs/<recipe>/<stage>/
 
@@ -255,9 +259,11 @@ def test_every_command_of_the_readme_and_docs_runs(round1, tmp_path):
     assert set(documented) - done == readme_commands.SKIPPED
 
 
-def test_a_round_moved_to_another_runs_folder_and_working_directory_makes_the_same_data(round1, tmp_path):
-    """Seeds come from requests' content and models' identities, never from paths: the same round run from a copy
-    of its inputs (the bootstrap) elsewhere, from another working directory, writes the same bytes."""
+def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1, tmp_path):
+    """Seeds come from requests' content and models' identities, never from paths, and a stage killed anywhere
+    leaves nothing that a later run takes for complete. The same round, from a copy of its inputs (the bootstrap)
+    in another runs folder and working directory, killed with SIGKILL at KILLS random points across its stages and
+    run again each time, writes the same bytes as the uninterrupted run. The points are kept in kills.json."""
     recipe, run, _ = round1
     moved = tmp_path / "elsewhere" / "runs"
     shutil.copytree(run / "bootstrap", moved / "e2e" / "bootstrap")
@@ -272,14 +278,33 @@ def test_a_round_moved_to_another_runs_folder_and_working_directory_makes_the_sa
     r["eval"]["lm_eval_include_path"] = str(tasks)
     (tmp_path / "moved.yaml").write_text(yaml.safe_dump(r))
     (tmp_path / "cwd").mkdir()
-    proc = subprocess.run([sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(tmp_path / "moved.yaml")],
-                          cwd=tmp_path / "cwd", capture_output=True, text=True)
+    args = [sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(tmp_path / "moved.yaml")]
+    folder = lambda s: moved / "e2e" / (s if s in ONCE else f"round-1/{s}")  # noqa: E731
+    running = lambda: [s for s in STAGES if (folder(s) / "job.json").exists()  # noqa: E731
+                       and not (folder(s) / "manifest.json").exists()]
+    reference = {s: manifest(run, s)["wall_time_s"] for s in STAGES[1:]}
+    rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
+    points = []
+    for target in sorted(rng.choices(STAGES[1:], k=KILLS), key=STAGES.index):  # stages drawn at random, in order
+        proc = subprocess.Popen(args, cwd=tmp_path / "cwd", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        deadline = time.time() + 300
+        while (target not in running() and not (folder(target) / "manifest.json").exists() and proc.poll() is None
+               and time.time() < deadline):
+            time.sleep(0.02)
+        delay = rng.uniform(0.0, 1.2) * max(reference[target], 1.0)  # up to a little past the stage's usual end
+        time.sleep(delay)
+        killed_in = running() or (["(finished)"] if proc.poll() is not None else ["(between stages)"])
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        points.append({"target": target, "after_s": round(delay, 2), "killed_in": killed_in})
+    (moved / "kills.json").write_text(json.dumps(points, indent=1))
+    proc = subprocess.run(args, cwd=tmp_path / "cwd", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "bootstrap: up to date" in proc.stdout  # the copied bootstrap was reused, not rebuilt
-    for f in ("generate/samples.jsonl", "select/sft.jsonl", "select/pairs.jsonl", "eval/metrics.json",
-              "eval/answers.jsonl", "promote/decision.json"):
-        ours, theirs = (moved / "e2e/round-1" / f).read_text(), (run / "round-1" / f).read_text()
-        assert ours == theirs or f == "promote/decision.json" and json.loads(ours)["promoted"] == json.loads(
-            theirs)["promoted"], f
-    weights = [load_file(r / "round-1/dpo/model/model.safetensors") for r in (run, moved / "e2e")]
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert len(points) == KILLS and len({p["killed_in"][0] for p in points} & set(STAGES)) >= 6, points
+    for f in ("generate/samples.jsonl", "score/scores.jsonl", "select/sft.jsonl", "select/pairs.jsonl",
+              "eval/metrics.json", "eval/answers.jsonl", "promote/best.json"):
+        assert (moved / "e2e/round-1" / f).read_text() == (run / "round-1" / f).read_text(), (f, points)
+    for model in ("sft", "dpo", "reward_model"):  # training is deterministic on CPU
+        a, b = (load_file(r / f"round-1/{model}/model/model.safetensors") for r in (run, moved / "e2e"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
