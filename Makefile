@@ -27,6 +27,10 @@ $(STAMP): pyproject.toml requirements.lock
 	@# Their PyPI builds are CUDA builds and break `import transformers` beside CPU torch.
 	@if ! nvidia-smi -L >/dev/null 2>&1 && $(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torchvision') or u.find_spec('torchaudio')))"; then \
 		echo "error: torchvision/torchaudio are installed in $(VENV); remove them (pip uninstall torchvision torchaudio)"; exit 1; fi
+	@# Code verifiers run model-written code under bubblewrap; where apt is absent
+	@# their tests skip and say why.
+	@command -v bwrap >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap; } || \
+		echo "note: bubblewrap not installed: code verifiers will refuse to run (apt-get install bubblewrap)"
 	touch $(STAMP)
 
 round: $(STAMP)  ## run (or resume) round N of RECIPE, e.g. make round N=2 ARGS="sft.learning_rate=5e-4"

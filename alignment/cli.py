@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from alignment.config import InputError, load_recipe
 from alignment.prompts import content_key, read_prompts
-from alignment.verifiers import check_prompt_fields
+from alignment.verifiers import check_isolation, check_prompt_fields
 from alignment.round import StageFailed, run_lock, run_round, run_stage, status_table
 from alignment.stage_table import STAGES
 
@@ -33,6 +33,7 @@ def validate(recipe_file: str, overrides: list[str]):
     held_out = read_prompts(recipe.prompts.eval_path)
     for path, rows in ((recipe.prompts.train_path, train), (recipe.prompts.eval_path, held_out)):
         check_prompt_fields(recipe.reward.verifiers, rows, path)
+    check_isolation(recipe.reward.verifiers)
     check_models(recipe)
     if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path:
         check_reward_model(recipe.reward.reward_model.model_name_or_path)

@@ -160,6 +160,13 @@ class VerifierConfig(Strict):
     tolerance: float = Field(1e-6, ge=0.0, description="answer, numeric: allowed absolute difference")
     timeout_s: float = Field(5.0, gt=0.0, description="code: wall-clock (and CPU) seconds per run")
     memory_mb: int = Field(512, ge=64, description="code: address-space limit per run")
+    score: Literal["all", "fraction"] = Field("all", description="code: all: 1 when every test passes, else 0; "
+                                              "fraction: tests passed / tests run (partial credit)")
+    unsafe_no_isolation: bool = Field(False, description="code: run model-written code without bubblewrap "
+                                      "where bwrap is missing or cannot create namespaces: the code then "
+                                      "runs as this user with the host's files, network and processes (it can "
+                                      "read the tests from the parent's memory); only the rlimits remain. "
+                                      "Recorded in the score stage's manifest")
     weight: float = Field(1.0, description="weight of this check (1 pass, 0 fail) in a weighted_sum reward")
 
     @field_validator("answer_regex")

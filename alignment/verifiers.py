@@ -7,7 +7,6 @@ a coding prompt is never failed by the math check.
 
 from __future__ import annotations
 
-import ast
 import math
 import re
 
@@ -57,10 +56,11 @@ def verify(verifiers: list[VerifierConfig], prompts: list[dict], responses: list
                     scores[i] = answer_matches(r, p["answer"], v)
         else:
             todo = [i for i, p in enumerate(prompts) if applies(v, p)]
+            check_isolation([v])
             outcomes = sandbox.run_many([(sandbox.extract_code(responses[i]), prompts[i]["tests"]) for i in todo],
-                                        v.timeout_s, v.memory_mb)
+                                        v.timeout_s, v.memory_mb, isolated=not v.unsafe_no_isolation)
             for i, o in zip(todo, outcomes):
-                scores[i] = float(o.passed)
+                scores[i] = o.tests_passed / o.tests_run if v.score == "fraction" and o.tests_run else float(o.passed)
         out[v.name] = scores
     return out
 
@@ -77,8 +77,25 @@ def check_prompt_fields(verifiers: list[VerifierConfig], rows: list[dict], path)
         if v.kind == "code":
             for r in hits:
                 try:
-                    ast.parse(r["tests"])
+                    steps, _ = sandbox.plan(r["tests"])
                 except SyntaxError as e:
                     raise InputError(f"{path}: prompt {r['prompt_id']!r}: tests do not parse as Python "
                                      f"(line {e.lineno}: {e.msg}); verifier {v.name!r} would fail every sample"
                                      ) from None
+                if all(kind == "setup" for kind, _ in steps):
+                    raise InputError(f"{path}: prompt {r['prompt_id']!r}: tests hold no assert or call (only "
+                                     f"imports, definitions, assignments); verifier {v.name!r} would fail every "
+                                     "sample")
+
+
+def check_isolation(verifiers: list[VerifierConfig]) -> None:
+    """Before any work: a code verifier runs model-written code only where bubblewrap can isolate it, unless its
+    recipe gave that up explicitly."""
+    for v in verifiers:
+        if v.kind == "code" and not v.unsafe_no_isolation and (problem := sandbox.isolation_problem()):
+            raise InputError(f"reward.verifiers[{v.name}]: {problem}")
+
+
+def isolation_stats(verifiers: list[VerifierConfig]) -> dict[str, str]:
+    """{code verifier name: how its runs are isolated here}, for the score stage's manifest."""
+    return {v.name: sandbox.isolation(not v.unsafe_no_isolation) for v in verifiers if v.kind == "code"}

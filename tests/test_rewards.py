@@ -1,8 +1,11 @@
+import shutil
+
 import pytest
 
 from alignment.config import InputError, JudgeConfig, ScoringConfig, VerifierConfig
 from alignment.judge import judge_request, parse_verdict
 from alignment.rewards import combine, score
+from alignment.sandbox import isolation_problem
 from alignment.verifiers import answer_matches, check_prompt_fields, verify
 
 EXACT = VerifierConfig(answer_regex=r"-?\d+")
@@ -39,6 +42,11 @@ def test_numeric_answer_match(response, answer, expected):
     assert answer_matches(response, answer, v) == expected
 
 
+needs_isolation = pytest.mark.skipif(isolation_problem() is not None and shutil.which("apt-get") is None,
+                                     reason=f"no isolation on this machine without apt: {isolation_problem()}")
+
+
+@needs_isolation
 def test_a_verifier_scores_only_the_prompts_it_applies_to():
     math = VerifierConfig(name="math", capability="math")
     code = VerifierConfig(name="code", kind="code", capability="code")
@@ -49,6 +57,17 @@ def test_a_verifier_scores_only_the_prompts_it_applies_to():
     responses = ["2 + 2 = 4", "```python\ndef f():\n    return 1\n```", "hello", "4"]
     assert verify([math, code], prompts, responses) == {"math": [1.0, None, None, None],
                                                         "code": [None, 1.0, None, None]}
+
+
+@needs_isolation
+def test_a_code_verifier_can_give_partial_credit():
+    prompts = [{"tests": "assert f(1) == 2\nassert f(2) == 4\nassert f(3) == 6\n"}]
+    responses = ["```python\ndef f(x):\n    return x * x if x < 3 else 0\n```"]  # 1*1=1 wrong, 4 right, 0 wrong
+    responses.append("```python\ndef f(x):\n    return 2 * x if x < 3 else 0\n```")  # 2, 4 right; 0 wrong
+    cfg = dict(name="code", kind="code")
+    fraction = verify([VerifierConfig(**cfg, score="fraction")], prompts * 2, responses)["code"]
+    assert [round(s, 3) for s in fraction] == [0.333, 0.667]
+    assert verify([VerifierConfig(**cfg)], prompts * 2, responses) == {"code": [0.0, 0.0]}  # all: none passes every test
 
 
 def test_weighted_sum_adds_every_present_score():
@@ -122,6 +141,14 @@ def test_unparseable_code_tests_are_named_before_any_work(tmp_path):
     rows = [{"prompt_id": "ok", "tests": "assert f(1) == 2"}, {"prompt_id": "bad", "tests": "assert f(1 == 2"}]
     with pytest.raises(InputError, match=r"prompts.jsonl: prompt 'bad': tests do not parse as Python \(line 1"):
         check_prompt_fields([v], rows, tmp_path / "prompts.jsonl")
+
+
+def test_code_tests_without_a_check_are_named_before_any_work():
+    v = VerifierConfig(name="code", kind="code")
+    rows = [{"prompt_id": "empty", "tests": "import math\nEXPECTED = 3\ndef helper():\n    assert False\n"}]
+    with pytest.raises(InputError, match=r"prompt 'empty': tests hold no assert or call"):
+        check_prompt_fields([v], rows, "p.jsonl")
+    check_prompt_fields([v], [{"prompt_id": "ok", "tests": "def check(f):\n    assert f() == 1\ncheck(f)\n"}], "p.jsonl")
 
 
 def test_a_verifier_that_matches_no_prompt_is_named():

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from alignment import rewards
+from alignment import rewards, verifiers
 from alignment.config import InputError
 from alignment.prompts import read_jsonl, read_prompts, write_jsonl
 from alignment.stage_table import StageConfig
@@ -47,6 +47,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
     stats = {"reward": describe([r["reward"] for r in rows]),
              "scorers": {n: describe([r["scores"][n] for r in rows if n in r["scores"]]) for n in names},
              "verified": dict(verified), "combine": cfg.combine,
+             "code_isolation": verifiers.isolation_stats(cfg.verifiers),
              "reward_model": rm or ("none yet: round 1 has no trained reward model"
                                     if cfg.reward_model is not None else None)}
     if verdicts is not None:
