@@ -112,19 +112,24 @@ def test_seed_runs_are_averaged(data):
         assert torch.allclose(avg[k], (r1[k] + r2[k]) / 2, atol=1e-6), k
 
 
-def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(data):
-    tmp, model = data
-    steps = ["sft.save_steps=4", "sft.num_train_epochs=3"]  # 48 steps; a checkpoint every 4
-    run_sft(tmp, model, "whole", *steps)
-    proc, folder = run_sft(tmp, model, "killed", *steps, wait=False)
+def kill_after_first_checkpoint(proc, folder: Path) -> int:
+    """SIGKILL the stage's process group once the Trainer has finished a checkpoint; the newest whole one's step."""
     deadline = time.time() + 300
     while not list((folder / "trainer").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline \
             and proc.poll() is None:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (folder / "manifest.json").exists()
-    done = max(int(p.parent.name.split("-")[1]) for p in (folder / "trainer").glob("checkpoint-*/trainer_state.json"))
+    assert not (folder / "manifest.json").exists()  # half-done is not done
+    return max(int(p.parent.name.split("-")[1]) for p in (folder / "trainer").glob("checkpoint-*/trainer_state.json"))
+
+
+def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupted_one_does(data):
+    tmp, model = data
+    steps = ["sft.save_steps=4", "sft.num_train_epochs=3"]  # 48 steps; a checkpoint every 4
+    run_sft(tmp, model, "whole", *steps)
+    proc, folder = run_sft(tmp, model, "killed", *steps, wait=False)
+    done = kill_after_first_checkpoint(proc, folder)
     # A kill in the middle of a save leaves a newer checkpoint without its trainer state; resuming must skip it.
     torn = folder / "trainer" / f"checkpoint-{done + 4}"
     shutil.copytree(folder / "trainer" / f"checkpoint-{done}", torn, dirs_exist_ok=True)
@@ -162,14 +167,7 @@ def test_a_killed_reward_model_run_resumes_like_sft_and_reports_the_step(data):
     whole, _, _ = run_reward_model(tmp, model, "rm-whole", "reward_training.report_to=[]")
     assert whole["resumed_from_step"] == {} and whole["seeds"] == [0]
     proc, folder = run_reward_model(tmp, model, "rm-killed", wait=False)
-    deadline = time.time() + 300
-    while not list((folder / "trainer").glob("checkpoint-*/trainer_state.json")) and time.time() < deadline \
-            and proc.poll() is None:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (folder / "manifest.json").exists()
-    done = max(int(p.parent.name.split("-")[1]) for p in (folder / "trainer").glob("checkpoint-*/trainer_state.json"))
+    done = kill_after_first_checkpoint(proc, folder)
     assert done < 48  # 64 pairs / 4 per step x 3 epochs: killed before the end
     torn = folder / "trainer" / f"checkpoint-{done + 4}"  # killed while saving the next one
     shutil.copytree(folder / "trainer" / f"checkpoint-{done}", torn, dirs_exist_ok=True)
