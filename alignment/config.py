@@ -472,6 +472,11 @@ class GateConfig(Strict):
                          "tests (McNemar's exact test for accuracy, a paired bootstrap for reward and pass@k)")
     force: Literal["dpo", "sft"] | None = Field(None, description="promote this checkpoint whatever the gate "
                                                 "says (recorded in the decision)")
+    best_so_far: Literal["higher", "not_worse"] = Field(
+        "not_worse", description="when the model a round promotes becomes the best so far (what `teacher.source: "
+        "best` samples from next): `higher`, only with a higher held-out accuracy; `not_worse`, unless it is "
+        "significantly worse (McNemar's exact test at `alpha` on the same prompts): a difference the evaluation "
+        "cannot tell from noise goes to the newer model, whose own samples are on-policy")
 
     @model_validator(mode="after")
     def _check(self):

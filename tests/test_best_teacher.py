@@ -33,32 +33,63 @@ def test_best_without_a_model_needs_the_bootstrap():
         load_recipe(TINY, ["teacher.source=best", "student={source: path, model_name_or_path: s}", "bootstrap=null"])
 
 
-def record(tmp_path, name, accuracy):
-    p = tmp_path / f"{name}.json"
-    p.write_text(json.dumps({"name": name, "accuracy": accuracy}))
+def answers(**right: list[int]) -> list[dict]:
+    """Greedy answers on 40 prompts: model -> the prompt numbers it got right."""
+    return [{"model": m, "prompt_id": f"p{i}", "verified": i in ok, "reward": float(i in ok)}
+            for m, ok in right.items() for i in range(40)]
+
+
+def teacher_record(tmp_path, right: list[int]) -> Path:
+    p = tmp_path / "record.json"
+    p.write_text(json.dumps({"name": "teacher", "accuracy": len(right) / 40,
+                             "outcomes": {f"p{i}": float(i in right) for i in range(40)}}))
     return p
 
 
-def metrics(input_acc, sft_acc, dpo_acc):
-    return {"input": {"accuracy": input_acc}, "sft": {"accuracy": sft_acc}, "dpo": {"accuracy": dpo_acc}}
-
-
-def test_a_promoted_student_replaces_the_best_only_when_it_beats_it(tmp_path):
+def decide_best(tmp_path, rule: str, teacher_right: list[int], promoted_right: list[int]):
+    gate = load_recipe(TINY, [f"gate.best_so_far={rule}"]).gate
+    rows = answers(input=[], sft=promoted_right, dpo=[])
+    metrics = {m: {"accuracy": sum(r["verified"] for r in rows if r["model"] == m) / 40} for m in ("input", "sft", "dpo")}
     inputs = {"input": "in", "sft": "sft", "dpo": "dpo", "best_before": "teacher",
-              "best_before_record": record(tmp_path, "teacher", 0.80)}
-    # promoted DPO at 0.78 is below the teacher's 0.80: the teacher stays the best
-    assert best_so_far(inputs, metrics(0.7, 0.75, 0.78), "dpo", 3) == (Path("teacher"),
-                                                                         {"name": "teacher", "accuracy": 0.80})
-    # promoted SFT at 0.82 passes it
-    path, rec = best_so_far(inputs, metrics(0.7, 0.82, 0.78), "sft", 3)
-    assert str(path) == "sft" and rec == {"name": "round 3 sft", "accuracy": 0.82}
-    # a tie keeps the model that got there first
-    assert best_so_far(inputs, metrics(0.7, 0.80, 0.5), "sft", 3)[1]["name"] == "teacher"
+              "best_before_record": teacher_record(tmp_path, teacher_right)}
+    path, rec = best_so_far(gate, inputs, metrics, rows, "sft", 3)
+    return str(path), rec
+
+
+# The teacher is right on prompts 0-31 (0.800).
+TEACHER = list(range(32))
+
+
+def test_a_higher_accuracy_replaces_the_best_under_either_rule(tmp_path):
+    for rule in ("higher", "not_worse"):  # 34 right: 0-31 and 32-33 -> 0.850
+        path, rec = decide_best(tmp_path, rule, TEACHER, list(range(34)))
+        assert path == "sft" and rec["name"] == "round 3 sft" and rec["accuracy"] == 0.85
+
+
+def test_a_student_within_noise_of_the_teacher_replaces_it_only_under_not_worse(tmp_path):
+    # 31 right: wrong on 29, 30, 31 (the teacher right), right on 32, 33 (the teacher wrong): 0.775.
+    # Discordant pairs 3 against 2: McNemar two-sided p = 2 * (C(5,0) + C(5,1) + C(5,2)) / 2^5 = 32/32 -> 1.0
+    promoted = list(range(29)) + [32, 33]
+    path, rec = decide_best(tmp_path, "higher", TEACHER, promoted)
+    assert path == "teacher" and rec["name"] == "teacher"
+    path, rec = decide_best(tmp_path, "not_worse", TEACHER, promoted)
+    assert path == "sft" and rec["accuracy"] == 31 / 40
+    assert rec["versus_teacher"]["p_value"] == 1.0 and rec["versus_teacher"]["difference"] == -1 / 40
+
+
+def test_a_student_significantly_worse_than_the_teacher_never_replaces_it(tmp_path):
+    # 22 right: wrong on 22-31 where the teacher is right, right nowhere else: 10 against 0,
+    # McNemar p = 2 * C(10,0) / 2^10 = 2/1024 < 0.05
+    path, rec = decide_best(tmp_path, "not_worse", TEACHER, list(range(22)))
+    assert path == "teacher" and rec["name"] == "teacher"
 
 
 def test_without_an_evaluated_teacher_round_one_starts_from_its_input(tmp_path):
-    path, rec = best_so_far({"input": "in", "sft": "sft", "dpo": "dpo"}, metrics(0.3, 0.2, 0.25), "input", 1)
-    assert str(path) == "in" and rec == {"name": "round 1 input", "accuracy": 0.3}
+    gate = load_recipe(TINY).gate
+    rows = answers(input=list(range(12)), sft=list(range(8)), dpo=list(range(10)))
+    metrics = {"input": {"accuracy": 0.3}, "sft": {"accuracy": 0.2}, "dpo": {"accuracy": 0.25}}
+    path, rec = best_so_far(gate, {"input": "in", "sft": "sft", "dpo": "dpo"}, metrics, rows, "input", 1)
+    assert str(path) == "in" and rec["name"] == "round 1 input" and rec["accuracy"] == 0.3
 
 
 def test_promote_carries_a_hub_model_forward_when_it_stays_the_best(tmp_path):

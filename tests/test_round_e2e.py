@@ -2,6 +2,7 @@
 then resume and staleness: what must be skipped is skipped, what must be redone is redone."""
 
 import json
+import math
 import os
 import random
 import shutil
@@ -201,11 +202,16 @@ def test_promotion_decides_the_next_rounds_start_and_force_is_recorded(round1, t
     assert ran(proc) == ["promote"] and "promoted: sft (forced)" in proc.stdout
     m = manifest(run, "promote")
     assert m["overrides"] == ["gate.force=sft"] and m["stats"]["promoted"] == "sft" and m["stats"]["forced"]
-    # the best model so far: the teacher (evaluated once), unless the promoted model beats its accuracy
-    teacher = json.loads((run / "teacher_eval/metrics.json").read_text())["teacher"]["accuracy"]
-    better = metrics["sft"]["accuracy"] > teacher
-    assert m["stats"]["best_so_far"] == ({"name": "round 1 sft", "accuracy": metrics["sft"]["accuracy"]} if better
-                                         else {"name": "teacher", "accuracy": teacher})
+    # the best model so far (gate.best_so_far: not_worse): the promoted sft, unless McNemar's exact test finds it
+    # significantly worse than the teacher (evaluated once) on the same prompts; worked out here from the answers
+    right = lambda path, model: {a["prompt_id"]: a["verified"] for a in map(json.loads, path.read_text().splitlines())  # noqa
+                                 if a["model"] == model}
+    teacher, sft = right(run / "teacher_eval/answers.jsonl", "teacher"), right(run / "round-1/eval/answers.jsonl", "sft")
+    only_t, only_s = sum(teacher[i] and not sft[i] for i in sft), sum(sft[i] and not teacher[i] for i in sft)
+    n, k = only_t + only_s, min(only_t, only_s)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    worse = only_t > only_s and p < 0.05
+    assert m["stats"]["best_so_far"]["name"] == ("teacher" if worse else "round 1 sft")
     assert f"best so far: {m['stats']['best_so_far']['name']}" in proc.stdout and "\n| teacher |" in proc.stdout
     assert Path(m["outputs"]["model"]) == Path("../sft/model")
 

@@ -162,26 +162,40 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
     return decision
 
 
-def best_so_far(inputs: dict, metrics: dict, promoted: str, round_n: int) -> tuple[Path, dict]:
-    """The best model up to this round by held-out accuracy, and its record: the best before this round (the
-    evaluated fixed teacher in round 1, else the round's input model), unless the model promoted now beats it."""
+def accuracy_outcomes(answers: list[dict], model: str) -> dict[str, float]:
+    """prompt_id -> 1/0, the model's greedy correctness where a verifier applies."""
+    return outcomes(index([a for a in answers if a["model"] == model]), model, "accuracy")
+
+
+def best_so_far(gate: GateConfig, inputs: dict, metrics: dict, answers: list[dict], promoted: str,
+                round_n: int) -> tuple[Path, dict]:
+    """The best model up to this round by held-out accuracy, and its record (name, accuracy, per-prompt outcomes):
+    the best before this round (the evaluated fixed teacher in round 1, else the round's input model), unless the
+    model promoted now beats it, by `gate.best_so_far`'s rule."""
     if "best_before" in inputs:
         before, record = Path(inputs["best_before"]), json.loads(Path(inputs["best_before_record"]).read_text())
     else:
-        before, record = Path(inputs["input"]), {"name": "round 1 input", "accuracy": metrics["input"].get("accuracy")}
-    accuracy = metrics[promoted].get("accuracy")
-    if accuracy is not None and (record["accuracy"] is None or accuracy > record["accuracy"]):
-        return Path(inputs[promoted]), {"name": f"round {round_n} {promoted}", "accuracy": accuracy}
-    return before, record
+        before, record = Path(inputs["input"]), {"name": "round 1 input", "accuracy": metrics["input"].get("accuracy"),
+                                                 "outcomes": accuracy_outcomes(answers, "input")}
+    mine = {"name": f"round {round_n} {promoted}", "accuracy": metrics[promoted].get("accuracy"),
+            "outcomes": accuracy_outcomes(answers, promoted)}
+    if mine["accuracy"] is None:
+        return before, record
+    better = record["accuracy"] is None or mine["accuracy"] > record["accuracy"]
+    if not better and gate.best_so_far == "not_worse" and set(record.get("outcomes") or ()) == set(mine["outcomes"]):
+        c = compare(mine["outcomes"], record["outcomes"], "accuracy")
+        better = c["p_value"] >= gate.alpha or c["difference"] >= 0  # within noise: the newer model
+        mine["versus_" + record["name"].replace(" ", "_")] = {k: c[k] for k in ("difference", "ci", "p_value")}
+    return (Path(inputs[promoted]), mine) if better else (before, record)
 
 
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
-    metrics = json.loads(Path(inputs["metrics"]).read_text())
-    decision = decide(recipe.gate, metrics, read_jsonl(Path(inputs["answers"])))
+    metrics, answers = json.loads(Path(inputs["metrics"]).read_text()), read_jsonl(Path(inputs["answers"]))
+    decision = decide(recipe.gate, metrics, answers)
     model = inputs[decision["promoted"]]  # from the upstream manifests: right even if the run folder moved
     decision["model_path"] = str(model)
     write_json_atomic(out_dir / "decision.json", decision)
-    best, record = best_so_far(inputs, metrics, decision["promoted"], round_n)
+    best, record = best_so_far(recipe.gate, inputs, metrics, answers, decision["promoted"], round_n)
     write_json_atomic(out_dir / "best.json", record)
     # Paths relative to this folder, so that a moved run folder still resolves; a hub id (the recipe's student or
     # teacher, promoted or kept as the best) is no folder here and is handed on as it is.
@@ -191,4 +205,5 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     return StageResult(outputs={"decision": "decision.json", "model": where(Path(model)),
                                 "best": where(Path(best)), "best_record": "best.json"},
                        rows={"candidates": len(recipe.gate.candidates)},
-                       stats={"promoted": decision["promoted"], "forced": decision["forced"], "best_so_far": record})
+                       stats={"promoted": decision["promoted"], "forced": decision["forced"],
+                              "best_so_far": {k: v for k, v in record.items() if k != "outcomes"}})

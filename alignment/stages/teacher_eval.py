@@ -22,6 +22,8 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     metrics, answers = evaluate(recipe, inputs["teacher"], prompts, "teacher", reward_model)
     write_jsonl(out_dir / "answers.jsonl", answers)
     write_json_atomic(out_dir / "metrics.json", {"teacher": metrics})
-    write_json_atomic(out_dir / "record.json", {"name": "teacher", "accuracy": metrics.get("accuracy")})
+    outcomes = {a["prompt_id"]: float(a["verified"]) for a in answers if a["verified"] is not None}
+    write_json_atomic(out_dir / "record.json", {"name": "teacher", "accuracy": metrics.get("accuracy"),
+                                                "outcomes": outcomes})
     return StageResult(outputs={"metrics": "metrics.json", "answers": "answers.jsonl", "record": "record.json"},
                        rows={"prompts": len(prompts)}, stats=metrics)
