@@ -63,7 +63,7 @@ def check_stage_inputs(recipe) -> None:
         if not Path(path).is_file():
             raise InputError(f"reward_training.preference_paths[{i}]: {path} does not exist")
     if recipe.eval.lm_eval_tasks:
-        from alignment.stages.eval import task_manager
+        from alignment.lm_eval_tasks import task_manager
 
         include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
         known = set(task_manager(include, tuple(recipe.eval.lm_eval_tasks)).all_tasks)

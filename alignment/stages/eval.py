@@ -16,7 +16,6 @@ of +-1.96 of lm-eval's standard error).
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from alignment import rewards
 from alignment.generation import device, load_policy, sample
 from alignment.manifest import write_json_atomic
 from alignment.metrics import bootstrap_interval, pass_at_k, wilson_interval, win_rate, wins
+from alignment.lm_eval_tasks import task_manager
 from alignment.prompts import read_prompts, write_jsonl
 from alignment.seeding import model_identity, request_seed
 from alignment.stage_table import StageConfig
@@ -46,19 +46,6 @@ def answer_and_score(recipe: StageConfig, model, tokenizer, prompts: list[dict],
     scored = rewards.score(recipe.reward, [p for p, _ in flat], [c.text for _, c in flat], reward_model=reward_model)
     it = iter(zip((c for _, c in flat), scored))
     return [[next(it) for _ in range(n)] for _ in prompts]
-
-
-@functools.cache
-def task_manager(include: str | None, tasks: tuple[str, ...]):
-    """One lm-eval task index for the stage's models. Indexing lm-eval's thousands of bundled task files takes
-    about 15 s here, so when the recipe's own folder holds every task asked for, the bundled ones are skipped."""
-    from lm_eval.tasks import TaskManager
-
-    if include:
-        local = TaskManager(include_path=include, include_defaults=False)
-        if set(tasks) <= set(local.all_tasks):
-            return local
-    return TaskManager(include_path=include)
 
 
 def lm_eval_metrics(recipe: StageConfig, model_path: Path) -> dict[str, float]:
