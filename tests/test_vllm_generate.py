@@ -36,7 +36,7 @@ def setup(tmp_path_factory):
                               num_attention_heads=2), tok, tmp / "teacher")
     rows = []
     for i in range(240):
-        q = f"What is {i % 200} + 1?"  # i and i+200 ask the same thing: 40 repeats
+        q = f"Add 1 to {i % 200}."  # i and i+200 ask the same thing: 40 repeats (none is a held-out question)
         rows.append({"prompt_id": f"p{i:03d}", "capability": "math" if i % 200 % 2 else "chat",
                      "messages": [{"role": "user", "content": q}], "answer": "0"})
     (tmp / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
