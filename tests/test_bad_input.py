@@ -175,7 +175,8 @@ def test_a_prompt_too_long_for_the_models_context_is_named_before_any_stage(tmp_
     train = prompts(tmp_path / "train.jsonl", [q("a", "What is 1 + 1?"), q("b", "What is 2 + 2?"),
                                                q("c", "x" * 1_000_000), q("d", "What is 3 + 3?")])
     err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path / 'runs'}",
-                f"student={{source: path, model_name_or_path: {model}}}", f"teacher.model_name_or_path={model}",
+                f"student={{source: path, model_name_or_path: {model}}}",
+                f"teacher={{source: path, model_name_or_path: {model}}}",
                 f"prompts.train_path={train}")
     assert f"{train}:3: prompt 'c' is " in err and "with sampling.max_new_tokens=16 it does not fit" in err
     assert "context of 256 tokens" in err
@@ -183,7 +184,8 @@ def test_a_prompt_too_long_for_the_models_context_is_named_before_any_stage(tmp_
     # a prompt that fits only without the tokens the answer may add is refused too: 256 - 16 = 240 for the prompt
     fits = prompts(tmp_path / "t2.jsonl", [q("a", "y" * 230)])
     err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path / 'runs'}",
-                f"student={{source: path, model_name_or_path: {model}}}", f"teacher.model_name_or_path={model}",
+                f"student={{source: path, model_name_or_path: {model}}}",
+                f"teacher={{source: path, model_name_or_path: {model}}}",
                 f"prompts.train_path={fits}", "sampling.max_new_tokens=100")
     assert f"{fits}:1: prompt 'a'" in err
 
