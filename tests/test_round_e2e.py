@@ -273,7 +273,9 @@ def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1,
     reference = {s: manifest(run, s)["wall_time_s"] for s in STAGES[1:]}
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
     points = []
-    for target in sorted(rng.choices(STAGES[1:], k=KILLS), key=STAGES.index):  # stages drawn at random, in order
+    # every stage of the round twice, the rest drawn at random; each kill at a random time into its stage
+    targets = STAGES[1:] * 2 + rng.choices(STAGES[1:], k=KILLS - 2 * len(STAGES[1:]))
+    for target in sorted(targets, key=STAGES.index):
         proc = subprocess.Popen(args, cwd=tmp_path / "cwd", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 300
@@ -289,7 +291,7 @@ def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1,
     (moved / "kills.json").write_text(json.dumps(points, indent=1))
     proc = subprocess.run(args, cwd=tmp_path / "cwd", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(points) == KILLS and len({p["killed_in"][0] for p in points} & set(STAGES)) >= 6, points
+    assert len(points) == KILLS and len({p["killed_in"][0] for p in points} & set(STAGES)) >= 7, points
     for f in ("generate/samples.jsonl", "score/scores.jsonl", "select/sft.jsonl", "select/pairs.jsonl",
               "eval/metrics.json", "eval/answers.jsonl", "promote/best.json"):
         assert (moved / "e2e/round-1" / f).read_text() == (run / "round-1" / f).read_text(), (f, points)
