@@ -34,9 +34,6 @@ def validate(recipe_file: str, overrides: list[str]):
     for path, rows in ((recipe.prompts.train_path, train), (recipe.prompts.eval_path, held_out)):
         check_prompt_fields(recipe.reward.verifiers, rows, path)
     check_isolation(recipe.reward.verifiers)
-    check_models(recipe)
-    if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path:
-        check_reward_model(recipe.reward.reward_model.model_name_or_path)
     shared = {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}
     if shared:
         raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {recipe.prompts.train_path}, "
@@ -58,7 +55,11 @@ def validate(recipe_file: str, overrides: list[str]):
 
 def check_stage_inputs(recipe) -> None:
     """What only a later stage would read, checked before any work: the reward model's extra preference files and
-    the lm-eval task names (indexing lm-eval's bundled tasks takes ~15 s, so only when the recipe's folder lacks one)."""
+    the lm-eval task names (indexing lm-eval's bundled tasks takes ~15 s, so only when the recipe's folder lacks one),
+    and every model key (which may try the network): so `status`, `stats` and `report` stay offline and quick."""
+    check_models(recipe)
+    if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path:
+        check_reward_model(recipe.reward.reward_model.model_name_or_path)
     for i, path in enumerate(recipe.reward_training.preference_paths if recipe.reward_training else []):
         if not Path(path).is_file():
             raise InputError(f"reward_training.preference_paths[{i}]: {path} does not exist")
