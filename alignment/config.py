@@ -526,6 +526,37 @@ class BootstrapConfig(Strict):
         return self
 
 
+class JobResources(Strict):
+    """What one kind of stage (generate, train or eval) gets: the GPUs the memory plan checks against, and under
+    SLURM the job it is submitted as."""
+
+    nodes: int = Field(1, gt=0, description="nodes the stage runs on (local: must be 1)")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node the stage uses; 0: CPU only")
+    partition: str | None = Field(None, description="slurm: --partition; null: the cluster's default")
+    time_limit: str | None = Field(None, pattern=r"^(\d+-)?\d+(:\d{2}){0,2}$", description="slurm: --time, "
+                                   "e.g. 04:00:00 or 1-00:00:00; null: the partition's default")
+    account: str | None = Field(None, description="slurm: --account; null: your default")
+    cpus_per_task: int | None = Field(None, gt=0, description="slurm: --cpus-per-task; null: the default")
+    sbatch_args: list[str] = Field([], description="slurm: extra sbatch flags, e.g. [--qos=high, --exclusive]")
+
+
+class LauncherConfig(Strict):
+    kind: Literal["local", "slurm"] = Field("local", description="local: every stage runs on this machine; "
+                                            "slurm: each due stage is a SLURM job (srun inside an allocation)")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU, for the memory plan; "
+                                         "null: read from the visible GPU (no plan without one)")
+    generate: JobResources = Field(JobResources(), description="generate, teacher_eval, and score with a judge")
+    train: JobResources = Field(JobResources(), description="bootstrap, sft, dpo and reward_model")
+    eval: JobResources = Field(JobResources(), description="eval (and its lm-eval tasks)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        for kind in ("generate", "train", "eval"):
+            if self.kind == "local" and getattr(self, kind).nodes > 1:
+                raise ValueError(f"{kind}.nodes > 1 needs kind: slurm; a local launcher runs on one machine")
+        return self
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", description="run folder name: runs/<name>/round-<n>/")
     seed: int = Field(0, description="seeds sampling, prompt draws and training")
@@ -546,6 +577,8 @@ class Recipe(Strict):
     eval: EvalConfig = Field(description="held-out evaluation of the input, SFT and DPO models")
     gate: GateConfig = Field(GateConfig(), description="promotion of the round's best checkpoint")
     bootstrap: BootstrapConfig | None = Field(None, description="build tiny models in code (no download)")
+    launcher: LauncherConfig = Field(LauncherConfig(), description="where stages run (local or SLURM), with "
+                                     "what GPUs")
 
     @model_validator(mode="after")
     def _check(self):

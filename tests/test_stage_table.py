@@ -21,6 +21,7 @@ ALL = ONCE | {(n, s) for n in (1, 2) for s in ROUND}
 STUDENT_2 = {(2, s) for s in ("reward_model", "sft", "dpo", "eval", "promote")}
 EXPECTED_STALE = {
     "name": set(), "runs_dir": set(), "rounds": set(),  # name and runs_dir move the folder: see below
+    "launcher": set(),  # where a stage runs does not change what it writes
     "seed": ALL,
     "bootstrap": ALL,
     "teacher": ALL - ONCE,
@@ -43,6 +44,7 @@ CHANGE = {  # one edit per top-level key, as a user would make it
     "reward_training": "reward_training.learning_rate=0.01", "sft": "sft.learning_rate=0.01",
     "dpo": "dpo.beta=0.2", "eval": "eval.num_samples=4", "gate": "gate.candidates=[sft]",
     "student": "student={source: path, model_name_or_path: org/some-model}",
+    "launcher": "launcher.train.gpus_per_node=8",
 }
 
 
