@@ -24,7 +24,9 @@ from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates, check_prompt_lengths
 from alignment.manifest import hash_file, hash_json, read_manifest, write_json_atomic
 from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
+from alignment.prompts import read_prompts
 from alignment.seeding import model_identity
+from alignment.template import end_of_turn_id, load_tokenizer
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
                                    round_stages, stage_config, student, teacher, upstreams)
 from alignment.stages.result import HUB
@@ -181,15 +183,21 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
 
 
 def check_round_models(recipe: Recipe, round_n: int) -> None:
-    """The round's models render conversations alike, and every prompt fits the context of the model that reads it
-    with the tokens it may add."""
+    """The round's models each have a pad token and an end of turn, render the recipe's prompts alike, and every
+    prompt fits the context of the model that reads it with the tokens it may add."""
     models = round_models(recipe, round_n)
-    check_chat_templates(models)
+    tokenizers = {}
+    for role, path in models.items():
+        tokenizers[role] = load_tokenizer(path, f"{role} ({path})")
+        end_of_turn_id(tokenizers[role], f"{role} ({path})")
+    sample = [r for path in (recipe.prompts.train_path, recipe.prompts.eval_path) for r in read_prompts(path)[:4]]
+    check_chat_templates(tokenizers, {r["prompt_id"]: r["messages"] for r in sample})
     if "teacher" in models:  # (behind endpoints, the teacher's server knows its own context)
-        check_prompt_lengths(recipe.prompts.train_path, models["teacher"], recipe.sampling.max_new_tokens,
-                             "sampling.max_new_tokens", recipe.teacher.system_prompts, recipe.teacher.engine.max_model_len)
-    check_prompt_lengths(recipe.prompts.eval_path, models["student"], recipe.eval.max_new_tokens, "eval.max_new_tokens",
-                         {})
+        check_prompt_lengths(recipe.prompts.train_path, models["teacher"], tokenizers["teacher"],
+                             recipe.sampling.max_new_tokens, "sampling.max_new_tokens", recipe.teacher.system_prompts,
+                             recipe.teacher.engine.max_model_len)
+    check_prompt_lengths(recipe.prompts.eval_path, models["student"], tokenizers["student"], recipe.eval.max_new_tokens,
+                         "eval.max_new_tokens", {})
 
 
 def round_models(recipe: Recipe, round_n: int) -> dict[str, str]:
