@@ -49,6 +49,7 @@ class PromptsConfig(Strict):
 class StudentConfig(Strict):
     source: ModelSource = Field(description="where round 1's input model comes from: bootstrap or path")
     model_name_or_path: str | None = Field(None, description="the model when source is path")
+    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
 
     @model_validator(mode="after")
     def _check(self):
@@ -89,6 +90,7 @@ class TeacherConfig(Strict):
                                 "bootstrap's teacher) or a student a round promoted")
     model_name_or_path: str | None = Field(None, description="the model when source is path; with existing "
                                            "endpoints, the model name they serve")
+    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
     backend: Backend = Field(Backend.transformers, description="generation engine: transformers, vllm or openai")
     batch_size: int = Field(64, gt=0, description="transformers backend: prompts per generate call")
     shard_size: int = Field(256, gt=0, description="requests per engine call (vllm, transformers); results are "
@@ -115,6 +117,9 @@ class TeacherConfig(Strict):
     def _check(self):
         if self.source == ModelSource.path and not self.model_name_or_path:
             raise ValueError("teacher.model_name_or_path is required when source is 'path'")
+        if self.source in (ModelSource.previous, ModelSource.bootstrap) and self.model_name_or_path:
+            raise ValueError(f"teacher.model_name_or_path is set but source {self.source.value!r} never reads it; "
+                             "use source: path to sample from that model, or remove the key")
         if self.backend != Backend.openai and (self.serve or self.endpoints):
             raise ValueError("serve and endpoints apply to backend 'openai' only")
         if self.backend == Backend.openai:
@@ -143,6 +148,12 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(gt=0, le=MAX_TOKENS, description="token limit per sample; hits are counted in the statistics")
 
 
+class VerifierExample(Strict):
+    response: str = Field(description="a response written exactly as the capability's system prompt asks")
+    answer: str | None = Field(None, description="answer: the prompt's `answer` the response must match")
+    tests: str | None = Field(None, description="code: tests (Python asserts) the response's code must pass")
+
+
 class VerifierConfig(Strict):
     """A rule-based check. A new verifiable task needs only a prompt file whose rows carry the field the check
     reads (`answer` or `tests`) and one entry here."""
@@ -168,6 +179,18 @@ class VerifierConfig(Strict):
                                       "read the tests from the parent's memory); only the rlimits remain. "
                                       "Recorded in the score stage's manifest")
     weight: float = Field(1.0, description="weight of this check (1 pass, 0 fail) in a weighted_sum reward")
+    example: VerifierExample | None = Field(None, description="a response in the format the teacher is asked for, "
+                                            "which the check must accept (validated before any work); required "
+                                            "when `capability` has a system prompt: a prompt asking for "
+                                            "'Answer: 7' and a regex reading \\boxed{7} would score every "
+                                            "sample 0")
+
+    @model_validator(mode="after")
+    def _example_fits_kind(self):
+        field = "answer" if self.kind == "answer" else "tests"
+        if self.example is not None and getattr(self.example, field) is None:
+            raise ValueError(f"example.{field} is required for a {self.kind} verifier")
+        return self
 
     @field_validator("answer_regex")
     @classmethod
@@ -190,6 +213,7 @@ class RewardModelConfig(Strict):
                                       "reward_model stage trained (the verifier-only reward is used in round 1)")
     model_name_or_path: str | None = Field(None, description="a sequence-classification reward model (one label) "
                                            "with a chat template, when source is path")
+    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
     batch_size: int = Field(32, gt=0, description="conversations per forward pass")
     sort_by_length: bool = Field(True, description="batch conversations of similar length together, so batches "
                                  "pad little (bench/README.md); scores return in input order either way")
@@ -417,6 +441,7 @@ class DPOTrainingConfig(TrainerConfig):
                                          "every loss term on chosen and rejected responses, as Llama 3 did")
     ref_model_name_or_path: str | None = Field(None, description="the reference model; null: the round's SFT "
                                                "model, the policy's own starting point")
+    ref_model_revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
     precompute_ref_log_probs: bool = Field(True, description="reference log-probabilities in one pass before "
                                            "training instead of a second model at every step (TRL's default): "
                                            "0.73-0.76x the step time on a 1B Llama (bench/README.md)")

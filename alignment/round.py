@@ -29,7 +29,6 @@ from alignment.seeding import model_identity
 from alignment.template import end_of_turn_id, load_tokenizer
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
                                    round_stages, stage_config, student, teacher, upstreams)
-from alignment.stages.result import HUB
 
 
 class StageFailed(Exception):
@@ -80,12 +79,13 @@ def identity(recipe: Recipe, spec) -> dict:
         if m is None:
             raise InputError(f"{spec.why}: {folder} has no manifest.json (that stage has not completed)")
         out = m["outputs"][spec.output]
-        return {"path": out.removeprefix(HUB) if out.startswith(HUB) else os.path.normpath(folder / out),
-                "hash": f"{m['fingerprint']}:{spec.output}"}
+        return {"path": os.path.normpath(folder / out), "hash": f"{m['fingerprint']}:{spec.output}"}
     if isinstance(spec, File):
         if not spec.path.is_file():
             raise InputError(f"{spec.key}: {spec.path} does not exist")
         return {"path": str(spec.path), "hash": hash_file(spec.path)}
+    if spec.revision:  # a pinned hub model: the stage loads that commit's snapshot (runner.input_path)
+        return {"path": spec.name, "revision": spec.revision, "hash": hash_json([spec.name, spec.revision])}
     return {"path": spec.name, "hash": model_identity(spec.name)}
 
 

@@ -38,6 +38,7 @@ class File:
 class Model:
     name: str  # a save_pretrained folder or a hub id
     key: str
+    revision: str | None = None  # a hub id's pinned commit
 
 
 Input = Upstream | File | Model
@@ -64,14 +65,15 @@ def student(recipe: Recipe, round_n: int) -> Input:
                         f"promoted, but round {round_n - 1} is not complete; run `make round N={round_n - 1}` first")
     if recipe.student.source == ModelSource.bootstrap:
         return Upstream("bootstrap", "student", 0, "the bootstrapped student")
-    return Model(recipe.student.model_name_or_path, "student.model_name_or_path")
+    return Model(recipe.student.model_name_or_path, "student.model_name_or_path", recipe.student.revision)
 
 
 def fixed_teacher(recipe: Recipe) -> Input | None:
     """The teacher that does not change between rounds: a model the recipe names, or the bootstrap's."""
     t = recipe.teacher
     if t.source == ModelSource.path or (t.source == ModelSource.best and t.model_name_or_path):
-        return Model(t.model_name_or_path, "teacher.model_name_or_path")
+        # behind endpoints the name is what the servers serve: they pin what they load
+        return Model(t.model_name_or_path, "teacher.model_name_or_path", None if t.endpoints else t.revision)
     if t.source in (ModelSource.bootstrap, ModelSource.best):
         return Upstream("bootstrap", "teacher", 0, "the bootstrapped teacher")
     return None
@@ -92,7 +94,7 @@ def reward_model(recipe: Recipe, trained_in: int) -> dict[str, Input]:
     if rm is None or (rm.source == RewardModelSource.trained and trained_in < 1):
         return {}
     if rm.source == RewardModelSource.path:
-        return {"reward_model": Model(rm.model_name_or_path, "reward.reward_model.model_name_or_path")}
+        return {"reward_model": Model(rm.model_name_or_path, "reward.reward_model.model_name_or_path", rm.revision)}
     return {"reward_model": Upstream("reward_model", "model", trained_in, f"the reward model round {trained_in} trained")}
 
 
@@ -172,7 +174,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("model", "log_history", "logs"), trains="sft"),
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
         "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),
-        **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path")}
+        **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path",
+                                    r.dpo.ref_model_revision)}
            if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo"),
     Stage("eval", ("eval", "reward", "seed"), lambda r, n: {
         "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": eval_prompts(r), **reward_model(r, n)},
