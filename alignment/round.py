@@ -282,10 +282,13 @@ def status_table(recipe: Recipe) -> str:
                     if p.name.split("-")[1].isdigit()) or [1]
     names = [s for s in STAGES if any(STAGES[s].when(recipe, n) for n in rounds)]
     table = round_status(recipe, rounds)
-    lines = [f"{recipe.runs_dir / recipe.name}", "round  " + "".join(f"{s:>13}" for s in names)]
+    lines = [f"{recipe.runs_dir / recipe.name}", "round  " + "".join(f"{s:>13}" for s in names) + "       disk"]
     for n in rounds:
         cells = [table.get((n, s), "-") for s in names]
-        lines.append(f"{n:<7}" + "".join(f"{c:>13}" for c in cells))
+        lines.append(f"{n:<7}" + "".join(f"{c:>13}" for c in cells) + f"{gib(round_dir(recipe, n)):>11}")
+    once = [stage_dir(recipe, 0, s) for s in STAGES if STAGES[s].once]
+    lines.append(f"once-per-recipe stages ({', '.join(p.name for p in once if p.exists()) or 'none yet'}): "
+                 f"{gib(*once).strip()}")
     for n in rounds:  # what each finished round promoted, and on what evidence
         promote, evaluation = stage_dir(recipe, n, "promote"), stage_dir(recipe, n, "eval")
         if read_manifest(promote) and read_manifest(evaluation):
@@ -295,6 +298,12 @@ def status_table(recipe: Recipe) -> str:
     if teacher:
         lines.append(f"fixed teacher: accuracy {fmt_ci(teacher.get('accuracy'), teacher.get('accuracy_ci'))}")
     return "\n".join(lines)
+
+
+def gib(*folders: Path) -> str:
+    """Bytes on disk under the folders, in GiB: checkpoints are what fills a cluster's quota."""
+    size = sum(f.stat().st_size for folder in folders if folder.exists() for f in folder.rglob("*") if f.is_file())
+    return f"{size / 2**30:.2f} GiB"
 
 
 def promotion(decision: dict, metrics: dict) -> str:

@@ -106,7 +106,12 @@ def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build,
         (out_dir / "log_history.json").write_text(json.dumps(histories[0], indent=1))
         for seed in seeds:  # one TensorBoard folder for the stage, a run per seed
             shutil.move(out_dir / "runs" / f"seed-{seed}" / "logs", out_dir / "logs" / f"seed-{seed}")
-    return histories, {"seeds": seeds, "resumed_from_step": resumed, "averaged_runs": len(seeds)}
+    if not cfg.keep_checkpoints and int(os.environ.get("RANK", "0")) == 0:
+        # The final model is saved: checkpoints (with optimizer states, ~100 GB at 8B) only served resuming.
+        for folder in [out_dir / "trainer", out_dir / "runs"]:
+            shutil.rmtree(folder, ignore_errors=True)
+    return histories, {"seeds": seeds, "resumed_from_step": resumed, "averaged_runs": len(seeds),
+                       "checkpoints_kept": cfg.keep_checkpoints}
 
 
 def average_models(paths: list[Path], out: Path) -> None:
