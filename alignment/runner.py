@@ -16,10 +16,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alignment.backends import GenerationError
-from alignment.config import InputError
+from alignment.config import InputError, PromptSource
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
 from alignment.stage_table import STAGES, StageConfig
 from alignment.stages.result import HUB
+
+
+def input_value(x: dict) -> Path | PromptSource:
+    """An input as the stage receives it: a path, or the prompt source section the recipe gave."""
+    return PromptSource.model_validate(x["source"]) if "source" in x else Path(x["path"])
 
 
 def run_job(job_path: Path) -> dict:
@@ -29,7 +34,7 @@ def run_job(job_path: Path) -> dict:
     stage = importlib.import_module(f"alignment.stages.{job['stage']}")  # a fixed name from the table, never YAML
     cfg = StageConfig(job["stage"], job["config"])  # the declared sections only
     out_dir = job_path.parent
-    inputs = {name: [Path(x["path"]) for x in v] if isinstance(v, list) else Path(v["path"])
+    inputs = {name: [input_value(x) for x in v] if isinstance(v, list) else input_value(v)
               for name, v in job["inputs"].items()}
     start = time.time()
     result = stage.run(cfg, inputs, out_dir, job["round"])

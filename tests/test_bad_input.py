@@ -70,7 +70,8 @@ def test_values_that_cannot_be_meant_are_refused_by_key(override, key):
 def test_unreadable_files_and_overrides_are_one_clear_line(tmp_path, capsys):
     assert "not UTF-8 text (byte 7)" in error(capsys, "validate", recipe_file(tmp_path, b"name: \xff\xfe\n"))
     tiny = str(ROOT / "recipes/tiny.yaml")
-    assert "is a folder; expected a JSONL file" in error(capsys, "validate", tiny, f"prompts.train_path={tmp_path}")
+    assert "a prompt folder holds .jsonl, .parquet or .arrow files of one kind, or a save_to_disk dataset; this one " \
+        "has none of them" in error(capsys, "validate", tiny, f"prompts.train_path={tmp_path}")
     err = error(capsys, "validate", tiny, "sampling.num_samples=[1,2")
     assert "override 'sampling.num_samples=[1,2': the value is not plain YAML" in err
     err = error(capsys, "validate", tiny, "sampling.num_samples=!!python/object/apply:os.system [echo hi]")
