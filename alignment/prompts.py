@@ -34,7 +34,7 @@ def source_files(path: Path) -> tuple[str, list[Path]]:
     if path.is_file():
         return TABLES.get(path.suffix, "jsonl"), [path]
     if not path.is_dir():
-        raise InputError(f"{path}: prompt source does not exist")
+        raise InputError(f"{path}: prompt file does not exist")
     files = sorted(p for p in path.rglob("*") if p.is_file())
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
         return "disk", files
@@ -152,6 +152,9 @@ class TableRows:
 
 
 def open_rows(source: PromptSource):
+    kind, files = ("hub", []) if source.dataset else source_files(source.path)
+    if kind == "jsonl":
+        return JsonlRows(files)
     import datasets
 
     datasets.disable_progress_bars()
@@ -172,9 +175,6 @@ def open_rows(source: PromptSource):
                              "there is a network, `datasets.load_dataset(...).save_to_disk(DIR)` and give `path: DIR`")
         return table([(str(source), datasets.load_dataset(source.dataset, source.name, revision=source.revision,
                                                           split=source.split))])
-    kind, files = source_files(source.path)
-    if kind == "jsonl":
-        return JsonlRows(files)
     try:
         if kind != "disk":
             return table([(str(f), datasets.load_dataset(kind, data_files=[str(f)], split="train")) for f in files])

@@ -262,3 +262,9 @@ def test_a_section_reaches_the_stage_and_validate_reads_it(tmp_path, capsys):
     drawn = draw_round_prompts(read_prompts(input_value(job_input)), 5, 0, 1)
     assert [p["prompt_id"] for p in drawn] == [r["uid"] for r in random.Random("0-round-1").sample(rows, 5)]
     assert input_value({"path": "data/arithmetic/train.jsonl", "hash": "x"}) == Path("data/arithmetic/train.jsonl")
+
+
+def test_a_file_that_is_not_its_format_is_one_clear_error(tmp_path):
+    (tmp_path / "p.parquet").write_text('{"prompt_id": "a"}\n')  # JSONL under a Parquet name
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'p.parquet'}: cannot read it as parquet: Parquet magic"):
+        read_prompts(tmp_path / "p.parquet")
