@@ -173,14 +173,15 @@ def open_rows(source: PromptSource):
         if why := hub_offline():
             raise InputError(f"prompt source {source}: a Hub dataset, and this machine is offline ({why}); where "
                              "there is a network, `datasets.load_dataset(...).save_to_disk(DIR)` and give `path: DIR`")
-        return table([(str(source), datasets.load_dataset(source.dataset, source.name, revision=source.revision,
-                                                          split=source.split))])
     try:
+        if kind == "hub":
+            return table([(str(source), datasets.load_dataset(source.dataset, source.name, revision=source.revision,
+                                                              split=source.split))])
         if kind != "disk":
             return table([(str(f), datasets.load_dataset(kind, data_files=[str(f)], split="train")) for f in files])
         ds = datasets.load_from_disk(str(source.path))
     except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
-        raise InputError(f"{source.path}: cannot read it as {kind}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"{source}: cannot read it as {kind}: {str(e).splitlines()[0]}") from None
     if isinstance(ds, datasets.DatasetDict):
         if source.split not in ds:
             raise InputError(f"{source.path}: a save_to_disk dataset with splits {list(ds)}; set `split` to one")
