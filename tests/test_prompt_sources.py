@@ -268,3 +268,22 @@ def test_a_file_that_is_not_its_format_is_one_clear_error(tmp_path):
     (tmp_path / "p.parquet").write_text('{"prompt_id": "a"}\n')  # JSONL under a Parquet name
     with pytest.raises(InputError, match=rf"^{tmp_path / 'p.parquet'}: cannot read it as parquet: Parquet magic"):
         read_prompts(tmp_path / "p.parquet")
+
+
+@pytest.mark.slow  # (transformers and a model: seconds)
+def test_a_prompt_too_long_for_the_context_is_named_by_its_row(tmp_path):
+    from alignment.chat import build_tokenizer
+    from alignment.consistency import check_prompt_lengths
+    from alignment.tiny_models import random_llama, save
+
+    tok = build_tokenizer()
+    model = str(save(random_llama(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                  num_attention_heads=2, max_position_embeddings=256), tok, tmp_path / "m"))
+    f = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"q": ["What is 1 + 1?", "x" * 300, "What is 2 + 2?"]}), f)
+    source = PromptSource(path=f, columns={"prompt_id": None, "prompt": "q"})
+    with pytest.raises(InputError, match=rf"^{f}: row 1: prompt 'h[0-9a-f]{{20}}' is \d+ tokens; with "
+                                         r"sampling.max_new_tokens=16 it does not fit .* context of 256 tokens"):
+        check_prompt_lengths(source, model, 16, "sampling.max_new_tokens", {})
+    pq.write_table(pa.table({"q": ["What is 1 + 1?", "x" * 200]}), f)  # 200 characters fit 256 - 16 tokens
+    check_prompt_lengths(source, model, 16, "sampling.max_new_tokens", {})
