@@ -30,14 +30,14 @@ BATCH = 10_000
 
 
 def source_files(path: Path) -> tuple[str, list[Path]]:
-    """The format of a local source (jsonl, parquet, arrow or disk: a save_to_disk folder) and its files."""
+    """The format of a local source (jsonl, parquet, arrow or save_to_disk) and its files."""
     if path.is_file():
         return TABLES.get(path.suffix, "jsonl"), [path]
     if not path.is_dir():
         raise InputError(f"{path}: prompt file does not exist")
     files = sorted(p for p in path.rglob("*") if p.is_file())
     if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
-        return "disk", files
+        return "save_to_disk", files
     files = [p for p in files if p.suffix in (".jsonl", ".json", *TABLES)]
     kinds = {TABLES.get(p.suffix, "jsonl") for p in files}
     if len(kinds) != 1:
@@ -177,10 +177,11 @@ def open_rows(source: PromptSource):
         if kind == "hub":
             return table([(str(source), datasets.load_dataset(source.dataset, source.name, revision=source.revision,
                                                               split=source.split))])
-        if kind != "disk":
+        if kind != "save_to_disk":
             return table([(str(f), datasets.load_dataset(kind, data_files=[str(f)], split="train")) for f in files])
         ds = datasets.load_from_disk(str(source.path))
-    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+    except (OSError, ValueError, IndexError, datasets.exceptions.DatasetGenerationError) as e:  # (IndexError: an
+        # empty save_to_disk dataset, in datasets 5.2)
         raise InputError(f"{source}: cannot read it as {kind}: {str(e).splitlines()[0]}") from None
     if isinstance(ds, datasets.DatasetDict):
         if source.split not in ds:

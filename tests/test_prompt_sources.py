@@ -287,3 +287,17 @@ def test_a_prompt_too_long_for_the_context_is_named_by_its_row(tmp_path):
         check_prompt_lengths(source, model, 16, "sampling.max_new_tokens", {})
     pq.write_table(pa.table({"q": ["What is 1 + 1?", "x" * 200]}), f)  # 200 characters fit 256 - 16 tokens
     check_prompt_lengths(source, model, 16, "sampling.max_new_tokens", {})
+
+
+def test_a_source_without_rows_is_refused(tmp_path):
+    (tmp_path / "p.jsonl").write_text("\n\n")
+    with pytest.raises(InputError, match=rf"^{tmp_path / 'p.jsonl'}: prompt source has no rows$"):
+        read_prompts(tmp_path / "p.jsonl")
+    # `datasets` refuses empty tables itself: one line naming the source, not a traceback
+    pq.write_table(table(0), tmp_path / "p.parquet")
+    datasets.Dataset(table(0)).save_to_disk(str(tmp_path / "disk"))
+    for f, kind in ((tmp_path / "p.parquet", "parquet"), (tmp_path / "disk", "save_to_disk")):
+        with pytest.raises(InputError, match=rf"^{f}: cannot read it as {kind}: "):
+            read_prompts(f)
+    datasets.Dataset(table(1)).save_to_disk(str(tmp_path / "disk"))
+    assert list(read_prompts(tmp_path / "disk")) == [row(0)]
