@@ -301,3 +301,26 @@ def test_a_source_without_rows_is_refused(tmp_path):
             read_prompts(f)
     datasets.Dataset(table(1)).save_to_disk(str(tmp_path / "disk"))
     assert list(read_prompts(tmp_path / "disk")) == [row(0)]
+
+
+def test_a_hub_dataset_is_loaded_at_its_revision_split_and_name(monkeypatch):
+    """Online (no network here): `datasets.load_dataset` receives the pinned id, configuration, revision and split,
+    and its rows go through the same mapping and checks, named by the source."""
+    import alignment.cli
+
+    calls, questions = [], [["What is 2 + 3?", ""], ["What is 2 + 3?"]]
+
+    def load_dataset(*args, **kwargs):
+        calls.append((args, kwargs))
+        q = questions.pop(0)
+        return datasets.Dataset(pa.table({"question": q, "answer": ["5"] * len(q)}))
+
+    monkeypatch.setattr(alignment.cli, "hub_offline", lambda: None)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    source = PromptSource(dataset="org/gsm", name="main", revision=sha, split="test",
+                          columns={"prompt_id": None, "prompt": "question"})
+    with pytest.raises(InputError, match=rf"^org/gsm/main@{sha[:12]} split test: row 1: prompt 'h"):
+        read_prompts(source)
+    assert [p["answer"] for p in read_prompts(source)] == ["5"]
+    assert calls == [(("org/gsm", "main"), {"revision": sha, "split": "test"})] * 2
