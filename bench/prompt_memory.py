@@ -6,8 +6,8 @@ Writes the same rows as JSONL, Parquet, an Arrow file and a save_to_disk folder,
 `read_prompts` (every row checked) and `draw_round_prompts`. Parquet and Arrow are run twice: the first load
 converts the file into the `datasets` cache (a temporary one here), the second maps that cache. "list" is the
 way prompts were read before: every JSONL row parsed into one Python list, then sampled. Memory is the process's
-peak resident set (VmHWM, reset after imports, `datasets` included) less its resident set after imports. Raw results go to
-bench/results/prompt-memory-<rows>.json.
+peak resident set (VmHWM, reset after imports, `datasets` included) less its resident set after imports. Raw
+results go to bench/results/prompt-memory-<rows>.json.
 """
 
 from __future__ import annotations

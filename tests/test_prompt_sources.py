@@ -190,7 +190,8 @@ def test_ids_hashed_from_the_content_are_stable_and_equal_across_formats(tmp_pat
     by_parquet = list(read_prompts(PromptSource(path=tmp_path / "p.parquet", columns=cols)))
     by_jsonl = list(read_prompts(PromptSource(path=tmp_path / "p.jsonl", columns=cols)))
     content = {"messages": [{"role": "user", "content": "What is 2 + 3?"}], "answer": "5"}
-    expected = "h" + hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:20]
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+    expected = "h" + hashlib.sha256(canonical).hexdigest()[:20]
     assert by_parquet[0]["prompt_id"] == by_jsonl[1]["prompt_id"] == expected
     assert by_parquet[1]["prompt_id"] == by_jsonl[0]["prompt_id"] != expected  # other content, other id
     # the same content twice is one prompt twice: refused, saying why the ids collide
