@@ -47,6 +47,14 @@ def write_arrow(path: Path, t: pa.Table) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True, scope="module")
+def datasets_cache(tmp_path_factory):
+    """Parquet and Arrow files are converted into the `datasets` cache: a temporary one, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("datasets-cache"))
+        yield
+
+
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> dict[str, Path]:
     """The same 100k rows as JSONL, Parquet, an Arrow file and a save_to_disk folder."""
