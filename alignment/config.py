@@ -366,8 +366,8 @@ class TrainerConfig(Strict):
 
         gpus, out = torch.cuda.device_count(), []
         if self.distributed in ("fsdp", "zero3") and gpus == 0:
-            out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none; "
-                       "use ddp (gloo on CPU) or no distributed")
+            out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none "
+                       "(on CPUs accelerate 1.15 would train it as DDP, unsharded); use ddp (gloo) or no distributed")
         if self.distributed == "zero3" and importlib.util.find_spec("deepspeed") is None:
             out.append(f"{key}.distributed: zero3 needs DeepSpeed (pip install deepspeed)")
         if gpus and self.num_processes > gpus:

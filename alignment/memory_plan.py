@@ -4,8 +4,8 @@ the GPUs the recipe's `launcher` gives it before any work starts.
     align plan recipes/llama3.1-70b.yaml [key.path=value ...]
 
 Parameters are counted exactly on a meta-device copy of the model with one layer (transformers, no weights read;
-the other layers are alike); layers, widths,
-heads and vocabulary come from its config. Bytes per GPU, by what a stage holds:
+the other layers are alike); layers, widths, heads and vocabulary come from its config. Bytes per GPU, by what a
+stage holds:
 
 Training (sft, dpo, reward_model). The stages load fp32 weights and train under bf16 autocast with AdamW:
   - model states: 16 bytes per trained parameter (fp32 weights 4, gradients 4, Adam's two moments 8; the ZeRO paper,
@@ -25,11 +25,11 @@ Training (sft, dpo, reward_model). The stages load fp32 weights and train under 
     SwiGLU's gate, up, SiLU output and product 4ci (h hidden, i MLP width). Single-device and ddp training keep
     fp32 weights under bf16 autocast (r 4, c 2): 36h + 8i; fsdp and zero3 compute with bf16 copies of the weights
     (r = c = 2): 26h + 8i; fp32 on a CPU: 44h + 16i. `eager` attention also keeps the probabilities, c x heads x
-    seq per token; LoRA under autocast, one more cast of each adapted Linear's input. Gradient checkpointing keeps each layer's input (rh) and recomputes one layer at a time (its
-    full activations on top). SFT's loss (transformers' cross-entropy): logits at c bytes, their fp32 copy,
-    log-softmax and its gradient, (c + 12) x vocab bytes per token; DPO's (TRL's fused log-prob kernel on GPUs):
-    the logits and their gradient, 2c x vocab. The bench's models have a 110-token vocabulary: this term is
-    not measured there.
+    seq per token; LoRA under autocast, one more cast of each adapted Linear's input. Gradient checkpointing
+    keeps each layer's input (rh) and recomputes one layer at a time (its full activations on top). SFT's loss
+    (transformers' cross-entropy): logits at c bytes, their fp32 copy, log-softmax and its gradient, (c + 12) x
+    vocab bytes per token; DPO's (TRL's fused log-prob kernel on GPUs): the logits and their gradient, 2c x vocab.
+    The bench's models have a 105-token vocabulary: this term is not measured there.
 Serving the teacher (vLLM, generate): weights at the engine's dtype (fp8: 1 byte per decoder Linear weight;
   fbgemm_fp8, Meta's row-wise 405B checkpoint: the FFN's), over tensor_parallel_size GPUs, plus the KV cache,
   2 x layers x kv_heads x head_dim x 2 bytes per token, for max_model_len tokens per sequence and every sequence
@@ -41,7 +41,8 @@ Evaluation (eval, teacher_eval) and transformers generation: bf16 weights spread
   and the reward model in fp32, spread likewise. Scoring: the reward model in fp32.
 
 Not counted: the CUDA context, allocator fragmentation and kernels' workspaces, so a trainer or generate() counts
-on 90% of a GPU (USABLE). Measured against bench/results/h100-*.json (tests/test_memory_plan.py): within 5%.
+on 90% of a GPU (USABLE). Against the peaks of bench/results/h100-*.json: 0.96 to 1.08 of each
+(tests/test_memory_plan.py).
 """
 
 from __future__ import annotations
@@ -296,8 +297,8 @@ def generate_row(recipe: Recipe, gpus: int, capacity: float) -> Row:
         return Row("generate", {}, capacity, "teacher.endpoints", "remote servers: not planned here", True)
     if t.backend.value == "transformers":
         tokens = t.batch_size * recipe.sampling.num_samples * recipe.sampling.max_new_tokens
-        return Row("generate", {"weights bf16": weight_bytes(s) / gpus,
-                                "KV cache": tokens * kv_bytes_per_token(s) / gpus}, USABLE * capacity, "teacher.batch_size")
+        holds = {"weights bf16": weight_bytes(s) / gpus, "KV cache": tokens * kv_bytes_per_token(s) / gpus}
+        return Row("generate", holds, USABLE * capacity, "teacher.batch_size")
     e = t.engine
     weights = weight_bytes(s, e.quantization) / e.tensor_parallel_size
     per_seq = (e.max_model_len or s.context) * kv_bytes_per_token(s, e.tensor_parallel_size)
@@ -307,8 +308,9 @@ def generate_row(recipe: Recipe, gpus: int, capacity: float) -> Row:
     row = Row("generate", {f"weights /{e.tensor_parallel_size}": weights, "KV of one max_model_len sequence": per_seq},
               room, "teacher.engine")
     if e.tensor_parallel_size * e.data_parallel_size > gpus:
-        row.fits, row.hint = False, (f"tensor_parallel_size x data_parallel_size = {e.tensor_parallel_size * e.data_parallel_size} "
-                                     f"GPUs; launcher.generate gives {gpus}")
+        split = e.tensor_parallel_size * e.data_parallel_size
+        row.fits = False
+        row.hint = f"tensor_parallel_size x data_parallel_size = {split} GPUs; launcher.generate gives {gpus}"
     elif row.ok:
         at_once = int((room - weights) // per_seq)
         row.hint = f"the cache holds {min(at_once, asked)} of the {asked} sequences asked for at max_model_len" + (
@@ -337,8 +339,12 @@ def check_plan(recipe: Recipe, stages: tuple[str, ...] = tuple(KIND)) -> None:
     bad = [r for r in rows if not r.ok]
     if bad:
         raise InputError("the memory plan says these stages cannot fit (align plan shows the table):\n  " + "\n  ".join(
-            f"{r.stage}: needs ~{r.need / GIB:.1f} GiB per GPU ({', '.join(f'{k} {v / GIB:.1f}' for k, v in r.holds.items())})"
-            f", has {r.capacity / GIB:.1f} GiB; change {r.key}. {r.hint}".rstrip(". ") for r in bad))
+            f"{r.stage}: needs ~{r.need / GIB:.1f} GiB per GPU ({held(r)}), has {r.capacity / GIB:.1f} GiB; change "
+            f"{r.key}. {r.hint}".rstrip(". ") for r in bad))
+
+
+def held(row: Row) -> str:
+    return ", ".join(f"{k} {v / GIB:.1f}" for k, v in row.holds.items())
 
 
 def format_plan(recipe: Recipe) -> str:
@@ -348,7 +354,7 @@ def format_plan(recipe: Recipe) -> str:
                 "no GPU memory to plan")
     lines = [f"{'stage':<13}{'GiB/GPU':>9}{'of':>8}  fits  holds"]
     for r in rows:
-        held = ", ".join(f"{k} {v / GIB:.1f}" for k, v in r.holds.items())
-        lines.append(f"{r.stage:<13}{r.need / GIB:>9.1f}{r.capacity / GIB:>8.1f}  {'yes' if r.ok else 'NO':<4}  {held}"
+        fits = "yes" if r.ok else "NO"
+        lines.append(f"{r.stage:<13}{r.need / GIB:>9.1f}{r.capacity / GIB:>8.1f}  {fits:<4}  {held(r)}"
                      + (f"  [{r.hint}]" if r.hint else ""))
     return "\n".join(lines)

@@ -227,3 +227,40 @@ def test_cpu_offload_reaches_accelerate():
     assert (zero3.offload_param_device, zero3.offload_optimizer_device) == ("cpu", "cpu")
     with pytest.raises(InputError, match="cpu_offload moves sharded states"):
         load_recipe(ROOT / "recipes/tiny.yaml", ["sft.distributed=ddp", "sft.cpu_offload=true"])
+
+
+def test_what_would_fit_does_fit(hub):
+    """The nodes the refusal suggests are the fewest that fit: with one node less the stage is refused again."""
+    import re
+
+    one_node = load_recipe(ROOT / "recipes/llama3.1-70b.yaml", ["launcher.train.nodes=1"])
+    hints = {r.stage: r.hint for r in plan(one_node) if not r.ok}
+    for stage in ("sft", "dpo"):
+        n = int(re.search(r"launcher.train.nodes: (\d+)", hints[stage]).group(1))
+        ok = {r.stage: r.ok for r in plan(load_recipe(ROOT / "recipes/llama3.1-70b.yaml", [f"launcher.train.nodes={n}"]))}
+        fewer = {r.stage: r.ok for r in plan(load_recipe(ROOT / "recipes/llama3.1-70b.yaml",
+                                                         [f"launcher.train.nodes={n - 1}"]))}
+        assert ok[stage] and not fewer[stage], (stage, n)
+    offload = load_recipe(ROOT / "recipes/llama3.1-70b.yaml", ["launcher.train.nodes=1", "sft.cpu_offload=true"])
+    assert next(r for r in plan(offload) if r.stage == "sft").ok
+
+
+def test_the_teacher_needs_the_gpus_its_engine_asks_for(hub):
+    bad = load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["launcher.generate.gpus_per_node=4"])
+    with pytest.raises(InputError, match="generate: .*tensor_parallel_size x data_parallel_size = 8 GPUs; "
+                                         "launcher.generate gives 4"):
+        check_plan(bad)
+    # 405B in FP8 on 4 GPUs: the engine's split fits the launcher, the weights (112 GiB each) do not
+    with pytest.raises(InputError, match=r"generate: needs ~\d+\.\d GiB per GPU \(weights /4 "):
+        check_plan(load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["launcher.generate.gpus_per_node=4",
+                                                                   "teacher.engine.tensor_parallel_size=4"]))
+    check_plan(load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["launcher.generate.gpus_per_node=16",
+                                                               "teacher.engine.data_parallel_size=2"]))
+
+
+def test_gpus_without_their_memory_or_a_model_config_are_named(hub):
+    with pytest.raises(InputError, match="launcher.gpu_memory_gib: the launcher gives stages GPUs but none is visible"):
+        plan(load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["launcher.gpu_memory_gib=null"]))
+    with pytest.raises(InputError, match="student.model_name_or_path: cannot read the config of 'org/absent' offline"):
+        plan(load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["student.model_name_or_path=org/absent"]))
+    assert plan(load_recipe(ROOT / "recipes/llama3.1-8b.yaml"))  # both given: a plan
