@@ -197,14 +197,15 @@ def test_without_gpus_there_is_no_plan(capsys):
     assert "no GPU declared" in capsys.readouterr().out
 
 
-def test_round_is_refused_before_any_work(tmp_path, capsys):
+@pytest.mark.parametrize("command,stage", [(["round", "1"], "sft"), (["stage", "dpo"], "dpo"), (["eval", "1"], "eval")])
+def test_round_is_refused_before_any_work(tmp_path, capsys, command, stage):
     """The tiny recipe told its GPUs hold 1 MiB: nothing fits, and nothing runs; with 80 GB it passes the plan."""
     gpus = ["launcher.train.gpus_per_node=1", "launcher.generate.gpus_per_node=1", "launcher.eval.gpus_per_node=1"]
     with pytest.raises(SystemExit):
-        align(["round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}",
+        align([*command, "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}",
                "launcher.gpu_memory_gib=0.001", *gpus])
     err = capsys.readouterr().err
-    assert "the memory plan says these stages cannot fit" in err and "sft: needs ~" in err
+    assert "the memory plan says these stages cannot fit" in err and f"{stage}: needs ~" in err
     assert list(tmp_path.iterdir()) == []
     check_plan(load_recipe(ROOT / "recipes/tiny.yaml", ["launcher.gpu_memory_gib=80", *gpus]))
 
