@@ -56,9 +56,12 @@ SEEDS ?= 3
 curve: $(STAMP)  ## rounds 1..ROUNDS for SEEDS seeds, each in runs/curve/seed-<s>: one table and one plot (~40 min)
 	$(PY) bench/curve.py --recipe $(RECIPE) --rounds $(ROUNDS) --seeds $(shell seq 0 $$(($(SEEDS) - 1))) $(ARGS)
 
-.PHONY: explain curve
+.PHONY: explain curve plan
 explain: $(STAMP)  ## what a recipe key means (type, default, description), e.g. make explain KEY=dpo.beta
 	$(VENV)/bin/align explain $(KEY)
+
+plan: $(STAMP)  ## GPU memory per GPU of each stage against the launcher's GPUs, e.g. make plan RECIPE=recipes/llama3.1-70b.yaml
+	$(VENV)/bin/align plan $(RECIPE) $(ARGS)
 
 test: $(STAMP)  ## every test, the end-to-end round included
 	$(PY) -m pytest -q tests

@@ -8,6 +8,7 @@
     align stats 1 --recipe recipes/tiny.yaml                  # round 1's scoring and selection, filter by filter
     align stage sft --round 1 --recipe recipes/tiny.yaml [key.path=value ...]   # re-run one stage
     align explain [sft | dpo.beta | teacher.engine ...]       # a recipe section's or key's type, default, meaning
+    align plan recipes/llama3.1-70b.yaml [key.path=value ...] # GPU memory per stage against the launcher's GPUs
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate", help="check a recipe and its prompt files")
     v.add_argument("recipe")
+    pl = sub.add_parser("plan", help="GPU memory each stage needs per GPU, against what the launcher gives it")
+    pl.add_argument("recipe")
     r = sub.add_parser("round", help="run (or resume) round N")
     r.add_argument("n", type=int)
     e = sub.add_parser("eval", help="evaluate round N's checkpoints and decide which one is promoted")
@@ -180,6 +183,10 @@ def main(argv: list[str] | None = None) -> None:
             from alignment.explain import explain
 
             print(explain(args.key))
+        elif args.cmd == "plan":
+            from alignment.memory_plan import format_plan
+
+            print(format_plan(load_recipe(args.recipe, args.overrides)))
         elif args.cmd == "validate":
             recipe, n_train, n_eval = validate(args.recipe, args.overrides)
             check_stage_inputs(recipe)
@@ -195,6 +202,11 @@ def main(argv: list[str] | None = None) -> None:
             problems = machine_problems(recipe)
             if problems and args.cmd in ("round", "stage"):
                 raise InputError("this machine cannot train as the recipe asks:\n  " + "\n  ".join(problems))
+            if args.cmd in ("round", "eval", "stage"):  # the stages it may run must fit their GPUs
+                from alignment.memory_plan import KIND, check_plan
+
+                check_plan(recipe, {"round": tuple(KIND), "eval": ("eval",)}.get(args.cmd) or
+                           ((args.stage,) if getattr(args, "stage", None) in KIND else ()))
             if args.cmd in ("round", "eval"):
                 run_round(recipe, args.n, recipe_file=args.recipe, overrides=args.overrides,
                           eval_only=args.cmd == "eval")

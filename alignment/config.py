@@ -436,6 +436,9 @@ class TrainerConfig(Strict):
         None, description="run the stage through `accelerate launch` with recipes/accelerate/<name>.yaml; "
         "null: one process")
     num_processes: int = Field(1, gt=0, description="processes (GPUs) for `distributed`")
+    cpu_offload: bool = Field(False, description="fsdp / zero3: keep the sharded weights, gradients and optimizer "
+                              "state in host memory (accelerate's fsdp_offload_params, DeepSpeed's offload to cpu): "
+                              "GPUs then hold one gathered layer and the activations; steps are slower")
 
     @model_validator(mode="after")
     def _check_report_to(self):
@@ -448,6 +451,8 @@ class TrainerConfig(Strict):
             raise ValueError("average_seeds needs two or more distinct seeds (or none)")
         if self.num_processes > 1 and not self.distributed:
             raise ValueError("num_processes > 1 needs distributed: ddp, fsdp or zero3")
+        if self.cpu_offload and self.distributed not in ("fsdp", "zero3"):
+            raise ValueError("cpu_offload moves sharded states to host memory: it needs distributed fsdp or zero3")
         return self
 
     def machine_problems(self, key: str) -> list[str]:
@@ -459,8 +464,8 @@ class TrainerConfig(Strict):
 
         gpus, out = torch.cuda.device_count(), []
         if self.distributed in ("fsdp", "zero3") and gpus == 0:
-            out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none; "
-                       "use ddp (gloo on CPU) or no distributed")
+            out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none "
+                       "(on CPUs accelerate 1.15 would train it as DDP, unsharded); use ddp (gloo) or no distributed")
         if self.distributed == "zero3" and importlib.util.find_spec("deepspeed") is None:
             out.append(f"{key}.distributed: zero3 needs DeepSpeed (pip install deepspeed)")
         if gpus and self.num_processes > gpus:

@@ -29,10 +29,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def spread(dtype: torch.dtype) -> dict:
+    """from_pretrained arguments of a model used for inference: on GPUs, spread by layers over every visible one
+    (accelerate's device_map auto), so a model larger than one GPU loads, as the memory plan assumes."""
+    return {"dtype": dtype, "device_map": "auto"} if torch.cuda.is_available() else {"dtype": dtype}
+
+
 def load_policy(path: str):
     tokenizer = load_tokenizer(path)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # CPUs here compute bf16 slowly
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
+    model = AutoModelForCausalLM.from_pretrained(path, **spread(dtype))
     model.eval()
     return model, tokenizer
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 
 from alignment import verifiers
 from alignment.config import InputError, ScoringConfig
-from alignment.generation import device
+from alignment.generation import spread
 from alignment.template import load_tokenizer
 
 
@@ -25,7 +25,7 @@ def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: 
     With `sort_by_length`, conversations are batched in order of length so a batch pads little (K samples of
     one prompt vary a lot in length); scores return in input order either way."""
     tokenizer = load_tokenizer(path, "reward.reward_model")
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).to(device()).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(path, **spread(torch.float32)).eval()
     if model.config.num_labels != 1:
         raise InputError(f"reward.reward_model.model_name_or_path: {path} has {model.config.num_labels} labels; "
                           "a reward model has exactly one")

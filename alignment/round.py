@@ -115,9 +115,12 @@ def stage_command(recipe: Recipe, stage: str, job: Path) -> list[str]:
     cfg = trainer_config(recipe, stage)
     if cfg is None or cfg.distributed is None:
         return [sys.executable, "-m", "alignment.runner", str(job)]
+    # cpu_offload overrides the config file's offload settings (flags given on the command line win over it)
+    offload = {"fsdp": ["--fsdp_offload_params", "true"], "zero3": ["--offload_param_device", "cpu",
+               "--offload_optimizer_device", "cpu"]}.get(cfg.distributed, []) if cfg.cpu_offload else []
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"), "--num_processes", str(cfg.num_processes),
-            "-m", "alignment.runner", str(job)]
+            *offload, "-m", "alignment.runner", str(job)]
 
 
 def stage_env(recipe: Recipe, stage: str) -> dict:

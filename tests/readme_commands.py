@@ -20,7 +20,7 @@ ROUND1 = "make round N=1"  # the end-to-end fixture runs exactly this line
 SKIPPED = {"make test"}  # would run this test suite inside itself
 # `align` subcommands that read a recipe: a documented line must name recipes/tiny.yaml, which the test swaps for
 # its shrunken recipe (without it, the line would run the real tiny recipe: minutes of bootstrap).
-RECIPE_COMMANDS = {"validate", "round", "eval", "status", "report", "stats", "stage"}
+RECIPE_COMMANDS = {"validate", "round", "eval", "status", "report", "stats", "stage", "plan"}
 ALIGN = {".venv/bin/align", "align"}
 
 

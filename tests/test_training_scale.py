@@ -182,3 +182,26 @@ def test_a_killed_reward_model_run_resumes_like_sft_and_reports_the_step(data):
         assert torch.allclose(whole_w[k], resumed_w[k], atol=1e-5), k
     assert list((folder / "logs").glob("events.out.tfevents.*"))  # report_to: tensorboard, into the stage's logs/
     assert json.loads((folder / "model" / "tokenizer_config.json").read_text())["padding_side"] == "right"
+
+
+def test_fsdp2_on_cpu_two_sharded_processes_match_one(tmp_path):
+    """FSDP2 as recipes/accelerate/fsdp.yaml wraps a Llama (each decoder layer, then the model), on two CPU
+    processes over gloo, against one unsharded process on the same batches: every parameter a DTensor holding half
+    the model on each rank, the same losses and, gathered, the same weights (float rounding: 1e-6). Through torchrun,
+    not the stage: accelerate 1.15 trains `distributed: fsdp` on CPUs as DDP (docs/details.md)."""
+    import fsdp_worker
+
+    out = tmp_path / "fsdp.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "tests/fsdp_worker.py"), str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(out.read_text())
+    assert sharded["all_dtensor"] and sharded["local_numel"] <= sharded["numel"] / 2 + 64  # + a row's rounding
+    one = fsdp_worker.model()
+    start = {k: v.clone() for k, v in one.state_dict().items()}
+    assert sharded["losses"] == pytest.approx(fsdp_worker.train(one), rel=1e-6)
+    gathered = torch.load(str(out) + ".pt")
+    for k, v in one.state_dict().items():
+        assert torch.allclose(gathered[k], v, atol=1e-6), k
+        assert not torch.equal(v, start[k]), k  # every parameter trained

@@ -56,8 +56,9 @@ def lm_eval_metrics(recipe: StageConfig, model_path: Path) -> dict[str, float]:
 
     include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    spread = ",parallelize=True" if torch.cuda.device_count() > 1 else ""  # split by layers over the GPUs, as generate
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={model_path},dtype={dtype}", tasks=list(recipe.eval.lm_eval_tasks),
+        model="hf", model_args=f"pretrained={model_path},dtype={dtype}{spread}", tasks=list(recipe.eval.lm_eval_tasks),
         task_manager=task_manager(include, tuple(recipe.eval.lm_eval_tasks)), apply_chat_template=True,
         batch_size=recipe.eval.batch_size,
         limit=recipe.eval.lm_eval_limit, device=device(), random_seed=recipe.seed)["results"]

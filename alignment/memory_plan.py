@@ -1,0 +1,360 @@
+"""The memory plan: GPU memory each stage needs per GPU, from the model's config and the recipe, checked against
+the GPUs the recipe's `launcher` gives it before any work starts.
+
+    align plan recipes/llama3.1-70b.yaml [key.path=value ...]
+
+Parameters are counted exactly on a meta-device copy of the model with one layer (transformers, no weights read;
+the other layers are alike); layers, widths, heads and vocabulary come from its config. Bytes per GPU, by what a
+stage holds:
+
+Training (sft, dpo, reward_model). The stages load fp32 weights and train under bf16 autocast with AdamW:
+  - model states: 16 bytes per trained parameter (fp32 weights 4, gradients 4, Adam's two moments 8; the ZeRO paper,
+    arXiv 1910.02054, counts the same 16 for mixed-precision Adam). LoRA: the frozen base at 4 bytes (QLoRA: NF4
+    with double quantization, 4.127 bits per quantized weight, the rest bf16; arXiv 2305.14314) and 16 bytes per
+    adapter parameter, r x (in + out) per adapted Linear. DPO's reference model adds 4 bytes per parameter unless
+    `precompute_ref_log_probs` (with LoRA the reference is the base with adapters off: nothing extra).
+  - fsdp / zero3 divide the states by the world size (nodes x gpus_per_node) and gather one decoder layer at a
+    time: 8 bytes per layer parameter (two bf16 copies, the current layer and the prefetched next, and its fp32
+    gradient before the reduce-scatter). `cpu_offload` moves the sharded states to host memory. ddp keeps a copy.
+  - activations, per token of a micro-batch (per_device_train_batch_size x max_length; DPO and the reward model
+    run chosen and rejected together, twice that): Korthikanti et al. (arXiv 2205.05198) count what autograd saves
+    per layer; for a Llama layer with a memory-efficient attention kernel (no seq x seq matrix), with r the bytes
+    of the residual stream and c of the compute: each RMSNorm keeps an fp32 copy of its input and its normalised
+    input, (4 + r)h; q, k and v read the norm's output (under autocast, three bf16 casts of it) ch or 3ch; q, k, v
+    (GQA heads expanded) and the attention output 4ch; o_proj's input ch; the MLP's input ch (2ch under autocast);
+    SwiGLU's gate, up, SiLU output and product 4ci (h hidden, i MLP width). Single-device and ddp training keep
+    fp32 weights under bf16 autocast (r 4, c 2): 36h + 8i; fsdp and zero3 compute with bf16 copies of the weights
+    (r = c = 2): 26h + 8i; fp32 on a CPU: 44h + 16i. `eager` attention also keeps the probabilities, c x heads x
+    seq per token; LoRA under autocast, one more cast of each adapted Linear's input. Gradient checkpointing
+    keeps each layer's input (rh) and recomputes one layer at a time (its full activations on top). SFT's loss
+    (transformers' cross-entropy): logits at c bytes, their fp32 copy, log-softmax and its gradient, (c + 12) x
+    vocab bytes per token; DPO's (TRL's fused log-prob kernel on GPUs): the logits and their gradient, 2c x vocab.
+    The bench's models have a 105-token vocabulary: this term is not measured there.
+Serving the teacher (vLLM, generate): weights at the engine's dtype (fp8: 1 byte per decoder Linear weight;
+  fbgemm_fp8, Meta's row-wise 405B checkpoint: the FFN's), over tensor_parallel_size GPUs, plus the KV cache,
+  2 x layers x kv_heads x head_dim x 2 bytes per token, for max_model_len tokens per sequence and every sequence
+  asked for at once: max_concurrency (openai) or shard_size (vllm) requests of num_samples each, split over
+  data_parallel_size copies. vLLM takes gpu_memory_utilization of each GPU; it cannot start without room for the
+  weights and one sequence, and queues what its cache cannot hold (slower, not fatal: the table says how many fit).
+Evaluation (eval, teacher_eval) and transformers generation: bf16 weights spread over the stage's GPUs
+  (device_map auto), the KV cache of batch_size x samples sequences of max_new_tokens (prompt tokens uncounted),
+  and the reward model in fp32, spread likewise. Scoring: the reward model in fp32.
+
+Not counted: the CUDA context, allocator fragmentation and kernels' workspaces, so a trainer or generate() counts
+on 90% of a GPU (USABLE). Against the peaks of bench/results/h100-*.json: 0.96 to 1.08 of each
+(tests/test_memory_plan.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+from alignment.config import InputError, LoraConfig, ModelSource, Recipe, RewardModelSource
+from alignment.stage_table import STAGES, round_stages
+
+GIB = 2**30
+USABLE = 0.9  # share of a GPU a trainer or transformers' generate can fill; the rest: context and fragmentation
+KIND = {"sft": "train", "dpo": "train", "reward_model": "train", "generate": "generate", "score": "generate",
+        "teacher_eval": "generate", "eval": "eval"}  # the launcher's kind of each stage that uses a GPU
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate reads of a model."""
+
+    params: int
+    layer_params: int  # one decoder layer: what FSDP gathers at once
+    linears: tuple[tuple[str, int, int], ...]  # one decoder layer's Linear modules: (name, in, out)
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    context: int  # max_position_embeddings
+
+
+def shape_of(config) -> Shape:
+    """Count parameters on a meta-device copy with one decoder layer (no memory, any architecture transformers
+    knows); the other layers are alike."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    seq_cls = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    one = copy.deepcopy(config)
+    one.num_hidden_layers = 1
+    with torch.device("meta"):
+        model = (AutoModelForSequenceClassification if seq_cls else AutoModelForCausalLM).from_config(one)
+    layer = model.base_model.layers[0]
+    layer_params = sum(p.numel() for p in layer.parameters())
+    heads = config.num_attention_heads
+    return Shape(params=sum(p.numel() for p in model.parameters()) + (config.num_hidden_layers - 1) * layer_params,
+                 layer_params=layer_params, linears=tuple((name, m.in_features, m.out_features) for name, m in
+                                                          layer.named_modules() if isinstance(m, torch.nn.Linear)),
+                 layers=config.num_hidden_layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                 heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+                 head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+                 vocab=config.vocab_size, context=config.max_position_embeddings)
+
+
+@lru_cache(maxsize=16)
+def model_shape(name: str, key: str) -> Shape:
+    """The shape of a model folder or a Hub id in the local cache (offline: only config.json is read)."""
+    from transformers import AutoConfig
+
+    try:
+        return shape_of(AutoConfig.from_pretrained(name, local_files_only=True))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{key}: cannot read the config of {name!r} offline for the memory plan "
+                         f"({str(e).splitlines()[0]}); download it first (hf download {name} config.json)") from None
+
+
+def bootstrap_shape(recipe: Recipe) -> Shape:
+    from alignment.chat import build_tokenizer
+    from alignment.tiny_models import llama_config
+
+    b = recipe.bootstrap
+    return shape_of(llama_config(build_tokenizer(), hidden_size=b.hidden_size, intermediate_size=b.intermediate_size,
+                                 num_hidden_layers=b.num_hidden_layers, num_attention_heads=b.num_attention_heads,
+                                 max_position_embeddings=b.max_position_embeddings))
+
+
+def student_shape(recipe: Recipe) -> Shape:
+    """Every round's student has the architecture of round 1's."""
+    if recipe.student.source == ModelSource.bootstrap:
+        return bootstrap_shape(recipe)
+    return model_shape(recipe.student.model_name_or_path, "student.model_name_or_path")
+
+
+def teacher_shape(recipe: Recipe) -> Shape:
+    t = recipe.teacher
+    if t.model_name_or_path and t.source in (ModelSource.path, ModelSource.best):
+        return model_shape(t.model_name_or_path, "teacher.model_name_or_path")
+    return bootstrap_shape(recipe) if t.source == ModelSource.bootstrap else student_shape(recipe)
+
+
+# --- bytes ---------------------------------------------------------------------------------------------------
+
+
+def activation_bytes(s: Shape, seq: int, residual: int, compute: int, attn: str) -> int:
+    """What autograd keeps per token of one layer (see the module docstring)."""
+    h, i, c = s.hidden, s.intermediate, compute
+    casts = residual == 4 and c == 2  # autocast casts the fp32 norm output once per Linear reading it
+    out = 2 * (4 + residual) * h + (3 if casts else 1) * c * h + 4 * c * h + c * h + (2 if casts else 1) * c * h
+    return out + 4 * c * i + (c * s.heads * seq if attn == "eager" else 0)
+
+
+def targeted(name: str, lora: LoraConfig) -> bool:
+    return lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules
+
+
+def lora_params(s: Shape, lora: LoraConfig) -> int:
+    return sum(lora.r * (n_in + n_out) for name, n_in, n_out in s.linears if targeted(name, lora))
+
+
+def train_bytes(s: Shape, cfg, world: int, *, gpu: bool = True, loss: str | None = "sft", pairs: bool = False,
+                reference: bool = False) -> dict[str, float]:
+    """Bytes per device of one training process, by what they hold. `pairs`: chosen and rejected in one batch;
+    `reference`: DPO's reference model when its log-probs are not precomputed; `gpu` False: fp32 on a CPU;
+    `loss`: sft (transformers' cross-entropy), dpo (TRL's log-probs) or None (a scalar head, no logits)."""
+    shard = world if cfg.distributed in ("fsdp", "zero3") else 1
+    residual, c = (2 if shard > 1 else 4, 2) if gpu else (4, 4)
+    linear = s.layers * sum(a * b for _, a, b in s.linears)
+    if cfg.lora is None:
+        states, what = 16 * s.params, "weights, gradients, Adam"
+    else:
+        quantized = cfg.lora.quantize_base_4bit
+        base = (4.127 / 8 * linear + 2 * (s.params - linear)) if quantized else 4 * s.params
+        states, what = base + 16 * lora_params(s, cfg.lora) * s.layers, "frozen base, adapters with Adam"
+    if reference and cfg.lora is None:
+        states, what = states + 4 * s.params, what + ", reference model"
+    out = {what: 0.0 if getattr(cfg, "cpu_offload", False) else states / shard}
+    if shard > 1:
+        out["gathered layer"] = 8 * s.layer_params
+    tokens = cfg.per_device_train_batch_size * cfg.max_length * (2 if pairs else 1)
+    per_layer = activation_bytes(s, cfg.max_length, residual, c, cfg.attn_implementation)
+    if cfg.lora and residual == 4 and c == 2:  # under autocast each adapter casts its Linear's input once more
+        per_layer += c * sum(n_in for name, n_in, _ in s.linears if targeted(name, cfg.lora))
+    kept = s.layers * residual * s.hidden + per_layer if cfg.gradient_checkpointing else s.layers * per_layer
+    out["activations"] = tokens * kept
+    if loss:  # TRL's fused log-prob kernel (triton, on GPUs) keeps no fp32 copy
+        out["logits and loss"] = tokens * (2 * c if loss == "dpo" and gpu else c + 12) * s.vocab
+    return out
+
+
+def weight_bytes(s: Shape, quantization: str | None = None) -> float:
+    """bf16 weights; fp8 takes a byte per decoder Linear weight, fbgemm_fp8 (row-wise, the FFN only) per MLP one."""
+    fp8 = sum(a * b for name, a, b in s.linears
+              if quantization == "fp8" or (quantization == "fbgemm_fp8" and name.startswith(("mlp.", "feed_forward."))))
+    return 2 * s.params - s.layers * fp8
+
+
+def kv_bytes_per_token(s: Shape, gpus: int = 1) -> int:
+    """K and V of every layer in bf16, the kv heads split over `gpus` (replicated when fewer heads than GPUs)."""
+    return 2 * s.layers * math.ceil(s.kv_heads / gpus) * s.head_dim * 2
+
+
+# --- the plan ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    stage: str
+    holds: dict[str, float]  # bytes per GPU by what
+    capacity: float  # bytes one GPU offers to it
+    key: str  # the recipe key(s) to change when it does not fit
+    hint: str = ""  # what would fit, or how much of the cache fits
+    fits: bool | None = None  # None: decided from holds and capacity
+
+    @property
+    def need(self) -> float:
+        return sum(self.holds.values())
+
+    @property
+    def ok(self) -> bool:
+        return self.need <= self.capacity if self.fits is None else self.fits
+
+
+def visible_gpus() -> tuple[int, float | None]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0, None
+    return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
+
+
+def plan(recipe: Recipe, stages: tuple[str, ...] = tuple(KIND)) -> list[Row] | None:
+    """A row per stage of `stages` the recipe has; None when it runs without GPUs (none declared, none visible)."""
+    launcher = recipe.launcher
+    seen, seen_gib = visible_gpus()
+    if not any(getattr(launcher, k).gpus_per_node for k in ("generate", "train", "eval")) and not seen:
+        return None
+    gib = launcher.gpu_memory_gib or seen_gib
+    if gib is None:
+        raise InputError("launcher.gpu_memory_gib: the launcher gives stages GPUs but none is visible here to read "
+                         "their memory from; set it (e.g. 80 for an H100 80GB) for the memory plan")
+    rows, present = [], {s.name for s in round_stages(recipe, 1)}
+    for stage in stages:
+        res = getattr(launcher, KIND[stage])
+        gpus = res.gpus_per_node or seen
+        if not gpus or stage not in present:
+            continue
+        if stage in ("sft", "dpo", "reward_model"):
+            rows.append(train_row(recipe, stage, res.nodes, gpus, gib * GIB))
+        elif stage == "generate":
+            rows.append(generate_row(recipe, res.nodes * gpus, gib * GIB))
+        elif stage == "score" and recipe.reward.reward_model:
+            rows.append(Row(stage, {f"reward model fp32 /{gpus}": 4 * reward_shape(recipe).params / gpus},
+                            USABLE * gib * GIB, "reward.reward_model"))
+        elif stage in ("eval", "teacher_eval"):
+            rows.append(eval_row(recipe, stage, gpus, gib * GIB))
+    return rows
+
+
+def reward_shape(recipe: Recipe) -> Shape:
+    rm = recipe.reward.reward_model
+    if rm.source == RewardModelSource.path:
+        return model_shape(rm.model_name_or_path, "reward.reward_model.model_name_or_path")
+    return student_shape(recipe)  # trained from the student, with a scalar head
+
+
+def train_row(recipe: Recipe, stage: str, nodes: int, gpus: int, capacity: float) -> Row:
+    section = STAGES[stage].trains
+    cfg, s = getattr(recipe, section), student_shape(recipe)
+    extra = dict(loss={"sft": "sft", "dpo": "dpo"}.get(stage), pairs=stage != "sft",
+                 reference=stage == "dpo" and not cfg.precompute_ref_log_probs)
+
+    def need(c, n) -> float:
+        return sum(train_bytes(s, c, n * gpus if c.distributed else 1, **extra).values())
+
+    usable = USABLE * capacity
+    row = Row(stage, train_bytes(s, cfg, nodes * gpus if cfg.distributed else 1, **extra), usable,
+              f"{section}.distributed, {section}.lora, launcher.train.nodes")
+    if row.ok:
+        return row
+    ways, shards = [], cfg.distributed in ("fsdp", "zero3")
+    sharded = cfg if shards else cfg.model_copy(update={"distributed": "fsdp"})
+    also = "" if shards else f" with {section}.distributed: fsdp"
+    more = next((n for n in range(nodes + 1, 257) if need(sharded, n) <= usable), None)
+    if more:
+        ways.append(f"launcher.train.nodes: {more} (kind: slurm){also}")
+    if cfg.lora is None and need(cfg.model_copy(update={"lora": LoraConfig()}), nodes) <= usable:
+        ways.append(f"{section}.lora: {{r: 16}} on {nodes} node(s)")
+    if need(sharded.model_copy(update={"cpu_offload": True}), nodes) <= usable:
+        ways.append(f"{section}.cpu_offload: true{also}")
+    row.hint = "would fit: " + "; or ".join(ways) if ways else "nothing tried fits: shorten max_length or the batch"
+    return row
+
+
+def generate_row(recipe: Recipe, gpus: int, capacity: float) -> Row:
+    t, s = recipe.teacher, teacher_shape(recipe)
+    if t.backend.value == "openai" and not t.serve:
+        return Row("generate", {}, capacity, "teacher.endpoints", "remote servers: not planned here", True)
+    if t.backend.value == "transformers":
+        tokens = t.batch_size * recipe.sampling.num_samples * recipe.sampling.max_new_tokens
+        holds = {"weights bf16": weight_bytes(s) / gpus, "KV cache": tokens * kv_bytes_per_token(s) / gpus}
+        return Row("generate", holds, USABLE * capacity, "teacher.batch_size")
+    e = t.engine
+    weights = weight_bytes(s, e.quantization) / e.tensor_parallel_size
+    per_seq = (e.max_model_len or s.context) * kv_bytes_per_token(s, e.tensor_parallel_size)
+    requests = t.max_concurrency if t.backend.value == "openai" else t.shard_size
+    asked = math.ceil(requests * recipe.sampling.num_samples / e.data_parallel_size)
+    room = e.gpu_memory_utilization * capacity
+    row = Row("generate", {f"weights /{e.tensor_parallel_size}": weights, "KV of one max_model_len sequence": per_seq},
+              room, "teacher.engine")
+    if e.tensor_parallel_size * e.data_parallel_size > gpus:
+        split = e.tensor_parallel_size * e.data_parallel_size
+        row.fits = False
+        row.hint = f"tensor_parallel_size x data_parallel_size = {split} GPUs; launcher.generate gives {gpus}"
+    elif row.ok:
+        at_once = int((room - weights) // per_seq)
+        row.hint = f"the cache holds {min(at_once, asked)} of the {asked} sequences asked for at max_model_len" + (
+            "; vLLM queues the rest" if at_once < asked else "")
+    else:
+        row.hint = "raise tensor_parallel_size, quantize (fp8) or lower max_model_len"
+    return row
+
+
+def eval_row(recipe: Recipe, stage: str, gpus: int, capacity: float) -> Row:
+    if stage == "teacher_eval":
+        s, quant = teacher_shape(recipe), recipe.teacher.engine.quantization
+    else:
+        s, quant = student_shape(recipe), None
+    e = recipe.eval
+    tokens = e.batch_size * max(e.num_samples, 1) * e.max_new_tokens
+    holds = {f"weights /{gpus}": weight_bytes(s, quant) / gpus, "KV cache": tokens * kv_bytes_per_token(s) / gpus}
+    if recipe.reward.reward_model:
+        holds[f"reward model fp32 /{gpus}"] = 4 * reward_shape(recipe).params / gpus
+    return Row(stage, holds, USABLE * capacity, "eval.batch_size, launcher.eval.gpus_per_node")
+
+
+def check_plan(recipe: Recipe, stages: tuple[str, ...] = tuple(KIND)) -> None:
+    """Refuse, before any work, a stage whose estimate exceeds the GPU memory it will have."""
+    rows = plan(recipe, stages) or []
+    bad = [r for r in rows if not r.ok]
+    if bad:
+        raise InputError("the memory plan says these stages cannot fit (align plan shows the table):\n  " + "\n  ".join(
+            f"{r.stage}: needs ~{r.need / GIB:.1f} GiB per GPU ({held(r)}), has {r.capacity / GIB:.1f} GiB; change "
+            f"{r.key}. {r.hint}".rstrip(". ") for r in bad))
+
+
+def held(row: Row) -> str:
+    return ", ".join(f"{k} {v / GIB:.1f}" for k, v in row.holds.items())
+
+
+def format_plan(recipe: Recipe) -> str:
+    rows = plan(recipe)
+    if rows is None:
+        return ("no GPU declared (launcher.*.gpus_per_node: 0) and none visible: stages run on the CPU and there is "
+                "no GPU memory to plan")
+    lines = [f"{'stage':<13}{'GiB/GPU':>9}{'of':>8}  fits  holds"]
+    for r in rows:
+        fits = "yes" if r.ok else "NO"
+        lines.append(f"{r.stage:<13}{r.need / GIB:>9.1f}{r.capacity / GIB:>8.1f}  {fits:<4}  {held(r)}"
+                     + (f"  [{r.hint}]" if r.hint else ""))
+    return "\n".join(lines)
