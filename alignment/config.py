@@ -389,14 +389,14 @@ class TrainerConfig(Strict):
             raise ValueError("num_processes > 1 needs distributed: ddp, fsdp or zero3")
         return self
 
-    def machine_problems(self, key: str) -> list[str]:
-        """What this machine lacks to train as configured (a recipe written for a GPU cluster still validates
-        here; running it is what fails, before any work)."""
+    def machine_problems(self, key: str, gpus: int | None = None) -> list[str]:
+        """What this machine (or nodes of `gpus` GPUs) lacks to train as configured (a recipe written for a GPU
+        cluster still validates here; running it is what fails, before any work)."""
         import importlib.util
 
         import torch
 
-        gpus, out = torch.cuda.device_count(), []
+        gpus, out = torch.cuda.device_count() if gpus is None else gpus, []
         if self.distributed in ("fsdp", "zero3") and gpus == 0:
             out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none; "
                        "use ddp (gloo on CPU) or no distributed")

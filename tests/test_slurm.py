@@ -68,6 +68,17 @@ def test_more_nodes_where_a_stage_spans_them_is_accepted():
     assert (r.launcher.generate.nodes, r.launcher.train.nodes) == (2, 2)
 
 
+def test_under_slurm_the_training_nodes_gpus_count_not_the_login_nodes():
+    from alignment.cli import machine_problems
+
+    fsdp = ["sft.distributed=fsdp", "sft.num_processes=8", "launcher.train.gpus_per_node=8"]
+    assert machine_problems(load_recipe(TINY, [*fsdp, "launcher.kind=slurm"])) == []
+    here = machine_problems(load_recipe(TINY, fsdp))  # local: this machine's GPUs (none here)
+    assert torch.cuda.is_available() or any("sft.distributed: fsdp shards weights over GPUs" in p for p in here)
+    cpu_nodes = machine_problems(load_recipe(TINY, ["sft.distributed=fsdp", "launcher.kind=slurm"]))
+    assert any("sft.distributed: fsdp shards weights over GPUs" in p for p in cpu_nodes)
+
+
 def test_without_slurm_commands_the_error_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
