@@ -206,7 +206,7 @@ def test_the_teacher_server_runs_as_a_slurm_job_and_is_cancelled_with_the_stage(
                  "teacher.serve=true", f"teacher.engine={json.dumps(engine)}", "prompts.num_prompts=8",
                  "sampling.num_samples=2", "sampling.max_new_tokens=8")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    lap("generate with a served teacher")
+    lap("generate with a served teacher: " + "; ".join(x for x in proc.stdout.splitlines() if "vLLM" in x))
     folder = tmp_path / "tiny" / "round-1" / "generate"
     server, client = (folder / "slurm_jobs").read_text().split()
     endpoint = f"http://{slurm.host}:"
