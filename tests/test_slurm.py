@@ -1,5 +1,6 @@
 """Stages under `launcher.kind: slurm`, on a real one-node SLURM cluster (the `slurm` fixture, tests/conftest.py):
-SFT submitted with sbatch, a stopped orchestrator and a cancelled job each leaving no manifest, then a rerun from
+SFT submitted with sbatch, a stopped orchestrator, a killed one (whose job the next run cancels) and a cancelled
+job each leaving no manifest, then a rerun from
 inside an allocation (a job step) with two processes that rendezvous over gloo, against the same stage run
 locally; the teacher's vLLM server as a SLURM job, generation through it (the stage itself a batch job that
 completes), and the server job cancelled afterwards. The unit tests above them need no
@@ -88,6 +89,15 @@ def test_without_slurm_commands_the_error_says_what_to_do(tmp_path, monkeypatch)
         SlurmJob("align:x:r1:train:sft", JobResources(), "true", tmp_path, tmp_path / "log", {})
 
 
+def test_the_cluster_fixture_says_why_it_cannot_install(monkeypatch):
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)  # no daemons, and no apt-get
+    assert "apt-get (as root) is not available" in slurm_cluster.install()
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    assert slurm_cluster.install() is None  # installed: nothing to do
+
+
 # --- on the cluster -----------------------------------------------------------------------------------------------
 
 
@@ -134,33 +144,41 @@ def stopwatch():
     return lap
 
 
-def running_job(folder: Path, proc, timeout_s: float = 60) -> str:
-    """The id of the stage's job once SLURM runs it."""
+def running_job(folder: Path, proc, known: int, timeout_s: float = 60) -> str:
+    """The id of the job the stage submits after the `known` ones, once SLURM runs it."""
     start = time.time()
     while time.time() - start < timeout_s and proc.poll() is None:
         ids = (folder / "slurm_jobs").read_text().split() if (folder / "slurm_jobs").exists() else []
-        if ids and job_state(ids[-1]) == "RUNNING":
+        if len(ids) > known and job_state(ids[-1]) == "RUNNING":
             return ids[-1]
         time.sleep(0.2)
     raise AssertionError(f"no running job: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}")
 
 
 @pytest.mark.slow
-def test_sft_under_slurm_survives_a_stop_and_a_cancel_and_matches_the_local_run(slurm, model, tmp_path):
+def test_sft_under_slurm_survives_a_stop_a_kill_and_a_cancel_and_matches_the_local_run(slurm, model, tmp_path):
     base, rows = model
     slurm_args = [*SFT, "launcher.kind=slurm", "launcher.train.cpus_per_task=2"]
     lap = stopwatch()
     folder = selected(tmp_path / "slurm", rows)
     # SIGTERM (what `scancel` of the orchestrator's own job sends) stops the orchestrator, which cancels its job
     proc = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=False)
-    first = running_job(folder, proc)
+    first = running_job(folder, proc, 0)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert job_state(first) == "CANCELLED" and not (folder / "manifest.json").exists()
     lap("stopped orchestrator")
+    # an orchestrator killed with -9 cancels nothing: its job runs on, until the next run cancels it first
+    proc = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=False)
+    orphan = running_job(folder, proc, 1)
+    proc.kill()
+    proc.wait()
+    assert job_state(orphan) == "RUNNING"
+    lap("killed orchestrator")
     # a job that ends without finishing (cancelled, as a preempted or timed-out job is) fails the stage, no manifest
     proc = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=False)
-    second = running_job(folder, proc)
+    second = running_job(folder, proc, 2)
+    assert job_state(orphan) == "CANCELLED"
     subprocess.run(["scancel", second], check=True)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 2 and "stage sft of round 1 failed" in err and "Traceback" not in err
@@ -178,7 +196,7 @@ def test_sft_under_slurm_survives_a_stop_and_a_cancel_and_matches_the_local_run(
     log = (tmp_path / "orchestrator.log").read_text()
     assert job_state(orchestrator) == "COMPLETED", log[-3000:]
     assert "resuming an interrupted run" in log and (folder / "slurm-step.log").exists()
-    assert (folder / "slurm_jobs").read_text().split() == [first, second]  # a step is no new job
+    assert (folder / "slurm_jobs").read_text().split() == [first, orphan, second]  # a step is no new job
     lap("run in an allocation")
     local_folder = selected(tmp_path / "local", rows)
     local = stage("sft", tmp_path / "local", base, *SFT)
