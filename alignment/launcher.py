@@ -27,7 +27,7 @@ from alignment.stage_table import STAGES, asks_teacher
 
 JOBS = "slurm_jobs"  # in a stage's folder: the ids of the SLURM jobs its runs submitted, one a line
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-         "DEADLINE"}  # a requeued job goes back to PENDING and is waited for
+         "DEADLINE", "GONE"}  # a requeued job goes back to PENDING and is waited for
 
 
 def job_kind(recipe: Recipe, stage: str) -> str | None:
@@ -92,8 +92,9 @@ class SlurmJob:
         script = folder / f"{name.split(':')[-1]}.sbatch"
         script.write_text(f"#!/bin/bash\n# submitted by alignment/launcher.py\nexec srun {shell(step_flags(res))} "
                           f"bash -c {shlex.quote(command)}\n")
-        proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}", f"--chdir={os.getcwd()}",
-                               *batch_flags(res), str(script)], env=env, capture_output=True, text=True)
+        proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}",
+                               f"--chdir={os.getcwd()}", *batch_flags(res), str(script)], env=env, capture_output=True,
+                              text=True)
         if proc.returncode != 0:
             raise InputError(f"sbatch refused the job {name} (launcher.{name.split(':')[-2]}): {proc.stderr.strip()}")
         self.id = proc.stdout.strip().split(";")[0]
@@ -103,8 +104,10 @@ class SlurmJob:
 
     def state(self) -> tuple[str, str]:
         """(JobState, NodeList) from `scontrol show job` (no accounting database needed)."""
-        out = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True).stdout
-        fields = dict(w.split("=", 1) for w in out.split() if "=" in w)
+        proc = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True)
+        if "Invalid job id" in proc.stderr:  # purged (MinJobAge after it ended) before we saw how it ended
+            return "GONE", ""
+        fields = dict(w.split("=", 1) for w in proc.stdout.split() if "=" in w)  # (none: slurmctld busy, retry)
         return fields.get("JobState", "UNKNOWN"), fields.get("NodeList", "")
 
     def poll(self) -> int | None:

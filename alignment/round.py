@@ -182,7 +182,8 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
         code = run_stage_job(recipe, round_n, stage, folder, job, stage_env(recipe, stage))
     else:
         write_json_atomic(folder / "job.json", job)
-        code = subprocess.run(stage_command(recipe, stage, folder / "job.json"), env=stage_env(recipe, stage)).returncode
+        proc = subprocess.run(stage_command(recipe, stage, folder / "job.json"), env=stage_env(recipe, stage))
+        code = proc.returncode
     if code != 0:
         raise StageFailed(f"stage {stage} of round {round_n} failed (exit code {code}); {folder} has "
                           "no manifest, so the next run of this round starts that stage again")

@@ -235,3 +235,7 @@ def test_the_teacher_server_runs_as_a_slurm_job_and_is_cancelled_with_the_stage(
     assert manifest["rows"]["requests"] == 8 and manifest["rows"]["samples"] == 16
     assert job_state(server) == "CANCELLED" and job_state(client) == "COMPLETED"
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""  # nothing left
+    # a job SLURM no longer knows (purged after it ended) counts as failed rather than being waited for forever
+    gone = SlurmJob.__new__(SlurmJob)
+    gone.id, gone.proc, gone.returncode = "987654", None, None
+    assert gone.poll() == 1 and gone.ended == "GONE"
