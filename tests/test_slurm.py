@@ -217,7 +217,8 @@ def test_the_teacher_server_runs_as_a_slurm_job_and_is_cancelled_with_the_stage(
     pytest.importorskip("vllm")
     base, _ = model
     lap = stopwatch()
-    engine = {"gpu_memory_utilization": 0.3, "max_model_len": 256, "enforce_eager": True,
+    # (on CPU this share of host memory is the KV cache: small, so the server fits beside whatever else runs)
+    engine = {"gpu_memory_utilization": 0.05, "max_model_len": 256, "enforce_eager": True,
               "enable_chunked_prefill": False}
     proc = stage("generate", tmp_path, base, "launcher.kind=slurm", "launcher.generate.cpus_per_task=1",
                  "teacher.source=path", f"teacher.model_name_or_path={base}", "teacher.backend=openai",
