@@ -22,7 +22,8 @@ from alignment.chat import build_tokenizer
 from alignment.config import InputError, JobResources, load_recipe
 from alignment.launcher import SlurmJob, batch_flags, job_kind
 from alignment.manifest import write_json_atomic
-from alignment.stage_table import STAGES
+from alignment.round import run_stage, stage_dir
+from alignment.stage_table import STAGES, round_stages
 from alignment.tiny_models import random_llama, save
 from slurm_cluster import job_state
 
@@ -87,6 +88,22 @@ def test_without_slurm_commands_the_error_says_what_to_do(tmp_path, monkeypatch)
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     with pytest.raises(InputError, match="`sbatch` is not on PATH"):
         SlurmJob("align:x:r1:train:sft", JobResources(), "true", tmp_path, tmp_path / "log", {})
+
+
+def test_a_finished_round_needs_no_cluster_and_a_due_stage_says_what_is_missing(tmp_path, monkeypatch):
+    """Where stages run is in no fingerprint: a round finished locally is up to date under SLURM (so the README's
+    cluster commands resume it), and only a stage that is due needs `sbatch`."""
+    from test_stage_table import finish_rounds
+
+    finish_rounds(load_recipe(TINY, [f"runs_dir={tmp_path}"]), rounds=(1,))
+    recipe = load_recipe(TINY, [f"runs_dir={tmp_path}", "launcher.kind=slurm", "launcher.train.gpus_per_node=8"])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM commands
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert [run_stage(recipe, 1, s.name, recipe_file=TINY, overrides=[]) for s in round_stages(recipe, 1)] == \
+        [False] * len(round_stages(recipe, 1))
+    (stage_dir(recipe, 1, "sft") / "manifest.json").unlink()
+    with pytest.raises(InputError, match="`sbatch` is not on PATH"):
+        run_stage(recipe, 1, "sft", recipe_file=TINY, overrides=[])
 
 
 def test_the_cluster_fixture_says_why_it_cannot_install(monkeypatch):
