@@ -94,7 +94,13 @@ class Cluster:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """End the daemons this object started, newest first, by PID."""
+        """Cancel the jobs still on this cluster (a failed test may leave one; slurmstepd would outlive slurmd), then
+        end the daemons this object started, newest first, by PID."""
+        if all(p.poll() is None for p in self.procs):
+            run("scancel", f"--user={os.getuid()}")  # SLURM_CONF: this cluster's jobs only
+            start = time.time()
+            while run("squeue", "-h").stdout.strip() and time.time() - start < 30:
+                time.sleep(0.5)
         for p in reversed(self.procs):
             if p.poll() is None:
                 p.terminate()
