@@ -588,7 +588,7 @@ class LauncherConfig(Strict):
     generate: JobResources = Field(JobResources(), description="generate, teacher_eval, and score with a judge; "
                                    "a served teacher (backend openai, serve) runs as one server job per node, and "
                                    "the stage itself on one node without GPUs")
-    train: JobResources = Field(JobResources(), description="bootstrap, sft, dpo and reward_model")
+    train: JobResources = Field(JobResources(), description="bootstrap, import_gguf, sft, dpo and reward_model")
     eval: JobResources = Field(JobResources(), description="eval (and its lm-eval tasks), and score with a "
                                "reward model; one node")
 

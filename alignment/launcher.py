@@ -33,7 +33,7 @@ ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL"
 def job_kind(recipe: Recipe, stage: str) -> str | None:
     """The launcher resources a stage runs with; None for select and promote, seconds of file work that run where
     the orchestrator runs (a queue wait would cost more than the work)."""
-    if STAGES[stage].trains or stage == "bootstrap":
+    if STAGES[stage].trains or stage in ("bootstrap", "import_gguf"):  # (those two build models once a recipe)
         return "train"
     if stage in ("generate", "teacher_eval") or asks_teacher(recipe, stage):
         return "generate"
@@ -190,9 +190,11 @@ def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: d
         t = recipe.teacher
         if asks_teacher(recipe, stage) and t.backend == Backend.openai and t.serve:
             from alignment.backends.vllm_server import SlurmVLLMServer  # (imports torch: only when needed)
+            from alignment.runner import input_path
 
+            model = str(input_path(job["inputs"]["teacher"]))  # the path the stage names it by, as a local server
             nodes = hostnames(os.environ["SLURM_JOB_NODELIST"]) if inside_allocation() else [None] * res.nodes
-            endpoints = [SlurmVLLMServer(t, job["inputs"]["teacher"]["path"], res, folder, jobs, node=nodes[i],
+            endpoints = [SlurmVLLMServer(t, model, res, folder, jobs, node=nodes[i],
                                          name=job_name(recipe, round_n, stage, kind, f"teacher-{i}")).start()
                          for i in range(res.nodes)]  # one server per node
             job["config"]["teacher"].update(serve=False, endpoints=endpoints)  # transport: not in the fingerprint

@@ -40,7 +40,7 @@ SFT = ["sft.report_to=[]", "sft.num_train_epochs=1", "sft.per_device_train_batch
 def test_each_stage_runs_with_the_resources_of_its_kind():
     plain = load_recipe(TINY, [])
     judged = load_recipe(TINY, ["reward.judge={template: 'Rate {prompt} {response}'}"])
-    expected = {"bootstrap": "train", "teacher_eval": "generate", "generate": "generate", "score": "eval",
+    expected = {"bootstrap": "train", "import_gguf": "train", "teacher_eval": "generate", "generate": "generate", "score": "eval",
                 "select": None, "reward_model": "train", "sft": "train", "dpo": "train", "eval": "eval",
                 "promote": None}
     assert {s: job_kind(plain, s) for s in STAGES} == expected
