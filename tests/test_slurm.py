@@ -1,10 +1,9 @@
 """Stages under `launcher.kind: slurm`, on a real one-node SLURM cluster (the `slurm` fixture, tests/conftest.py):
 SFT submitted with sbatch, a stopped orchestrator, a killed one (whose job the next run cancels) and a cancelled
-job each leaving no manifest, then a rerun from
-inside an allocation (a job step) with two processes that rendezvous over gloo, against the same stage run
-locally; the teacher's vLLM server as a SLURM job, generation through it (the stage itself a batch job that
-completes), and the server job cancelled afterwards. The unit tests above them need no
-cluster: which resources each stage gets, the flags they become, and the recipe checks."""
+job each leaving no manifest, then a rerun from inside an allocation (a job step) with two processes that
+rendezvous over gloo, against the same stage run locally; the teacher's vLLM server as a SLURM job, generation
+through it (the stage itself a batch job that completes), and the server job cancelled afterwards. The unit tests
+above them need no cluster: which resources each stage gets, the flags they become, and the recipe checks."""
 
 import json
 import shlex
