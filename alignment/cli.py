@@ -142,9 +142,11 @@ def check_reward_model(path: str, revision: str | None = None) -> None:
 
 
 def machine_problems(recipe) -> list[str]:
-    """What this machine lacks for the recipe's training stages, from the stage table."""
+    """What this machine lacks for the recipe's training stages, from the stage table; under SLURM, what the
+    training jobs' nodes lack (their GPUs are the recipe's, not the login node's)."""
     sections = [s.trains for s in STAGES.values() if s.trains and getattr(recipe, s.trains) is not None]
-    return [p for key in sections for p in getattr(recipe, key).machine_problems(key)]
+    gpus = recipe.launcher.train.gpus_per_node if recipe.launcher.kind == "slurm" else None
+    return [p for key in sections for p in getattr(recipe, key).machine_problems(key, gpus)]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -455,14 +455,14 @@ class TrainerConfig(Strict):
             raise ValueError("cpu_offload moves sharded states to host memory: it needs distributed fsdp or zero3")
         return self
 
-    def machine_problems(self, key: str) -> list[str]:
-        """What this machine lacks to train as configured (a recipe written for a GPU cluster still validates
-        here; running it is what fails, before any work)."""
+    def machine_problems(self, key: str, gpus: int | None = None) -> list[str]:
+        """What this machine (or nodes of `gpus` GPUs) lacks to train as configured (a recipe written for a GPU
+        cluster still validates here; running it is what fails, before any work)."""
         import importlib.util
 
         import torch
 
-        gpus, out = torch.cuda.device_count(), []
+        gpus, out = torch.cuda.device_count() if gpus is None else gpus, []
         if self.distributed in ("fsdp", "zero3") and gpus == 0:
             out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none "
                        "(on CPUs accelerate 1.15 would train it as DDP, unsharded); use ddp (gloo) or no distributed")
@@ -646,18 +646,25 @@ class JobResources(Strict):
 
 class LauncherConfig(Strict):
     kind: Literal["local", "slurm"] = Field("local", description="local: every stage runs on this machine; "
-                                            "slurm: each due stage is a SLURM job (srun inside an allocation)")
+                                            "slurm: each due stage is a SLURM job (a job step inside an allocation), "
+                                            "except select and promote (seconds of file work, run in place); "
+                                            "runs_dir must be on storage the nodes share")
     gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU, for the memory plan; "
                                          "null: read from the visible GPU (no plan without one)")
-    generate: JobResources = Field(JobResources(), description="generate, teacher_eval, and score with a judge")
-    train: JobResources = Field(JobResources(), description="bootstrap, sft, dpo and reward_model")
-    eval: JobResources = Field(JobResources(), description="eval (and its lm-eval tasks)")
+    generate: JobResources = Field(JobResources(), description="generate, teacher_eval, and score with a judge; "
+                                   "a served teacher (backend openai, serve) runs as one server job per node, and "
+                                   "the stage itself on one node without GPUs")
+    train: JobResources = Field(JobResources(), description="bootstrap, import_gguf, sft, dpo and reward_model")
+    eval: JobResources = Field(JobResources(), description="eval (and its lm-eval tasks), and score with a "
+                               "reward model; one node")
 
     @model_validator(mode="after")
     def _check(self):
         for kind in ("generate", "train", "eval"):
             if self.kind == "local" and getattr(self, kind).nodes > 1:
                 raise ValueError(f"{kind}.nodes > 1 needs kind: slurm; a local launcher runs on one machine")
+        if self.eval.nodes > 1:
+            raise ValueError("eval.nodes must be 1: evaluation runs one process")
         return self
 
 
@@ -712,6 +719,14 @@ class Recipe(Strict):
                     raise ValueError(f"gate.{key}: {m} needs sampled answers; eval.num_samples is 0")
                 if m in PASS_K and int(m.removeprefix("pass@")) not in self.eval.pass_k:
                     raise ValueError(f"gate.{key}: {m} is not reported: eval.pass_k is {self.eval.pass_k}")
+        launch = self.launcher  # more than one node: servers, or trainers, that span them
+        if launch.generate.nodes > 1 and not (self.teacher.backend == Backend.openai and self.teacher.serve):
+            raise ValueError("launcher.generate.nodes > 1 starts one teacher server per node, which needs "
+                             "teacher.backend: openai with serve: true")
+        flat = [k for k in ("sft", "dpo", "reward_training") if getattr(self, k) and not getattr(self, k).distributed]
+        if launch.train.nodes > 1 and flat:
+            raise ValueError(f"launcher.train.nodes > 1: {flat[0]}.distributed is null, one process on one node; "
+                             "set it to ddp, fsdp or zero3")
         return self
 
 

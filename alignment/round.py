@@ -22,13 +22,14 @@ from pathlib import Path
 
 from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates, check_prompt_lengths
+from alignment.launcher import cancel_recorded, job_kind, run_stage_job
 from alignment.manifest import hash_json, read_manifest, write_json_atomic
 from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
 from alignment.prompts import read_prompts, source_identity
 from alignment.seeding import model_identity
 from alignment.template import end_of_turn_id, load_tokenizer
-from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
-                                   round_stages, stage_config, student, teacher, upstreams)
+from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, asks_teacher, hashed_config,
+                                   reward_model, round_stages, stage_config, student, teacher, upstreams)
 
 
 class StageFailed(Exception):
@@ -110,8 +111,9 @@ def trainer_config(recipe: Recipe, stage: str):
     return getattr(recipe, section) if section else None
 
 
-def stage_command(recipe: Recipe, stage: str, job: Path) -> list[str]:
-    """`python -m alignment.runner job.json`, or the same under `accelerate launch` for a distributed trainer."""
+def stage_command(recipe: Recipe, stage: str, job: Path, launch_args: list[str] = ()) -> list[str]:
+    """`python -m alignment.runner job.json`, or the same under `accelerate launch` for a distributed trainer
+    (`launch_args`: a SLURM job's processes, machines and rendezvous, in place of the recipe's process count)."""
     cfg = trainer_config(recipe, stage)
     if cfg is None or cfg.distributed is None:
         return [sys.executable, "-m", "alignment.runner", str(job)]
@@ -119,8 +121,8 @@ def stage_command(recipe: Recipe, stage: str, job: Path) -> list[str]:
     offload = {"fsdp": ["--fsdp_offload_params", "true"], "zero3": ["--offload_param_device", "cpu",
                "--offload_optimizer_device", "cpu"]}.get(cfg.distributed, []) if cfg.cpu_offload else []
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"), "--num_processes", str(cfg.num_processes),
-            *offload, "-m", "alignment.runner", str(job)]
+            str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"),
+            *(launch_args or ["--num_processes", str(cfg.num_processes)]), *offload, "-m", "alignment.runner", str(job)]
 
 
 def stage_env(recipe: Recipe, stage: str) -> dict:
@@ -128,10 +130,12 @@ def stage_env(recipe: Recipe, stage: str) -> dict:
     with a judge), so no other stage, nor the code it runs, can read it (from its own or its parent's /proc)."""
     env = dict(os.environ)
     key = recipe.teacher.api_key_env
-    if key and not (stage == "generate" or (stage == "score" and recipe.reward.judge)):
+    if key and not asks_teacher(recipe, stage):
         env.pop(key, None)
     cfg = trainer_config(recipe, stage)
-    if cfg is not None and cfg.distributed and not torch_cuda_available():
+    slurm = recipe.launcher.kind == "slurm"  # the job's GPUs are the recipe's, not this (login) machine's
+    if cfg is not None and cfg.distributed and not (recipe.launcher.train.gpus_per_node if slurm
+                                                    else torch_cuda_available()):
         env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: accelerate's config alone would run one process
     return env
 
@@ -168,16 +172,21 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
     why = ("forced" if force and old else "recipe or inputs changed" if old
            else "resuming an interrupted run" if resume else "not done yet")
     print(f"[round {round_n}] {stage}: running ({why})", flush=True)
+    cancel_recorded(folder)  # SLURM jobs of an earlier run that outlived it must not write into this one
     if folder.exists() and not resume:
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
     job = {"stage": stage, "round": round_n, "recipe_name": recipe.name, "recipe_file": recipe_file,
            "overrides": overrides, "config": config, "inputs": inputs, "fingerprint": fp}
-    write_json_atomic(folder / "job.json", job)
     start = time.time()
-    proc = subprocess.run(stage_command(recipe, stage, folder / "job.json"), env=stage_env(recipe, stage))
-    if proc.returncode != 0:
-        raise StageFailed(f"stage {stage} of round {round_n} failed (exit code {proc.returncode}); {folder} has "
+    if recipe.launcher.kind == "slurm" and job_kind(recipe, stage):
+        code = run_stage_job(recipe, round_n, stage, folder, job, stage_env(recipe, stage))
+    else:
+        write_json_atomic(folder / "job.json", job)
+        proc = subprocess.run(stage_command(recipe, stage, folder / "job.json"), env=stage_env(recipe, stage))
+        code = proc.returncode
+    if code != 0:
+        raise StageFailed(f"stage {stage} of round {round_n} failed (exit code {code}); {folder} has "
                           "no manifest, so the next run of this round starts that stage again")
     print(f"[round {round_n}] {stage}: done in {time.time() - start:.0f}s", flush=True)
     return True

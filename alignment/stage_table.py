@@ -210,6 +210,11 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 EVAL_STAGES = ("eval", "promote")  # what `align eval` runs
 
 
+def asks_teacher(recipe: Recipe, stage: str) -> bool:
+    """Does the stage send requests to the teacher: generate, and score with a judge (the judge is the teacher)."""
+    return stage == "generate" or (stage == "score" and recipe.reward.judge is not None)
+
+
 def round_stages(recipe: Recipe, round_n: int, names=tuple(STAGES)) -> list[Stage]:
     """The stages of `names` that round n of this recipe has, in order."""
     return [STAGES[s] for s in names if STAGES[s].when(recipe, round_n)]

@@ -1,0 +1,218 @@
+"""Where a stage's process runs under `launcher.kind: slurm`: a SLURM batch job, or a job step (`srun`) when the
+orchestrator itself runs inside an allocation (SLURM_JOB_ID is set).
+
+The job runs the command the local runner runs (`python -m alignment.runner job.json`, or `accelerate launch` for a
+distributed trainer) from the same working directory, so runs_dir must be on storage the nodes share; the
+orchestrator keeps nothing outside it. Training runs one task per node, each an `accelerate launch` with machine
+rank SLURM_NODEID and the step's first node as the rendezvous. The job ids a stage submitted are listed in its
+folder (`slurm_jobs`): the next run of that stage cancels any still alive (left by an orchestrator killed with -9),
+and an orchestrator that is stopped (SIGTERM, or `scancel` of its own job) cancels its jobs on the way out.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from alignment.config import Backend, InputError, JobResources, Recipe
+from alignment.stage_table import STAGES, asks_teacher
+
+JOBS = "slurm_jobs"  # in a stage's folder: the ids of the SLURM jobs its runs submitted, one a line
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE", "GONE"}  # a requeued job goes back to PENDING and is waited for
+
+
+def job_kind(recipe: Recipe, stage: str) -> str | None:
+    """The launcher resources a stage runs with; None for select and promote, seconds of file work that run where
+    the orchestrator runs (a queue wait would cost more than the work)."""
+    if STAGES[stage].trains or stage in ("bootstrap", "import_gguf"):  # (those two build models once a recipe)
+        return "train"
+    if stage in ("generate", "teacher_eval") or asks_teacher(recipe, stage):
+        return "generate"
+    if stage in ("eval", "score"):  # score without a judge runs the reward model
+        return "eval"
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def inside_allocation() -> bool:
+    return bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def step_flags(res: JobResources) -> list[str]:
+    """srun's flags: one task per node, with the node's GPUs and CPUs."""
+    flags = [f"--nodes={res.nodes}", "--ntasks-per-node=1"]
+    if res.gpus_per_node:
+        flags.append(f"--gpus-per-node={res.gpus_per_node}")
+    return flags + ([f"--cpus-per-task={res.cpus_per_task}"] if res.cpus_per_task else [])
+
+
+def batch_flags(res: JobResources) -> list[str]:
+    flags = [f"--{opt}={v}" for opt, v in (("partition", res.partition), ("time", res.time_limit),
+                                           ("account", res.account)) if v is not None]
+    return step_flags(res) + flags + res.sbatch_args
+
+
+def shell(words: list[str]) -> str:
+    """A command line for `bash -c`: words quoted, except the $variables the node expands."""
+    return " ".join(w if w.startswith("$") else shlex.quote(w) for w in words)
+
+
+class SlurmJob:
+    """A batch job (`sbatch`), or inside an allocation a job step (`srun`), running `command` once per node, with
+    Popen's poll / wait / terminate so that callers treat it like the local process it replaces."""
+
+    def __init__(self, name: str, res: JobResources, command: str, folder: Path, log: Path, env: dict,
+                 node: str | None = None):
+        self.returncode: int | None = None
+        self.id = self.proc = None
+        self.node, self.ended = node, ""
+        tool = "srun" if inside_allocation() else "sbatch"
+        if shutil.which(tool) is None:
+            raise InputError(f"launcher.kind is slurm, but `{tool}` is not on PATH; run the round where SLURM's "
+                             "commands are (a login node), or set launcher.kind: local")
+        if inside_allocation():  # a step on the allocation's nodes (`node`: on that one)
+            self.proc = subprocess.Popen(["srun", f"--job-name={name}", *step_flags(res), *(["--nodelist=" + node]
+                                          if node else []), "bash", "-c", command],
+                                         env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+            return
+        script = folder / f"{name.split(':')[-1]}.sbatch"
+        script.write_text(f"#!/bin/bash\n# submitted by alignment/launcher.py\nexec srun {shell(step_flags(res))} "
+                          f"bash -c {shlex.quote(command)}\n")
+        proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}",
+                               f"--chdir={os.getcwd()}", *batch_flags(res), str(script)], env=env, capture_output=True,
+                              text=True)
+        if proc.returncode != 0:
+            raise InputError(f"sbatch refused the job {name} (launcher.{name.split(':')[-2]}): {proc.stderr.strip()}")
+        self.id = proc.stdout.strip().split(";")[0]
+        with open(folder / JOBS, "a") as f:
+            f.write(self.id + "\n")
+        print(f"submitted SLURM job {self.id} ({name}); log: {log}", flush=True)
+
+    def state(self) -> tuple[str, str]:
+        """(JobState, NodeList) from `scontrol show job` (no accounting database needed)."""
+        proc = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True)
+        if "Invalid job id" in proc.stderr:  # purged (MinJobAge after it ended) before we saw how it ended
+            return "GONE", ""
+        fields = dict(w.split("=", 1) for w in proc.stdout.split() if "=" in w)  # (none: slurmctld busy, retry)
+        return fields.get("JobState", "UNKNOWN"), fields.get("NodeList", "")
+
+    def poll(self) -> int | None:
+        if self.proc is not None:
+            self.returncode = self.proc.poll()
+        elif self.returncode is None:
+            state, _ = self.state()
+            if state in ENDED:
+                self.returncode, self.ended = (0 if state == "COMPLETED" else 1), state
+        return self.returncode
+
+    def wait(self) -> int:
+        start = time.time()
+        while self.poll() is None:
+            time.sleep(min(1 + (time.time() - start) / 60, 10))  # seconds at first; a long stage polls less
+        return self.returncode
+
+    def host(self) -> str | None:
+        """The node the job runs on, once it runs (however long it queues); None if it ended first."""
+        while self.proc is None:
+            state, nodes = self.state()
+            if state == "RUNNING":
+                return hostnames(nodes)[0]
+            if state in ENDED:
+                return None
+            time.sleep(1)
+        return self.node
+
+    def terminate(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.terminate()  # srun passes it on to the step's tasks and ends the step
+                self.proc.wait()
+        elif self.returncode is None:
+            subprocess.run(["scancel", self.id], capture_output=True)
+
+
+def hostnames(nodelist: str) -> list[str]:
+    return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True).stdout.split()
+
+
+def job_name(recipe: Recipe, round_n: int, stage: str, kind: str, what: str) -> str:
+    """align:<recipe>:r<n>:<kind>:<what>, so `squeue --name` / `scancel --name` find a run's jobs."""
+    return f"align:{recipe.name}:r{round_n}:{kind}:{what}"
+
+
+@contextmanager
+def stopped_on_exit(jobs: list[SlurmJob]):
+    """SIGTERM (as `scancel` of the orchestrator's own job sends) ends the orchestrator through this block, so the
+    jobs it started are cancelled rather than left to write into a run nobody waits for."""
+    def stop(signum, frame):
+        sys.exit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield jobs
+    finally:
+        for job in jobs:
+            job.terminate()
+        signal.signal(signal.SIGTERM, previous)
+
+
+def cancel_recorded(folder: Path) -> None:
+    """Cancel the jobs an earlier run of this stage submitted, in case they outlived it."""
+    ids = (folder / JOBS).read_text().split() if (folder / JOBS).exists() else []
+    if ids and shutil.which("scancel"):
+        subprocess.run(["scancel", *ids], capture_output=True)
+
+
+def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: dict, env: dict) -> int:
+    """Write job.json and run the stage as a SLURM job, after starting its teacher servers where it serves one;
+    the stage's exit code."""
+    from alignment.manifest import write_json_atomic
+    from alignment.round import stage_command, trainer_config  # (round imports this module)
+
+    kind = job_kind(recipe, stage)
+    res = getattr(recipe.launcher, kind)
+    jobs: list[SlurmJob] = []
+    with stopped_on_exit(jobs):
+        t = recipe.teacher
+        if asks_teacher(recipe, stage) and t.backend == Backend.openai and t.serve:
+            from alignment.backends.vllm_server import SlurmVLLMServer  # (imports torch: only when needed)
+            from alignment.runner import input_path
+
+            model = str(input_path(job["inputs"]["teacher"]))  # the path the stage names it by, as a local server
+            nodes = hostnames(os.environ["SLURM_JOB_NODELIST"]) if inside_allocation() else [None] * res.nodes
+            endpoints = [SlurmVLLMServer(t, model, res, folder, jobs, node=nodes[i],
+                                         name=job_name(recipe, round_n, stage, kind, f"teacher-{i}")).start()
+                         for i in range(res.nodes)]  # one server per node
+            job["config"]["teacher"].update(serve=False, endpoints=endpoints)  # transport: not in the fingerprint
+            res = res.model_copy(update={"nodes": 1, "gpus_per_node": 0})  # the stage's own process sends requests
+        write_json_atomic(folder / "job.json", job)
+        cfg = trainer_config(recipe, stage)
+        rendezvous = []
+        if cfg is None or not cfg.distributed:  # one process
+            res = res.model_copy(update={"nodes": 1})
+        else:  # one `accelerate launch` per node; CPU nodes run num_processes each
+            rendezvous = ["--num_processes", str(res.nodes * (res.gpus_per_node or cfg.num_processes)),
+                          "--num_machines", str(res.nodes), "--machine_rank", "$SLURM_NODEID",
+                          "--main_process_ip", "$MAIN_HOST", "--main_process_port", str(free_port())]
+        line = 'MAIN_HOST=$(scontrol show hostnames "$SLURM_STEP_NODELIST" | head -n1); exec ' + shell(
+            stage_command(recipe, stage, folder / "job.json", rendezvous))
+        jobs.append(SlurmJob(job_name(recipe, round_n, stage, kind, stage), res, line, folder,
+                             folder / ("slurm-step.log" if inside_allocation() else "slurm-%j.log"), env))
+        code = jobs[-1].wait()
+        if jobs[-1].ended:
+            print(f"SLURM job {jobs[-1].id} ended {jobs[-1].ended}", flush=True)
+    return code

@@ -1,0 +1,121 @@
+"""A real one-node SLURM cluster for the tests: Debian's `slurm-wlm` and `munge`, installed with apt when missing,
+configured in a temporary folder (munge key, slurm.conf, state and logs) and started as three foreground
+processes (munged, slurmctld, slurmd) that `stop` ends by their PIDs.
+
+Clients find the cluster through SLURM_CONF, which `start` sets in this process's environment, so every `sbatch`
+the code under test runs (directly or from a child process) talks to this cluster and no other.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from alignment.launcher import free_port
+
+PACKAGES = ["slurm-wlm", "munge"]
+DAEMONS = ["munged", "slurmctld", "slurmd"]
+
+
+def install() -> str | None:
+    """Install the daemons with apt when missing; None when they are there, else why they cannot be."""
+    if all(shutil.which(d) for d in DAEMONS):
+        return None
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        return "slurm-wlm and munge are not installed, and apt-get (as root) is not available to install them"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *PACKAGES]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            return f"`{' '.join(cmd)}` failed: {proc.stderr.strip()[-500:]}"
+    return None
+
+
+def slurm_conf(folder: Path, host: str, munge_socket: Path) -> str:
+    """The settings DESIGN.md section 4 found to work in a container: processes tracked by walking /proc, no
+    cgroups, cores as the consumable resource, one node of 2 CPUs."""
+    return "\n".join([
+        "ClusterName=test", f"SlurmctldHost={host}", "SlurmUser=root", "SlurmdUser=root",
+        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={munge_socket}",
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "MpiDefault=none",
+        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
+        "SchedulerType=sched/builtin",  # schedule at submission: no backfill interval to wait for
+        "ReturnToService=2", "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
+        f"SlurmctldPort={free_port()}", f"SlurmdPort={free_port()}",
+        f"StateSaveLocation={folder / 'state'}", f"SlurmdSpoolDir={folder / 'spool'}",
+        f"SlurmctldPidFile={folder / 'slurmctld.pid'}", f"SlurmdPidFile={folder / 'slurmd.pid'}",
+        f"SlurmctldLogFile={folder / 'slurmctld.log'}", f"SlurmdLogFile={folder / 'slurmd.log'}",
+        "KillWait=5", "InactiveLimit=0", "MinJobAge=600",  # finished jobs stay visible to `scontrol show job`
+        f"NodeName={host} NodeAddr=127.0.0.1 CPUs=2 RealMemory=20000 State=UNKNOWN",
+        f"PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP",
+    ]) + "\n"
+
+
+class Cluster:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.host = socket.gethostname().split(".")[0]
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, timeout_s: float = 60) -> None:
+        f = self.folder
+        for sub in ("state", "spool", "munge"):
+            (f / sub).mkdir(parents=True, exist_ok=True)
+        key = f / "munge" / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o400)
+        sock = f / "munge" / "munge.socket"
+        (f / "slurm.conf").write_text(slurm_conf(f, self.host, sock))
+        os.environ["SLURM_CONF"] = str(f / "slurm.conf")  # for this process and every child it starts
+        self._spawn(["munged", "--foreground", "--force", f"--key-file={key}", f"--socket={sock}",
+                     f"--pid-file={f / 'munge' / 'munged.pid'}", f"--seed-file={f / 'munge' / 'seed'}",
+                     f"--log-file={f / 'munge' / 'munged.log'}"])
+        self._wait(lambda: sock.exists(), timeout_s, "munged")
+        self._spawn(["slurmctld", "-D", "-i", "-f", str(f / "slurm.conf")])
+        self._spawn(["slurmd", "-D", "-f", str(f / "slurm.conf")])
+        self._wait(lambda: run("sinfo", "-h", "-o", "%t").stdout.strip() == "idle", timeout_s, "the node to be idle")
+
+    def _spawn(self, cmd: list[str]) -> None:
+        log = open(self.folder / f"{Path(cmd[0]).name}.out", "ab")
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+
+    def _wait(self, ready, timeout_s: float, what: str) -> None:
+        start = time.time()
+        while not ready():
+            dead = [p.args[0] for p in self.procs if p.poll() is not None]
+            if dead or time.time() - start > timeout_s:
+                logs = "\n".join(f"{p.name}:\n{p.read_text()[-1500:]}" for p in sorted(self.folder.glob("*.log"))
+                                 + sorted(self.folder.glob("*.out")))
+                raise RuntimeError(f"SLURM test cluster: waited for {what}; {dead or 'nothing'} exited\n{logs}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Cancel the jobs still on this cluster (a failed test may leave one; slurmstepd would outlive slurmd), then
+        end the daemons this object started, newest first, by PID."""
+        if all(p.poll() is None for p in self.procs):
+            run("scancel", f"--user={os.getuid()}")  # SLURM_CONF: this cluster's jobs only
+            start = time.time()
+            while run("squeue", "-h").stdout.strip() and time.time() - start < 30:
+                time.sleep(0.5)
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def job_state(job_id: str) -> str:
+    """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED...: from `scontrol show job` (no accounting database here)."""
+    out = run("scontrol", "show", "job", job_id).stdout
+    return out.split("JobState=")[1].split()[0] if "JobState=" in out else ""

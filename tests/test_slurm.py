@@ -1,0 +1,258 @@
+"""Stages under `launcher.kind: slurm`, on a real one-node SLURM cluster (the `slurm` fixture, tests/conftest.py):
+SFT submitted with sbatch, a stopped orchestrator, a killed one (whose job the next run cancels) and a cancelled
+job each leaving no manifest, then a rerun from inside an allocation (a job step) with two processes that
+rendezvous over gloo, against the same stage run locally; the teacher's vLLM server as a SLURM job, generation
+through it (the stage itself a batch job that completes), and the server job cancelled afterwards. The unit tests
+above them need no cluster: which resources each stage gets, the flags they become, and the recipe checks."""
+
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from alignment.chat import build_tokenizer
+from alignment.config import InputError, JobResources, load_recipe
+from alignment.launcher import SlurmJob, batch_flags, job_kind
+from alignment.manifest import write_json_atomic
+from alignment.round import run_stage, stage_dir
+from alignment.stage_table import STAGES, round_stages
+from alignment.tiny_models import random_llama, save
+from slurm_cluster import job_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = "recipes/tiny.yaml"
+SFT = ["sft.report_to=[]", "sft.num_train_epochs=1", "sft.per_device_train_batch_size=4", "sft.logging_steps=1",
+       "sft.learning_rate=1e-3", "sft.lr_scheduler_type=constant", "sft.warmup_steps=0", "sft.distributed=ddp",
+       "sft.num_processes=2"]
+
+
+# --- no cluster needed ------------------------------------------------------------------------------------------
+
+
+def test_each_stage_runs_with_the_resources_of_its_kind():
+    plain = load_recipe(TINY, [])
+    judged = load_recipe(TINY, ["reward.judge={template: 'Rate {prompt} {response}'}"])
+    expected = {"bootstrap": "train", "import_gguf": "train", "teacher_eval": "generate", "generate": "generate", "score": "eval",
+                "select": None, "reward_model": "train", "sft": "train", "dpo": "train", "eval": "eval",
+                "promote": None}
+    assert {s: job_kind(plain, s) for s in STAGES} == expected
+    assert job_kind(judged, "score") == "generate"  # the judge is the teacher
+
+
+def test_resources_become_sbatch_flags():
+    res = JobResources(nodes=2, gpus_per_node=8, partition="gpu", time_limit="1-00:00:00", account="lab",
+                       cpus_per_task=16, sbatch_args=["--qos=high", "--exclusive"])
+    assert batch_flags(res) == ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--cpus-per-task=16",
+                                "--partition=gpu", "--time=1-00:00:00", "--account=lab", "--qos=high", "--exclusive"]
+    assert batch_flags(JobResources()) == ["--nodes=1", "--ntasks-per-node=1"]  # the cluster's defaults
+
+
+@pytest.mark.parametrize("overrides,error", [
+    (["launcher.kind=slurm", "launcher.generate.nodes=2"], "starts one teacher server per node"),
+    (["launcher.kind=slurm", "launcher.train.nodes=2"], "sft.distributed is null"),
+    (["launcher.kind=slurm", "launcher.eval.nodes=2"], "eval.nodes must be 1"),
+])
+def test_more_nodes_than_a_stage_can_use_is_refused(overrides, error):
+    with pytest.raises(InputError, match=error):
+        load_recipe(TINY, overrides)
+
+
+def test_more_nodes_where_a_stage_spans_them_is_accepted():
+    r = load_recipe(TINY, ["launcher.kind=slurm", "launcher.generate.nodes=2", "teacher.backend=openai",
+                           "teacher.serve=true", "launcher.train.nodes=2", "sft.distributed=ddp",
+                           "dpo.distributed=fsdp", "reward_training.distributed=ddp"])
+    assert (r.launcher.generate.nodes, r.launcher.train.nodes) == (2, 2)
+
+
+def test_under_slurm_the_training_nodes_gpus_count_not_the_login_nodes():
+    from alignment.cli import machine_problems
+
+    fsdp = ["sft.distributed=fsdp", "sft.num_processes=8", "launcher.train.gpus_per_node=8"]
+    assert machine_problems(load_recipe(TINY, [*fsdp, "launcher.kind=slurm"])) == []
+    here = machine_problems(load_recipe(TINY, fsdp))  # local: this machine's GPUs (none here)
+    assert torch.cuda.is_available() or any("sft.distributed: fsdp shards weights over GPUs" in p for p in here)
+    cpu_nodes = machine_problems(load_recipe(TINY, ["sft.distributed=fsdp", "launcher.kind=slurm"]))
+    assert any("sft.distributed: fsdp shards weights over GPUs" in p for p in cpu_nodes)
+
+
+def test_without_slurm_commands_the_error_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    with pytest.raises(InputError, match="`sbatch` is not on PATH"):
+        SlurmJob("align:x:r1:train:sft", JobResources(), "true", tmp_path, tmp_path / "log", {})
+
+
+def test_a_finished_round_needs_no_cluster_and_a_due_stage_says_what_is_missing(tmp_path, monkeypatch):
+    """Where stages run is in no fingerprint: a round finished locally is up to date under SLURM (so the README's
+    cluster commands resume it), and only a stage that is due needs `sbatch`."""
+    from test_stage_table import finish_rounds
+
+    finish_rounds(load_recipe(TINY, [f"runs_dir={tmp_path}"]), rounds=(1,))
+    recipe = load_recipe(TINY, [f"runs_dir={tmp_path}", "launcher.kind=slurm", "launcher.train.gpus_per_node=8"])
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM commands
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert [run_stage(recipe, 1, s.name, recipe_file=TINY, overrides=[]) for s in round_stages(recipe, 1)] == \
+        [False] * len(round_stages(recipe, 1))
+    (stage_dir(recipe, 1, "sft") / "manifest.json").unlink()
+    with pytest.raises(InputError, match="`sbatch` is not on PATH"):
+        run_stage(recipe, 1, "sft", recipe_file=TINY, overrides=[])
+
+
+def test_the_cluster_fixture_says_why_it_cannot_install(monkeypatch):
+    import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)  # no daemons, and no apt-get
+    assert "apt-get (as root) is not available" in slurm_cluster.install()
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    assert slurm_cluster.install() is None  # installed: nothing to do
+
+
+# --- on the cluster -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A random Llama with head size 32 (vLLM's CPU kernels need at least 32), and 64 SFT rows."""
+    tmp = tmp_path_factory.mktemp("slurm-model")
+    tok = build_tokenizer()
+    path = save(random_llama(tok, seed=0, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=2), tok, tmp / "base")
+    rows = [{"prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i % 9}?"}],
+             "completion": [{"role": "assistant", "content": f"{i} + {i % 9} = {i + i % 9}"}]} for i in range(64)]
+    (tmp / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, tmp / "sft.jsonl"
+
+
+def stage(name: str, runs: Path, model: Path, *overrides, wait=True):
+    """`align stage` as a user runs it, from the repository (the jobs' working directory)."""
+    args = [sys.executable, "-m", "alignment.cli", "stage", name, "--round", "1", "--recipe", TINY, f"runs_dir={runs}",
+            "student.source=path", f"student.model_name_or_path={model}", *overrides]
+    if wait is None:
+        return args
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+
+
+def selected(runs: Path, sft_rows: Path) -> Path:
+    """A completed select stage (its manifest) naming the SFT rows: what the sft stage reads."""
+    folder = runs / "tiny" / "round-1" / "select"
+    folder.mkdir(parents=True)
+    write_json_atomic(folder / "manifest.json", {"fingerprint": "f", "outputs": {"sft": str(sft_rows)},
+                                                 "wall_time_s": 0})
+    return runs / "tiny" / "round-1" / "sft"
+
+
+def stopwatch():
+    """lap(what): prints the seconds since the last lap (pytest -s shows them), for the time budget."""
+    last = [time.time()]
+
+    def lap(what: str) -> None:
+        print(f"{time.time() - last[0]:6.1f} s  {what}")
+        last[0] = time.time()
+    return lap
+
+
+def running_job(folder: Path, proc, known: int, timeout_s: float = 60) -> str:
+    """The id of the job the stage submits after the `known` ones, once SLURM runs it."""
+    start = time.time()
+    while time.time() - start < timeout_s and proc.poll() is None:
+        ids = (folder / "slurm_jobs").read_text().split() if (folder / "slurm_jobs").exists() else []
+        if len(ids) > known and job_state(ids[-1]) == "RUNNING":
+            return ids[-1]
+        time.sleep(0.2)
+    raise AssertionError(f"no running job: {proc.poll()} {proc.stderr.read() if proc.poll() is not None else ''}")
+
+
+@pytest.mark.slow
+def test_sft_under_slurm_survives_a_stop_a_kill_and_a_cancel_and_matches_the_local_run(slurm, model, tmp_path):
+    base, rows = model
+    slurm_args = [*SFT, "launcher.kind=slurm", "launcher.train.cpus_per_task=2"]
+    lap = stopwatch()
+    folder = selected(tmp_path / "slurm", rows)
+    # SIGTERM (what `scancel` of the orchestrator's own job sends) stops the orchestrator, which cancels its job
+    proc = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=False)
+    first = running_job(folder, proc, 0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    assert job_state(first) == "CANCELLED" and not (folder / "manifest.json").exists()
+    lap("stopped orchestrator")
+    # an orchestrator killed with -9 cancels nothing: its job runs on, until the next run cancels it first
+    proc = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=False)
+    orphan = running_job(folder, proc, 1)
+    proc.kill()
+    proc.wait()
+    assert job_state(orphan) == "RUNNING"
+    lap("killed orchestrator")
+    # a job that ends without finishing (cancelled, as a preempted or timed-out job is) fails the stage, no manifest
+    proc = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=False)
+    second = running_job(folder, proc, 2)
+    assert job_state(orphan) == "CANCELLED"
+    subprocess.run(["scancel", second], check=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "stage sft of round 1 failed" in err and "Traceback" not in err
+    assert f"SLURM job {second} ended CANCELLED" in out and "resuming an interrupted run" in out
+    assert not (folder / "manifest.json").exists()
+    lap("cancelled job")
+    # running it again completes: here from inside an allocation (the orchestrator itself a batch job, as on a
+    # cluster after `salloc`), so the stage is a job step (srun), two processes over gloo
+    args = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=None)
+    orchestrator = subprocess.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/orchestrator.log",
+                                   f"--chdir={ROOT}", "--wrap", shlex.join(args)], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+    while job_state(orchestrator) not in ("COMPLETED", "FAILED", "CANCELLED"):
+        time.sleep(0.5)
+    log = (tmp_path / "orchestrator.log").read_text()
+    assert job_state(orchestrator) == "COMPLETED", log[-3000:]
+    assert "resuming an interrupted run" in log and (folder / "slurm-step.log").exists()
+    assert (folder / "slurm_jobs").read_text().split() == [first, orphan, second]  # a step is no new job
+    lap("run in an allocation")
+    local_folder = selected(tmp_path / "local", rows)
+    local = stage("sft", tmp_path / "local", base, *SFT)
+    assert local.returncode == 0, local.stderr[-3000:]
+    lap("local run")
+    history = [json.loads((f / "log_history.json").read_text()) for f in (folder, local_folder)]
+    losses = [[h["loss"] for h in hist if "loss" in h] for hist in history]
+    assert len(losses[0]) == 8 and losses[0] == pytest.approx(losses[1], rel=1e-4)  # 64 rows / (2 x 4) = 8 steps
+    weights = [load_file(f / "model" / "model.safetensors") for f in (folder, local_folder)]
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-5)
+    assert json.loads((folder / "manifest.json").read_text())["stage"] == "sft"
+
+
+@pytest.mark.slow
+def test_the_teacher_server_runs_as_a_slurm_job_and_is_cancelled_with_the_stage(slurm, model, tmp_path):
+    pytest.importorskip("vllm")
+    base, _ = model
+    lap = stopwatch()
+    # (on CPU this share of host memory is the KV cache: small, so the server fits beside whatever else runs)
+    engine = {"gpu_memory_utilization": 0.05, "max_model_len": 256, "enforce_eager": True,
+              "enable_chunked_prefill": False}
+    proc = stage("generate", tmp_path, base, "launcher.kind=slurm", "launcher.generate.cpus_per_task=1",
+                 "teacher.source=path", f"teacher.model_name_or_path={base}", "teacher.backend=openai",
+                 "teacher.serve=true", f"teacher.engine={json.dumps(engine)}", "prompts.num_prompts=8",
+                 "sampling.num_samples=2", "sampling.max_new_tokens=8")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lap("generate with a served teacher: " + "; ".join(x for x in proc.stdout.splitlines() if "vLLM" in x))
+    folder = tmp_path / "tiny" / "round-1" / "generate"
+    server, client = (folder / "slurm_jobs").read_text().split()
+    endpoint = f"http://{slurm.host}:"
+    job = json.loads((folder / "job.json").read_text())
+    assert [e.startswith(endpoint) for e in job["config"]["teacher"]["endpoints"]] == [True]
+    assert job["config"]["teacher"]["serve"] is False and f"vLLM server {server} at {endpoint}" in proc.stdout
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rows"]["requests"] == 8 and manifest["rows"]["samples"] == 16
+    assert job_state(server) == "CANCELLED" and job_state(client) == "COMPLETED"
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""  # nothing left
+    # a job SLURM no longer knows (purged after it ended) counts as failed rather than being waited for forever
+    gone = SlurmJob.__new__(SlurmJob)
+    gone.id, gone.proc, gone.returncode = "987654", None, None
+    assert gone.poll() == 1 and gone.ended == "GONE"
