@@ -28,7 +28,7 @@ from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics
 from alignment.prompts import read_prompts, source_identity
 from alignment.seeding import model_identity
 from alignment.template import end_of_turn_id, load_tokenizer
-from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, asks_teacher, hashed_config,
+from alignment.stage_table import (EVAL_STAGES, MODEL_MAKERS, STAGES, File, Model, Upstream, asks_teacher, hashed_config,
                                    reward_model, round_stages, stage_config, student, teacher, upstreams)
 
 
@@ -237,7 +237,7 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
     checked = False
     with run_lock(recipe):
         for stage in round_stages(recipe, round_n, EVAL_STAGES if eval_only else tuple(STAGES)):
-            if stage.name != "bootstrap" and not eval_only and not checked:  # models exist now: check them
+            if stage.name not in MODEL_MAKERS and not eval_only and not checked:  # models exist now: check them
                 check_round_models(recipe, round_n)  # before any stage spends time on them
                 checked = True
             run_stage(recipe, round_n, stage.name, recipe_file=recipe_file, overrides=overrides)

@@ -208,6 +208,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("decision", "model", "best", "best_record")),
 )}
 EVAL_STAGES = ("eval", "promote")  # what `align eval` runs
+MODEL_MAKERS = ("bootstrap", "import_gguf")  # they make the models a round starts from: checks wait for them
 
 
 def asks_teacher(recipe: Recipe, stage: str) -> bool:
