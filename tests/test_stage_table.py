@@ -24,7 +24,7 @@ EXPECTED_STALE = {
     "launcher": set(),  # where a stage runs does not change what it writes
     "seed": ALL,
     "bootstrap": ALL,
-    "teacher": ALL - ONCE,
+    "teacher": ALL - {(0, "bootstrap")},  # the teacher's backend and engine are eval's unless eval sets its own
     "sampling": ALL - ONCE,
     "prompts": ALL - ONCE,
     "reward": ALL - {(0, "bootstrap"), (1, "generate"), (2, "generate")},

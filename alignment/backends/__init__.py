@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 from alignment.config import Backend, TeacherConfig
+from alignment.manifest import hash_json
+from alignment.seeding import request_seed
 
 if TYPE_CHECKING:  # the runner imports this module for its error type; torch loads only with a backend
     from alignment.generation import Completion
@@ -46,6 +48,43 @@ class GenerationBackend(Protocol):
 class GenerationError(Exception):
     """Generation could not go on (an endpoint failed after its retries, a server never became healthy); the
     message names the endpoint. Results saved before it stay saved."""
+
+
+def make_requests(conversations: list[list[dict]], model_id: str, sampling: dict, base_seed: int
+                  ) -> tuple[list[str], dict[str, Request]]:
+    """One request per distinct conversation, for every sampler (generate, eval, the judge): a request_id per
+    conversation and {request_id: Request}. The id hashes the conversation, the model's identity
+    (alignment.seeding), the sampling settings (num_samples, temperature, top_p, max_new_tokens) and the base seed;
+    the request's seed is a hash of its id. So a request's samples never depend on its batch, shard or resume."""
+    ids, requests = [], {}
+    for messages in conversations:
+        # "teacher": the key's name from when only generate sent requests; kept so saved shards still resume
+        rid = hash_json({"messages": messages, "teacher": model_id, "sampling": sampling, "seed": base_seed})
+        ids.append(rid)
+        if rid not in requests:
+            requests[rid] = Request(messages, n=sampling["num_samples"], temperature=sampling["temperature"],
+                                    top_p=sampling["top_p"], max_tokens=sampling["max_new_tokens"],
+                                    seed=request_seed({"request_id": rid}))
+    return ids, requests
+
+
+def send(backend: GenerationBackend, requests: dict[str, Request], done: dict[str, dict], shards: Path) -> None:
+    """Send the requests not in `done` (records loaded by alignment.shards.load_shards), saving each record to
+    the shards folder and into `done` as it finishes, so a killed or failed stage resumes from them."""
+    from alignment.shards import ShardWriter
+
+    todo = [rid for rid in requests if rid not in done]
+    try:
+        with ShardWriter(shards) as shard:
+            for i, result in backend.generate([requests[rid] for rid in todo]):
+                record = {"request_id": todo[i], "prompt_tokens": result.prompt_tokens,
+                          "completions": [[c.text, c.num_tokens, c.finish_reason] for c in result.completions]}
+                shard.write(record)
+                done[todo[i]] = record
+    except GenerationError as e:
+        saved = sum(rid in done for rid in requests)
+        raise GenerationError(f"{e}\n{saved} of {len(requests)} requests are saved in {shards}; running the stage "
+                              "again resumes from them") from None
 
 
 @contextmanager

@@ -48,11 +48,15 @@ class VLLMBackend:
                                          for c in out.outputs], len(out.prompt_token_ids))
 
     def close(self) -> None:
-        # Stop the engine-core and worker processes now rather than at interpreter exit.
-        core = getattr(self.llm.llm_engine, "engine_core", None)
-        if core is not None:
-            core.shutdown()
-        del self.llm
+        shutdown(self.llm)
+
+
+def shutdown(llm) -> None:
+    """Stop a vllm.LLM's engine-core and worker processes now rather than at interpreter exit, so the next model
+    finds its memory free."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 def completion(text: str, token_ids: list[int] | None, finish_reason: str | None, stop_ids) -> Completion:
