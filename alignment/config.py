@@ -638,6 +638,12 @@ class Recipe(Strict):
                     raise ValueError(f"gate.{key}: {m} needs sampled answers; eval.num_samples is 0")
                 if m in PASS_K and int(m.removeprefix("pass@")) not in self.eval.pass_k:
                     raise ValueError(f"gate.{key}: {m} is not reported: eval.pass_k is {self.eval.pass_k}")
+        backend, engine = self.eval.backend or self.teacher.backend, self.eval.engine or self.teacher.engine
+        if backend != Backend.transformers and self.eval.engine is None and engine.quantization == "fbgemm_fp8":
+            raise ValueError("eval.engine: null takes the teacher's engine, whose quantization fbgemm_fp8 loads only "
+                             "checkpoints saved with FP8 scales, not the round's checkpoints; set eval.engine")
+        if backend == Backend.vllm and engine.data_parallel_size > 1:
+            raise ValueError("eval: engine.data_parallel_size > 1 needs a server: eval.backend openai")
         return self
 
 

@@ -3,18 +3,23 @@ request, seed and shard code (so batching and resuming change nothing), the rewa
 and the optional pairwise judge cancels a judge's position bias."""
 
 import json
+import re
 import threading
+from contextlib import nullcontext
 from http.server import ThreadingHTTPServer
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from alignment import rewards
+from alignment.backends.hf import TransformersBackend
 from alignment.chat import build_tokenizer
-from alignment.config import PairJudgeConfig, load_recipe
+from alignment.config import InputError, PairJudgeConfig, load_recipe
 from alignment.judge import pair_wins
+from alignment.lm_eval_tasks import run_lm_eval
 from alignment.prompts import read_prompts
 from alignment.stage_table import StageConfig, stage_config
 from alignment.stages import eval as eval_stage
@@ -149,3 +154,80 @@ def test_judge_win_rate_against_the_input_model(models, tmp_path):
     assert "judge_win_rate_vs_input" not in metrics["input"]
     assert answers == first[1]  # the judge adds metrics, it changes no answer
     assert 0 < len(Scripted.seen) <= 2 * 2 * 6  # two checkpoints, two orders, six prompts (repeats sent once)
+
+
+def task_answered_by(tmp: Path, prompts: list[dict], texts: list[str]) -> tuple[list[dict], Path, float]:
+    """The held-out prompts with every other answer replaced by the last integer of the model's own greedy answer
+    (where it wrote one), and an lm-eval task reading them: the expected accuracy is known, and not 0."""
+    rows, hits = [], 0
+    for i, (p, text) in enumerate(zip(prompts, texts)):
+        found = re.findall(r"-?\d+", text)
+        if i % 2 == 0 and found:
+            p, hits = {**p, "answer": found[-1]}, hits + 1
+        rows.append(p)
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = (ROOT / "recipes/lm_eval/arithmetic_local.yaml").read_text()
+    (tmp / "arithmetic_local.yaml").write_text(task.replace("data/arithmetic/eval.jsonl", str(tmp / "eval.jsonl")))
+    return rows, tmp, hits / len(rows)
+
+
+def lm_eval_against_eval(recipe_overrides, backend, path: Path, prompts, tmp: Path):
+    """Eval's greedy answers and accuracy, and lm-eval's answers and exact match, on one open backend, on a task
+    whose expected accuracy is known: (ours, lm-eval's, our accuracy, lm-eval's, expected)."""
+    recipe = stage(*recipe_overrides, "eval.max_new_tokens=16", "eval.num_samples=0")
+    with mock.patch.object(eval_stage, "open_backend", lambda *a: nullcontext(backend)):
+        first, _, _ = eval_stage.answers(recipe, path, prompts, tmp / "first")
+        rows, include, expected = task_answered_by(tmp / "task", prompts, [c.text for c in first])
+        recipe = stage(*recipe_overrides, "eval.max_new_tokens=16", "eval.num_samples=0",
+                       "eval.lm_eval_tasks=[arithmetic_local]", f"eval.lm_eval_include_path={include}",
+                       f"eval.lm_eval_limit={len(prompts)}")
+        greedy, _, lm = eval_stage.answers(recipe, path, rows, tmp / "second")
+        logged = run_lm_eval(recipe, backend, path, log_samples=True)["samples"]["arithmetic_local"]
+    ours, _ = eval_stage.model_metrics(recipe, rows, "m", (greedy, None, {}), None)
+    return ([c.text for c in greedy], [s["resps"][0][0] for s in sorted(logged, key=lambda s: s["doc_id"])],
+            ours["accuracy"], lm["lm_eval/arithmetic_local/exact_match,last_integer"], expected)
+
+
+@pytest.mark.slow  # lm-eval's run: about 6 s
+def test_lm_eval_on_the_transformers_model_writes_and_scores_eval_answers(models, tmp_path):
+    _, paths, _, prompts = models
+    backend = TransformersBackend(str(paths["sft"]), batch_size=6, shard_size=6)
+    ours, theirs, accuracy, lm_accuracy, expected = lm_eval_against_eval([], backend, paths["sft"], prompts, tmp_path)
+    assert expected > 0 and theirs == ours and accuracy == lm_accuracy == expected
+
+
+def test_eval_serves_on_the_teachers_backend_unless_it_names_its_own():
+    endpoints = ["teacher.source=path", "teacher.model_name_or_path=t", "teacher.backend=openai",
+                 "teacher.endpoints=[http://node1:8000/v1]", "teacher.api_key_env=KEY"]
+    s = eval_stage.serving(stage(*endpoints))
+    # this run's checkpoints are not at the teacher's endpoints: a server started per model, on loopback, no key
+    assert (s.backend.value, s.serve, s.endpoints, s.api_key_env) == ("openai", True, [], None)
+    s = eval_stage.serving(stage(*endpoints, "eval.backend=vllm", "eval.engine={tensor_parallel_size: 2}"))
+    assert (s.backend.value, s.serve, s.engine.tensor_parallel_size) == ("vllm", False, 2)
+    s = eval_stage.serving(stage("teacher.backend=vllm", "teacher.engine.tensor_parallel_size=4"))
+    assert (s.backend.value, s.engine.tensor_parallel_size, s.batch_size) == ("vllm", 4, 150)  # eval's batch size
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.judge={template: '{prompt} {response_a}'}", "eval.judge.template: lacks the placeholders ['{response_b}']"),
+    ("eval.judge={template: '{prompt} {response_a} {response_b}', verdict_regex: '(A)|(B)'}",
+     "eval.judge.verdict_regex: needs exactly one group (the verdict), it has 2"),
+])
+def test_a_judge_template_or_regex_that_cannot_work_is_refused_before_any_work(override, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        stage(override)
+    assert stage("eval.judge={template: '{prompt} {response_a} {response_b}'}").eval.judge is not None
+
+
+@pytest.mark.parametrize("recipe, overrides, message", [
+    ("recipes/llama3.1-8b.yaml", ["eval.engine=null"], "eval.engine: null takes the teacher's engine, whose "
+     "quantization fbgemm_fp8"),
+    ("recipes/llama3.1-8b.yaml", ["eval.backend=vllm"], "engine.data_parallel_size > 1 needs a server"),
+    ("recipes/tiny.yaml", ["eval.backend=vllm", "eval.engine={data_parallel_size: 2}"], "needs a server"),
+])
+def test_an_eval_engine_that_cannot_serve_the_rounds_checkpoints_is_refused(recipe, overrides, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_recipe(ROOT / recipe, overrides)
+    load_recipe(ROOT / recipe)  # as shipped: eval sets its own bf16 engine, served with data parallelism
+    load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["eval.engine=null", "eval.backend=transformers"])

@@ -26,7 +26,7 @@ from alignment.generation import Completion
 from alignment.judge import pair_requests, pair_wins
 from alignment.manifest import write_json_atomic
 from alignment.metrics import bootstrap_interval, pass_at_k, wilson_interval, win_rate, wins
-from alignment.lm_eval_tasks import task_manager
+from alignment.lm_eval_tasks import lm_eval_metrics
 from alignment.prompts import read_prompts, write_jsonl
 from alignment.seeding import model_identity
 from alignment.shards import load_shards
@@ -70,54 +70,6 @@ def answers(recipe: StageConfig, path: Path, prompts: list[dict], out_dir: Path
     completions = lambda rid: [Completion(*c) for c in done[rid]["completions"]]  # noqa: E731
     return ([completions(rid)[0] for rid in greedy_ids],
             [completions(rid) for rid in sampled_ids] if sampled else None, lm_eval)
-
-
-def run_lm_eval(recipe: StageConfig, backend, path: Path, **kw) -> dict:
-    """lm-evaluation-harness on the engine that wrote our answers: lm-eval's `vllm` model on the in-process
-    engine, `local-chat-completions` on the started server, `hf` on the transformers model (its fallback), each
-    with the model's own chat template."""
-    import lm_eval  # heavy, and needed only when a recipe asks for it
-
-    from alignment.backends.hf import TransformersBackend
-    from alignment.backends.openai_client import OpenAIBackend
-
-    e = recipe.eval
-    if isinstance(backend, TransformersBackend):
-        from lm_eval.models.huggingface import HFLM
-
-        model, args = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=e.batch_size), None
-    elif isinstance(backend, OpenAIBackend):
-        model, args = "local-chat-completions", {
-            "model": str(path), "base_url": backend.endpoints[0] + "/chat/completions", "tokenizer_backend": None,
-            "tokenized_requests": False, "num_concurrent": backend.cfg.max_concurrency, "seed": recipe.seed}
-    else:
-        from unittest import mock
-
-        from lm_eval.models import vllm_causallms
-
-        # lm-eval's wrapper builds its own vllm.LLM in __init__: hand it the engine already loaded instead.
-        with mock.patch.object(vllm_causallms, "LLM", lambda **_: backend.llm):
-            model, args = vllm_causallms.VLLM(pretrained=str(path), batch_size=e.batch_size), None
-    include = str(e.lm_eval_include_path) if e.lm_eval_include_path else None
-    return lm_eval.simple_evaluate(
-        model=model, model_args=args, tasks=list(e.lm_eval_tasks), apply_chat_template=True,
-        task_manager=task_manager(include, tuple(e.lm_eval_tasks)), limit=e.lm_eval_limit, random_seed=recipe.seed,
-        **kw)
-
-
-def lm_eval_metrics(recipe: StageConfig, backend, path: Path) -> dict[str, float]:
-    """The recipe's lm-evaluation-harness tasks on one model, as lm_eval/<task>/<metric> with an interval."""
-    if not recipe.eval.lm_eval_tasks:
-        return {}
-    metrics = {}
-    for task, res in run_lm_eval(recipe, backend, path)["results"].items():
-        for key, value in res.items():
-            if isinstance(value, float) and "stderr" not in key:
-                metrics[f"lm_eval/{task}/{key}"] = value
-                stderr = res.get(key.replace(",", "_stderr,", 1))  # "acc,none" -> "acc_stderr,none"
-                if isinstance(stderr, float):  # lm-eval writes "N/A" where it has none
-                    metrics[f"lm_eval/{task}/{key}_ci"] = [value - 1.96 * stderr, value + 1.96 * stderr]
-    return metrics
 
 
 def scored(recipe: StageConfig, prompts: list[dict], groups: list[list[Completion]], reward_model):
