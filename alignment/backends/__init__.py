@@ -106,9 +106,14 @@ def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator[Gene
         from alignment.backends.openai_client import OpenAIBackend
         from alignment.backends.vllm_server import VLLMServer
 
+        from transformers import AutoTokenizer
+
+        from alignment.backends.vllm_engine import stop_token_ids
+
+        stops = stop_token_ids(AutoTokenizer.from_pretrained(model))  # the model is a local folder here
         with VLLMServer(model, cfg.engine, port=cfg.server_port, api_key_env=cfg.api_key_env,
                         startup_timeout_s=cfg.server_startup_timeout_s, log_path=log_dir / "server.log") as server:
-            yield OpenAIBackend([server.base_url], model, cfg)
+            yield OpenAIBackend([server.base_url], model, cfg, stop_token_ids=stops)
     else:
         from alignment.backends.openai_client import OpenAIBackend
 

@@ -23,6 +23,13 @@ def engine_kwargs(cfg: EngineConfig) -> dict:
     return kw
 
 
+def stop_token_ids(tok) -> list[int]:
+    """End of turn, end of a tool-call step and end of sequence: where every backend stops, whatever the model's
+    generation_config lists (a tiny model's lists end of turn only)."""
+    return sorted({i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS)
+                   if i is not None and i != tok.unk_token_id} | {tok.eos_token_id} - {None})
+
+
 class VLLMBackend:
     retries = 0  # in-process: nothing to retry
 
@@ -30,9 +37,7 @@ class VLLMBackend:
         from vllm import LLM  # imported here: machines without vLLM still run the other backends
 
         self.llm = LLM(model=model_path, **engine_kwargs(cfg))
-        tok = self.llm.get_tokenizer()
-        self.stop_ids = sorted({i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS)
-                                if i is not None and i != tok.unk_token_id} | {tok.eos_token_id} - {None})
+        self.stop_ids = stop_token_ids(self.llm.get_tokenizer())
         self.shard_size = shard_size
 
     def generate(self, requests: list[Request]):
