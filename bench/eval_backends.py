@@ -42,10 +42,11 @@ def child(backend: str, folder: Path, prompts: int, samples: int, models: int) -
         f"eval.lm_eval_limit={prompts}", f"eval.num_samples={samples}", "eval.pass_k=[1]"])
     cfg = StageConfig("eval", stage_config(recipe, "eval"))
     rows = read_prompts(ROOT / "data/arithmetic/eval.jsonl")[:prompts]
-    out = {}
+    out, stage_dir = {}, folder / f"out-{backend}"
+    stage_dir.mkdir()
     for name in MODELS[:models]:
         start = time.time()
-        greedy, _, lm = eval_stage.answers(cfg, folder / name, rows, folder / f"out-{backend}")
+        greedy, _, lm = eval_stage.answers(cfg, folder / name, rows, stage_dir)
         out[name] = {"seconds": round(time.time() - start, 1), "lm_eval_exact_match": lm[
             "lm_eval/arithmetic_local/exact_match,last_integer"], "greedy_texts": [c.text for c in greedy]}
     return out
