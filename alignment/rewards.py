@@ -12,10 +12,11 @@ from typing import Iterator
 
 import torch
 from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from alignment import verifiers
 from alignment.config import EngineConfig, InputError, RewardModelConfig, ScoringConfig
+from alignment.template import load_tokenizer
 
 
 class RewardModel:
@@ -27,7 +28,7 @@ class RewardModel:
     one prompt vary a lot in length); scores return in input order either way."""
 
     def __init__(self, path: str, batch_size: int, sort_by_length: bool = True):
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path, "reward.reward_model")
         gpu = torch.cuda.is_available()
         self.model = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch.bfloat16 if gpu else torch.float32, device_map="sequential" if gpu else None).eval()
@@ -66,7 +67,7 @@ class VLLMRewardModel(RewardModel):
 
         from alignment.backends.vllm_engine import engine_kwargs
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = load_tokenizer(path, "reward.reward_model")
         self.llm = LLM(model=path, runner="pooling", **engine_kwargs(engine))
         check_one_label(path, self.llm.llm_engine.model_config.hf_config.num_labels)
 

@@ -24,10 +24,11 @@ from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates, check_prompt_lengths
 from alignment.manifest import hash_file, hash_json, read_manifest, write_json_atomic
 from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
+from alignment.prompts import read_prompts
 from alignment.seeding import model_identity
+from alignment.template import end_of_turn_id, load_tokenizer
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
                                    round_stages, stage_config, student, teacher, upstreams)
-from alignment.stages.result import HUB
 
 
 class StageFailed(Exception):
@@ -78,12 +79,13 @@ def identity(recipe: Recipe, spec) -> dict:
         if m is None:
             raise InputError(f"{spec.why}: {folder} has no manifest.json (that stage has not completed)")
         out = m["outputs"][spec.output]
-        return {"path": out.removeprefix(HUB) if out.startswith(HUB) else os.path.normpath(folder / out),
-                "hash": f"{m['fingerprint']}:{spec.output}"}
+        return {"path": os.path.normpath(folder / out), "hash": f"{m['fingerprint']}:{spec.output}"}
     if isinstance(spec, File):
         if not spec.path.is_file():
             raise InputError(f"{spec.key}: {spec.path} does not exist")
         return {"path": str(spec.path), "hash": hash_file(spec.path)}
+    if spec.revision:  # a pinned hub model: the stage loads that commit's snapshot (runner.input_path)
+        return {"path": spec.name, "revision": spec.revision, "hash": hash_json([spec.name, spec.revision])}
     return {"path": spec.name, "hash": model_identity(spec.name)}
 
 
@@ -181,15 +183,21 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
 
 
 def check_round_models(recipe: Recipe, round_n: int) -> None:
-    """The round's models render conversations alike, and every prompt fits the context of the model that reads it
-    with the tokens it may add."""
+    """The round's models each have a pad token and an end of turn, render the recipe's prompts alike, and every
+    prompt fits the context of the model that reads it with the tokens it may add."""
     models = round_models(recipe, round_n)
-    check_chat_templates(models)
+    tokenizers = {}
+    for role, path in models.items():
+        tokenizers[role] = load_tokenizer(path, f"{role} ({path})")
+        end_of_turn_id(tokenizers[role], f"{role} ({path})")
+    sample = [r for path in (recipe.prompts.train_path, recipe.prompts.eval_path) for r in read_prompts(path)[:4]]
+    check_chat_templates(tokenizers, {r["prompt_id"]: r["messages"] for r in sample})
     if "teacher" in models:  # (behind endpoints, the teacher's server knows its own context)
-        check_prompt_lengths(recipe.prompts.train_path, models["teacher"], recipe.sampling.max_new_tokens,
-                             "sampling.max_new_tokens", recipe.teacher.system_prompts, recipe.teacher.engine.max_model_len)
-    check_prompt_lengths(recipe.prompts.eval_path, models["student"], recipe.eval.max_new_tokens, "eval.max_new_tokens",
-                         {})
+        check_prompt_lengths(recipe.prompts.train_path, models["teacher"], tokenizers["teacher"],
+                             recipe.sampling.max_new_tokens, "sampling.max_new_tokens", recipe.teacher.system_prompts,
+                             recipe.teacher.engine.max_model_len)
+    check_prompt_lengths(recipe.prompts.eval_path, models["student"], tokenizers["student"], recipe.eval.max_new_tokens,
+                         "eval.max_new_tokens", {})
 
 
 def round_models(recipe: Recipe, round_n: int) -> dict[str, str]:
@@ -274,10 +282,13 @@ def status_table(recipe: Recipe) -> str:
                     if p.name.split("-")[1].isdigit()) or [1]
     names = [s for s in STAGES if any(STAGES[s].when(recipe, n) for n in rounds)]
     table = round_status(recipe, rounds)
-    lines = [f"{recipe.runs_dir / recipe.name}", "round  " + "".join(f"{s:>13}" for s in names)]
+    lines = [f"{recipe.runs_dir / recipe.name}", "round  " + "".join(f"{s:>13}" for s in names) + "       disk"]
     for n in rounds:
         cells = [table.get((n, s), "-") for s in names]
-        lines.append(f"{n:<7}" + "".join(f"{c:>13}" for c in cells))
+        lines.append(f"{n:<7}" + "".join(f"{c:>13}" for c in cells) + f"{gib(round_dir(recipe, n)):>11}")
+    once = [stage_dir(recipe, 0, s) for s in STAGES if STAGES[s].once]
+    lines.append(f"once-per-recipe stages ({', '.join(p.name for p in once if p.exists()) or 'none yet'}): "
+                 f"{gib(*once).strip()}")
     for n in rounds:  # what each finished round promoted, and on what evidence
         promote, evaluation = stage_dir(recipe, n, "promote"), stage_dir(recipe, n, "eval")
         if read_manifest(promote) and read_manifest(evaluation):
@@ -287,6 +298,12 @@ def status_table(recipe: Recipe) -> str:
     if teacher:
         lines.append(f"fixed teacher: accuracy {fmt_ci(teacher.get('accuracy'), teacher.get('accuracy_ci'))}")
     return "\n".join(lines)
+
+
+def gib(*folders: Path) -> str:
+    """Bytes on disk under the folders, in GiB: checkpoints are what fills a cluster's quota."""
+    size = sum(f.stat().st_size for folder in folders if folder.exists() for f in folder.rglob("*") if f.is_file())
+    return f"{size / 2**30:.2f} GiB"
 
 
 def promotion(decision: dict, metrics: dict) -> str:

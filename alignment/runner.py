@@ -19,7 +19,16 @@ from alignment.backends import GenerationError
 from alignment.config import InputError
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
 from alignment.stage_table import STAGES, StageConfig
-from alignment.stages.result import HUB
+
+
+def input_path(identity: dict) -> Path:
+    """Where the stage reads an input: a pinned hub model from its commit's snapshot (fetched once into the hub
+    cache), so every `from_pretrained` in the stage loads exactly that revision."""
+    if "revision" not in identity:
+        return Path(identity["path"])
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(identity["path"], revision=identity["revision"]))
 
 
 def run_job(job_path: Path) -> dict:
@@ -29,7 +38,7 @@ def run_job(job_path: Path) -> dict:
     stage = importlib.import_module(f"alignment.stages.{job['stage']}")  # a fixed name from the table, never YAML
     cfg = StageConfig(job["stage"], job["config"])  # the declared sections only
     out_dir = job_path.parent
-    inputs = {name: [Path(x["path"]) for x in v] if isinstance(v, list) else Path(v["path"])
+    inputs = {name: [input_path(x) for x in v] if isinstance(v, list) else input_path(v)
               for name, v in job["inputs"].items()}
     start = time.time()
     result = stage.run(cfg, inputs, out_dir, job["round"])
@@ -40,7 +49,7 @@ def run_job(job_path: Path) -> dict:
     if set(result.outputs) != set(declared):
         raise RuntimeError(f"stage {job['stage']} returned outputs {sorted(result.outputs)}; the stage table "
                            f"declares {sorted(declared)}")
-    missing = [p for p in result.outputs.values() if not p.startswith(HUB) and not (out_dir / p).exists()]
+    missing = [p for p in result.outputs.values() if not (out_dir / p).exists()]
     if missing:
         raise RuntimeError(f"stage {job['stage']} did not write its outputs {missing}")
     manifest = {

@@ -15,7 +15,7 @@ from typing import Callable
 
 from pydantic import TypeAdapter
 
-from alignment.config import ModelSource, Recipe, RewardModelSource
+from alignment.config import InputError, ModelSource, Recipe, RewardModelSource
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ class File:
 class Model:
     name: str  # a save_pretrained folder or a hub id
     key: str
+    revision: str | None = None  # a hub id's pinned commit
 
 
 Input = Upstream | File | Model
@@ -64,14 +65,19 @@ def student(recipe: Recipe, round_n: int) -> Input:
                         f"promoted, but round {round_n - 1} is not complete; run `make round N={round_n - 1}` first")
     if recipe.student.source == ModelSource.bootstrap:
         return Upstream("bootstrap", "student", 0, "the bootstrapped student")
-    return Model(recipe.student.model_name_or_path, "student.model_name_or_path")
+    if recipe.student.source == ModelSource.gguf:
+        return Upstream("import_gguf", "model", 0, "the imported student")
+    return Model(recipe.student.model_name_or_path, "student.model_name_or_path", recipe.student.revision)
 
 
 def fixed_teacher(recipe: Recipe) -> Input | None:
     """The teacher that does not change between rounds: a model the recipe names, or the bootstrap's."""
     t = recipe.teacher
     if t.source == ModelSource.path or (t.source == ModelSource.best and t.model_name_or_path):
-        return Model(t.model_name_or_path, "teacher.model_name_or_path")
+        # behind endpoints the name is what the servers serve: they pin what they load
+        return Model(t.model_name_or_path, "teacher.model_name_or_path", None if t.endpoints else t.revision)
+    if t.source == ModelSource.gguf:
+        return Upstream("import_gguf", "model", 0, "the imported teacher")
     if t.source in (ModelSource.bootstrap, ModelSource.best):
         return Upstream("bootstrap", "teacher", 0, "the bootstrapped teacher")
     return None
@@ -92,8 +98,25 @@ def reward_model(recipe: Recipe, trained_in: int) -> dict[str, Input]:
     if rm is None or (rm.source == RewardModelSource.trained and trained_in < 1):
         return {}
     if rm.source == RewardModelSource.path:
-        return {"reward_model": Model(rm.model_name_or_path, "reward.reward_model.model_name_or_path")}
+        return {"reward_model": Model(rm.model_name_or_path, "reward.reward_model.model_name_or_path", rm.revision)}
     return {"reward_model": Upstream("reward_model", "model", trained_in, f"the reward model round {trained_in} trained")}
+
+
+def gguf_file(recipe: Recipe) -> File:
+    """The GGUF file inside its installed package (by content, so a new package version makes the import stale)."""
+    from importlib import metadata
+
+    package, name = recipe.gguf.package, recipe.gguf.file
+    try:
+        files = metadata.distribution(package).files or []
+    except metadata.PackageNotFoundError:
+        raise InputError(f"gguf.package: {package} is not installed (`make` installs the pinned version; or pip "
+                         f"install --no-deps {package})") from None
+    found = [f for f in files if f.name == name]
+    if not found:
+        raise InputError(f"gguf.file: {package} ships no {name}; its GGUF files: "
+                         f"{sorted(f.name for f in files if f.name.endswith('.gguf'))}")
+    return File(Path(found[0].locate()), "gguf.file")
 
 
 def train_prompts(recipe: Recipe) -> File:
@@ -104,9 +127,10 @@ def eval_prompts(recipe: Recipe) -> File:
     return File(recipe.prompts.eval_path, "prompts.eval_path")
 
 
-def needs_bootstrap(recipe: Recipe, round_n: int) -> bool:
-    return (isinstance(fixed_teacher(recipe), Upstream)
-            or (round_n == 1 and recipe.student.source == ModelSource.bootstrap))
+def needs(stage: str):
+    """Whether round n reads an output of this once-per-recipe stage: as its fixed teacher, or as round 1's student."""
+    return lambda r, n: any(isinstance(m, Upstream) and m.stage == stage
+                            for m in (fixed_teacher(r), n == 1 and student(r, 1)))
 
 
 def evaluates_teacher(recipe: Recipe, round_n: int = 0) -> bool:
@@ -150,7 +174,9 @@ def sft_models(r: Recipe, n: int, why: str) -> dict:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("bootstrap", ("bootstrap", "seed"), lambda r, n: {"eval_prompts": eval_prompts(r)},
-          ("student", "teacher"), when=needs_bootstrap, once=True),
+          ("student", "teacher"), when=needs("bootstrap"), once=True),
+    Stage("import_gguf", ("gguf",), lambda r, n: {"gguf": gguf_file(r)} if r.gguf else {}, ("model",),
+          when=needs("import_gguf"), once=True),
     Stage("teacher_eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
         "teacher": fixed_teacher(r), "eval_prompts": eval_prompts(r), **reward_model(r, 0)},
         ("metrics", "answers", "record"), when=evaluates_teacher, once=True),
@@ -172,7 +198,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("model", "log_history", "logs"), trains="sft"),
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
         "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),
-        **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path")}
+        **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path",
+                                    r.dpo.ref_model_revision)}
            if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo"),
     # eval reads `teacher` for its default backend and engine, and for the judge (the teacher, on its backend)
     Stage("eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {

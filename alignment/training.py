@@ -9,17 +9,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from alignment.chat import token_ids
 from alignment.config import InputError
 from alignment.stats import describe
+from alignment.template import load_tokenizer
 
 
 def load_for_training(path: Path, cfg=None):
     """The model to train and its tokenizer, with the recipe's attention kernel; with
     `cfg.lora.quantize_base_4bit`, the base loads in 4-bit NF4."""
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_tokenizer(path)
     kwargs = {"dtype": torch.float32}
     if cfg is not None and cfg.lora and cfg.lora.quantize_base_4bit:
         from transformers import BitsAndBytesConfig
@@ -105,7 +106,12 @@ def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build,
         (out_dir / "log_history.json").write_text(json.dumps(histories[0], indent=1))
         for seed in seeds:  # one TensorBoard folder for the stage, a run per seed
             shutil.move(out_dir / "runs" / f"seed-{seed}" / "logs", out_dir / "logs" / f"seed-{seed}")
-    return histories, {"seeds": seeds, "resumed_from_step": resumed, "averaged_runs": len(seeds)}
+    if not cfg.keep_checkpoints and int(os.environ.get("RANK", "0")) == 0:
+        # The final model is saved: checkpoints (with optimizer states, ~100 GB at 8B) only served resuming.
+        for folder in [out_dir / "trainer", out_dir / "runs"]:
+            shutil.rmtree(folder, ignore_errors=True)
+    return histories, {"seeds": seeds, "resumed_from_step": resumed, "averaged_runs": len(seeds),
+                       "checkpoints_kept": cfg.keep_checkpoints}
 
 
 def average_models(paths: list[Path], out: Path) -> None:
@@ -119,7 +125,7 @@ def average_models(paths: list[Path], out: Path) -> None:
             total[k] += other[k]
     model.load_state_dict({k: v / len(paths) for k, v in total.items()})
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(paths[0]).save_pretrained(out)
+    load_tokenizer(paths[0]).save_pretrained(out)
 
 
 def bf16_supported() -> bool:

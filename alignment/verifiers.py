@@ -88,6 +88,31 @@ def check_prompt_fields(verifiers: list[VerifierConfig], rows: list[dict], path)
                                      "sample")
 
 
+def check_examples(verifiers: list[VerifierConfig], system_prompts: dict[str, str]) -> None:
+    """Before any work: a verifier bound to a capability whose system prompt asks for a format gives an example in
+    that format, and accepts it; so a prompt and a verifier that disagree (Answer: 7 against \\boxed{7}) are
+    caught before a round spends its samples on zeros."""
+    for i, v in enumerate(verifiers):
+        key = f"reward.verifiers[{i}] ({v.name})"
+        if v.example is None:
+            if v.capability in system_prompts:
+                raise InputError(f"{key}.example: required, since teacher.system_prompts[{v.capability!r}] asks for a "
+                                 "format: give a response written as that prompt asks, and its answer (or tests)")
+            continue
+        if v.kind == "answer":
+            if answer_matches(v.example.response, v.example.answer, v) != 1.0:
+                got = final_answer(v.example.response, v.answer_regex)
+                raise InputError(f"{key}: rejects its own example: answer_regex {v.answer_regex!r} reads "
+                                 f"{got!r} from example.response, expected {v.example.answer!r}")
+        else:
+            check_isolation([v])
+            (o,) = sandbox.run_many([(sandbox.extract_code(v.example.response), v.example.tests)], v.timeout_s,
+                                    v.memory_mb, isolated=not v.unsafe_no_isolation)
+            if not o.passed:
+                raise InputError(f"{key}: rejects its own example: the code in example.response passes "
+                                 f"{o.tests_passed} of {o.tests_run} of example.tests")
+
+
 def check_isolation(verifiers: list[VerifierConfig]) -> None:
     """Before any work: a code verifier runs model-written code only where bubblewrap can isolate it, unless its
     recipe gave that up explicitly."""

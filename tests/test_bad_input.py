@@ -153,14 +153,55 @@ def test_a_model_that_does_not_exist_is_named_by_its_key_before_any_work(overrid
     assert not any(tmp_path.iterdir())  # not even the bootstrap started
 
 
-def test_a_folder_that_is_not_a_model_and_an_uncached_hub_id_offline_are_refused(tmp_path, capsys, monkeypatch):
+def test_a_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), f"dpo.ref_model_name_or_path={tmp_path / 'empty'}")
     assert "is a folder without config.json" in err
+
+
+HUB_KEYS = [  # every model key: (overrides naming a Hub id, the key, its revision key)
+    (["student={source: path, model_name_or_path: some-org/some-model}"], "student.model_name_or_path", "student.revision"),
+    (["teacher={source: path, model_name_or_path: some-org/some-model}"], "teacher.model_name_or_path", "teacher.revision"),
+    (["reward.reward_model={model_name_or_path: some-org/some-model}"], "reward.reward_model.model_name_or_path",
+     "reward.reward_model.revision"),
+    (["dpo.ref_model_name_or_path=some-org/some-model"], "dpo.ref_model_name_or_path", "dpo.ref_model_revision"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,rev_key", HUB_KEYS)
+def test_a_hub_id_must_be_pinned_and_an_uncached_one_offline_fails_at_once(overrides, key, rev_key, capsys, monkeypatch):
+    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), *overrides)
+    assert f"{key}: 'some-org/some-model' is a Hub id without a pinned revision; set {rev_key}" in err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), "dpo.ref_model_name_or_path=some-org/some-model")
-    assert "dpo.ref_model_name_or_path: 'some-org/some-model' is a Hub id that is not in the local cache" in err
+    start = time.time()
+    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), *overrides, f"{rev_key}=abc123")
+    assert f"{key}: 'some-org/some-model' is a Hub id that is not in the local cache" in err
     assert "HF_HUB_OFFLINE is set" in err
+    assert time.time() - start < 30  # not transformers' minute of retries (a loose bound: the machine is shared)
+
+
+def test_a_pinned_hub_model_loads_from_its_commits_snapshot_and_the_manifest_records_the_revision(tmp_path, monkeypatch):
+    """A hub cache laid out as huggingface_hub writes it, offline: the stage reads that commit's folder."""
+    from alignment.round import identity
+    from alignment.runner import input_path
+    from alignment.stage_table import Model
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = tmp_path / "hub" / "models--some-org--some-model" / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (snap.parents[1] / "refs").mkdir()
+    (snap.parents[1] / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    got = identity(None, Model("some-org/some-model", "student.model_name_or_path", commit))
+    assert got["path"] == "some-org/some-model" and got["revision"] == commit
+    assert input_path(got) == snap
+    other = identity(None, Model("some-org/some-model", "student.model_name_or_path", "f" * 40))
+    assert other["hash"] != got["hash"]  # another commit is another input: the stage is stale
 
 
 def test_a_prompt_too_long_for_the_models_context_is_named_before_any_stage(tmp_path, capsys):

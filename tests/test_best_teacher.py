@@ -93,12 +93,13 @@ def test_without_an_evaluated_teacher_round_one_starts_from_its_input(tmp_path):
 
 
 def test_promote_carries_a_hub_model_forward_when_it_stays_the_best(tmp_path):
-    # The Llama 3.1 recipes start from a hub id (meta-llama/Llama-3.1-8B), and `teacher: {source: best,
-    # model_name_or_path: <hub id>}` names the teacher by one. Round 1's promote then hands on a hub id whenever
-    # nothing passes the gate (the input carries on) or the teacher stays the best (the usual case: a 405B teacher
-    # beats an 8B student). By hand: input right on all 4 prompts, sft and dpo on none -> both refused by the
-    # default tolerance, "input" promoted (accuracy 1.0); the teacher's record is 1.0 too and a tie keeps the
-    # teacher. Round 2 must then start from org/student and sample from org/teacher.
+    # The Llama 3.1 recipes start from a pinned hub id (meta-llama/Llama-3.1-8B at a commit), and `teacher: {source:
+    # best, model_name_or_path: <hub id>}` names the teacher by one. The runner hands a stage a pinned hub model as
+    # its commit's snapshot folder in the hub cache; round 1's promote hands that folder on whenever nothing passes
+    # the gate (the input carries on) or the teacher stays the best (the usual case: a 405B teacher beats an 8B
+    # student). By hand: input right on all 4 prompts, sft and dpo on none -> both refused by the default
+    # tolerance, "input" promoted (accuracy 1.0); the teacher's record is 1.0 too and a tie keeps the teacher.
+    # Round 2 must then start from the student's snapshot and sample from the teacher's.
     import os
 
     from alignment.manifest import write_json_atomic
@@ -116,11 +117,12 @@ def test_promote_carries_a_hub_model_forward_when_it_stays_the_best(tmp_path):
     write_jsonl(eval_dir / "answers.jsonl", answers)
     metrics = {m: {"accuracy": float(m == "input"), "mean_reward": float(m == "input")} for m in ("input", "sft", "dpo")}
     write_json_atomic(eval_dir / "metrics.json", metrics)
-    for m in ("sft", "dpo"):
-        (tmp_path / m).mkdir()
+    snapshots = {m: tmp_path / "hub" / f"models--org--{m}" / "snapshots" / ("c" * 40) for m in ("student", "teacher")}
+    for m in [tmp_path / "sft", tmp_path / "dpo", *snapshots.values()]:
+        m.mkdir(parents=True)
     (tmp_path / "teacher_record.json").write_text(json.dumps({"name": "teacher", "accuracy": 1.0}))
-    inputs = {"metrics": eval_dir / "metrics.json", "answers": eval_dir / "answers.jsonl", "input": "org/student",
-              "sft": tmp_path / "sft", "dpo": tmp_path / "dpo", "best_before": "org/teacher",
+    inputs = {"metrics": eval_dir / "metrics.json", "answers": eval_dir / "answers.jsonl", "input": snapshots["student"],
+              "sft": tmp_path / "sft", "dpo": tmp_path / "dpo", "best_before": snapshots["teacher"],
               "best_before_record": tmp_path / "teacher_record.json"}
     job = {"stage": "promote", "round": 1, "recipe_name": recipe.name, "recipe_file": TINY, "overrides": [],
            "config": stage_config(recipe, "promote"), "fingerprint": "fp",
@@ -131,8 +133,8 @@ def test_promote_carries_a_hub_model_forward_when_it_stays_the_best(tmp_path):
     try:
         manifest = run_job(folder / "job.json")
         assert json.loads((folder / "decision.json").read_text())["promoted"] == "input"
-        assert identity(recipe, Upstream("promote", "model", 1, "round 2"))["path"] == "org/student"
-        assert identity(recipe, Upstream("promote", "best", 1, "round 2"))["path"] == "org/teacher"
+        assert identity(recipe, Upstream("promote", "model", 1, "round 2"))["path"] == str(snapshots["student"])
+        assert identity(recipe, Upstream("promote", "best", 1, "round 2"))["path"] == str(snapshots["teacher"])
     finally:
         os.chdir(cwd)
     assert manifest["stats"]["best_so_far"] == {"name": "teacher", "accuracy": 1.0}

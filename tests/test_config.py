@@ -51,7 +51,7 @@ def test_out_of_range_and_missing_keys(tmp_path):
 
 
 def test_bad_regex_is_caught_before_any_work(tmp_path):
-    p = tiny_with(tmp_path, 'answer_regex: "-?\\\\d+"', 'answer_regex: "(-?\\\\d+"')
+    p = tiny_with(tmp_path, 'answer_regex: "=\\\\s*(-?\\\\d+)', 'answer_regex: "=\\\\s*((-?\\\\d+)')
     line = next(i for i, s in enumerate(p.read_text().splitlines(), 1) if "answer_regex" in s)
     with pytest.raises(InputError, match=rf"^{p}:{line}: reward.verifiers.0.answer_regex: does not compile"):
         load_recipe(p)

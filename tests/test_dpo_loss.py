@@ -7,9 +7,11 @@ import torch.nn.functional as F
 
 from alignment.chat import build_tokenizer, token_ids
 from alignment.config import load_recipe
-from alignment.stages.dpo import FORMATTING_TOKENS, build_trainer
+from alignment.stages.dpo import build_trainer
 from alignment.tiny_models import random_llama
 
+# What Llama 3's template writes around contents, and its end of a tool-call step.
+LLAMA3_FORMATTING = ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>")
 SHAPE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 PAIRS = [  # the second chosen response carries an end-of-message token inside it, masked too
     {"prompt": [{"role": "user", "content": "What is 95 - 55?"}],
@@ -33,7 +35,7 @@ def sequence_logps(model, tok, prompt, response, mask: bool) -> torch.Tensor:
     logps = F.log_softmax(logits[:-1], dim=-1).gather(1, ids[0, 1:, None])[:, 0]
     resp = logps[len(p) - 1:]
     resp_tokens = full[len(p):]
-    special = {tok.convert_tokens_to_ids(t) for t in FORMATTING_TOKENS}
+    special = {tok.convert_tokens_to_ids(t) for t in LLAMA3_FORMATTING}
     keep = [not (mask and t in special) for t in resp_tokens]
     return resp[torch.tensor(keep)]
 

@@ -15,11 +15,11 @@ from alignment import rewards
 from alignment.backends import make_requests
 from alignment.backends.hf import TransformersBackend
 from alignment.backends.openai_client import OpenAIBackend
-from alignment.backends.vllm_engine import stop_token_ids
 from alignment.backends.vllm_server import VLLMServer
 from alignment.chat import build_tokenizer
 from alignment.config import EngineConfig, TeacherConfig, load_recipe
 from alignment.prompts import read_prompts
+from alignment.template import stop_token_ids
 from alignment.tiny_models import save
 
 from test_eval_stage import lm_eval_against_eval, varied_llama
@@ -56,7 +56,7 @@ def server(setup):
     cfg = TeacherConfig(source="path", model_name_or_path=str(model), backend="openai", serve=True, engine=ENGINE)
     with VLLMServer(str(model), ENGINE, port=0, api_key_env=None, startup_timeout_s=300,
                     log_path=tmp / "server.log") as srv:
-        yield OpenAIBackend([srv.base_url], str(model), cfg, stop_token_ids=stop_token_ids(build_tokenizer()))
+        yield OpenAIBackend([srv.base_url], str(model), cfg, stop_token_ids=sorted(stop_token_ids(build_tokenizer())))
 
 
 def samples(backend, requests) -> dict[int, list[str]]:

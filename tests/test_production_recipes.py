@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from alignment.cli import main as align
-from alignment.config import Backend, ModelSource, load_recipe
+from alignment.config import Backend, InputError, ModelSource, load_recipe
 
 RECIPES = ["recipes/llama3.1-8b.yaml", "recipes/llama3.1-70b.yaml"]
 
@@ -65,3 +65,65 @@ def test_a_round_past_the_planned_ones_is_refused_before_any_work(tmp_path, caps
         align(["round", "3", "--recipe", "recipes/tiny.yaml", "rounds=2", f"runs_dir={tmp_path}"])
     assert "round 3: the recipe plans 2 rounds" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+LOOSE = "To calculate 32 + 0, you simply add 0 to 32."  # what the old default verifier counted as 32
+
+
+@pytest.mark.parametrize("path", [*RECIPES, "recipes/tiny.yaml"])
+def test_every_shipped_answer_verifier_requires_an_explicit_final_answer(path):
+    from alignment.verifiers import answer_matches, check_examples
+
+    r = load_recipe(path)
+    check_examples(r.reward.verifiers, r.teacher.system_prompts)  # each accepts its own example
+    for v in r.reward.verifiers:
+        if v.kind == "answer":
+            assert answer_matches(LOOSE, "32", v) == 0.0, v.name
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_the_math_prompt_and_the_math_verifier_agree(path):
+    from alignment.verifiers import answer_matches
+
+    r = load_recipe(path)
+    math = next(v for v in r.reward.verifiers if v.name == "math")
+    assert "'Answer: <answer>'" in r.teacher.system_prompts["math"]
+    # a sample that obeys the prompt scores 1; the old \boxed{} format (which the prompt never asks for) scores 0
+    assert answer_matches("Half of 48 is 24.\nAnswer: 24", "24", math) == 1.0
+    assert answer_matches("Half of 48 is \\boxed{24}.", "24", math) == 0.0
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_a_math_verifier_that_disagrees_with_its_system_prompt_is_refused_before_any_work(path):
+    from alignment.verifiers import check_examples
+
+    # the recipes as they shipped before: the prompt asks for 'Answer: <answer>', the regex reads \boxed{}
+    r = load_recipe(path)
+    math, code = r.reward.verifiers
+    boxed = math.model_copy(update={"answer_regex": r"\\boxed\{([^}]*)\}"})
+    with pytest.raises(InputError, match=r"reward.verifiers\[0\] \(math\): rejects its own example: answer_regex "
+                                         r".*boxed.* reads None from example.response, expected '24'"):
+        check_examples([boxed, code], r.teacher.system_prompts)
+    with pytest.raises(InputError, match=r"reward.verifiers\[0\] \(math\).example: required, since "
+                                         r"teacher.system_prompts\['math'\] asks for a format"):
+        check_examples([math.model_copy(update={"example": None}), code], r.teacher.system_prompts)
+
+
+def test_a_code_verifier_whose_example_fails_its_tests_is_refused():
+    from alignment.sandbox import isolation_problem
+    from alignment.verifiers import check_examples
+
+    if isolation_problem():
+        pytest.skip(isolation_problem())
+    r = load_recipe(RECIPES[0])
+    math, code = r.reward.verifiers
+    code = code.model_copy(update={"example": code.example.model_copy(update={"tests": "assert add(2, 3) == 6"})})
+    with pytest.raises(InputError, match=r"\(code\): rejects its own example: the code in example.response passes "
+                                         r"0 of 1 of example.tests"):
+        check_examples([math, code], r.teacher.system_prompts)
+
+
+@pytest.mark.parametrize("source", ["previous", "bootstrap"])
+def test_a_teacher_path_that_its_source_never_reads_is_an_error(source):
+    with pytest.raises(InputError, match=f"teacher.model_name_or_path is set but source '{source}' never reads it"):
+        load_recipe("recipes/tiny.yaml", [f"teacher={{source: {source}, model_name_or_path: org/m}}"])

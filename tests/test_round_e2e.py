@@ -93,6 +93,14 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
         for out in m["outputs"].values():
             folder = run / stage if stage in ONCE else run / "round-1" / stage
             assert (folder / out).exists()
+    # a completed training stage keeps its final model only: no checkpoints with optimizer states
+    for stage in ("sft", "dpo", "reward_model"):
+        folder = run / "round-1" / stage
+        assert (folder / "model" / "model.safetensors").is_file() and not (folder / "trainer").exists()
+        assert manifest(run, stage)["stats"]["checkpoints_kept"] is False
+    status = align("status", "--recipe", str(recipe)).stdout
+    size = sum(f.stat().st_size for f in (run / "round-1").rglob("*") if f.is_file())
+    assert status.splitlines()[1].endswith("disk") and status.splitlines()[2].endswith(f"{size / 2**30:.2f} GiB")
     # one request per prompt asks for all K samples (n=K)
     assert manifest(run, "generate")["rows"] == {"prompts": 24, "requests": 24, "samples": 72}
     samples = [json.loads(x) for x in (run / "round-1/generate/samples.jsonl").read_text().splitlines()]

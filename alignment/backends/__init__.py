@@ -106,11 +106,10 @@ def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator[Gene
         from alignment.backends.openai_client import OpenAIBackend
         from alignment.backends.vllm_server import VLLMServer
 
-        from transformers import AutoTokenizer
+        from alignment.template import load_tokenizer, stop_token_ids
 
-        from alignment.backends.vllm_engine import stop_token_ids
-
-        stops = stop_token_ids(AutoTokenizer.from_pretrained(model))  # the model is a local folder here
+        # where the other backends stop: a model's generation_config may list only its end of turn as EOS
+        stops = sorted(stop_token_ids(load_tokenizer(model)))  # the model is a local folder here
         with VLLMServer(model, cfg.engine, port=cfg.server_port, api_key_env=cfg.api_key_env,
                         startup_timeout_s=cfg.server_startup_timeout_s, log_path=log_dir / "server.log") as server:
             yield OpenAIBackend([server.base_url], model, cfg, stop_token_ids=stops)

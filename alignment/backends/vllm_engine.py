@@ -6,8 +6,7 @@ from __future__ import annotations
 from alignment.backends import Request, Result
 from alignment.config import EngineConfig
 from alignment.generation import Completion
-
-STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>")  # end of turn, end of a tool-call step
+from alignment.template import stop_token_ids
 
 
 def engine_kwargs(cfg: EngineConfig) -> dict:
@@ -23,13 +22,6 @@ def engine_kwargs(cfg: EngineConfig) -> dict:
     return kw
 
 
-def stop_token_ids(tok) -> list[int]:
-    """End of turn, end of a tool-call step and end of sequence: where every backend stops, whatever the model's
-    generation_config lists (a tiny model's lists end of turn only)."""
-    return sorted({i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS)
-                   if i is not None and i != tok.unk_token_id} | {tok.eos_token_id} - {None})
-
-
 class VLLMBackend:
     retries = 0  # in-process: nothing to retry
 
@@ -37,7 +29,7 @@ class VLLMBackend:
         from vllm import LLM  # imported here: machines without vLLM still run the other backends
 
         self.llm = LLM(model=model_path, **engine_kwargs(cfg))
-        self.stop_ids = stop_token_ids(self.llm.get_tokenizer())
+        self.stop_ids = sorted(stop_token_ids(self.llm.get_tokenizer()))  # as every backend stops
         self.shard_size = shard_size
 
     def generate(self, requests: list[Request]):

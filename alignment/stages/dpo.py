@@ -1,9 +1,10 @@
 """DPO: preference-tune the round's SFT model on best-versus-worst pairs (TRL DPOTrainer).
 
 Llama 3 settings by default: beta 0.1, and an NLL term on the chosen response with weight 0.2 (TRL's extra `sft`
-loss). Formatting tokens (`<|start_header_id|>`, `<|end_header_id|>`, `<|eot_id|>`, `<|eom_id|>`) are taken out
-of every loss term on both responses: the paper found that their shared presence in chosen and rejected pulls
-the two objectives against each other and teaches tail repetition or early stops. The reference model is the
+loss). Formatting tokens (Llama 3's headers and `<|eot_id|>`; whatever special tokens the model's own chat
+template writes, alignment.template) are taken out of every loss term on both responses: the paper found that
+their shared presence in chosen and rejected pulls the two objectives against each other and teaches tail
+repetition or early stops. The reference model is the
 SFT model itself unless `dpo.ref_model_name_or_path` names another; its log-probabilities are computed once
 before training (`dpo.precompute_ref_log_probs`, on by default), so no second model runs during the steps.
 
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -24,11 +24,10 @@ from alignment.config import InputError
 from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
+from alignment.stats import describe
+from alignment.template import formatting_token_ids, load_tokenizer
 from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, peft_config,
                                 train_runs, trainer_fields)
-
-FORMATTING_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>")
-
 
 class MaskFormattingTokens:
     """TRL's preference collator, with formatting tokens removed from `completion_mask`, the mask every DPO loss
@@ -37,17 +36,14 @@ class MaskFormattingTokens:
     def __init__(self, collator, token_ids: list[int]):
         self.collator = collator
         self.token_ids = torch.tensor(token_ids)
+        self.masked_per_batch: list[int] = []  # completion tokens taken out, for the stage's statistics
 
     def __call__(self, examples):
         batch = self.collator(examples)
         keep = ~torch.isin(batch["input_ids"], self.token_ids)
+        self.masked_per_batch.append(int((batch["completion_mask"].bool() & ~keep).sum()))
         batch["completion_mask"] = batch["completion_mask"] * keep.to(batch["completion_mask"].dtype)
         return batch
-
-
-def formatting_token_ids(tokenizer) -> list[int]:
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in FORMATTING_TOKENS]
-    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
 
 
 def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None,
@@ -62,10 +58,18 @@ def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_d
                                          truncation_mode=args.truncation_mode,
                                          pad_to_multiple_of=args.pad_to_multiple_of)
     if cfg.mask_formatting_tokens:
-        collator = MaskFormattingTokens(collator, formatting_token_ids(tokenizer))
+        collator = MaskFormattingTokens(collator, masked_ids(tokenizer))
     # With LoRA and no separate reference, TRL's reference is the policy with its adapters off: the SFT model.
     return DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=data, processing_class=tokenizer,
                       data_collator=collator, peft_config=peft_config(cfg))
+
+
+def masked_ids(tokenizer) -> list[int]:
+    ids = formatting_token_ids(tokenizer)
+    if not ids:  # masking would silently do nothing while the manifest says it is on
+        raise InputError(f"dpo.mask_formatting_tokens: {tokenizer.name_or_path}'s chat template writes no special "
+                         "token around contents, so there is nothing to mask; set it to false")
+    return ids
 
 
 def log_probs(history: list[dict], beta: float) -> list[dict]:
@@ -83,19 +87,28 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     if not rows:
         raise InputError(f"{inputs['pairs']}: no preference pairs were selected; see the select stage's drop counts")
     cfg = recipe.dpo
-    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])  # the model itself loads per run, in build
+    tokenizer = load_tokenizer(inputs["model"])  # the model itself loads per run, in build
     check_prompts_fit(tokenizer, rows, cfg.max_length, "dpo.max_length", inputs["pairs"])
+    masked = masked_ids(tokenizer) if cfg.mask_formatting_tokens else []
     over = count_over_length(tokenizer, rows, cfg.max_length, ("chosen", "rejected"))
+
+    counts: list[int] = []
 
     def build(run_dir: Path, seed: int):
         model, tok = load_for_training(inputs["model"], cfg)
         ref_model = load_for_training(inputs["ref_model"])[0] if "ref_model" in inputs else None
-        return build_trainer(recipe, model, tok, rows, run_dir, ref_model, seed)
+        trainer = build_trainer(recipe, model, tok, rows, run_dir, ref_model, seed)
+        if isinstance(trainer.data_collator, MaskFormattingTokens):
+            counts.append(trainer.data_collator.masked_per_batch)  # filled as training draws batches
+        return trainer
 
     histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
     history = histories[0]
-    stats = {**loss_summary(history), **runs, "lora": cfg.lora is not None,
-             "masked_formatting_tokens": cfg.mask_formatting_tokens}
+    per_batch = [n for c in counts for n in c]
+    stats = {**loss_summary(history), **runs, "lora": cfg.lora is not None, "pad_token": tokenizer.pad_choice,
+             "formatting_tokens": {"masked": cfg.mask_formatting_tokens,
+                                   "ids": {i: tokenizer.convert_ids_to_tokens(i) for i in masked},
+                                   "masked_per_batch": describe(per_batch)}}
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
     stats["log_probs"] = log_probs(history, cfg.beta)

@@ -31,7 +31,7 @@ from alignment.manifest import write_json_atomic
 from alignment.metrics import mcnemar_exact, paired_bootstrap, pass_at_k
 from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
-from alignment.stages.result import HUB, StageResult
+from alignment.stages.result import StageResult
 
 
 def index(answers: list[dict]) -> dict[tuple[str, str], dict]:
@@ -197,10 +197,10 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     write_json_atomic(out_dir / "decision.json", decision)
     best, record = best_so_far(recipe.gate, inputs, metrics, answers, decision["promoted"], round_n)
     write_json_atomic(out_dir / "best.json", record)
-    # Paths relative to this folder, so that a moved run folder still resolves; a hub id (the recipe's student or
-    # teacher, promoted or kept as the best) is no folder here and is handed on as it is.
+    # Paths relative to this folder, so that a moved run folder still resolves; a pinned hub model (the recipe's
+    # student or teacher, promoted or kept as the best) is its snapshot folder in the hub cache.
     def where(m: Path) -> str:
-        return os.path.relpath(m, out_dir) if m.exists() else HUB + str(m)
+        return os.path.relpath(m, out_dir)
 
     return StageResult(outputs={"decision": "decision.json", "model": where(Path(model)),
                                 "best": where(Path(best)), "best_record": "best.json"},

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-HUB = "hub:"  # an output that is a model named by its hub id (a recipe's student or teacher), not a local folder
 
 
 @dataclass
 class StageResult:
-    outputs: dict[str, str]  # name -> file or folder, relative to the stage folder; or HUB + a hub id (promote)
+    outputs: dict[str, str]  # name -> file or folder, relative to the stage folder
     rows: dict[str, int] = field(default_factory=dict)  # rows in and out, by name
     stats: dict = field(default_factory=dict)  # drops by reason, distributions, token-limit hits

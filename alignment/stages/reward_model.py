@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from alignment.config import InputError
@@ -25,6 +25,7 @@ from alignment.prompts import read_jsonl
 from alignment.rewards import reward_model_scores
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
+from alignment.template import load_tokenizer
 from alignment.training import check_prompts_fit, loss_summary, train_runs, trainer_fields
 
 
@@ -73,7 +74,7 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
         raise InputError(f"reward_model: no training pairs in {len(rows)} preference rows (the select stages "
                          "made no DPO pairs, or every prompt is held out); see select's drop counts")
 
-    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])
+    tokenizer = load_tokenizer(inputs["model"])
     check_prompts_fit(tokenizer, train, cfg.max_length, "reward_training.max_length", "the preference pairs")
     init = out_dir / "init"  # the input model with a fresh scalar head: also the "before" of the accuracy
     torch.manual_seed(recipe.seed)
@@ -97,5 +98,5 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
         outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
         rows={"preference_rows": len(rows), "train_pairs": len(train), "held_out_pairs": len(test)},
         stats={**loss_summary(history), **runs, "held_out_pair_accuracy": after,
-               "held_out_pair_accuracy_before": before, "last_train_accuracy": train_acc[-1] if train_acc else None,
+               "held_out_pair_accuracy_before": before, "pad_token": tokenizer.pad_choice, "last_train_accuracy": train_acc[-1] if train_acc else None,
                "edited_rows": sum(bool(r.get("edited")) for r in rows)})

@@ -13,13 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset
-from transformers import AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 from alignment.config import InputError
 from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
+from alignment.template import load_tokenizer
 from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, peft_config,
                                 train_runs, trainer_fields)
 
@@ -40,7 +40,7 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     if not rows:
         raise InputError(f"{inputs['sft']}: no SFT examples were selected; see the select stage's drop counts")
     cfg = recipe.sft
-    tokenizer = AutoTokenizer.from_pretrained(inputs["model"])  # the model itself loads per run, in build
+    tokenizer = load_tokenizer(inputs["model"])  # the model itself loads per run, in build
     check_prompts_fit(tokenizer, rows, cfg.max_length, "sft.max_length", inputs["sft"])
     over = count_over_length(tokenizer, rows, cfg.max_length, ("completion",))
 
@@ -49,7 +49,8 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
         return build_trainer(recipe, model, tok, rows, run_dir, seed)
 
     histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
-    stats = {**loss_summary(histories[0]), **runs, "lora": cfg.lora is not None, "packing": cfg.packing}
+    stats = {**loss_summary(histories[0]), **runs, "lora": cfg.lora is not None, "packing": cfg.packing,
+             "pad_token": tokenizer.pad_choice}
     if len(histories) > 1:
         stats["last_loss_per_run"] = [loss_summary(h).get("last_loss") for h in histories]
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},

@@ -4,6 +4,10 @@ Writes the prompt files of the tiny recipe (seeded, so the committed files can b
 
     python -m alignment.tasks.arithmetic --out data/arithmetic --train 8000 --eval 300 --seed 0
 
+and, with `--style word`, word problems that ask for an explicit final line, for real pretrained chat models:
+
+    python -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 600 --seed 0
+
 The evaluation split is drawn first and every later draw (training prompts, the bootstrap's pretraining corpus)
 excludes its questions, so held-out accuracy never measures memorisation.
 """
@@ -33,6 +37,18 @@ def question(a: int, op: str, b: int) -> str:
     return f"What is {a} {op} {b}?"
 
 
+NAMES = ("Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Eva", "Ben")
+THINGS = ("apples", "stamps", "marbles", "books", "coins", "shells")
+FINAL_LINE = "End with a last line of the form 'Answer: <number>'."
+
+
+def word_question(a: int, op: str, b: int) -> str:
+    """The same problem in words; name and object follow from the numbers, so the text is seeded by them alone."""
+    name, thing = NAMES[(a * 7 + b) % len(NAMES)], THINGS[(a + b * 3) % len(THINGS)]
+    change = f"gets {b} more" if op == "+" else f"gives {b} away"
+    return f"{name} has {a} {thing} and {change}. How many {thing} does {name} have now? {FINAL_LINE}"
+
+
 def solve(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b
 
@@ -54,16 +70,16 @@ def draw_unique(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[int
     return out
 
 
-def prompt_row(split: str, i: int, p: tuple[int, str, int]) -> dict:
+def prompt_row(split: str, i: int, p: tuple[int, str, int], style: str = "plain") -> dict:
     return {
-        "prompt_id": f"arith-{split}-{i:05d}",
+        "prompt_id": f"{'arith' if style == 'plain' else 'word'}-{split}-{i:05d}",
         "task": "arithmetic",
-        "messages": [{"role": "user", "content": question(*p)}],
+        "messages": [{"role": "user", "content": (question if style == "plain" else word_question)(*p)}],
         "answer": str(solve(*p)),
     }
 
 
-def write_prompt_files(out: Path, n_train: int, n_eval: int, seed: int) -> None:
+def write_prompt_files(out: Path, n_train: int, n_eval: int, seed: int, style: str = "plain") -> None:
     rng = random.Random(seed)
     seen: set[str] = set()
     splits = {"eval": draw_unique(rng, n_eval, seen), "train": draw_unique(rng, n_train, seen)}
@@ -71,7 +87,7 @@ def write_prompt_files(out: Path, n_train: int, n_eval: int, seed: int) -> None:
     for split, problems in splits.items():
         with open(out / f"{split}.jsonl", "w") as f:
             for i, p in enumerate(problems):
-                f.write(json.dumps(prompt_row(split, i, p)) + "\n")
+                f.write(json.dumps(prompt_row(split, i, p, style)) + "\n")
 
 
 def main() -> None:
@@ -80,8 +96,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=8000)
     ap.add_argument("--eval", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--style", choices=("plain", "word"), default="plain")
     args = ap.parse_args()
-    write_prompt_files(args.out, args.train, args.eval, args.seed)
+    write_prompt_files(args.out, args.train, args.eval, args.seed, args.style)
 
 
 if __name__ == "__main__":

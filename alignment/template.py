@@ -1,0 +1,107 @@
+"""What a model's own chat template says about its format, so no stage assumes Llama 3's tokens.
+
+Each function renders conversations whose contents are sentinels and reads the format off what surrounds them:
+- the formatting tokens: special tokens the template writes around contents (Llama 3's headers and
+  `<|eot_id|>`, ChatML's `<|im_start|>`/`<|im_end|>`, Gemma's turn markers, Mistral's `[INST]`);
+- the end of turn: the first special token the template writes after an assistant's content (a Llama 3.1 base
+  tokenizer's EOS is `<|end_of_text|>`, while its template ends a turn with `<|eot_id|>`);
+- the pad token, chosen once for every stage (Llama 3 base tokenizers ship without one).
+"""
+
+from __future__ import annotations
+
+from alignment.config import InputError
+
+SENTINEL = "Zq{}xJ"  # text no template writes itself; {} tells the messages apart
+
+
+def conversation(system: bool) -> list[dict]:
+    turns = [("user", 1), ("assistant", 2), ("user", 3), ("assistant", 4)]
+    return [{"role": r, "content": SENTINEL.format(i)} for r, i in ([("system", 0)] if system else []) + turns]
+
+
+def render_or_refuse(tokenizer, messages: list[dict], where: str, add_generation_prompt=False) -> str:
+    """The template's text, or an InputError naming the model when the template refuses the conversation (Gemma's
+    raises on a system message)."""
+    from jinja2 import TemplateError
+
+    if not tokenizer.chat_template:
+        raise InputError(f"{where}: the tokenizer has no chat template; a chat model's tokenizer_config.json has one")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        roles = [m["role"] for m in messages]
+        raise InputError(f"{where}: its chat template refuses a conversation with roles {roles}: {e}") from None
+
+
+def template_pieces(tokenizer) -> list[str]:
+    """The text the template writes around the sentinel contents, with and (where allowed) without a system turn."""
+    from jinja2 import TemplateError
+
+    pieces = []
+    for system in (True, False):
+        try:
+            text = tokenizer.apply_chat_template(conversation(system), tokenize=False)
+        except TemplateError:
+            continue  # a template without a system role
+        for i in range(5):
+            before, _, text = text.partition(SENTINEL.format(i))
+            pieces.append(before)
+        pieces.append(text)
+    return pieces
+
+
+def special_ids(tokenizer, text: str) -> list[int]:
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return [i for i in tokenizer(text, add_special_tokens=False).input_ids if i in special]
+
+
+def formatting_token_ids(tokenizer) -> list[int]:
+    """Special tokens the template writes around contents, and the tokens that end a turn. Only special tokens:
+    an ordinary token the template also writes (a newline, the word "assistant") occurs inside contents too, and
+    masking it by id would mask the response's own text."""
+    found = {i for piece in template_pieces(tokenizer) for i in special_ids(tokenizer, piece)}
+    return sorted(found | stop_token_ids(tokenizer)) if found else []
+
+
+def end_of_turn_id(tokenizer, where: str) -> int:
+    """The first special token the template writes after an assistant's content."""
+    text = render_or_refuse(tokenizer, conversation(False)[:2], where)
+    after = special_ids(tokenizer, text.rpartition(SENTINEL.format(2))[2])
+    if not after:
+        raise InputError(f"{where}: its chat template writes no special token after an assistant turn, so "
+                         "generation could not tell where a turn ends")
+    return after[0]
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """Where a sample ends: the template's end of turn, the tokenizer's EOS, and Llama 3's end of a tool-call step."""
+    eom = tokenizer.get_vocab().get("<|eom_id|>")
+    return {end_of_turn_id(tokenizer, tokenizer.name_or_path), tokenizer.eos_token_id, eom} - {None}
+
+
+PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")  # reserved pads of common families
+
+
+def ensure_pad_token(tokenizer, where: str) -> str:
+    """Give the tokenizer a pad token if it has none, the same way in every stage, and say which: its own; else a
+    reserved pad token its vocabulary already has (Llama 3's `<|finetune_right_pad_id|>`); else its EOS. Padded
+    positions are masked out of attention and loss, so the choice changes no result, only whether it runs."""
+    if tokenizer.pad_token is not None:
+        return "own"
+    vocab = tokenizer.get_vocab()
+    token = next((t for t in PAD_CANDIDATES if t in vocab), tokenizer.eos_token)
+    if token is None:
+        raise InputError(f"{where}: the tokenizer has neither a pad token nor an EOS token to pad with")
+    tokenizer.pad_token = token
+    return token
+
+
+def load_tokenizer(path, where: str | None = None):
+    """The model's tokenizer as every stage uses it: with a pad token (ensure_pad_token), which it records in
+    `tokenizer.pad_choice` for the stage's statistics."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.pad_choice = ensure_pad_token(tokenizer, where or str(path))
+    return tokenizer
