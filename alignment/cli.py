@@ -105,16 +105,22 @@ def check_model(name: str, key: str, revision: str | None = None, rev_key: str =
 
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    offline = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") else None
-    try:
-        if not offline:  # one quick connection instead of transformers' minute of retries later
-            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
-    except OSError as e:
-        offline = f"{endpoint.hostname} cannot be reached: {e}"
-    if offline:
+    if offline := hub_offline():
         raise InputError(f"{key}: {name!r} is a Hub id that is not in the local cache, and this machine is offline "
                          f"({offline}); download it first or give a local model folder")
+
+
+def hub_offline() -> str | None:
+    """Why the Hub cannot be used (HF_HUB_OFFLINE, or no connection), or None: one quick connection instead of
+    a minute of retries inside transformers or datasets later."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", ""):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+    except OSError as e:
+        return f"{endpoint.hostname} cannot be reached: {e}"
+    return None
 
 
 def check_reward_model(path: str, revision: str | None = None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 
 class InputError(Exception):
@@ -48,9 +48,70 @@ class ModelSource(str, Enum):
     best = "best"  # teacher: the best model so far by held-out accuracy, the fixed teacher or a promoted student
 
 
+class PromptColumns(Strict):
+    """Which column of the source holds each field of a prompt row (alignment/prompts.py)."""
+
+    prompt_id: str | None = Field("prompt_id", description="each row's unique id (a string); null: an id hashed "
+                                  "from the row's content, the same for the same content on any machine")
+    messages: str = Field("messages", description="the conversation to answer: a list of {role, content}")
+    prompt: str | None = Field(None, description="instead of `messages`: a column of text, sent as one user message")
+    answer: str = Field("answer", description="the reference answer (a string) that answer verifiers check")
+    tests: str = Field("tests", description="the Python tests (a string) that code verifiers run")
+    capability: str = Field("capability", description="picks the teacher's system prompt and the verifiers")
+
+
+class PromptSource(Strict):
+    """Prompts from a local file or folder, or a Hugging Face Hub dataset, read with `datasets`."""
+
+    path: Path | None = Field(None, description="a JSONL, Parquet or Arrow file, a folder of them, or a "
+                              "`save_to_disk` folder")
+    dataset: str | None = Field(None, description="instead of `path`: a Hub dataset id (org/name)")
+    revision: str | None = Field(None, description="the Hub dataset's commit (40 hex digits), so that every run "
+                                 "reads the same rows; required with `dataset`")
+    name: str | None = Field(None, description="the Hub dataset's configuration (subset), if it has several")
+    split: str | None = Field(None, description="the split to read: required with `dataset`; for a `save_to_disk` "
+                              "folder holding several splits, which one")
+    columns: PromptColumns = Field(PromptColumns(), description="the columns holding each field of a prompt row")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, value):  # `train_path: data/x.jsonl`, as recipes have always written it
+        return {"path": value} if isinstance(value, (str, Path)) else value
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):  # a plain path stays a path: in manifests, and in the fingerprints that hash them
+        return str(self.path) if self.is_path else handler(self)
+
+    @property
+    def is_path(self) -> bool:
+        return self.dataset is None and self.split is None and self.columns == PromptColumns()
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.path is None) == (self.dataset is None):
+            raise ValueError("give exactly one of `path` (a local file or folder) and `dataset` (a Hub id)")
+        if self.dataset is None and (self.revision or self.name):
+            raise ValueError("`revision` and `name` belong to a Hub `dataset`; a local `path` has neither")
+        if self.dataset is not None and not (self.split and re.fullmatch(r"[0-9a-f]{40}", self.revision or "")):
+            raise ValueError(f"Hub dataset {self.dataset!r} needs `split` and `revision`, its commit hash (40 hex "
+                             "digits: a branch or tag can move, and the rows with it)")
+        return self
+
+    def __str__(self) -> str:  # how errors and manifests name the source
+        if self.path is not None:
+            return str(self.path)
+        return f"{self.dataset}{f'/{self.name}' if self.name else ''}@{self.revision[:12]} split {self.split}"
+
+
+PROMPT_SOURCE = ("a path (the project's JSONL, a Parquet or Arrow file, a folder of them, a save_to_disk folder), "
+                 "or a section: {path or dataset, revision, split, name, columns}")
+
+
 class PromptsConfig(Strict):
-    train_path: Path = Field(description="JSONL prompt file the teacher answers; rows need prompt_id and messages")
-    eval_path: Path = Field(description="held-out JSONL prompt file for evaluation; never reaches training")
+    train_path: PromptSource = Field(description=f"prompts the teacher answers: {PROMPT_SOURCE}; rows need "
+                                     "prompt_id and messages (or columns that give them)")
+    eval_path: PromptSource = Field(description=f"held-out prompts for evaluation, never reaching training: "
+                                    f"{PROMPT_SOURCE}")
     num_prompts: int = Field(gt=0, description="prompts drawn from train_path each round (seeded by seed and round)")
     retry_failed: bool = Field(False, description="add the prompts on which every sample of the previous round "
                                "failed its verifiers (select's failed_prompts.jsonl) to this round's draw")
@@ -59,7 +120,7 @@ class PromptsConfig(Strict):
 class StudentConfig(Strict):
     source: ModelSource = Field(description="where round 1's input model comes from: bootstrap or path")
     model_name_or_path: str | None = Field(None, description="the model when source is path")
-    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
+    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 hex digits; a branch or tag moves), recorded in the manifests; required for a Hub id")
 
     @model_validator(mode="after")
     def _check(self):
@@ -100,7 +161,7 @@ class TeacherConfig(Strict):
                                 "bootstrap's teacher) or a student a round promoted")
     model_name_or_path: str | None = Field(None, description="the model when source is path; with existing "
                                            "endpoints, the model name they serve")
-    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
+    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 hex digits; a branch or tag moves), recorded in the manifests; required for a Hub id")
     backend: Backend = Field(Backend.transformers, description="generation engine: transformers, vllm or openai")
     batch_size: int = Field(64, gt=0, description="transformers backend: prompts per generate call")
     shard_size: int = Field(256, gt=0, description="requests per engine call (vllm, transformers); results are "
@@ -223,7 +284,7 @@ class RewardModelConfig(Strict):
                                       "reward_model stage trained (the verifier-only reward is used in round 1)")
     model_name_or_path: str | None = Field(None, description="a sequence-classification reward model (one label) "
                                            "with a chat template, when source is path")
-    revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
+    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 hex digits; a branch or tag moves), recorded in the manifests; required for a Hub id")
     batch_size: int = Field(32, gt=0, description="conversations per forward pass")
     sort_by_length: bool = Field(True, description="batch conversations of similar length together, so batches "
                                  "pad little (bench/README.md); scores return in input order either way")
@@ -459,7 +520,7 @@ class DPOTrainingConfig(TrainerConfig):
                                          "every loss term on chosen and rejected responses, as Llama 3 did")
     ref_model_name_or_path: str | None = Field(None, description="the reference model; null: the round's SFT "
                                                "model, the policy's own starting point")
-    ref_model_revision: str | None = Field(None, pattern=r"^[A-Za-z0-9._/-]+$", description="Hub model: the commit (or tag) to load, recorded in the manifests; required for a Hub id, so a rerun loads the same weights")
+    ref_model_revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 hex digits; a branch or tag moves), recorded in the manifests; required for a Hub id")
     precompute_ref_log_probs: bool = Field(True, description="reference log-probabilities in one pass before "
                                            "training instead of a second model at every step (TRL's default): "
                                            "0.73-0.76x the step time on a 1B Llama (bench/README.md)")

@@ -41,15 +41,14 @@ def check_chat_templates(tokenizers: dict[str, object], conversations: dict[str,
                     f"{ref_name} has {ref.decode(ref_ids[at:at + 4])!r}.\n  {ref_name}: {ref_text!r}\n  {name}: {text!r}")
 
 
-def check_prompt_lengths(path, model: str, tokenizer, max_new_tokens: int, key: str, system_prompts: dict[str, str],
+def check_prompt_lengths(source, model: str, tokenizer, max_new_tokens: int, key: str, system_prompts: dict[str, str],
                          max_model_len: int | None = None) -> None:
-    """Before generating: every prompt of the file, with its system prompt and the `key` tokens it may add, fits
-    the model's context; else the file and line of the first that does not. (A 1 MB prompt once reached the engine
-    and took 6 GB before failing.)"""
-    import json
-
+    """Before generating: every prompt of the source, with its system prompt and the `key` tokens it may add, fits
+    the model's context; else the file and line (or row) of the first that does not. (A 1 MB prompt once reached
+    the engine and took 6 GB before failing.)"""
     from transformers import AutoConfig
 
+    from alignment.prompts import read_prompts
     from alignment.stages.generate import system_prompt_for
 
     context = min(n for n in (getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None),
@@ -57,17 +56,14 @@ def check_prompt_lengths(path, model: str, tokenizer, max_new_tokens: int, key: 
     budget = context - max_new_tokens
     overhead = len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
                                                            add_generation_prompt=True)).input_ids)
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            system = system_prompt_for(row, system_prompts)
-            messages = ([{"role": "system", "content": system}] if system else []) + row["messages"]
-            if sum(len(m["content"].encode()) + 16 for m in messages) + overhead <= budget:
-                continue  # no tokenizer makes more tokens than UTF-8 bytes (16 for a header): it fits untokenized
-            n = len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                              add_special_tokens=False).input_ids)
-            if n > budget:
-                raise InputError(f"{path}:{lineno}: prompt {row.get('prompt_id')!r} is {n} tokens; with {key}="
-                                 f"{max_new_tokens} it does not fit {model}'s context of {context} tokens")
+    prompts = read_prompts(source)
+    for i, row in enumerate(prompts):
+        system = system_prompt_for(row, system_prompts)
+        messages = ([{"role": "system", "content": system}] if system else []) + row["messages"]
+        if sum(len(m["content"].encode()) + 16 for m in messages) + overhead <= budget:
+            continue  # no tokenizer makes more tokens than UTF-8 bytes (16 for a header): it fits untokenized
+        n = len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                          add_special_tokens=False).input_ids)
+        if n > budget:
+            raise InputError(f"{prompts.where(i)}: prompt {row['prompt_id']!r} is {n} tokens; with {key}="
+                             f"{max_new_tokens} it does not fit {model}'s context of {context} tokens")

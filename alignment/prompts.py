@@ -1,69 +1,280 @@
-"""Prompt files: JSONL, one conversation to answer per line, each with a unique `prompt_id`.
+"""Prompt sources: the conversations to answer, one row each with a unique `prompt_id`.
 
     {"prompt_id": "arith-train-00000", "messages": [{"role": "user", "content": "What is 2 + 80?"}], "answer": "82"}
 
 `answer` is needed only when a verifier scores the task; `capability` (optional, e.g. "math", "code") picks the
-teacher's system prompt from the recipe's `teacher.system_prompts`. Every problem is reported with its file and line.
+teacher's system prompt from the recipe's `teacher.system_prompts`. A source is the project's JSONL, a Parquet or
+Arrow file, a folder of them, a `save_to_disk` folder or a Hub dataset (`alignment.config.PromptSource`), with
+`columns` saying which column holds each field.
+
+`read_prompts` checks every row once, naming the file and line (JSONL) or row and column of the first problem, and
+returns a `Prompts` sequence that holds only an index: JSONL rows by byte offset (so every file valid before stays
+valid, and keeps its line numbers), the others as `datasets` Arrow tables, memory-mapped. A row becomes a Python
+dict only when asked for (`prompts.take(indices)`, `prompts.by_id(ids)`, iteration).
 """
 
 from __future__ import annotations
 
 import json
+from array import array
+from bisect import bisect_right
+from collections.abc import Sequence
 from pathlib import Path
 
 from alignment.chat import ROLES
-from alignment.config import InputError
+from alignment.config import InputError, PromptColumns, PromptSource
+from alignment.manifest import hash_file, hash_json
+
+TABLES = {".parquet": "parquet", ".arrow": "arrow"}  # any other file is read as JSONL, as it always was
+BATCH = 10_000
 
 
-def read_prompts(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: prompt file " + ("is a folder; expected a JSONL file" if path.is_dir()
-                                                    else "does not exist"))
-    rows, seen = [], {}
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8")
-                row = json.loads(line) if line.strip() else None
-            except UnicodeDecodeError as e:
-                raise InputError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON: {e.msg}") from None
-            except RecursionError:
-                raise InputError(f"{where}: JSON nested too deeply") from None
-            if row is None:
-                continue
-            if not isinstance(row, dict):
-                raise InputError(f"{where}: expected a JSON object")
-            pid = row.get("prompt_id")
-            if not isinstance(pid, str) or not pid.strip():
-                raise InputError(f"{where}: missing prompt_id (a non-empty string)")
-            if pid in seen:
-                raise InputError(f"{where}: duplicate prompt_id {pid!r} (first on line {seen[pid]})")
-            seen[pid] = lineno
-            messages = row.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise InputError(f"{where}: prompt {pid!r}: messages must be a non-empty list")
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or m.get("role") not in ROLES:
-                    raise InputError(f"{where}: prompt {pid!r}: messages[{i}].role must be one of {ROLES}")
-                if not isinstance(m.get("content"), str) or not m["content"].strip():
-                    raise InputError(f"{where}: prompt {pid!r}: messages[{i}].content is empty")
-            if messages[-1]["role"] == "assistant":
-                raise InputError(f"{where}: prompt {pid!r}: the last message must not be the assistant's")
-            if "capability" in row and not (isinstance(row["capability"], str) and row["capability"].strip()):
-                raise InputError(f"{where}: prompt {pid!r}: capability must be a non-empty string (it picks the "
-                                 "teacher's system prompt)")
-            for key in ("answer", "tests"):  # verifiers read strings: a JSON number would go silently unscored
-                if key in row and not isinstance(row[key], str):
-                    raise InputError(f"{where}: prompt {pid!r}: {key} must be a string, got "
-                                     f"{type(row[key]).__name__} {json.dumps(row[key])[:40]}")
-            rows.append(row)
-    if not rows:
-        raise InputError(f"{path}: prompt file has no rows")
-    return rows
+def source_files(path: Path) -> tuple[str, list[Path]]:
+    """The format of a local source (jsonl, parquet, arrow or save_to_disk) and its files."""
+    if path.is_file():
+        return TABLES.get(path.suffix, "jsonl"), [path]
+    if not path.is_dir():
+        raise InputError(f"{path}: prompt file does not exist")
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return "save_to_disk", files
+    files = [p for p in files if p.suffix in (".jsonl", ".json", *TABLES)]
+    kinds = {TABLES.get(p.suffix, "jsonl") for p in files}
+    if len(kinds) != 1:
+        raise InputError(f"{path}: a prompt folder holds .jsonl, .parquet or .arrow files of one kind, or a "
+                         f"save_to_disk dataset; this one has {sorted(kinds) or 'none of them'}")
+    return kinds.pop(), files
+
+
+def source_identity(source: PromptSource | Path, key: str) -> dict:
+    """A prompt source as a stage input: where it is and what identifies it (the bytes of its files; a Hub
+    dataset's pinned revision). "source" carries a section to the stage; a plain path goes as the path."""
+    source = PromptSource.model_validate(source)
+    dump = None if source.is_path else source.model_dump(mode="json")
+    if source.dataset:
+        return {"path": str(source), "hash": hash_json(dump), "source": dump}
+    if not source.path.exists():
+        raise InputError(f"{key}: {source.path} does not exist")
+    files = source_files(source.path)[1]
+    digest = hash_file(source.path) if source.path.is_file() else hash_json(
+        [[str(p.relative_to(source.path)), hash_file(p)] for p in files])
+    if dump is None:
+        return {"path": str(source.path), "hash": digest}
+    return {"path": str(source.path), "hash": hash_json({"files": digest, **dump}), "source": dump}
+
+
+# --- readers: raw rows by index, and where each one is ----------------------------------------------------------
+
+
+class JsonlRows:
+    """JSONL rows by byte offset: `scan` reads every line once; `raw` reads again only the lines asked for."""
+
+    def __init__(self, files: list[Path]):
+        self.files, self.file, self.offset, self.line = files, array("I"), array("q"), array("I")
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+    def where(self, i: int) -> str:
+        return f"{self.files[self.file[i]]}:{self.line[i]}"
+
+    def scan(self):
+        for k, path in enumerate(self.files):
+            with open(path, "rb") as f:
+                offset = 0
+                for lineno, raw in enumerate(f, 1):
+                    where, start, offset = f"{path}:{lineno}", offset, offset + len(raw)
+                    try:
+                        line = raw.decode("utf-8")
+                        row = json.loads(line) if line.strip() else None
+                    except UnicodeDecodeError as e:
+                        raise InputError(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{where}: not valid JSON: {e.msg}") from None
+                    except RecursionError:
+                        raise InputError(f"{where}: JSON nested too deeply") from None
+                    if row is None:
+                        continue
+                    if not isinstance(row, dict):
+                        raise InputError(f"{where}: expected a JSON object")
+                    self.file.append(k), self.offset.append(start), self.line.append(lineno)
+                    yield row
+
+    def raw(self, indices) -> list[dict]:
+        handles = {}
+        try:
+            out = []
+            for i in indices:
+                f = handles.get(self.file[i]) or handles.setdefault(self.file[i], open(self.files[self.file[i]], "rb"))
+                f.seek(self.offset[i])
+                out.append(json.loads(f.readline()))
+            return out
+        finally:
+            for f in handles.values():
+                f.close()
+
+
+class TableRows:
+    """Rows of `datasets` tables (memory-mapped Arrow), one per file, read as one; `where` names the file's row."""
+
+    def __init__(self, parts: list[tuple[str, object]], columns: dict[str, str]):
+        from datasets import concatenate_datasets
+
+        for label, ds in parts:
+            for column, key in columns.items():
+                if column not in ds.column_names:
+                    raise InputError(f"{label}: no column {column!r} for columns.{key} (it has {ds.column_names}); "
+                                     "`columns` in the prompt source says which column holds each field")
+        self.labels = [label for label, _ in parts]
+        self.starts = [0]
+        for _, ds in parts:
+            self.starts.append(self.starts[-1] + len(ds))
+        tables = [ds.select_columns(list(columns)) for _, ds in parts]
+        self.ds = tables[0] if len(tables) == 1 else concatenate_datasets(tables)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def where(self, i: int) -> str:
+        k = bisect_right(self.starts, i) - 1
+        return f"{self.labels[k]}: row {i - self.starts[k]}"
+
+    def scan(self):
+        for batch in self.ds.iter(batch_size=BATCH):
+            yield from self._rows(batch)
+
+    def raw(self, indices) -> list[dict]:
+        return list(self._rows(self.ds[list(indices)])) if len(indices) else []
+
+    @staticmethod
+    def _rows(batch: dict) -> list[dict]:  # Arrow has no missing keys, only nulls: a null is an absent field
+        return [{k: v for k, v in zip(batch, values) if v is not None} for values in zip(*batch.values())]
+
+
+def open_rows(source: PromptSource):
+    kind, files = ("hub", []) if source.dataset else source_files(source.path)
+    if kind == "jsonl":
+        return JsonlRows(files)
+    import datasets
+
+    datasets.disable_progress_bars()
+    cols = source.columns
+    required = {"prompt_id": cols.prompt_id, "prompt" if cols.prompt else "messages": cols.prompt or cols.messages}
+    required |= {k: getattr(cols, k) for k in ("answer", "tests", "capability") if getattr(cols, k) != k}
+
+    def table(parts):  # the columns the recipe maps, and the optional ones under their own names if present
+        optional = {getattr(cols, k): k for k in ("answer", "tests", "capability") if getattr(cols, k) in
+                    parts[0][1].column_names}
+        return TableRows(parts, optional | {c: k for k, c in required.items() if c})
+
+    if source.dataset:
+        from alignment.cli import hub_offline
+
+        if why := hub_offline():
+            raise InputError(f"prompt source {source}: a Hub dataset, and this machine is offline ({why}); where "
+                             "there is a network, `datasets.load_dataset(...).save_to_disk(DIR)` and give `path: DIR`")
+    try:
+        if kind == "hub":
+            return table([(str(source), datasets.load_dataset(source.dataset, source.name, revision=source.revision,
+                                                              split=source.split))])
+        if kind != "save_to_disk":
+            return table([(str(f), datasets.load_dataset(kind, data_files=[str(f)], split="train")) for f in files])
+        ds = datasets.load_from_disk(str(source.path))
+    except (OSError, ValueError, IndexError, datasets.exceptions.DatasetGenerationError) as e:  # (IndexError: an
+        # empty save_to_disk dataset, in datasets 5.2)
+        raise InputError(f"{source}: cannot read it as {kind}: {str(e).splitlines()[0]}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if source.split not in ds:
+            raise InputError(f"{source.path}: a save_to_disk dataset with splits {list(ds)}; set `split` to one")
+        return table([(f"{source.path} split {source.split}", ds[source.split])])
+    return table([(str(source.path), ds)])
+
+
+# --- rows: the recipe's columns mapped to a prompt row, and checked ---------------------------------------------
+
+
+def to_row(raw: dict, cols: PromptColumns) -> dict:
+    row = {"messages": [{"role": "user", "content": raw.get(cols.prompt)}] if cols.prompt else raw.get(cols.messages)}
+    if isinstance(row["messages"], list):  # Arrow gives every message every struct field: drop the null ones
+        row["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
+                           for m in row["messages"]]
+    row.update((key, raw[getattr(cols, key)]) for key in ("answer", "tests", "capability") if getattr(cols, key) in raw)
+    return {"prompt_id": raw.get(cols.prompt_id) if cols.prompt_id else content_id(row), **row}
+
+
+def content_id(row: dict) -> str:
+    """An id made from the row's content: the same content gets the same id on any machine."""
+    return "h" + hash_json(row)[:20]
+
+
+def check_row(row: dict, where: str, cols: PromptColumns) -> None:
+    def name(key):  # the field, and its column when the recipe maps it to another
+        column = cols.prompt if key == "messages" and cols.prompt else getattr(cols, key)
+        return key if column == key else f"{key} (column {column!r})"
+
+    pid = row.get("prompt_id")
+    if not isinstance(pid, str) or not pid.strip():
+        raise InputError(f"{where}: missing {name('prompt_id')} (a non-empty string)")
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f"{where}: prompt {pid!r}: {name('messages')} must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise InputError(f"{where}: prompt {pid!r}: {name('messages')}[{i}].role must be one of {ROLES}")
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            raise InputError(f"{where}: prompt {pid!r}: {name('messages')}[{i}].content is empty")
+    if messages[-1]["role"] == "assistant":
+        raise InputError(f"{where}: prompt {pid!r}: the last message must not be the assistant's")
+    if "capability" in row and not (isinstance(row["capability"], str) and row["capability"].strip()):
+        raise InputError(f"{where}: prompt {pid!r}: {name('capability')} must be a non-empty string (it picks the "
+                         "teacher's system prompt)")
+    for key in ("answer", "tests"):  # verifiers read strings: a number would go silently unscored
+        if key in row and not isinstance(row[key], str):
+            raise InputError(f"{where}: prompt {pid!r}: {name(key)} must be a string, got "
+                             f"{type(row[key]).__name__} {json.dumps(row[key], default=str)[:40]}")
+
+
+class Prompts(Sequence):
+    """A checked prompt source: `len`, rows by index (`take`) or id (`by_id`), iteration in batches."""
+
+    def __init__(self, source: PromptSource):
+        self.source, self.cols, self.rows = source, source.columns, open_rows(source)
+        self.ids: dict[str, int] = {}  # prompt_id -> index: the only per-row state kept besides the reader's index
+        for i, raw in enumerate(self.rows.scan()):
+            row = to_row(raw, self.cols)
+            check_row(row, self.rows.where(i), self.cols)
+            first = self.ids.setdefault(row["prompt_id"], i)
+            if first != i:
+                same = "; ids are hashed from the content, so the same prompt" if self.cols.prompt_id is None else ""
+                raise InputError(f"{self.rows.where(i)}: duplicate prompt_id {row['prompt_id']!r} (first at "
+                                 f"{self.rows.where(first)}{same})")
+        if not self.ids:
+            raise InputError(f"{source}: prompt source has no rows")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def where(self, i: int) -> str:
+        return self.rows.where(i)
+
+    def take(self, indices) -> list[dict]:
+        return [to_row(raw, self.cols) for raw in self.rows.raw(indices)]
+
+    def __getitem__(self, i):
+        return self.take(range(len(self))[i]) if isinstance(i, slice) else self.take([range(len(self))[i]])[0]
+
+    def __iter__(self):
+        for start in range(0, len(self), BATCH):
+            yield from self.take(range(start, min(start + BATCH, len(self))))
+
+    def by_id(self, ids) -> dict[str, dict]:
+        """The rows of those ids that the source has (the caller names the missing ones)."""
+        found = [pid for pid in dict.fromkeys(ids) if pid in self.ids]
+        return dict(zip(found, self.take([self.ids[pid] for pid in found])))
+
+
+def read_prompts(source: PromptSource | Path | str) -> Prompts:
+    return Prompts(PromptSource.model_validate(source))
 
 
 def content_key(messages: list[dict]) -> str:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates, check_prompt_lengths
-from alignment.manifest import hash_file, hash_json, read_manifest, write_json_atomic
+from alignment.manifest import hash_json, read_manifest, write_json_atomic
 from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
-from alignment.prompts import read_prompts
+from alignment.prompts import read_prompts, source_identity
 from alignment.seeding import model_identity
 from alignment.template import end_of_turn_id, load_tokenizer
 from alignment.stage_table import (EVAL_STAGES, STAGES, File, Model, Upstream, hashed_config, reward_model,
@@ -80,11 +80,9 @@ def identity(recipe: Recipe, spec) -> dict:
             raise InputError(f"{spec.why}: {folder} has no manifest.json (that stage has not completed)")
         out = m["outputs"][spec.output]
         return {"path": os.path.normpath(folder / out), "hash": f"{m['fingerprint']}:{spec.output}"}
-    if isinstance(spec, File):
-        if not spec.path.is_file():
-            raise InputError(f"{spec.key}: {spec.path} does not exist")
-        return {"path": str(spec.path), "hash": hash_file(spec.path)}
-    if spec.revision:  # a pinned hub model: the stage loads that commit's snapshot (runner.input_path)
+    if isinstance(spec, File):  # a prompt source (a file, a folder, a Hub dataset) or a preference file
+        return source_identity(spec.path, spec.key)
+    if spec.revision:  # a pinned hub model: the stage loads that commit's snapshot (runner.input_value)
         return {"path": spec.name, "revision": spec.revision, "hash": hash_json([spec.name, spec.revision])}
     return {"path": spec.name, "hash": model_identity(spec.name)}
 

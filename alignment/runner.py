@@ -16,19 +16,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from alignment.backends import GenerationError
-from alignment.config import InputError
+from alignment.config import InputError, PromptSource
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
 from alignment.stage_table import STAGES, StageConfig
 
 
-def input_path(identity: dict) -> Path:
-    """Where the stage reads an input: a pinned hub model from its commit's snapshot (fetched once into the hub
-    cache), so every `from_pretrained` in the stage loads exactly that revision."""
-    if "revision" not in identity:
-        return Path(identity["path"])
-    from huggingface_hub import snapshot_download
+def input_value(x: dict) -> Path | PromptSource:
+    """An input as the stage receives it: a path; the prompt source section the recipe gave; or, for a pinned hub
+    model, its commit's snapshot (fetched once into the hub cache), so every `from_pretrained` in the stage loads
+    exactly that revision."""
+    if "source" in x:
+        return PromptSource.model_validate(x["source"])
+    if "revision" in x:
+        from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(identity["path"], revision=identity["revision"]))
+        return Path(snapshot_download(x["path"], revision=x["revision"]))
+    return Path(x["path"])
 
 
 def run_job(job_path: Path) -> dict:
@@ -38,7 +41,7 @@ def run_job(job_path: Path) -> dict:
     stage = importlib.import_module(f"alignment.stages.{job['stage']}")  # a fixed name from the table, never YAML
     cfg = StageConfig(job["stage"], job["config"])  # the declared sections only
     out_dir = job_path.parent
-    inputs = {name: [input_path(x) for x in v] if isinstance(v, list) else input_path(v)
+    inputs = {name: [input_value(x) for x in v] if isinstance(v, list) else input_value(v)
               for name, v in job["inputs"].items()}
     start = time.time()
     result = stage.run(cfg, inputs, out_dir, job["round"])

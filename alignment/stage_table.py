@@ -15,7 +15,7 @@ from typing import Callable
 
 from pydantic import TypeAdapter
 
-from alignment.config import InputError, ModelSource, Recipe, RewardModelSource
+from alignment.config import InputError, ModelSource, PromptSource, Recipe, RewardModelSource
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Upstream:
 
 @dataclass(frozen=True)
 class File:
-    path: Path
+    path: Path | PromptSource  # a prompt source may be a folder or a Hub dataset
     key: str  # the recipe key that names it
 
 

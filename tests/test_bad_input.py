@@ -70,7 +70,8 @@ def test_values_that_cannot_be_meant_are_refused_by_key(override, key):
 def test_unreadable_files_and_overrides_are_one_clear_line(tmp_path, capsys):
     assert "not UTF-8 text (byte 7)" in error(capsys, "validate", recipe_file(tmp_path, b"name: \xff\xfe\n"))
     tiny = str(ROOT / "recipes/tiny.yaml")
-    assert "is a folder; expected a JSONL file" in error(capsys, "validate", tiny, f"prompts.train_path={tmp_path}")
+    assert "a prompt folder holds .jsonl, .parquet or .arrow files of one kind, or a save_to_disk dataset; this one " \
+        "has none of them" in error(capsys, "validate", tiny, f"prompts.train_path={tmp_path}")
     err = error(capsys, "validate", tiny, "sampling.num_samples=[1,2")
     assert "override 'sampling.num_samples=[1,2': the value is not plain YAML" in err
     err = error(capsys, "validate", tiny, "sampling.num_samples=!!python/object/apply:os.system [echo hi]")
@@ -174,7 +175,7 @@ def test_a_hub_id_must_be_pinned_and_an_uncached_one_offline_fails_at_once(overr
     assert f"{key}: 'some-org/some-model' is a Hub id without a pinned revision; set {rev_key}" in err
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.time()
-    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), *overrides, f"{rev_key}=abc123")
+    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), *overrides, f"{rev_key}={'ab' * 20}")
     assert f"{key}: 'some-org/some-model' is a Hub id that is not in the local cache" in err
     assert "HF_HUB_OFFLINE is set" in err
     assert time.time() - start < 30  # not transformers' minute of retries (a loose bound: the machine is shared)
@@ -183,7 +184,7 @@ def test_a_hub_id_must_be_pinned_and_an_uncached_one_offline_fails_at_once(overr
 def test_a_pinned_hub_model_loads_from_its_commits_snapshot_and_the_manifest_records_the_revision(tmp_path, monkeypatch):
     """A hub cache laid out as huggingface_hub writes it, offline: the stage reads that commit's folder."""
     from alignment.round import identity
-    from alignment.runner import input_path
+    from alignment.runner import input_value
     from alignment.stage_table import Model
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -199,7 +200,7 @@ def test_a_pinned_hub_model_loads_from_its_commits_snapshot_and_the_manifest_rec
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     got = identity(None, Model("some-org/some-model", "student.model_name_or_path", commit))
     assert got["path"] == "some-org/some-model" and got["revision"] == commit
-    assert input_path(got) == snap
+    assert input_value(got) == snap
     other = identity(None, Model("some-org/some-model", "student.model_name_or_path", "f" * 40))
     assert other["hash"] != got["hash"]  # another commit is another input: the stage is stale
 

@@ -17,7 +17,7 @@ def write(tmp_path, rows):
 @pytest.mark.parametrize("bad,line,message", [
     ({"messages": GOOD["messages"]}, 2, "missing prompt_id"),
     ({**GOOD, "prompt_id": ""}, 2, "missing prompt_id"),
-    ({**GOOD}, 2, "duplicate prompt_id 'a' (first on line 1)"),
+    ({**GOOD}, 2, "duplicate prompt_id 'a' (first at {p}:1)"),
     ({**GOOD, "prompt_id": "b", "messages": []}, 2, "messages must be a non-empty list"),
     ({**GOOD, "prompt_id": "b", "messages": [{"role": "user", "content": "  "}]}, 2, "messages[0].content is empty"),
     ({**GOOD, "prompt_id": "b", "messages": [{"role": "robot", "content": "hi"}]}, 2, "messages[0].role"),
@@ -27,7 +27,7 @@ def test_bad_rows_are_rejected_with_their_line(tmp_path, bad, line, message):
     p = write(tmp_path, [GOOD, bad])
     with pytest.raises(InputError) as e:
         read_prompts(p)
-    assert str(e.value).startswith(f"{p}:{line}: ") and message in str(e.value)
+    assert str(e.value).startswith(f"{p}:{line}: ") and message.format(p=p) in str(e.value)
 
 
 def test_shipped_splits_are_disjoint_by_question():

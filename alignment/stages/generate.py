@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from alignment.backends import make_requests, open_backend, send
-from alignment.prompts import read_jsonl, read_prompts, write_jsonl
+from alignment.prompts import Prompts, read_jsonl, read_prompts, write_jsonl
 from alignment.seeding import model_identity, request_seed
 from alignment.shards import load_shards
 from alignment.stage_table import StageConfig
@@ -28,12 +28,12 @@ from alignment.stages.result import StageResult
 from alignment.stats import describe
 
 
-def draw_round_prompts(rows: list[dict], num_prompts: int, seed: int, round_n: int) -> list[dict]:
-    """A seeded draw without replacement; all rows when the file has no more than asked for."""
-    if num_prompts >= len(rows):
-        return rows
-    rng = random.Random(f"{seed}-round-{round_n}")
-    return rng.sample(rows, num_prompts)
+def draw_round_prompts(prompts: Prompts, num_prompts: int, seed: int, round_n: int) -> list[dict]:
+    """A seeded draw without replacement, of indices: only the drawn rows are read (they are the rows that
+    `random.sample` of a list of all rows would pick). All rows when the source has no more than asked for."""
+    if num_prompts >= len(prompts):
+        return list(prompts)
+    return prompts.take(random.Random(f"{seed}-round-{round_n}").sample(range(len(prompts)), num_prompts))
 
 
 def system_prompt_for(prompt: dict, system_prompts: dict[str, str]) -> str | None:

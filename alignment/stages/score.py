@@ -23,8 +23,8 @@ from alignment.stats import describe
 
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.reward
-    prompts = {p["prompt_id"]: p for p in read_prompts(inputs["prompts"])}
     samples = read_jsonl(inputs["samples"])
+    prompts = read_prompts(inputs["prompts"]).by_id(r["prompt_id"] for r in samples)
     missing = {r["prompt_id"] for r in samples} - prompts.keys()
     if missing:
         raise InputError(f"{inputs['samples']}: {len(missing)} prompt ids not in {inputs['prompts']}, "

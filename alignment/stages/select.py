@@ -238,11 +238,11 @@ def plot(out: Path, pairs: list[dict], acceptance: list[float]) -> list[str]:
 
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.select
-    prompts = {p["prompt_id"]: p for p in read_prompts(inputs["prompts"])}
     rows = join_by_key(read_jsonl(inputs["samples"]), read_jsonl(inputs["scores"]))
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         groups[r["prompt_id"]].append(r)
+    prompts = read_prompts(inputs["prompts"]).by_id(groups)
 
     drops: Counter = Counter()
     stats: dict = {}
