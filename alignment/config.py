@@ -289,6 +289,9 @@ class RewardModelConfig(Strict):
     sort_by_length: bool = Field(True, description="batch conversations of similar length together, so batches "
                                  "pad little (bench/README.md); scores return in input order either way")
     weight: float = Field(1.0, description="weight of the reward-model score in the reward")
+    backend: Literal["transformers", "vllm"] = Field(
+        "transformers", description="transformers: bf16 on GPU (spread over the GPUs when it does not fit one), "
+        "fp32 on CPU; vllm: vLLM's pooling engine (`classify`), with the teacher's engine settings")
 
     @model_validator(mode="after")
     def _check(self):
@@ -297,6 +300,17 @@ class RewardModelConfig(Strict):
         if self.model_name_or_path == "trained":  # what older recipes wrote: a path field is never a mode
             raise ValueError("model_name_or_path 'trained' is not a model; write `source: trained`")
         return self
+
+
+def one_group(regex: str) -> str:
+    """A judge's verdict regex: it compiles, and its one group is the verdict."""
+    try:
+        groups = re.compile(regex).groups
+    except re.error as e:
+        raise ValueError(f"does not compile: {e}") from None
+    if groups != 1:
+        raise ValueError(f"needs exactly one group (the verdict), it has {groups}")
+    return regex
 
 
 class JudgeConfig(Strict):
@@ -319,16 +333,7 @@ class JudgeConfig(Strict):
             raise ValueError(f"lacks the placeholders {missing}")
         return v
 
-    @field_validator("verdict_regex")
-    @classmethod
-    def _one_group(cls, v: str) -> str:
-        try:
-            groups = re.compile(v).groups
-        except re.error as e:
-            raise ValueError(f"does not compile: {e}") from None
-        if groups != 1:
-            raise ValueError(f"needs exactly one group (the score), it has {groups}")
-        return v
+    _one_group = field_validator("verdict_regex")(classmethod(lambda cls, v: one_group(v)))
 
 
 class ScoringConfig(Strict):
@@ -532,6 +537,28 @@ class DPOTrainingConfig(TrainerConfig):
         return self
 
 
+class PairJudgeConfig(Strict):
+    """The teacher compares a checkpoint's greedy answer with the input model's, through the teacher's backend,
+    once in each order (the checkpoint's answer first, then second), so a judge that favours a position gains
+    nothing."""
+
+    template: str = Field(description="the judge's user message; must contain {prompt}, {response_a} and "
+                          "{response_b}")
+    verdict_regex: str = Field(r"(?i)winner:\s*(A|B|tie)", description="regex with one group: A, B or tie "
+                               "(any case); the last match counts. Replies without one are counted, not fatal")
+    max_new_tokens: int = Field(256, gt=0, le=MAX_TOKENS, description="room for the judge's reasoning")
+
+    @field_validator("template")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        missing = [p for p in ("{prompt}", "{response_a}", "{response_b}") if p not in v]
+        if missing:
+            raise ValueError(f"lacks the placeholders {missing}")
+        return v
+
+    _one_group = field_validator("verdict_regex")(classmethod(lambda cls, v: one_group(v)))
+
+
 class EvalConfig(Strict):
     max_new_tokens: int = Field(gt=0, le=MAX_TOKENS, description="token limit of every answer; hits are reported")
     batch_size: int = Field(64, gt=0, description="prompts per generate call")
@@ -544,6 +571,12 @@ class EvalConfig(Strict):
     lm_eval_include_path: Path | None = Field(None, description="folder of task YAMLs, e.g. ones reading local "
                                               "JSONL so they run without a download")
     lm_eval_limit: int | None = Field(None, gt=0, description="first N documents of each task; all when unset")
+    backend: Backend | None = Field(None, description="engine of the answers and lm-eval tasks: transformers, "
+                                    "vllm (in-process) or openai (a vLLM server the stage starts per model); "
+                                    "null: the teacher's. Models are served one after another")
+    engine: EngineConfig | None = Field(None, description="vLLM settings of eval's engine; null: the teacher's")
+    judge: PairJudgeConfig | None = Field(None, description="the teacher judges each checkpoint's greedy answers "
+                                          "against the input model's: judge_win_rate_vs_input")
 
     @model_validator(mode="after")
     def _check(self):
@@ -727,6 +760,12 @@ class Recipe(Strict):
         if launch.train.nodes > 1 and flat:
             raise ValueError(f"launcher.train.nodes > 1: {flat[0]}.distributed is null, one process on one node; "
                              "set it to ddp, fsdp or zero3")
+        backend, engine = self.eval.backend or self.teacher.backend, self.eval.engine or self.teacher.engine
+        if backend != Backend.transformers and self.eval.engine is None and engine.quantization == "fbgemm_fp8":
+            raise ValueError("eval.engine: null takes the teacher's engine, whose quantization fbgemm_fp8 loads only "
+                             "checkpoints saved with FP8 scales, not the round's checkpoints; set eval.engine")
+        if backend == Backend.vllm and engine.data_parallel_size > 1:
+            raise ValueError("eval: engine.data_parallel_size > 1 needs a server: eval.backend openai")
         return self
 
 

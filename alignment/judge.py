@@ -1,6 +1,7 @@
-"""LLM-as-judge: the teacher grades each sample against the recipe's rubric, greedily, through the same backend the
-generate stage uses (so an endpoint serving the 405B teacher also judges). A reply without a readable verdict is
-counted and scores None; it never stops the stage."""
+"""LLM-as-judge: the teacher grades each sample against the recipe's rubric (score stage), or compares two answers
+(eval: a checkpoint's against the input model's), greedily, through the same backend the generate stage uses (so
+an endpoint serving the 405B teacher also judges). A reply without a readable verdict is counted and scores None;
+it never stops the stage."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 from pathlib import Path
 
 from alignment.backends import Request, open_backend
-from alignment.config import JudgeConfig, TeacherConfig
+from alignment.config import JudgeConfig, PairJudgeConfig, TeacherConfig
 from alignment.manifest import hash_json
 
 
@@ -47,3 +48,25 @@ def judge(cfg: JudgeConfig, teacher: TeacherConfig, model: str, conversations: l
         for i, result in backend.generate(requests):
             verdicts[i] = parse_verdict(cfg, result.completions[0].text)
     return verdicts
+
+
+def pair_requests(cfg: PairJudgeConfig, prompts: list[dict], ours: list[str], theirs: list[str]) -> list[list[dict]]:
+    """Per prompt, two judge conversations: our answer as A, then our answer as B."""
+    def ask(p, a, b):
+        text = (cfg.template.replace("{prompt}", render_prompt(p["messages"])).replace("{response_a}", a)
+                .replace("{response_b}", b))
+        return [{"role": "user", "content": text}]
+
+    return [c for p, o, t in zip(prompts, ours, theirs) for c in (ask(p, o, t), ask(p, t, o))]
+
+
+def pair_wins(cfg: PairJudgeConfig, ours_first: str, ours_second: str) -> float | None:
+    """Our answer's score on one prompt from the two replies (1 won, 0.5 tie, 0 lost), averaged over the orders
+    with a readable verdict (A, B or tie); None when neither has one. A judge that always picks A scores 0.5."""
+    points = []
+    for reply, ours in ((ours_first, "a"), (ours_second, "b")):
+        found = re.findall(cfg.verdict_regex, reply)
+        verdict = found[-1].strip().lower() if found else None
+        if verdict in ("a", "b", "tie"):
+            points.append(0.5 if verdict == "tie" else float(verdict == ours))
+    return sum(points) / len(points) if points else None

@@ -7,42 +7,107 @@ and the combined `reward` the select stage ranks by.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 from alignment import verifiers
-from alignment.config import InputError, ScoringConfig
-from alignment.generation import spread
+from alignment.config import EngineConfig, InputError, RewardModelConfig, ScoringConfig
 from alignment.template import load_tokenizer
 
 
-@torch.inference_mode()
-def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: int,
-                        sort_by_length: bool = True) -> list[float]:
-    """Scalar rewards from a sequence-classification model, rendered with the reward model's own chat template.
+class RewardModel:
+    """A sequence-classification reward model, loaded once per stage and called on every batch of conversations,
+    rendered with its own chat template. In bf16 on GPU, where `device_map="sequential"` fills the first GPU and
+    spreads over the next only what does not fit; in fp32 on CPU, where bf16 is slow.
 
     With `sort_by_length`, conversations are batched in order of length so a batch pads little (K samples of
     one prompt vary a lot in length); scores return in input order either way."""
-    tokenizer = load_tokenizer(path, "reward.reward_model")
-    model = AutoModelForSequenceClassification.from_pretrained(path, **spread(torch.float32)).eval()
-    if model.config.num_labels != 1:
-        raise InputError(f"reward.reward_model.model_name_or_path: {path} has {model.config.num_labels} labels; "
-                          "a reward model has exactly one")
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    tokenizer.padding_side = "right"
-    texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if sort_by_length else list(range(len(ids)))
-    scores = [0.0] * len(ids)
-    for start in tqdm(range(0, len(order), batch_size), desc="reward model", unit="batch"):
-        idx = order[start:start + batch_size]
-        enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(model.device)
-        logits = model(**enc).logits[:, 0].tolist()
-        for i, s in zip(idx, logits):
-            scores[i] = s
-    return scores
+
+    def __init__(self, path: str, batch_size: int, sort_by_length: bool = True):
+        self.tokenizer = load_tokenizer(path, "reward.reward_model")
+        gpu = torch.cuda.is_available()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.bfloat16 if gpu else torch.float32, device_map="sequential" if gpu else None).eval()
+        check_one_label(path, self.model.config.num_labels)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer.padding_side = "right"
+        self.batch_size, self.sort_by_length = batch_size, sort_by_length
+
+    def token_ids(self, conversations: list[list[dict]]) -> list[list[int]]:
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
+        return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+    @torch.inference_mode()
+    def __call__(self, conversations: list[list[dict]]) -> list[float]:
+        ids = self.token_ids(conversations)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if self.sort_by_length else list(range(len(ids)))
+        scores = [0.0] * len(ids)
+        for start in tqdm(range(0, len(order), self.batch_size), desc="reward model", unit="batch"):
+            idx = order[start:start + self.batch_size]
+            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.model.device)
+            for i, s in zip(idx, self.model(**enc).logits[:, 0].float().tolist()):
+                scores[i] = s
+        return scores
+
+    def close(self) -> None:
+        del self.model
+
+
+class VLLMRewardModel(RewardModel):
+    """The same reward model in vLLM's pooling engine (`LLM.classify` on the last token, no activation): the
+    conversations' token ids are ours, so both engines score the same tokens."""
+
+    def __init__(self, path: str, engine: EngineConfig):
+        from vllm import LLM
+
+        from alignment.backends.vllm_engine import engine_kwargs
+
+        self.tokenizer = load_tokenizer(path, "reward.reward_model")
+        self.llm = LLM(model=path, runner="pooling", **engine_kwargs(engine))
+        check_one_label(path, self.llm.llm_engine.model_config.hf_config.num_labels)
+
+    def __call__(self, conversations: list[list[dict]]) -> list[float]:
+        from vllm import PoolingParams
+
+        out = self.llm.classify([{"prompt_token_ids": ids} for ids in self.token_ids(conversations)],
+                                pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+        return [o.outputs.probs[0] for o in out]
+
+    def close(self) -> None:
+        from alignment.backends.vllm_engine import shutdown
+
+        shutdown(self.llm)
+
+
+def check_one_label(path: str, num_labels: int) -> None:
+    if num_labels != 1:
+        raise InputError(f"reward.reward_model.model_name_or_path: {path} has {num_labels} labels; "
+                         "a reward model has exactly one")
+
+
+@contextmanager
+def open_reward_model(cfg: RewardModelConfig, path: str | None, engine: EngineConfig) -> Iterator[RewardModel | None]:
+    """The recipe's reward model on its backend (None when there is none yet), closed on exit."""
+    if path is None:
+        yield None
+        return
+    rm = (VLLMRewardModel(path, engine) if cfg.backend == "vllm"
+          else RewardModel(path, cfg.batch_size, cfg.sort_by_length))
+    try:
+        yield rm
+    finally:
+        rm.close()
+
+
+def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: int,
+                        sort_by_length: bool = True) -> list[float]:
+    """Scores from a reward model loaded for this one call (the reward_model stage's held-out pairs)."""
+    return RewardModel(path, batch_size, sort_by_length)(conversations)
 
 
 def combine(cfg: ScoringConfig, per_scorer: dict[str, list], weights: dict[str, float]) -> list[dict]:
@@ -66,16 +131,15 @@ def combine(cfg: ScoringConfig, per_scorer: dict[str, list], weights: dict[str, 
     return out
 
 
-def score(cfg: ScoringConfig, prompts: list[dict], responses: list[str], *, reward_model: str | None = None,
+def score(cfg: ScoringConfig, prompts: list[dict], responses: list[str], *, reward_model: RewardModel | None = None,
           judge_verdicts: list[int | None] | None = None) -> list[dict]:
-    """Score each (prompt row, response); `reward_model` is the resolved model path (None: not used) and
+    """Score each (prompt row, response); `reward_model` is the loaded model (None: not used) and
     `judge_verdicts` the judge's replies, already collected (None: no judge)."""
     per_scorer: dict[str, list] = verifiers.verify(cfg.verifiers, prompts, responses)
     weights = {v.name: v.weight for v in cfg.verifiers}
     if reward_model is not None:
         conversations = [p["messages"] + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
-        per_scorer["reward_model"] = reward_model_scores(reward_model, conversations, cfg.reward_model.batch_size,
-                                                         cfg.reward_model.sort_by_length)
+        per_scorer["reward_model"] = reward_model(conversations)
         weights["reward_model"] = cfg.reward_model.weight
     if judge_verdicts is not None:
         per_scorer["judge"] = [None if v is None else v / cfg.judge.max_score for v in judge_verdicts]

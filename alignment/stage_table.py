@@ -177,7 +177,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("student", "teacher"), when=needs("bootstrap"), once=True),
     Stage("import_gguf", ("gguf",), lambda r, n: {"gguf": gguf_file(r)} if r.gguf else {}, ("model",),
           when=needs("import_gguf"), once=True),
-    Stage("teacher_eval", ("eval", "reward", "seed"), lambda r, n: {
+    Stage("teacher_eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
         "teacher": fixed_teacher(r), "eval_prompts": eval_prompts(r), **reward_model(r, 0)},
         ("metrics", "answers", "record"), when=evaluates_teacher, once=True),
     Stage("generate", ("teacher", "sampling", "prompts", "seed"), generate_inputs, ("samples",)),
@@ -201,8 +201,10 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path",
                                     r.dpo.ref_model_revision)}
            if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo"),
-    Stage("eval", ("eval", "reward", "seed"), lambda r, n: {
-        "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": eval_prompts(r), **reward_model(r, n)},
+    # eval reads `teacher` for its default backend and engine, and for the judge (the teacher, on its backend)
+    Stage("eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
+        "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": eval_prompts(r), **reward_model(r, n),
+        **({"teacher": teacher(r, n)} if r.eval.judge else {})},
         ("metrics", "answers")),
     Stage("promote", ("gate",), promote_inputs,
           ("decision", "model", "best", "best_record")),

@@ -25,7 +25,7 @@ EXPECTED_STALE = {
     "gguf": set(),  # no model of this recipe comes from it (test_a_new_gguf_package_makes_every_stage_stale)
     "seed": ALL,
     "bootstrap": ALL,
-    "teacher": ALL - ONCE,
+    "teacher": ALL - {(0, "bootstrap")},  # the teacher's backend and engine are eval's unless eval sets its own
     "sampling": ALL - ONCE,
     "prompts": ALL - ONCE,
     "reward": ALL - {(0, "bootstrap"), (1, "generate"), (2, "generate")},

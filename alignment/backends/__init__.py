@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
 
 from alignment.config import Backend, TeacherConfig
+from alignment.manifest import hash_json
+from alignment.seeding import request_seed
 
 if TYPE_CHECKING:  # the runner imports this module for its error type; torch loads only with a backend
     from alignment.generation import Completion
@@ -48,6 +50,43 @@ class GenerationError(Exception):
     message names the endpoint. Results saved before it stay saved."""
 
 
+def make_requests(conversations: list[list[dict]], model_id: str, sampling: dict, base_seed: int
+                  ) -> tuple[list[str], dict[str, Request]]:
+    """One request per distinct conversation, for every sampler (generate, eval, the judge): a request_id per
+    conversation and {request_id: Request}. The id hashes the conversation, the model's identity
+    (alignment.seeding), the sampling settings (num_samples, temperature, top_p, max_new_tokens) and the base seed;
+    the request's seed is a hash of its id. So a request's samples never depend on its batch, shard or resume."""
+    ids, requests = [], {}
+    for messages in conversations:
+        # "teacher": the key's name from when only generate sent requests; kept so saved shards still resume
+        rid = hash_json({"messages": messages, "teacher": model_id, "sampling": sampling, "seed": base_seed})
+        ids.append(rid)
+        if rid not in requests:
+            requests[rid] = Request(messages, n=sampling["num_samples"], temperature=sampling["temperature"],
+                                    top_p=sampling["top_p"], max_tokens=sampling["max_new_tokens"],
+                                    seed=request_seed({"request_id": rid}))
+    return ids, requests
+
+
+def send(backend: GenerationBackend, requests: dict[str, Request], done: dict[str, dict], shards: Path) -> None:
+    """Send the requests not in `done` (records loaded by alignment.shards.load_shards), saving each record to
+    the shards folder and into `done` as it finishes, so a killed or failed stage resumes from them."""
+    from alignment.shards import ShardWriter
+
+    todo = [rid for rid in requests if rid not in done]
+    try:
+        with ShardWriter(shards) as shard:
+            for i, result in backend.generate([requests[rid] for rid in todo]):
+                record = {"request_id": todo[i], "prompt_tokens": result.prompt_tokens,
+                          "completions": [[c.text, c.num_tokens, c.finish_reason] for c in result.completions]}
+                shard.write(record)
+                done[todo[i]] = record
+    except GenerationError as e:
+        saved = sum(rid in done for rid in requests)
+        raise GenerationError(f"{e}\n{saved} of {len(requests)} requests are saved in {shards}; running the stage "
+                              "again resumes from them") from None
+
+
 @contextmanager
 def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator[GenerationBackend]:
     """The recipe's backend, ready to `generate(requests)`; closed (and a started server stopped) on exit."""
@@ -67,9 +106,13 @@ def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator[Gene
         from alignment.backends.openai_client import OpenAIBackend
         from alignment.backends.vllm_server import VLLMServer
 
+        from alignment.template import load_tokenizer, stop_token_ids
+
+        # where the other backends stop: a model's generation_config may list only its end of turn as EOS
+        stops = sorted(stop_token_ids(load_tokenizer(model)))  # the model is a local folder here
         with VLLMServer(model, cfg.engine, port=cfg.server_port, api_key_env=cfg.api_key_env,
                         startup_timeout_s=cfg.server_startup_timeout_s, log_path=log_dir / "server.log") as server:
-            yield OpenAIBackend([server.base_url], model, cfg)
+            yield OpenAIBackend([server.base_url], model, cfg, stop_token_ids=stops)
     else:
         from alignment.backends.openai_client import OpenAIBackend
 

@@ -29,8 +29,9 @@ class Retryable(Exception):
 
 
 class OpenAIBackend:
-    def __init__(self, endpoints: list[str], model: str, cfg: TeacherConfig):
+    def __init__(self, endpoints: list[str], model: str, cfg: TeacherConfig, stop_token_ids: list[int] | None = None):
         self.endpoints = [e.rstrip("/") for e in endpoints]
+        self.stop_token_ids = stop_token_ids  # a vLLM server the stage started: stop where the other backends do
         self.model = model
         self.cfg = cfg
         headers, self.key = {}, None
@@ -108,6 +109,8 @@ class OpenAIBackend:
         body = {"model": self.model, "messages": q.messages, "n": q.n, "temperature": q.temperature,
                 "top_p": q.top_p, "max_tokens": q.max_tokens, "seed": q.seed,
                 "return_token_ids": True}  # vLLM: per-sample token counts (other servers ignore or omit it)
+        if self.stop_token_ids:
+            body["stop_token_ids"] = self.stop_token_ids
         answer = self._call(endpoint, "POST", "/chat/completions", body)
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list) or len(choices) != q.n:

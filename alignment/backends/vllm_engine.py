@@ -6,8 +6,7 @@ from __future__ import annotations
 from alignment.backends import Request, Result
 from alignment.config import EngineConfig
 from alignment.generation import Completion
-
-STOP_TOKENS = ("<|eot_id|>", "<|eom_id|>")  # end of turn, end of a tool-call step
+from alignment.template import stop_token_ids
 
 
 def engine_kwargs(cfg: EngineConfig) -> dict:
@@ -30,9 +29,7 @@ class VLLMBackend:
         from vllm import LLM  # imported here: machines without vLLM still run the other backends
 
         self.llm = LLM(model=model_path, **engine_kwargs(cfg))
-        tok = self.llm.get_tokenizer()
-        self.stop_ids = sorted({i for i in (tok.convert_tokens_to_ids(t) for t in STOP_TOKENS)
-                                if i is not None and i != tok.unk_token_id} | {tok.eos_token_id} - {None})
+        self.stop_ids = sorted(stop_token_ids(self.llm.get_tokenizer()))  # as every backend stops
         self.shard_size = shard_size
 
     def generate(self, requests: list[Request]):
@@ -48,11 +45,15 @@ class VLLMBackend:
                                          for c in out.outputs], len(out.prompt_token_ids))
 
     def close(self) -> None:
-        # Stop the engine-core and worker processes now rather than at interpreter exit.
-        core = getattr(self.llm.llm_engine, "engine_core", None)
-        if core is not None:
-            core.shutdown()
-        del self.llm
+        shutdown(self.llm)
+
+
+def shutdown(llm) -> None:
+    """Stop a vllm.LLM's engine-core and worker processes now rather than at interpreter exit, so the next model
+    finds its memory free."""
+    core = getattr(llm.llm_engine, "engine_core", None)
+    if core is not None:
+        core.shutdown()
 
 
 def completion(text: str, token_ids: list[int] | None, finish_reason: str | None, stop_ids) -> Completion:

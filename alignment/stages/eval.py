@@ -19,66 +19,71 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from alignment import rewards
-from alignment.generation import device, load_policy, sample
+from alignment.backends import make_requests, open_backend, send
+from alignment.config import Backend, TeacherConfig
+from alignment.generation import Completion
+from alignment.judge import pair_requests, pair_wins
 from alignment.manifest import write_json_atomic
 from alignment.metrics import bootstrap_interval, pass_at_k, wilson_interval, win_rate, wins
-from alignment.lm_eval_tasks import task_manager
+from alignment.lm_eval_tasks import lm_eval_metrics
 from alignment.prompts import read_prompts, write_jsonl
-from alignment.seeding import model_identity, request_seed
+from alignment.seeding import model_identity
+from alignment.shards import load_shards
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 
 MODELS = ("input", "sft", "dpo")
 
 
-def answer_and_score(recipe: StageConfig, model, tokenizer, prompts: list[dict], n: int, temperature: float, desc: str,
-                     reward_model: str | None, model_id: str):
-    """n answers per prompt (greedy when temperature is 0), each scored: a list per prompt of (completion, score)."""
-    settings = {"n": n, "temperature": temperature, "max_new_tokens": recipe.eval.max_new_tokens, "seed": recipe.seed}
-    seeds = [request_seed({"messages": p["messages"], "model": model_id, **settings}) for p in prompts]
-    completions = sample(model, tokenizer, [p["messages"] for p in prompts], num_samples=n, temperature=temperature,
-                         top_p=1.0, max_new_tokens=recipe.eval.max_new_tokens, batch_size=recipe.eval.batch_size,
-                         seeds=seeds, desc=desc)
-    flat = [(p, c) for p, cs in zip(prompts, completions) for c in cs]
-    scored = rewards.score(recipe.reward, [p for p, _ in flat], [c.text for _, c in flat], reward_model=reward_model)
-    it = iter(zip((c for _, c in flat), scored))
-    return [[next(it) for _ in range(n)] for _ in prompts]
+def serving(recipe: StageConfig) -> TeacherConfig:
+    """How eval serves a model: eval's backend and engine, else the teacher's. The models are checkpoints of this
+    run, which existing endpoints cannot load: `openai` means a vLLM server the stage starts for each model, on
+    loopback and without a key."""
+    t, e = recipe.teacher, recipe.eval
+    backend = e.backend or t.backend
+    return t.model_copy(update={"backend": backend, "engine": e.engine or t.engine, "batch_size": e.batch_size,
+                                "serve": backend == Backend.openai, "endpoints": [], "api_key_env": None})
 
 
-def lm_eval_metrics(recipe: StageConfig, model_path: Path) -> dict[str, float]:
-    """The recipe's lm-evaluation-harness tasks on one model, with the model's own chat template."""
-    if not recipe.eval.lm_eval_tasks:
-        return {}
-    import lm_eval  # heavy, and needed only when a recipe asks for it
-
-    include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
-    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    spread = ",parallelize=True" if torch.cuda.device_count() > 1 else ""  # split by layers over the GPUs, as generate
-    results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={model_path},dtype={dtype}{spread}", tasks=list(recipe.eval.lm_eval_tasks),
-        task_manager=task_manager(include, tuple(recipe.eval.lm_eval_tasks)), apply_chat_template=True,
-        batch_size=recipe.eval.batch_size,
-        limit=recipe.eval.lm_eval_limit, device=device(), random_seed=recipe.seed)["results"]
-    metrics = {}
-    for task, res in results.items():
-        for key, value in res.items():
-            if isinstance(value, float) and "stderr" not in key:
-                metrics[f"lm_eval/{task}/{key}"] = value
-                stderr = res.get(key.replace(",", "_stderr,", 1))  # "acc,none" -> "acc_stderr,none"
-                if isinstance(stderr, float):  # lm-eval writes "N/A" where it has none
-                    metrics[f"lm_eval/{task}/{key}_ci"] = [value - 1.96 * stderr, value + 1.96 * stderr]
-    return metrics
+def settings(recipe: StageConfig, n: int, temperature: float) -> dict:
+    return {"num_samples": n, "temperature": temperature, "top_p": 1.0, "max_new_tokens": recipe.eval.max_new_tokens}
 
 
-def evaluate(recipe: StageConfig, model_path: Path, prompts: list[dict], name: str,
-             reward_model: str | None) -> tuple[dict, list[dict]]:
-    model, tokenizer = load_policy(str(model_path))
-    model_id = model_identity(str(model_path))
-    greedy = [g[0] for g in answer_and_score(recipe, model, tokenizer, prompts, 1, 0.0, f"eval {name} greedy",
-                                             reward_model, model_id)]
+def answers(recipe: StageConfig, path: Path, prompts: list[dict], out_dir: Path
+            ) -> tuple[list[Completion], list[list[Completion]] | None, dict]:
+    """One model's greedy answer per prompt, its `eval.num_samples` sampled answers per prompt (None when
+    pass@k is not measured) and its lm-eval metrics, through one engine that is stopped on return. Requests are
+    built and saved as in generate (alignment.backends), so a stage that died resumes from its shards."""
+    convs, model_id = [p["messages"] for p in prompts], model_identity(str(path))
+    greedy_ids, greedy = make_requests(convs, model_id, settings(recipe, 1, 0.0), recipe.seed)
+    sampled_ids, sampled = [], {}
+    if recipe.eval.num_samples and recipe.reward.verifiers:  # pass@k counts verified answers
+        sampled_ids, sampled = make_requests(convs, model_id, settings(recipe, recipe.eval.num_samples,
+                                                                        recipe.eval.temperature), recipe.seed)
+    done, lm_eval = load_shards(out_dir / "shards"), {}
+    if recipe.eval.lm_eval_tasks or any(rid not in done for rid in [*greedy, *sampled]):
+        with open_backend(serving(recipe), str(path), out_dir) as backend:
+            send(backend, greedy, done, out_dir / "shards")
+            send(backend, sampled, done, out_dir / "shards")
+            lm_eval = lm_eval_metrics(recipe, backend, path)
+    completions = lambda rid: [Completion(*c) for c in done[rid]["completions"]]  # noqa: E731
+    return ([completions(rid)[0] for rid in greedy_ids],
+            [completions(rid) for rid in sampled_ids] if sampled else None, lm_eval)
+
+
+def scored(recipe: StageConfig, prompts: list[dict], groups: list[list[Completion]], reward_model):
+    """Each completion of each prompt's group with its scores: a list per prompt of (completion, score)."""
+    flat = [(p, c) for p, cs in zip(prompts, groups) for c in cs]
+    it = iter(zip((c for _, c in flat), rewards.score(recipe.reward, [p for p, _ in flat], [c.text for _, c in flat],
+                                                      reward_model=reward_model)))
+    return [[next(it) for _ in cs] for cs in groups]
+
+
+def model_metrics(recipe: StageConfig, prompts: list[dict], name: str, generated, reward_model
+                  ) -> tuple[dict, list[dict]]:
+    greedy_answers, sampled_answers, lm_eval = generated
+    greedy = [g[0] for g in scored(recipe, prompts, [[c] for c in greedy_answers], reward_model)]
     n = len(prompts)
     checked = [s["verified"] for _, s in greedy if s["verified"] is not None]  # prompts some verifier applies to
     verified = bool(checked)
@@ -87,21 +92,20 @@ def evaluate(recipe: StageConfig, model_path: Path, prompts: list[dict], name: s
         "accuracy_ci": wilson_interval(sum(checked), len(checked)),
         "mean_reward": sum(s["reward"] for _, s in greedy) / n,
         "mean_reward_ci": bootstrap_interval([s["reward"] for _, s in greedy]),
-        "mean_response_tokens": sum(c.num_tokens for c, _ in greedy) / n,
+        "mean_response_tokens": sum(c.num_tokens or 0 for c, _ in greedy) / n,
         "hit_token_limit_share": sum(c.finish_reason == "length" for c, _ in greedy) / n,
         "num_prompts": n,
     }
     correct = {}  # prompt_id -> correct sampled answers, for the prompts a verifier applies to
-    if verified and recipe.eval.num_samples:
-        sampled = answer_and_score(recipe, model, tokenizer, prompts, recipe.eval.num_samples,
-                                   recipe.eval.temperature, f"eval {name} pass@k", reward_model, model_id)
+    if verified and sampled_answers is not None:
+        sampled = scored(recipe, prompts, sampled_answers, reward_model)
         correct = {p["prompt_id"]: sum(s["verified"] is True for _, s in group) for p, group in zip(prompts, sampled)
                    if group[0][1]["verified"] is not None}
         for k in recipe.eval.pass_k:
             per_prompt = [pass_at_k(recipe.eval.num_samples, c, k) for c in correct.values()]
             metrics[f"pass@{k}"] = sum(per_prompt) / len(per_prompt)
             metrics[f"pass@{k}_ci"] = bootstrap_interval(per_prompt)
-    metrics.update(lm_eval_metrics(recipe, model_path))
+    metrics.update(lm_eval)
     rows = [{"model": name, "prompt_id": p["prompt_id"], "response": c.text, "finish_reason": c.finish_reason, **s,
              **({"num_correct": correct[p["prompt_id"]], "num_samples": recipe.eval.num_samples}
                 if p["prompt_id"] in correct else {})}
@@ -109,14 +113,47 @@ def evaluate(recipe: StageConfig, model_path: Path, prompts: list[dict], name: s
     return metrics, rows
 
 
+def evaluate(recipe: StageConfig, models: dict[str, Path], prompts: list[dict], out_dir: Path,
+             reward_model: str | None) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """Metrics and greedy answer rows per model. The models are served one after another, each engine stopped
+    before the next starts; then the reward model is loaded once and scores every model's answers."""
+    generated = {name: answers(recipe, path, prompts, out_dir) for name, path in models.items()}
+    with rewards.open_reward_model(recipe.reward.reward_model, reward_model, serving(recipe).engine) as rm:
+        results = {name: model_metrics(recipe, prompts, name, g, rm) for name, g in generated.items()}
+    return {n: m for n, (m, _) in results.items()}, {n: r for n, (_, r) in results.items()}
+
+
+def judge_metrics(recipe: StageConfig, teacher: Path, prompts: list[dict], answers: dict[str, list[dict]],
+                  out_dir: Path) -> dict[str, dict]:
+    """Per checkpoint: the teacher's verdicts on its greedy answer against the input model's, in both orders,
+    through the teacher's backend (requests saved in the shards like the answers)."""
+    cfg, out = recipe.eval.judge, {}
+    conversations = {name: pair_requests(cfg, prompts, [r["response"] for r in answers[name]],
+                                         [r["response"] for r in answers["input"]]) for name in MODELS[1:]}
+    flat = [c for convs in conversations.values() for c in convs]
+    ids, requests = make_requests(flat, model_identity(str(teacher)), {**settings(recipe, 1, 0.0),
+                                  "max_new_tokens": cfg.max_new_tokens}, recipe.seed)
+    done = load_shards(out_dir / "shards")
+    if any(rid not in done for rid in requests):
+        with open_backend(recipe.teacher, str(teacher), out_dir) as backend:
+            send(backend, requests, done, out_dir / "shards")
+    replies = iter(done[rid]["completions"][0][0] for rid in ids)
+    for name, convs in conversations.items():
+        pairs = [(next(replies), next(replies)) for _ in range(len(convs) // 2)]
+        per_prompt = [pair_wins(cfg, first, second) for first, second in pairs]
+        judged = [w for w in per_prompt if w is not None]
+        out[name] = {"judge_win_rate_vs_input": sum(judged) / len(judged) if judged else None,
+                     "judge_win_rate_vs_input_ci": bootstrap_interval(judged),
+                     "judge_unjudged_prompts": len(per_prompt) - len(judged)}
+    return out
+
+
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     prompts = read_prompts(inputs["eval_prompts"])
     prompts = prompts[:recipe.eval.num_prompts] if recipe.eval.num_prompts else prompts
-    metrics, answers = {}, {}
-    # The recipe's reward model, or (`trained`) the one this round trained; the judge is not run here.
+    # The recipe's reward model, or (`trained`) the one this round trained.
     reward_model = str(inputs["reward_model"]) if "reward_model" in inputs else None
-    for name in MODELS:
-        metrics[name], answers[name] = evaluate(recipe, inputs[name], prompts, name, reward_model)
+    metrics, answers = evaluate(recipe, {name: inputs[name] for name in MODELS}, prompts, out_dir, reward_model)
     base = metrics["input"]
     reward = {name: {r["prompt_id"]: r["reward"] for r in answers[name]} for name in MODELS}
     ids = [p["prompt_id"] for p in prompts]
@@ -126,6 +163,9 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         metrics[name]["win_rate_vs_input_ci"] = bootstrap_interval(wins(ours, theirs))
         metrics[name]["length_drift_vs_input"] = (metrics[name]["mean_response_tokens"]
                                                   / max(base["mean_response_tokens"], 1e-9) - 1.0)
+    if recipe.eval.judge:
+        for name, judged in judge_metrics(recipe, inputs["teacher"], prompts, answers, out_dir).items():
+            metrics[name].update(judged)
     write_jsonl(out_dir / "answers.jsonl", [r for name in MODELS for r in answers[name]])
     write_json_atomic(out_dir / "metrics.json", metrics)
     print(json.dumps(metrics, indent=2))

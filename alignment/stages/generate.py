@@ -19,11 +19,10 @@ import random
 import time
 from pathlib import Path
 
-from alignment.backends import GenerationError, Request, open_backend
-from alignment.manifest import hash_json
+from alignment.backends import make_requests, open_backend, send
 from alignment.prompts import Prompts, read_jsonl, read_prompts, write_jsonl
 from alignment.seeding import model_identity, request_seed
-from alignment.shards import ShardWriter, load_shards
+from alignment.shards import load_shards
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.stats import describe
@@ -52,19 +51,12 @@ def round_seed(seed: int, round_n: int) -> int:
 
 
 def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, base_seed: int):
-    """One request per distinct conversation: (request_id per prompt, {request_id: Request}, system prompts).
-    `teacher_id` is the model's identity (alignment.seeding), never its path."""
-    s = recipe.sampling
-    ids, requests, systems = [], {}, {}
-    for p in prompts:
-        system = system_prompt_for(p, recipe.teacher.system_prompts)
-        messages = ([{"role": "system", "content": system}] if system else []) + p["messages"]
-        rid = hash_json({"messages": messages, "teacher": teacher_id, "sampling": s.model_dump(), "seed": base_seed})
-        ids.append(rid)
-        systems[p["prompt_id"]] = system
-        if rid not in requests:
-            requests[rid] = Request(messages, n=s.num_samples, temperature=s.temperature, top_p=s.top_p,
-                                    max_tokens=s.max_new_tokens, seed=request_seed({"request_id": rid}))
+    """One request per distinct conversation (alignment.backends.make_requests), the recipe's system prompt
+    first: (request_id per prompt, {request_id: Request}, system prompt per prompt_id)."""
+    systems = {p["prompt_id"]: system_prompt_for(p, recipe.teacher.system_prompts) for p in prompts}
+    conversations = [([{"role": "system", "content": systems[p["prompt_id"]]}] if systems[p["prompt_id"]] else [])
+                     + p["messages"] for p in prompts]
+    ids, requests = make_requests(conversations, teacher_id, recipe.sampling.model_dump(), base_seed)
     return ids, requests, systems
 
 
@@ -89,22 +81,13 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         print(f"generate: {len(todo)} requests to send ({resumed} already saved) with backend "
               f"{t.backend.value}, K={s.num_samples}", flush=True)
         t0 = time.time()
-        try:
-            with open_backend(t, teacher, out_dir) as backend, ShardWriter(out_dir / "shards") as shard:
-                t1 = time.time()
-                start_s = t1 - t0  # loading the model or starting the server: not generation
-                for i, result in backend.generate([requests[rid] for rid in todo]):
-                    record = {"request_id": todo[i], "prompt_tokens": result.prompt_tokens,
-                              "completions": [[c.text, c.num_tokens, c.finish_reason] for c in result.completions]}
-                    shard.write(record)
-                    done[todo[i]] = record
-                retries = backend.retries
-                generate_s = time.time() - t1
-            stop_s = time.time() - t1 - generate_s  # stopping the engine or server frees its memory: not generation
-        except GenerationError as e:
-            saved = sum(rid in done for rid in requests)
-            raise GenerationError(f"{e}\n{saved} of {len(requests)} requests are saved in {out_dir / 'shards'}; "
-                                  "running the stage again resumes from them") from None
+        with open_backend(t, teacher, out_dir) as backend:
+            t1 = time.time()
+            start_s = t1 - t0  # loading the model or starting the server: not generation
+            send(backend, requests, done, out_dir / "shards")
+            retries = backend.retries
+            generate_s = time.time() - t1
+        stop_s = time.time() - t1 - generate_s  # stopping the engine or server frees its memory: not generation
 
     settings = s.model_dump()
     rows = []

@@ -38,7 +38,8 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         verdicts = judge(cfg.judge, recipe.teacher, str(inputs["teacher"]),
                          [(p["messages"], r) for p, r in zip(rows_prompts, responses)], out_dir)
     rm = str(inputs["reward_model"]) if "reward_model" in inputs else None
-    scored = rewards.score(cfg, rows_prompts, responses, reward_model=rm, judge_verdicts=verdicts)
+    with rewards.open_reward_model(cfg.reward_model, rm, recipe.teacher.engine) as reward_model:
+        scored = rewards.score(cfg, rows_prompts, responses, reward_model=reward_model, judge_verdicts=verdicts)
     rows = [{"prompt_id": r["prompt_id"], "sample_index": r["sample_index"], **s} for r, s in zip(samples, scored)]
     write_jsonl(out_dir / "scores.jsonl", rows)
 

@@ -19,7 +19,8 @@ from alignment.stages.result import StageResult
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     prompts = read_prompts(inputs["eval_prompts"])[:recipe.eval.num_prompts]  # the rounds' prompts (None: all)
     reward_model = str(inputs["reward_model"]) if "reward_model" in inputs else None
-    metrics, answers = evaluate(recipe, inputs["teacher"], prompts, "teacher", reward_model)
+    metrics, answers = evaluate(recipe, {"teacher": inputs["teacher"]}, prompts, out_dir, reward_model)
+    metrics, answers = metrics["teacher"], answers["teacher"]
     write_jsonl(out_dir / "answers.jsonl", answers)
     write_json_atomic(out_dir / "metrics.json", {"teacher": metrics})
     outcomes = {a["prompt_id"]: float(a["verified"]) for a in answers if a["verified"] is not None}
