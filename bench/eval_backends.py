@@ -48,7 +48,7 @@ def child(backend: str, folder: Path, prompts: int, samples: int, models: int) -
         start = time.time()
         greedy, _, lm = eval_stage.answers(cfg, folder / name, rows, stage_dir)
         out[name] = {"seconds": round(time.time() - start, 1), "lm_eval_exact_match": lm[
-            "lm_eval/arithmetic_local/exact_match,last_integer"], "greedy_texts": [c.text for c in greedy]}
+            "lm_eval/arithmetic_local/exact_match,final_answer"], "greedy_texts": [c.text for c in greedy]}
     return out
 
 

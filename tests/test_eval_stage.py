@@ -195,7 +195,7 @@ def lm_eval_against_eval(recipe_overrides, backend, path: Path, prompts, tmp: Pa
         logged = run_lm_eval(recipe, backend, path, log_samples=True)["samples"]["arithmetic_local"]
     ours, _ = eval_stage.model_metrics(recipe, rows, "m", (greedy, None, {}), None)
     return ([c.text for c in greedy], [s["resps"][0][0] for s in sorted(logged, key=lambda s: s["doc_id"])],
-            ours["accuracy"], lm["lm_eval/arithmetic_local/exact_match,last_integer"], expected)
+            ours["accuracy"], lm["lm_eval/arithmetic_local/exact_match,final_answer"], expected)
 
 
 @pytest.mark.slow  # lm-eval's run: about 6 s

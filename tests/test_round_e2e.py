@@ -138,7 +138,7 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     for m in metrics.values():
         assert 0.0 <= m["accuracy"] <= 1.0 and isinstance(m["mean_reward"], float) and m["num_prompts"] == 16
         assert 0.0 <= m["pass@1"] <= m["pass@4"] <= 1.0 and 0.0 <= m["win_rate_vs_input"] <= 1.0
-        assert 0.0 <= m["lm_eval/arithmetic_local/exact_match,last_integer"] <= 1.0
+        assert 0.0 <= m["lm_eval/arithmetic_local/exact_match,final_answer"] <= 1.0
         assert m["accuracy_ci"][0] <= m["accuracy"] <= m["accuracy_ci"][1]  # Wilson holds its point estimate
         assert all(len(m[f"{k}_ci"]) == 2 for k in ("mean_reward", "pass@1", "pass@4", "win_rate_vs_input"))
     assert metrics["input"]["win_rate_vs_input"] == 0.5 and metrics["input"]["length_drift_vs_input"] == 0.0
