@@ -59,3 +59,33 @@ def test_a_tokenizer_without_pad_or_eos_is_refused_naming_the_key(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     with pytest.raises(InputError, match="student.model_name_or_path: the tokenizer has neither a pad token nor"):
         load_tokenizer(tmp_path / "m", "student.model_name_or_path")
+
+
+def test_a_tokenizer_without_a_pad_token_generates_scores_and_trains(tmp_path):
+    """Meta's Llama 3.x base tokenizers have no pad token; transformers raised ValueError in generate (teacher),
+    the reward model and the trainers. Every stage loads tokenizers through load_tokenizer, which picks one."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from alignment.generation import load_policy, sample
+    from alignment.rewards import RewardModel
+    from alignment.tiny_models import save
+    from alignment.training import load_for_training
+
+    tok = families()["chatml"][0]
+    assert tok.pad_token is None
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    save(random_llama(tok, seed=0, **shape), tok, tmp_path / "policy")
+    model, loaded = load_policy(str(tmp_path / "policy"))
+    assert loaded.pad_token == "<|im_end|>" and loaded.pad_choice == "<|im_end|>"  # its EOS: it has no reserved pad
+    questions = [[{"role": "user", "content": "What is 2 + 3?"}], [{"role": "user", "content": "And 10 + 20 + 30?"}]]
+    out = sample(model, loaded, questions, num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=4, batch_size=2,
+                 seeds=[1, 2], desc="no pad")  # two prompts of different length: the batch is padded
+    assert [len(o) for o in out] == [2, 2]
+    assert load_for_training(tmp_path / "policy")[1].pad_token == "<|im_end|>"
+
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), num_labels=1, **shape))
+    save(rm, tok, tmp_path / "rm")
+    answers = [q + [{"role": "assistant", "content": a}] for q, a in zip(questions, ["5", "60, as 10 + 20 + 30 = 60"])]
+    together = RewardModel(str(tmp_path / "rm"), batch_size=2)(answers)
+    alone = [RewardModel(str(tmp_path / "rm"), batch_size=1)([a])[0] for a in answers]
+    assert together == pytest.approx(alone, abs=1e-5)  # padding is masked: batching changes no score
