@@ -1,9 +1,12 @@
 import json
+from pathlib import Path
 
 import pytest
 
 from alignment.config import InputError
 from alignment.prompts import read_prompts
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GOOD = {"prompt_id": "a", "messages": [{"role": "user", "content": "What is 1 + 1?"}], "answer": "2"}
 
@@ -34,3 +37,24 @@ def test_shipped_splits_are_disjoint_by_question():
     train = read_prompts("data/arithmetic/train.jsonl")
     held_out = read_prompts("data/arithmetic/eval.jsonl")
     assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in held_out}
+
+
+def test_the_word_problems_regenerate_byte_for_byte_and_hold_out_their_sums(tmp_path):
+    import re
+
+    from alignment.tasks.arithmetic import write_prompt_files
+
+    write_prompt_files(tmp_path, 2000, 400, 0, "word")
+    for split in ("train", "eval"):  # `make data` rewrites the committed files exactly
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / f"data/word_problems/{split}.jsonl").read_bytes()
+
+    def sums(split):  # read back from the text, not from the generator
+        out = set()
+        for row in read_prompts(ROOT / f"data/word_problems/{split}.jsonl"):
+            a, verb, b = re.match(r"\w+ has (\d+) \w+ and (gets|gives) (\d+)", row["messages"][0]["content"]).groups()
+            a, b = int(a), int(b)
+            assert int(row["answer"]) == (a + b if verb == "gets" else a - b) >= 0
+            out.add((a, verb, b))
+        return out
+
+    assert not sums("train") & sums("eval") and len(sums("eval")) >= 90

@@ -6,7 +6,7 @@ Writes the prompt files of the tiny recipe (seeded, so the committed files can b
 
 and, with `--style word`, word problems that ask for an explicit final line, for real pretrained chat models:
 
-    python -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 600 --seed 0
+    python -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 400 --seed 0
 
 The evaluation split is drawn first and every later draw (training prompts, the bootstrap's pretraining corpus)
 excludes its questions, so held-out accuracy never measures memorisation.
@@ -39,14 +39,30 @@ def question(a: int, op: str, b: int) -> str:
 
 NAMES = ("Tom", "Ana", "Li", "Sam", "Maya", "Omar", "Eva", "Ben")
 THINGS = ("apples", "stamps", "marbles", "books", "coins", "shells")
-FINAL_LINE = "End with a last line of the form 'Answer: <number>'."
 
 
-def word_question(a: int, op: str, b: int) -> str:
-    """The same problem in words; name and object follow from the numbers, so the text is seeded by them alone."""
-    name, thing = NAMES[(a * 7 + b) % len(NAMES)], THINGS[(a + b * 3) % len(THINGS)]
+def word_question(a: int, op: str, b: int, name: str, thing: str) -> str:
     change = f"gets {b} more" if op == "+" else f"gives {b} away"
-    return f"{name} has {a} {thing} and {change}. How many {thing} does {name} have now? {FINAL_LINE}"
+    return f"{name} has {a} {thing} and {change}. How many {thing} does {name} have now?"
+
+
+def word_problems(rng: random.Random, n_train: int, n_eval: int) -> dict[str, list[tuple]]:
+    """Small sums in words, for a real 135M chat model (it gets about a third right greedily). The held-out split
+    owns its sums: no (a, op, b) of it is ever asked in training, under any name."""
+    sums = [(a, "+", b) for a in range(2, 20) for b in range(1, 10)] + [
+        (a, "-", b) for a in range(2, 20) for b in range(1, min(a, 9) + 1)]
+    rng.shuffle(sums)
+    held_out = len(sums) // 3
+    out = {}
+    for split, pool, n in (("eval", sums[:held_out], n_eval), ("train", sums[held_out:], n_train)):
+        seen, rows = set(), []
+        while len(rows) < n:  # each sum under several names and objects
+            p = (*rng.choice(pool), rng.choice(NAMES), rng.choice(THINGS))
+            if p not in seen and len(seen) < len(pool) * len(NAMES) * len(THINGS):
+                seen.add(p)
+                rows.append(p)
+        out[split] = rows
+    return out
 
 
 def solve(a: int, op: str, b: int) -> int:
@@ -70,19 +86,20 @@ def draw_unique(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[int
     return out
 
 
-def prompt_row(split: str, i: int, p: tuple[int, str, int], style: str = "plain") -> dict:
+def prompt_row(split: str, i: int, p: tuple, style: str = "plain") -> dict:
     return {
         "prompt_id": f"{'arith' if style == 'plain' else 'word'}-{split}-{i:05d}",
         "task": "arithmetic",
         "messages": [{"role": "user", "content": (question if style == "plain" else word_question)(*p)}],
-        "answer": str(solve(*p)),
+        "answer": str(solve(*p[:3])),
     }
 
 
 def write_prompt_files(out: Path, n_train: int, n_eval: int, seed: int, style: str = "plain") -> None:
     rng = random.Random(seed)
     seen: set[str] = set()
-    splits = {"eval": draw_unique(rng, n_eval, seen), "train": draw_unique(rng, n_train, seen)}
+    splits = (word_problems(rng, n_train, n_eval) if style == "word" else
+              {"eval": draw_unique(rng, n_eval, seen), "train": draw_unique(rng, n_train, seen)})
     out.mkdir(parents=True, exist_ok=True)
     for split, problems in splits.items():
         with open(out / f"{split}.jsonl", "w") as f:
