@@ -190,9 +190,9 @@ def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: d
         t = recipe.teacher
         if asks_teacher(recipe, stage) and t.backend == Backend.openai and t.serve:
             from alignment.backends.vllm_server import SlurmVLLMServer  # (imports torch: only when needed)
-            from alignment.runner import input_path
+            from alignment.runner import input_value
 
-            model = str(input_path(job["inputs"]["teacher"]))  # the path the stage names it by, as a local server
+            model = str(input_value(job["inputs"]["teacher"]))  # the path the stage names it by, as a local server
             nodes = hostnames(os.environ["SLURM_JOB_NODELIST"]) if inside_allocation() else [None] * res.nodes
             endpoints = [SlurmVLLMServer(t, model, res, folder, jobs, node=nodes[i],
                                          name=job_name(recipe, round_n, stage, kind, f"teacher-{i}")).start()

@@ -13,8 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/smollm2-135m.yaml"
-SHRINK = ["prompts.num_prompts=8", "sampling.num_samples=4", "sampling.max_new_tokens=32", "eval.num_prompts=6",
-          "eval.max_new_tokens=32", "sft.num_train_epochs=1", "dpo.num_train_epochs=1", "select.sft_min_reward=0.0"]
+SHRINK = ["prompts.num_prompts=12", "sampling.num_samples=4", "sampling.max_new_tokens=64", "eval.num_prompts=4",
+          "eval.max_new_tokens=24", "sft.num_train_epochs=1", "dpo.num_train_epochs=1", "select.sft_min_reward=0.0"]
 
 
 def manifest(run: Path, stage: str) -> dict:
@@ -37,8 +37,8 @@ def test_a_shrunken_round_of_the_real_model_recipe(tmp_path):
 
     # generation stopped at ChatML's end of turn, which never shows in the text
     samples = [json.loads(x) for x in (run / "round-1/generate/samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 32 and any(s["finish_reason"] == "stop" for s in samples)
-    assert not any("<|im_end|>" in s["text"] for s in samples)
+    assert len(samples) == 48 and any(s["finish_reason"] == "stop" for s in samples)
+    assert not any("<|im_end|>" in s["response"] for s in samples)
 
     # DPO masked ChatML's formatting tokens (not Llama 3's, which this vocabulary lacks), and counted them
     fmt = manifest(run, "dpo")["stats"]["formatting_tokens"]
@@ -49,4 +49,4 @@ def test_a_shrunken_round_of_the_real_model_recipe(tmp_path):
     for stage in ("sft", "dpo"):  # the final model only: no checkpoints with optimizer states
         assert not (run / "round-1" / stage / "trainer").exists()
     metrics = json.loads((run / "round-1/eval/metrics.json").read_text())
-    assert set(metrics) == {"input", "sft", "dpo"} and all(m["num_prompts"] == 6 for m in metrics.values())
+    assert set(metrics) == {"input", "sft", "dpo"} and all(m["num_prompts"] == 4 for m in metrics.values())

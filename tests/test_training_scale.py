@@ -102,7 +102,8 @@ def test_lora_is_merged_into_a_full_model(data):
 
 def test_seed_runs_are_averaged(data):
     tmp, model = data
-    manifest, folder, _ = run_sft(tmp, model, "avg", "sft.average_seeds=[1, 2]")
+    # keep_checkpoints keeps each seed's own model beside the average, to compare with it
+    manifest, folder, _ = run_sft(tmp, model, "avg", "sft.average_seeds=[1, 2]", "sft.keep_checkpoints=true")
     assert manifest["stats"]["averaged_runs"] == 2
     r1, r2 = weights(folder / "runs/seed-1/model"), weights(folder / "runs/seed-2/model")
     avg = weights(folder / "model")
