@@ -41,14 +41,13 @@ def check_chat_templates(tokenizers: dict[str, object], conversations: dict[str,
                     f"{ref_name} has {ref.decode(ref_ids[at:at + 4])!r}.\n  {ref_name}: {ref_text!r}\n  {name}: {text!r}")
 
 
-def check_prompt_lengths(source, model: str, tokenizer, max_new_tokens: int, key: str, system_prompts: dict[str, str],
+def check_prompt_lengths(prompts, model: str, tokenizer, max_new_tokens: int, key: str, system_prompts: dict[str, str],
                          max_model_len: int | None = None) -> None:
     """Before generating: every prompt of the source, with its system prompt and the `key` tokens it may add, fits
     the model's context; else the file and line (or row) of the first that does not. (A 1 MB prompt once reached
     the engine and took 6 GB before failing.)"""
     from transformers import AutoConfig
 
-    from alignment.prompts import read_prompts
     from alignment.stages.generate import system_prompt_for
 
     context = min(n for n in (getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None),
@@ -56,7 +55,6 @@ def check_prompt_lengths(source, model: str, tokenizer, max_new_tokens: int, key
     budget = context - max_new_tokens
     overhead = len(tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
                                                            add_generation_prompt=True)).input_ids)
-    prompts = read_prompts(source)
     for i, row in enumerate(prompts):
         system = system_prompt_for(row, system_prompts)
         messages = ([{"role": "system", "content": system}] if system else []) + row["messages"]

@@ -83,7 +83,8 @@ def identity(recipe: Recipe, spec) -> dict:
         return {"path": os.path.normpath(folder / out), "hash": f"{m['fingerprint']}:{spec.output}"}
     if isinstance(spec, File):  # a prompt source (a file, a folder, a Hub dataset) or a preference file
         return source_identity(spec.path, spec.key)
-    if spec.revision:  # a pinned hub model: the stage loads that commit's snapshot (runner.input_value)
+    if spec.revision and not Path(spec.name).expanduser().is_dir():  # a pinned hub model: the stage loads that
+        # commit's snapshot (runner.input_value); a local folder is what it is, whatever revision it names
         return {"path": spec.name, "revision": spec.revision, "hash": hash_json([spec.name, spec.revision])}
     return {"path": spec.name, "hash": model_identity(spec.name)}
 
@@ -200,13 +201,13 @@ def check_round_models(recipe: Recipe, round_n: int) -> None:
     for role, path in models.items():
         tokenizers[role] = load_tokenizer(path, f"{role} ({path})")
         end_of_turn_id(tokenizers[role], f"{role} ({path})")
-    sample = [r for path in (recipe.prompts.train_path, recipe.prompts.eval_path) for r in read_prompts(path)[:4]]
-    check_chat_templates(tokenizers, {r["prompt_id"]: r["messages"] for r in sample})
+    train, held_out = read_prompts(recipe.prompts.train_path), read_prompts(recipe.prompts.eval_path)  # read once
+    check_chat_templates(tokenizers, {r["prompt_id"]: r["messages"] for rows in (train, held_out) for r in rows[:4]})
     if "teacher" in models:  # (behind endpoints, the teacher's server knows its own context)
-        check_prompt_lengths(recipe.prompts.train_path, models["teacher"], tokenizers["teacher"],
+        check_prompt_lengths(train, models["teacher"], tokenizers["teacher"],
                              recipe.sampling.max_new_tokens, "sampling.max_new_tokens", recipe.teacher.system_prompts,
                              recipe.teacher.engine.max_model_len)
-    check_prompt_lengths(recipe.prompts.eval_path, models["student"], tokenizers["student"], recipe.eval.max_new_tokens,
+    check_prompt_lengths(held_out, models["student"], tokenizers["student"], recipe.eval.max_new_tokens,
                          "eval.max_new_tokens", {})
 
 

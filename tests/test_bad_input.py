@@ -203,6 +203,9 @@ def test_a_pinned_hub_model_loads_from_its_commits_snapshot_and_the_manifest_rec
     assert input_value(got) == snap
     other = identity(None, Model("some-org/some-model", "student.model_name_or_path", "f" * 40))
     assert other["hash"] != got["hash"]  # another commit is another input: the stage is stale
+    # a local folder given a revision too is read from where it lies, not looked up in the hub cache
+    local = identity(None, Model(str(snap), "student.model_name_or_path", commit))
+    assert "revision" not in local and input_value(local) == snap
 
 
 def test_a_prompt_too_long_for_the_models_context_is_named_before_any_stage(tmp_path, capsys):

@@ -293,9 +293,9 @@ def test_a_prompt_too_long_for_the_context_is_named_by_its_row(tmp_path):
     source = PromptSource(path=f, columns={"prompt_id": None, "prompt": "q"})
     with pytest.raises(InputError, match=rf"^{f}: row 1: prompt 'h[0-9a-f]{{20}}' is \d+ tokens; with "
                                          r"sampling.max_new_tokens=16 it does not fit .* context of 256 tokens"):
-        check_prompt_lengths(source, model, tok, 16, "sampling.max_new_tokens", {})
+        check_prompt_lengths(read_prompts(source), model, tok, 16, "sampling.max_new_tokens", {})
     pq.write_table(pa.table({"q": ["What is 1 + 1?", "x" * 200]}), f)  # 200 characters fit 256 - 16 tokens
-    check_prompt_lengths(source, model, tok, 16, "sampling.max_new_tokens", {})
+    check_prompt_lengths(read_prompts(source), model, tok, 16, "sampling.max_new_tokens", {})
 
 
 def test_a_source_without_rows_is_refused(tmp_path):
