@@ -99,6 +99,7 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
         ref_model = load_for_training(inputs["ref_model"])[0] if "ref_model" in inputs else None
         trainer = build_trainer(recipe, model, tok, rows, run_dir, ref_model, seed)
         if isinstance(trainer.data_collator, MaskFormattingTokens):
+            trainer.data_collator.masked_per_batch.clear()  # the reference pass (precompute) drew batches already
             counts.append(trainer.data_collator.masked_per_batch)  # filled as training draws batches
         return trainer
 
