@@ -205,10 +205,10 @@ def main(argv: list[str] | None = None) -> None:
             if problems and args.cmd in ("round", "stage"):
                 raise InputError("this machine cannot train as the recipe asks:\n  " + "\n  ".join(problems))
             if args.cmd in ("round", "eval", "stage"):  # the stages it may run must fit their GPUs
-                from alignment.memory_plan import KIND, check_plan
+                from alignment.memory_plan import PLANNED, check_plan
 
-                check_plan(recipe, {"round": tuple(KIND), "eval": ("eval",)}.get(args.cmd) or
-                           ((args.stage,) if getattr(args, "stage", None) in KIND else ()))
+                check_plan(recipe, {"round": PLANNED, "eval": ("eval",)}.get(args.cmd) or
+                           ((args.stage,) if getattr(args, "stage", None) in PLANNED else ()))
             if args.cmd in ("round", "eval"):
                 run_round(recipe, args.n, recipe_file=args.recipe, overrides=args.overrides,
                           eval_only=args.cmd == "eval")

@@ -23,23 +23,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from alignment.config import Backend, InputError, JobResources, Recipe
-from alignment.stage_table import STAGES, asks_teacher
+from alignment.stage_table import asks_teacher, job_kind
 
 JOBS = "slurm_jobs"  # in a stage's folder: the ids of the SLURM jobs its runs submitted, one a line
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE", "GONE"}  # a requeued job goes back to PENDING and is waited for
-
-
-def job_kind(recipe: Recipe, stage: str) -> str | None:
-    """The launcher resources a stage runs with; None for select and promote, seconds of file work that run where
-    the orchestrator runs (a queue wait would cost more than the work)."""
-    if STAGES[stage].trains or stage in ("bootstrap", "import_gguf"):  # (those two build models once a recipe)
-        return "train"
-    if stage in ("generate", "teacher_eval") or asks_teacher(recipe, stage):
-        return "generate"
-    if stage in ("eval", "score"):  # score without a judge runs the reward model
-        return "eval"
-    return None
 
 
 def free_port() -> int:

@@ -52,12 +52,11 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from alignment.config import InputError, LoraConfig, ModelSource, Recipe, RewardModelSource
-from alignment.stage_table import STAGES, round_stages
+from alignment.stage_table import STAGES, job_kind, round_stages
 
 GIB = 2**30
 USABLE = 0.9  # share of a GPU a trainer or transformers' generate can fill; the rest: context and fragmentation
-KIND = {"sft": "train", "dpo": "train", "reward_model": "train", "generate": "generate", "score": "generate",
-        "teacher_eval": "generate", "eval": "eval"}  # the launcher's kind of each stage that uses a GPU
+PLANNED = ("sft", "dpo", "reward_model", "generate", "score", "teacher_eval", "eval")  # the stages that use GPUs
 
 
 @dataclass(frozen=True)
@@ -228,7 +227,7 @@ def visible_gpus() -> tuple[int, float | None]:
     return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
 
 
-def plan(recipe: Recipe, stages: tuple[str, ...] = tuple(KIND)) -> list[Row] | None:
+def plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> list[Row] | None:
     """A row per stage of `stages` the recipe has; None when it runs without GPUs (none declared, none visible)."""
     launcher = recipe.launcher
     seen, seen_gib = visible_gpus()
@@ -240,7 +239,7 @@ def plan(recipe: Recipe, stages: tuple[str, ...] = tuple(KIND)) -> list[Row] | N
                          "their memory from; set it (e.g. 80 for an H100 80GB) for the memory plan")
     rows, present = [], {s.name for s in round_stages(recipe, 1)}
     for stage in stages:
-        res = getattr(launcher, KIND[stage])
+        res = getattr(launcher, job_kind(recipe, stage))
         gpus = res.gpus_per_node or seen
         if not gpus or stage not in present:
             continue
@@ -333,7 +332,7 @@ def eval_row(recipe: Recipe, stage: str, gpus: int, capacity: float) -> Row:
     return Row(stage, holds, USABLE * capacity, "eval.batch_size, launcher.eval.gpus_per_node")
 
 
-def check_plan(recipe: Recipe, stages: tuple[str, ...] = tuple(KIND)) -> None:
+def check_plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> None:
     """Refuse, before any work, a stage whose estimate exceeds the GPU memory it will have."""
     rows = plan(recipe, stages) or []
     bad = [r for r in rows if not r.ok]

@@ -22,14 +22,15 @@ from pathlib import Path
 
 from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates, check_prompt_lengths
-from alignment.launcher import cancel_recorded, job_kind, run_stage_job
+from alignment.launcher import cancel_recorded, run_stage_job
 from alignment.manifest import hash_json, read_manifest, write_json_atomic
 from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
 from alignment.prompts import read_prompts, source_identity
 from alignment.seeding import model_identity
 from alignment.template import end_of_turn_id, load_tokenizer
-from alignment.stage_table import (EVAL_STAGES, MODEL_MAKERS, STAGES, File, Model, Upstream, asks_teacher, hashed_config,
-                                   reward_model, round_stages, stage_config, student, teacher, upstreams)
+from alignment.stage_table import (EVAL_STAGES, MODEL_MAKERS, STAGES, File, Model, Upstream, asks_teacher,
+                                   hashed_config, job_kind, reward_model, round_stages, stage_config, student,
+                                   teacher, upstreams)
 
 
 class StageFailed(Exception):

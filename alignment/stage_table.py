@@ -51,6 +51,7 @@ class Stage:
     inputs: Callable[[Recipe, int], dict[str, Input | list[Input]]]
     outputs: tuple[str, ...]
     trains: str | None = None  # the recipe section holding its TrainerConfig
+    kind: str | None = None  # the launcher's resources it runs with (train, generate, eval); None: in place
     when: Callable[[Recipe, int], bool] = lambda recipe, round_n: True  # does round n of this recipe have it?
     once: bool = False  # once per recipe (runs/<recipe>/<stage>/, round 0), shared by every round
 
@@ -174,14 +175,14 @@ def sft_models(r: Recipe, n: int, why: str) -> dict:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("bootstrap", ("bootstrap", "seed"), lambda r, n: {"eval_prompts": eval_prompts(r)},
-          ("student", "teacher"), when=needs("bootstrap"), once=True),
+          ("student", "teacher"), kind="train", when=needs("bootstrap"), once=True),
     Stage("import_gguf", ("gguf",), lambda r, n: {"gguf": gguf_file(r)} if r.gguf else {}, ("model",),
-          when=needs("import_gguf"), once=True),
+          kind="train", when=needs("import_gguf"), once=True),
     Stage("teacher_eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
         "teacher": fixed_teacher(r), "eval_prompts": eval_prompts(r), **reward_model(r, 0)},
-        ("metrics", "answers", "record"), when=evaluates_teacher, once=True),
-    Stage("generate", ("teacher", "sampling", "prompts", "seed"), generate_inputs, ("samples",)),
-    Stage("score", ("reward", "teacher"), score_inputs, ("scores",)),
+        ("metrics", "answers", "record"), kind="generate", when=evaluates_teacher, once=True),
+    Stage("generate", ("teacher", "sampling", "prompts", "seed"), generate_inputs, ("samples",), kind="generate"),
+    Stage("score", ("reward", "teacher"), score_inputs, ("scores",), kind="eval"),  # the reward model
     Stage("select", ("select", "seed"), lambda r, n: {
         "samples": Upstream("generate", "samples", n, "select"), "scores": Upstream("score", "scores", n, "select"),
         "prompts": train_prompts(r)}, ("sft", "pairs", "failed_prompts", "plots")),
@@ -192,20 +193,20 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         "pairs": [Upstream("select", "pairs", k, f"reward_model (round {k})") for k in range(1, n + 1)],
         **({"preferences": [File(p, "reward_training.preference_paths") for p in r.reward_training.preference_paths]}
            if r.reward_training.preference_paths else {})},
-        ("model", "log_history", "logs"), trains="reward_training",
+        ("model", "log_history", "logs"), trains="reward_training", kind="train",
         when=lambda r, n: r.reward_training is not None),
     Stage("sft", ("sft", "seed"), lambda r, n: {"model": student(r, n), "sft": Upstream("select", "sft", n, "sft")},
-          ("model", "log_history", "logs"), trains="sft"),
+          ("model", "log_history", "logs"), trains="sft", kind="train"),
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
         "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),
         **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path",
                                     r.dpo.ref_model_revision)}
-           if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo"),
+           if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo", kind="train"),
     # eval reads `teacher` for its default backend and engine, and for the judge (the teacher, on its backend)
     Stage("eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
         "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": eval_prompts(r), **reward_model(r, n),
         **({"teacher": teacher(r, n)} if r.eval.judge else {})},
-        ("metrics", "answers")),
+        ("metrics", "answers"), kind="eval"),
     Stage("promote", ("gate",), promote_inputs,
           ("decision", "model", "best", "best_record")),
 )}
@@ -216,6 +217,12 @@ MODEL_MAKERS = ("bootstrap", "import_gguf")  # they make the models a round star
 def asks_teacher(recipe: Recipe, stage: str) -> bool:
     """Does the stage send requests to the teacher: generate, and score with a judge (the judge is the teacher)."""
     return stage == "generate" or (stage == "score" and recipe.reward.judge is not None)
+
+
+def job_kind(recipe: Recipe, stage: str) -> str | None:
+    """The launcher resources the stage runs with: a stage that asks the teacher runs as generate does; select and
+    promote (None), seconds of file work, run where the orchestrator runs (a queue wait would cost more)."""
+    return "generate" if asks_teacher(recipe, stage) else STAGES[stage].kind
 
 
 def round_stages(recipe: Recipe, round_n: int, names=tuple(STAGES)) -> list[Stage]:

@@ -184,6 +184,19 @@ def test_the_8b_recipe_fits_one_node(hub):
     assert "of the 5120 sequences asked for" in rows["generate"].hint
 
 
+def test_scoring_is_planned_on_the_gpus_it_is_launched_with(hub):
+    """Score without a judge runs the reward model on launcher.eval's GPUs (the launcher's kind), so that is what
+    its row divides by; with a judge it asks the teacher and runs as generate does."""
+    gpus = ["launcher.generate.gpus_per_node=8", "launcher.eval.gpus_per_node=2"]
+    c = CONFIGS["meta-llama/Llama-3.1-8B"]  # the reward model: no lm_head, a one-label head instead; fp32
+    rm = 4 * (llama_params(c) - c["vocab_size"] * c["hidden_size"] + c["hidden_size"])
+    row = next(r for r in plan(load_recipe(ROOT / "recipes/llama3.1-8b.yaml", gpus)) if r.stage == "score")
+    assert row.holds == {"reward model fp32 /2": rm / 2}
+    judged = load_recipe(ROOT / "recipes/llama3.1-8b.yaml", [*gpus, "reward.judge={template: '{prompt} {response}'}"])
+    row = next(r for r in plan(judged) if r.stage == "score")
+    assert list(row.holds) == ["reward model fp32 /8"]
+
+
 def test_align_plan_prints_the_table(hub, capsys):
     align(["plan", str(ROOT / "recipes/llama3.1-70b.yaml"), "launcher.train.nodes=1"])
     out = capsys.readouterr().out.splitlines()

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from alignment.chat import build_tokenizer
 from alignment.config import InputError, JobResources, load_recipe
-from alignment.launcher import SlurmJob, batch_flags, job_kind
+from alignment.launcher import SlurmJob, batch_flags
+from alignment.stage_table import job_kind
 from alignment.manifest import write_json_atomic
 from alignment.round import run_stage, stage_dir
 from alignment.stage_table import STAGES, round_stages
