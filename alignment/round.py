@@ -135,17 +135,13 @@ def stage_env(recipe: Recipe, stage: str) -> dict:
     if key and not asks_teacher(recipe, stage):
         env.pop(key, None)
     cfg = trainer_config(recipe, stage)
-    slurm = recipe.launcher.kind == "slurm"  # the job's GPUs are the recipe's, not this (login) machine's
-    if cfg is not None and cfg.distributed and not (recipe.launcher.train.gpus_per_node if slurm
-                                                    else torch_cuda_available()):
-        env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: accelerate's config alone would run one process
+    if cfg is not None and cfg.distributed:
+        import torch
+
+        slurm = recipe.launcher.kind == "slurm"  # the job's GPUs are the recipe's, not this (login) machine's
+        if not (recipe.launcher.train.gpus_per_node if slurm else torch.cuda.is_available()):
+            env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: accelerate's config alone would run one process
     return env
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def partial_fingerprint(folder: Path) -> str | None:
