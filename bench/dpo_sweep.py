@@ -86,8 +86,10 @@ def main() -> None:
     sft_model = output(run, args.round, "sft", "model")
     pairs = {"teacher": output(run, args.round, "select", "pairs")}
     prompts = read_prompts(recipe.prompts.eval_path)[:recipe.eval.num_prompts]
-    sft_metrics, sft_answers = evaluate(cfg(recipe, "eval"), sft_model, prompts, "sft", None)
-    sft_outcomes = {a["prompt_id"]: float(a["verified"]) for a in sft_answers}
+    answers_dir = out / "eval"  # answer shards keyed by request (content and model): any model's may share it
+    answers_dir.mkdir(parents=True, exist_ok=True)
+    metrics, answers = evaluate(cfg(recipe, "eval"), {"sft": sft_model}, prompts, answers_dir, None)
+    sft_metrics, sft_outcomes = metrics["sft"], {a["prompt_id"]: float(a["verified"]) for a in answers["sft"]}
     rows = []
     for name, (variant, source) in VARIANTS.items():
         if args.only and name not in args.only:
@@ -99,8 +101,9 @@ def main() -> None:
         folder.mkdir(parents=True, exist_ok=True)
         start = time.time()
         result = dpo.run(cfg(r, "dpo"), {"model": sft_model, "pairs": pairs[source]}, folder, args.round)
-        m, answers = evaluate(cfg(r, "eval"), folder / "model", prompts, name, None)
-        c = compare({a["prompt_id"]: float(a["verified"]) for a in answers}, sft_outcomes, "accuracy")
+        metrics, answers = evaluate(cfg(r, "eval"), {name: folder / "model"}, prompts, answers_dir, None)
+        m = metrics[name]
+        c = compare({a["prompt_id"]: float(a["verified"]) for a in answers[name]}, sft_outcomes, "accuracy")
         last = result.stats["log_probs"][-1]
         rows.append({"variant": name, "pairs": result.rows["pairs"], "accuracy": m["accuracy"],
                      "accuracy_ci": m["accuracy_ci"], "vs_sft": c["difference"], "vs_sft_ci": c["ci"], "p": c["p_value"],
