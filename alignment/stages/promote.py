@@ -66,10 +66,9 @@ def compare(ours: dict[str, float], theirs: dict[str, float], metric: str,
                          f"{names[1]} {theirs[bad[0]]}; {len(bad)} such prompts); see the eval's answers.jsonl")
     diffs = [ours[i] - theirs[i] for i in sorted(ours)]
     ci, p = paired_bootstrap(diffs)
+    test = "McNemar exact" if metric == "accuracy" else "paired bootstrap"
     if metric == "accuracy":  # exact where an exact test exists; the interval stays the bootstrap's
-        p, test = mcnemar_exact(diffs.count(1.0), diffs.count(-1.0)), "McNemar exact"
-    else:
-        test = "paired bootstrap"
+        p = mcnemar_exact(diffs.count(1.0), diffs.count(-1.0))
     return {"difference": sum(diffs) / len(diffs), "ci": ci, "p_value": p, "test": test, "prompts": len(diffs)}
 
 
@@ -199,11 +198,8 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     write_json_atomic(out_dir / "best.json", record)
     # Paths relative to this folder, so that a moved run folder still resolves; a pinned hub model (the recipe's
     # student or teacher, promoted or kept as the best) is its snapshot folder in the hub cache.
-    def where(m: Path) -> str:
-        return os.path.relpath(m, out_dir)
-
-    return StageResult(outputs={"decision": "decision.json", "model": where(Path(model)),
-                                "best": where(Path(best)), "best_record": "best.json"},
+    return StageResult(outputs={"decision": "decision.json", "model": os.path.relpath(model, out_dir),
+                                "best": os.path.relpath(best, out_dir), "best_record": "best.json"},
                        rows={"candidates": len(recipe.gate.candidates)},
                        stats={"promoted": decision["promoted"], "forced": decision["forced"],
                               "best_so_far": {k: v for k, v in record.items() if k != "outcomes"}})
