@@ -9,6 +9,7 @@ answer, and must produce the student's token ids exactly. EOS tokens are not com
 
 from __future__ import annotations
 
+from alignment.chat import token_ids
 from alignment.config import InputError
 from alignment.template import render_or_refuse
 
@@ -60,8 +61,7 @@ def check_prompt_lengths(prompts, model: str, tokenizer, max_new_tokens: int, ke
         messages = ([{"role": "system", "content": system}] if system else []) + row["messages"]
         if sum(len(m["content"].encode()) + 16 for m in messages) + overhead <= budget:
             continue  # no tokenizer makes more tokens than UTF-8 bytes (16 for a header): it fits untokenized
-        n = len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                          add_special_tokens=False).input_ids)
+        n = len(token_ids(tokenizer, messages, add_generation_prompt=True))
         if n > budget:
             raise InputError(f"{prompts.where(i)}: prompt {row['prompt_id']!r} is {n} tokens; with {key}="
                              f"{max_new_tokens} it does not fit {model}'s context of {context} tokens")

@@ -10,6 +10,8 @@ Each function renders conversations whose contents are sentinels and reads the f
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from alignment.config import InputError
 
 SENTINEL = "Zq{}xJ"  # text no template writes itself; {} tells the messages apart
@@ -23,8 +25,6 @@ def conversation(system: bool) -> list[dict]:
 def render_or_refuse(tokenizer, messages: list[dict], where: str, add_generation_prompt=False) -> str:
     """The template's text, or an InputError naming the model when the template refuses the conversation (Gemma's
     raises on a system message)."""
-    from jinja2 import TemplateError
-
     if not tokenizer.chat_template:
         raise InputError(f"{where}: the tokenizer has no chat template; a chat model's tokenizer_config.json has one")
     try:
@@ -36,8 +36,6 @@ def render_or_refuse(tokenizer, messages: list[dict], where: str, add_generation
 
 def template_pieces(tokenizer) -> list[str]:
     """The text the template writes around the sentinel contents, with and (where allowed) without a system turn."""
-    from jinja2 import TemplateError
-
     pieces = []
     for system in (True, False):
         try:
