@@ -34,21 +34,6 @@ def render_or_refuse(tokenizer, messages: list[dict], where: str, add_generation
         raise InputError(f"{where}: its chat template refuses a conversation with roles {roles}: {e}") from None
 
 
-def template_pieces(tokenizer) -> list[str]:
-    """The text the template writes around the sentinel contents, with and (where allowed) without a system turn."""
-    pieces = []
-    for system in (True, False):
-        try:
-            text = tokenizer.apply_chat_template(conversation(system), tokenize=False)
-        except TemplateError:
-            continue  # a template without a system role
-        for i in range(5):
-            before, _, text = text.partition(SENTINEL.format(i))
-            pieces.append(before)
-        pieces.append(text)
-    return pieces
-
-
 def special_ids(tokenizer, text: str) -> list[int]:
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     return [i for i in tokenizer(text, add_special_tokens=False).input_ids if i in special]
@@ -57,8 +42,14 @@ def special_ids(tokenizer, text: str) -> list[int]:
 def formatting_token_ids(tokenizer) -> list[int]:
     """Special tokens the template writes around contents, and the tokens that end a turn. Only special tokens:
     an ordinary token the template also writes (a newline, the word "assistant") occurs inside contents too, and
-    masking it by id would mask the response's own text."""
-    found = {i for piece in template_pieces(tokenizer) for i in special_ids(tokenizer, piece)}
+    masking it by id would mask the response's own text. The contents are sentinels without any, so every special
+    token of the conversation rendered with and (where allowed) without a system turn is the template's."""
+    found = set()
+    for system in (True, False):
+        try:
+            found.update(special_ids(tokenizer, tokenizer.apply_chat_template(conversation(system), tokenize=False)))
+        except TemplateError:
+            continue  # a template without a system role
     return sorted(found | stop_token_ids(tokenizer)) if found else []
 
 
