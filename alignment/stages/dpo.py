@@ -99,11 +99,10 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
 
     histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
     history = histories[0]
-    per_batch = [n for c in counts for n in c]
     stats = {**loss_summary(history), **runs, "lora": cfg.lora is not None, "pad_token": tokenizer.pad_choice,
              "formatting_tokens": {"masked": cfg.mask_formatting_tokens,
                                    "ids": {i: tokenizer.convert_ids_to_tokens(i) for i in masked},
-                                   "masked_per_batch": describe(per_batch)}}
+                                   "masked_per_batch": describe([n for c in counts for n in c])}}
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
     stats["log_probs"] = log_probs(history, cfg.beta)
