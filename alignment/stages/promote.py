@@ -130,8 +130,7 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
 
     promoted = "input"
     if eligible:
-        best = max(eligible, key=lambda n: metrics[n][primary])  # the first in order on an exact tie
-        promoted = best
+        promoted = best = max(eligible, key=lambda n: metrics[n][primary])  # the first in order on an exact tie
         for name in eligible[:eligible.index(best)]:  # earlier in the recipe's order than the best
             c = comparison(best, name, primary)
             comparisons.append(c)

@@ -56,13 +56,10 @@ def word_problems(rng: random.Random, n_train: int, n_eval: int) -> dict[str, li
     held_out = len(sums) // 3
     out = {}
     for split, pool, n in (("eval", sums[:held_out], n_eval), ("train", sums[held_out:], n_train)):
-        seen, rows = set(), []
-        while len(rows) < n:  # each sum under several names and objects
-            p = (*rng.choice(pool), rng.choice(NAMES), rng.choice(THINGS))
-            if p not in seen and len(seen) < len(pool) * len(NAMES) * len(THINGS):
-                seen.add(p)
-                rows.append(p)
-        out[split] = rows
+        rows: dict[tuple, None] = {}  # an ordered set of distinct problems: each sum under several names and objects
+        while len(rows) < n:
+            rows.setdefault((*rng.choice(pool), rng.choice(NAMES), rng.choice(THINGS)))
+        out[split] = list(rows)
     return out
 
 
