@@ -18,11 +18,10 @@ SAMPLE_ANSWER = "The answer is 19."
 
 def renderings(tokenizer, messages: list[dict], where: str) -> list[tuple[str, list[int]]]:
     """(text, ids) of the prompt as the teacher is asked it, and of the conversation with an answer after it."""
-    out = []
-    for convo, gen in ((messages, True), (messages + [{"role": "assistant", "content": SAMPLE_ANSWER}], False)):
-        text = render_or_refuse(tokenizer, convo, where, add_generation_prompt=gen)
-        out.append((text, tokenizer(text, add_special_tokens=False).input_ids))
-    return out
+    answered = messages + [{"role": "assistant", "content": SAMPLE_ANSWER}]
+    texts = [render_or_refuse(tokenizer, messages, where, add_generation_prompt=True),
+             render_or_refuse(tokenizer, answered, where)]
+    return [(text, tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
 
 
 def check_chat_templates(tokenizers: dict[str, object], conversations: dict[str, list[dict]]) -> None:
