@@ -50,8 +50,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     tokenizer.padding_side = "right"
     model.train()
-    saved: dict[str, dict] = {}
-    curve = []
+    saved, curve = {}, []  # name -> the step and accuracy it was saved at; one point per dev check
     bar = tqdm(range(1, cfg.max_steps + 1), desc="bootstrap pretraining", unit="step")
     for step in bar:
         problems = arithmetic.draw_problems(rng, cfg.batch_size, held_out, unique=False)

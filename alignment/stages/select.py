@@ -236,8 +236,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         groups[r["prompt_id"]].append(r)
     prompts = read_prompts(inputs["prompts"]).by_id(groups)
 
-    drops: Counter = Counter()
-    stats: dict = {}
+    drops, stats = Counter(), {}
     sft_rows, pair_rows, failed, acceptance = [], [], [], []
     for pid in sorted(groups):
         candidates = groups[pid]
