@@ -160,23 +160,19 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
     return decision
 
 
-def accuracy_outcomes(answers: list[dict], model: str) -> dict[str, float]:
-    """prompt_id -> 1/0, the model's greedy correctness where a verifier applies."""
-    return outcomes(index([a for a in answers if a["model"] == model]), model, "accuracy")
-
-
 def best_so_far(gate: GateConfig, inputs: dict, metrics: dict, answers: list[dict], promoted: str,
                 round_n: int) -> tuple[Path, dict]:
     """The best model up to this round by held-out accuracy, and its record (name, accuracy, per-prompt outcomes):
     the best before this round (the evaluated fixed teacher in round 1, else the round's input model), unless the
     model promoted now beats it, by `gate.best_so_far`'s rule."""
+    rows = index(answers)  # accuracy outcomes: greedy correctness, 1/0, on the prompts a verifier applies to
     if "best_before" in inputs:
         before, record = Path(inputs["best_before"]), json.loads(Path(inputs["best_before_record"]).read_text())
     else:
         before, record = Path(inputs["input"]), {"name": "round 1 input", "accuracy": metrics["input"].get("accuracy"),
-                                                 "outcomes": accuracy_outcomes(answers, "input")}
+                                                 "outcomes": outcomes(rows, "input", "accuracy")}
     mine = {"name": f"round {round_n} {promoted}", "accuracy": metrics[promoted].get("accuracy"),
-            "outcomes": accuracy_outcomes(answers, promoted)}
+            "outcomes": outcomes(rows, promoted, "accuracy")}
     if mine["accuracy"] is None:
         return before, record
     better = record["accuracy"] is None or mine["accuracy"] > record["accuracy"]
