@@ -58,9 +58,8 @@ def source_identity(source: PromptSource | Path, key: str) -> dict:
         return {"path": str(source), "hash": hash_json(dump), "source": dump}
     if not source.path.exists():
         raise InputError(f"{key}: {source.path} does not exist")
-    files = source_files(source.path)[1]
     digest = hash_file(source.path) if source.path.is_file() else hash_json(
-        [[str(p.relative_to(source.path)), hash_file(p)] for p in files])
+        [[str(p.relative_to(source.path)), hash_file(p)] for p in source_files(source.path)[1]])
     if dump is None:
         return {"path": str(source.path), "hash": digest}
     return {"path": str(source.path), "hash": hash_json({"files": digest, **dump}), "source": dump}
@@ -197,12 +196,8 @@ def to_row(raw: dict, cols: PromptColumns) -> dict:
         row["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
                            for m in row["messages"]]
     row.update((key, raw[getattr(cols, key)]) for key in ("answer", "tests", "capability") if getattr(cols, key) in raw)
-    return {"prompt_id": raw.get(cols.prompt_id) if cols.prompt_id else content_id(row), **row}
-
-
-def content_id(row: dict) -> str:
-    """An id made from the row's content: the same content gets the same id on any machine."""
-    return "h" + hash_json(row)[:20]
+    # without an id column, an id made from the row's content: the same content gets the same id on any machine
+    return {"prompt_id": raw.get(cols.prompt_id) if cols.prompt_id else "h" + hash_json(row)[:20], **row}
 
 
 def check_row(row: dict, where: str, cols: PromptColumns) -> None:
