@@ -13,15 +13,8 @@ import string
 from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
-BEGIN_OF_TEXT = "<|begin_of_text|>"
-END_OF_TEXT = "<|end_of_text|>"
-START_HEADER = "<|start_header_id|>"
-END_HEADER = "<|end_header_id|>"
-EOT = "<|eot_id|>"
-EOM = "<|eom_id|>"
-PYTHON_TAG = "<|python_tag|>"
-PAD = "<|finetune_right_pad_id|>"
-SPECIAL_TOKENS = [BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, EOT, EOM, PYTHON_TAG, PAD]
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                  "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
 ROLES = ("system", "user", "assistant", "ipython")
 
 # Llama 3's template, without the tool-calling preamble that the tiny task never uses. The `{% generation %}`
@@ -62,7 +55,8 @@ def char_tokenizer(special_tokens: list[str], template: str, **named) -> PreTrai
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """The tiny recipes' tokenizer: Llama 3's special tokens and chat template. A chat model ends its turn with
     <|eot_id|>, so that is its EOS; generation stops there."""
-    return char_tokenizer(SPECIAL_TOKENS, LLAMA3_CHAT_TEMPLATE, bos_token=BEGIN_OF_TEXT, eos_token=EOT, pad_token=PAD)
+    return char_tokenizer(SPECIAL_TOKENS, LLAMA3_CHAT_TEMPLATE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                          pad_token="<|finetune_right_pad_id|>")
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:

@@ -9,6 +9,7 @@ answer, and must produce the student's token ids exactly. EOS tokens are not com
 
 from __future__ import annotations
 
+from alignment.chat import token_ids
 from alignment.config import InputError
 from alignment.template import render_or_refuse
 
@@ -17,11 +18,10 @@ SAMPLE_ANSWER = "The answer is 19."
 
 def renderings(tokenizer, messages: list[dict], where: str) -> list[tuple[str, list[int]]]:
     """(text, ids) of the prompt as the teacher is asked it, and of the conversation with an answer after it."""
-    out = []
-    for convo, gen in ((messages, True), (messages + [{"role": "assistant", "content": SAMPLE_ANSWER}], False)):
-        text = render_or_refuse(tokenizer, convo, where, add_generation_prompt=gen)
-        out.append((text, tokenizer(text, add_special_tokens=False).input_ids))
-    return out
+    answered = messages + [{"role": "assistant", "content": SAMPLE_ANSWER}]
+    texts = [render_or_refuse(tokenizer, messages, where, add_generation_prompt=True),
+             render_or_refuse(tokenizer, answered, where)]
+    return [(text, tokenizer(text, add_special_tokens=False).input_ids) for text in texts]
 
 
 def check_chat_templates(tokenizers: dict[str, object], conversations: dict[str, list[dict]]) -> None:
@@ -60,8 +60,7 @@ def check_prompt_lengths(prompts, model: str, tokenizer, max_new_tokens: int, ke
         messages = ([{"role": "system", "content": system}] if system else []) + row["messages"]
         if sum(len(m["content"].encode()) + 16 for m in messages) + overhead <= budget:
             continue  # no tokenizer makes more tokens than UTF-8 bytes (16 for a header): it fits untokenized
-        n = len(tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                          add_special_tokens=False).input_ids)
+        n = len(token_ids(tokenizer, messages, add_generation_prompt=True))
         if n > budget:
             raise InputError(f"{prompts.where(i)}: prompt {row['prompt_id']!r} is {n} tokens; with {key}="
                              f"{max_new_tokens} it does not fit {model}'s context of {context} tokens")

@@ -19,6 +19,9 @@ import json
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
+from contextlib import ExitStack
+from functools import cache
+from itertools import accumulate
 from pathlib import Path
 
 from alignment.chat import ROLES
@@ -55,9 +58,8 @@ def source_identity(source: PromptSource | Path, key: str) -> dict:
         return {"path": str(source), "hash": hash_json(dump), "source": dump}
     if not source.path.exists():
         raise InputError(f"{key}: {source.path} does not exist")
-    files = source_files(source.path)[1]
     digest = hash_file(source.path) if source.path.is_file() else hash_json(
-        [[str(p.relative_to(source.path)), hash_file(p)] for p in files])
+        [[str(p.relative_to(source.path)), hash_file(p)] for p in source_files(source.path)[1]])
     if dump is None:
         return {"path": str(source.path), "hash": digest}
     return {"path": str(source.path), "hash": hash_json({"files": digest, **dump}), "source": dump}
@@ -101,17 +103,14 @@ class JsonlRows:
                     yield row
 
     def raw(self, indices) -> list[dict]:
-        handles = {}
-        try:
+        with ExitStack() as stack:  # each file opened once, all closed on the way out
+            handle = cache(lambda k: stack.enter_context(open(self.files[k], "rb")))
             out = []
             for i in indices:
-                f = handles.get(self.file[i]) or handles.setdefault(self.file[i], open(self.files[self.file[i]], "rb"))
+                f = handle(self.file[i])
                 f.seek(self.offset[i])
                 out.append(json.loads(f.readline()))
             return out
-        finally:
-            for f in handles.values():
-                f.close()
 
 
 class TableRows:
@@ -126,9 +125,7 @@ class TableRows:
                     raise InputError(f"{label}: no column {column!r} for columns.{key} (it has {ds.column_names}); "
                                      "`columns` in the prompt source says which column holds each field")
         self.labels = [label for label, _ in parts]
-        self.starts = [0]
-        for _, ds in parts:
-            self.starts.append(self.starts[-1] + len(ds))
+        self.starts = [0, *accumulate(len(ds) for _, ds in parts)]
         tables = [ds.select_columns(list(columns)) for _, ds in parts]
         self.ds = tables[0] if len(tables) == 1 else concatenate_datasets(tables)
 
@@ -199,12 +196,8 @@ def to_row(raw: dict, cols: PromptColumns) -> dict:
         row["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
                            for m in row["messages"]]
     row.update((key, raw[getattr(cols, key)]) for key in ("answer", "tests", "capability") if getattr(cols, key) in raw)
-    return {"prompt_id": raw.get(cols.prompt_id) if cols.prompt_id else content_id(row), **row}
-
-
-def content_id(row: dict) -> str:
-    """An id made from the row's content: the same content gets the same id on any machine."""
-    return "h" + hash_json(row)[:20]
+    # without an id column, an id made from the row's content: the same content gets the same id on any machine
+    return {"prompt_id": raw.get(cols.prompt_id) if cols.prompt_id else "h" + hash_json(row)[:20], **row}
 
 
 def check_row(row: dict, where: str, cols: PromptColumns) -> None:
@@ -239,23 +232,21 @@ class Prompts(Sequence):
 
     def __init__(self, source: PromptSource):
         self.source, self.cols, self.rows = source, source.columns, open_rows(source)
+        self.where = self.rows.where  # where row i is: file and line (JSONL), or file and row
         self.ids: dict[str, int] = {}  # prompt_id -> index: the only per-row state kept besides the reader's index
         for i, raw in enumerate(self.rows.scan()):
             row = to_row(raw, self.cols)
-            check_row(row, self.rows.where(i), self.cols)
+            check_row(row, self.where(i), self.cols)
             first = self.ids.setdefault(row["prompt_id"], i)
             if first != i:
                 same = "; ids are hashed from the content, so the same prompt" if self.cols.prompt_id is None else ""
-                raise InputError(f"{self.rows.where(i)}: duplicate prompt_id {row['prompt_id']!r} (first at "
-                                 f"{self.rows.where(first)}{same})")
+                raise InputError(f"{self.where(i)}: duplicate prompt_id {row['prompt_id']!r} (first at "
+                                 f"{self.where(first)}{same})")
         if not self.ids:
             raise InputError(f"{source}: prompt source has no rows")
 
     def __len__(self) -> int:
         return len(self.rows)
-
-    def where(self, i: int) -> str:
-        return self.rows.where(i)
 
     def take(self, indices) -> list[dict]:
         return [to_row(raw, self.cols) for raw in self.rows.raw(indices)]
@@ -287,10 +278,6 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_jsonl(path: Path, rows) -> int:
-    n = 0
+def write_jsonl(path: Path, rows) -> None:
     with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-            n += 1
-    return n
+        f.writelines(json.dumps(row) + "\n" for row in rows)

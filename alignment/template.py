@@ -10,6 +10,8 @@ Each function renders conversations whose contents are sentinels and reads the f
 
 from __future__ import annotations
 
+from jinja2 import TemplateError
+
 from alignment.config import InputError
 
 SENTINEL = "Zq{}xJ"  # text no template writes itself; {} tells the messages apart
@@ -23,8 +25,6 @@ def conversation(system: bool) -> list[dict]:
 def render_or_refuse(tokenizer, messages: list[dict], where: str, add_generation_prompt=False) -> str:
     """The template's text, or an InputError naming the model when the template refuses the conversation (Gemma's
     raises on a system message)."""
-    from jinja2 import TemplateError
-
     if not tokenizer.chat_template:
         raise InputError(f"{where}: the tokenizer has no chat template; a chat model's tokenizer_config.json has one")
     try:
@@ -32,23 +32,6 @@ def render_or_refuse(tokenizer, messages: list[dict], where: str, add_generation
     except TemplateError as e:
         roles = [m["role"] for m in messages]
         raise InputError(f"{where}: its chat template refuses a conversation with roles {roles}: {e}") from None
-
-
-def template_pieces(tokenizer) -> list[str]:
-    """The text the template writes around the sentinel contents, with and (where allowed) without a system turn."""
-    from jinja2 import TemplateError
-
-    pieces = []
-    for system in (True, False):
-        try:
-            text = tokenizer.apply_chat_template(conversation(system), tokenize=False)
-        except TemplateError:
-            continue  # a template without a system role
-        for i in range(5):
-            before, _, text = text.partition(SENTINEL.format(i))
-            pieces.append(before)
-        pieces.append(text)
-    return pieces
 
 
 def special_ids(tokenizer, text: str) -> list[int]:
@@ -59,8 +42,14 @@ def special_ids(tokenizer, text: str) -> list[int]:
 def formatting_token_ids(tokenizer) -> list[int]:
     """Special tokens the template writes around contents, and the tokens that end a turn. Only special tokens:
     an ordinary token the template also writes (a newline, the word "assistant") occurs inside contents too, and
-    masking it by id would mask the response's own text."""
-    found = {i for piece in template_pieces(tokenizer) for i in special_ids(tokenizer, piece)}
+    masking it by id would mask the response's own text. The contents are sentinels without any, so every special
+    token of the conversation rendered with and (where allowed) without a system turn is the template's."""
+    found = set()
+    for system in (True, False):
+        try:
+            found.update(special_ids(tokenizer, tokenizer.apply_chat_template(conversation(system), tokenize=False)))
+        except TemplateError:
+            continue  # a template without a system role
     return sorted(found | stop_token_ids(tokenizer)) if found else []
 
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.trainer_utils import sort_checkpoints
 
 from alignment.chat import token_ids
 from alignment.config import InputError
+from alignment.prompts import read_jsonl
 from alignment.stats import describe
 from alignment.template import load_tokenizer
 
@@ -21,17 +23,14 @@ def load_for_training(path: Path, cfg=None):
     """The model to train and its tokenizer, with the recipe's attention kernel; with
     `cfg.lora.quantize_base_4bit`, the base loads in 4-bit NF4."""
     tokenizer = load_tokenizer(path)
-    kwargs = {"dtype": torch.float32}
+    kwargs = {"dtype": torch.float32} | ({} if cfg is None else {"attn_implementation": cfg.attn_implementation})
     if cfg is not None and cfg.lora and cfg.lora.quantize_base_4bit:
         from transformers import BitsAndBytesConfig
 
-        kwargs = {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
+        kwargs |= {"dtype": torch.bfloat16, "quantization_config": BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True)}
-    if cfg is not None:
-        kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs), tokenizer
 
 
 def peft_config(cfg):
@@ -40,9 +39,8 @@ def peft_config(cfg):
         return None
     from peft import LoraConfig
 
-    lc = cfg.lora
-    return LoraConfig(r=lc.r, lora_alpha=lc.lora_alpha, lora_dropout=lc.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=lc.target_modules if isinstance(lc.target_modules, str) else list(lc.target_modules))
+    # r, lora_alpha, lora_dropout and target_modules are peft's names and pass straight through
+    return LoraConfig(**cfg.lora.model_dump(exclude={"quantize_base_4bit"}), task_type="CAUSAL_LM")
 
 
 def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
@@ -57,7 +55,7 @@ def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
         # Checkpoints (the latest only) let a killed stage resume mid-training instead of starting over.
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
         # TRL defaults to bf16, which CPUs here cannot train in; use it exactly where the hardware supports it.
-        bf16=bf16_supported(), use_cpu=not torch.cuda.is_available(),
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), use_cpu=not torch.cuda.is_available(),
     )
 
 
@@ -67,13 +65,9 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
     A process killed while saving leaves a checkpoint folder without `trainer_state.json` (the Trainer writes it
     after the weights, optimizer and RNG states), and resuming from it fails. Such folders are removed so that the
     run restarts from the last whole checkpoint and rewrites them."""
-    if not trainer_dir.is_dir():
-        return None
-    ckpts = sorted((p for p in trainer_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for ckpt in ckpts:
-        if (ckpt / "trainer_state.json").exists():
-            return str(ckpt)
+    for ckpt in reversed(sort_checkpoints(str(trainer_dir))):  # newest first; none when the folder is missing
+        if (Path(ckpt) / "trainer_state.json").exists():
+            return ckpt
         print(f"removing {ckpt}: it was not completely written (no trainer_state.json)", flush=True)
         shutil.rmtree(ckpt)
     return None
@@ -128,17 +122,16 @@ def average_models(paths: list[Path], out: Path) -> None:
     load_tokenizer(paths[0]).save_pretrained(out)
 
 
-def bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def count_over_length(tokenizer, rows: list[dict], max_length: int, keys: tuple[str, ...]) -> int:
-    """How many rows would be truncated: prompt plus the longest of `keys` rendered, over max_length tokens."""
-    over = 0
-    for r in rows:
-        longest = max(len(token_ids(tokenizer, r["prompt"] + r[k])) for k in keys)
-        over += longest > max_length
-    return over
+def selected_rows(path: Path, what: str, model_path: Path, max_length: int, key: str, keys: tuple[str, ...]):
+    """The select stage's rows for SFT or DPO, the input model's tokenizer (the model itself loads per run), and
+    how many rows would be truncated: prompt plus the longest of `keys` rendered, over max_length tokens."""
+    rows = read_jsonl(path)
+    if not rows:
+        raise InputError(f"{path}: no {what} were selected; see the select stage's drop counts")
+    tokenizer = load_tokenizer(model_path)
+    check_prompts_fit(tokenizer, rows, max_length, key, path)
+    over = sum(max(len(token_ids(tokenizer, r["prompt"] + r[k])) for k in keys) > max_length for r in rows)
+    return rows, tokenizer, over
 
 
 def check_prompts_fit(tokenizer, rows: list[dict], max_length: int, key: str, path: Path) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import LlamaForCausalLM
 
 from alignment.chat import build_tokenizer, render
 from alignment.config import InputError
@@ -26,22 +25,6 @@ from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.tasks import arithmetic
 from alignment.tiny_models import random_llama, save
-
-
-def tiny_llama(cfg, tokenizer, seed: int) -> LlamaForCausalLM:
-    return random_llama(tokenizer, seed=seed, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-                        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-                        max_position_embeddings=cfg.max_position_embeddings)
-
-
-def draw(rng: random.Random, n: int, held_out: set[str]) -> list[tuple[int, str, int]]:
-    """n problems (repeats allowed) whose question is not held out."""
-    out = []
-    while len(out) < n:
-        p = arithmetic.draw_problem(rng)
-        if arithmetic.question(*p) not in held_out:
-            out.append(p)
-    return out
 
 
 def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
@@ -57,20 +40,20 @@ def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.bootstrap
     tokenizer = build_tokenizer()
-    model = tiny_llama(cfg, tokenizer, recipe.seed)
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
+    model = random_llama(tokenizer, seed=recipe.seed, **cfg.model_dump(include=set(shape)))
     held_out = {r["messages"][0]["content"] for r in read_prompts(inputs["eval_prompts"])}
     rng = random.Random(recipe.seed)
-    dev = draw(random.Random(f"{recipe.seed}-dev"), cfg.dev_size, held_out)
+    dev = arithmetic.draw_problems(random.Random(f"{recipe.seed}-dev"), cfg.dev_size, held_out, unique=False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
     tokenizer.padding_side = "right"
     model.train()
-    saved: dict[str, dict] = {}
-    curve = []
+    saved, curve = {}, []  # name -> the step and accuracy it was saved at; one point per dev check
     bar = tqdm(range(1, cfg.max_steps + 1), desc="bootstrap pretraining", unit="step")
     for step in bar:
-        problems = draw(rng, cfg.batch_size, held_out)
+        problems = arithmetic.draw_problems(rng, cfg.batch_size, held_out, unique=False)
         texts = [render(tokenizer, [{"role": "user", "content": arithmetic.question(*p)},
                                     {"role": "assistant", "content": arithmetic.solution(*p)}]) for p in problems]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

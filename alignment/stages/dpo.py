@@ -21,13 +21,11 @@ from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from alignment.config import InputError
-from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.stats import describe
-from alignment.template import formatting_token_ids, load_tokenizer
-from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, peft_config,
-                                train_runs, trainer_fields)
+from alignment.template import formatting_token_ids
+from alignment.training import load_for_training, loss_summary, peft_config, selected_rows, train_runs, trainer_fields
 
 class MaskFormattingTokens:
     """TRL's preference collator, with formatting tokens removed from `completion_mask`, the mask every DPO loss
@@ -83,14 +81,10 @@ def log_probs(history: list[dict], beta: float) -> list[dict]:
 
 
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
-    rows = read_jsonl(inputs["pairs"])
-    if not rows:
-        raise InputError(f"{inputs['pairs']}: no preference pairs were selected; see the select stage's drop counts")
     cfg = recipe.dpo
-    tokenizer = load_tokenizer(inputs["model"])  # the model itself loads per run, in build
-    check_prompts_fit(tokenizer, rows, cfg.max_length, "dpo.max_length", inputs["pairs"])
+    rows, tokenizer, over = selected_rows(inputs["pairs"], "preference pairs", inputs["model"], cfg.max_length,
+                                          "dpo.max_length", ("chosen", "rejected"))
     masked = masked_ids(tokenizer) if cfg.mask_formatting_tokens else []
-    over = count_over_length(tokenizer, rows, cfg.max_length, ("chosen", "rejected"))
 
     counts: list[int] = []
 
@@ -105,11 +99,10 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
 
     histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
     history = histories[0]
-    per_batch = [n for c in counts for n in c]
     stats = {**loss_summary(history), **runs, "lora": cfg.lora is not None, "pad_token": tokenizer.pad_choice,
              "formatting_tokens": {"masked": cfg.mask_formatting_tokens,
                                    "ids": {i: tokenizer.convert_ids_to_tokens(i) for i in masked},
-                                   "masked_per_batch": describe(per_batch)}}
+                                   "masked_per_batch": describe([n for c in counts for n in c])}}
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
     stats["log_probs"] = log_probs(history, cfg.beta)

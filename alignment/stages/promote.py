@@ -66,10 +66,9 @@ def compare(ours: dict[str, float], theirs: dict[str, float], metric: str,
                          f"{names[1]} {theirs[bad[0]]}; {len(bad)} such prompts); see the eval's answers.jsonl")
     diffs = [ours[i] - theirs[i] for i in sorted(ours)]
     ci, p = paired_bootstrap(diffs)
+    test = "McNemar exact" if metric == "accuracy" else "paired bootstrap"
     if metric == "accuracy":  # exact where an exact test exists; the interval stays the bootstrap's
-        p, test = mcnemar_exact(diffs.count(1.0), diffs.count(-1.0)), "McNemar exact"
-    else:
-        test = "paired bootstrap"
+        p = mcnemar_exact(diffs.count(1.0), diffs.count(-1.0))
     return {"difference": sum(diffs) / len(diffs), "ci": ci, "p_value": p, "test": test, "prompts": len(diffs)}
 
 
@@ -131,8 +130,7 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
 
     promoted = "input"
     if eligible:
-        best = max(eligible, key=lambda n: metrics[n][primary])  # the first in order on an exact tie
-        promoted = best
+        promoted = best = max(eligible, key=lambda n: metrics[n][primary])  # the first in order on an exact tie
         for name in eligible[:eligible.index(best)]:  # earlier in the recipe's order than the best
             c = comparison(best, name, primary)
             comparisons.append(c)
@@ -162,23 +160,19 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
     return decision
 
 
-def accuracy_outcomes(answers: list[dict], model: str) -> dict[str, float]:
-    """prompt_id -> 1/0, the model's greedy correctness where a verifier applies."""
-    return outcomes(index([a for a in answers if a["model"] == model]), model, "accuracy")
-
-
 def best_so_far(gate: GateConfig, inputs: dict, metrics: dict, answers: list[dict], promoted: str,
                 round_n: int) -> tuple[Path, dict]:
     """The best model up to this round by held-out accuracy, and its record (name, accuracy, per-prompt outcomes):
     the best before this round (the evaluated fixed teacher in round 1, else the round's input model), unless the
     model promoted now beats it, by `gate.best_so_far`'s rule."""
+    rows = index(answers)  # accuracy outcomes: greedy correctness, 1/0, on the prompts a verifier applies to
     if "best_before" in inputs:
         before, record = Path(inputs["best_before"]), json.loads(Path(inputs["best_before_record"]).read_text())
     else:
         before, record = Path(inputs["input"]), {"name": "round 1 input", "accuracy": metrics["input"].get("accuracy"),
-                                                 "outcomes": accuracy_outcomes(answers, "input")}
+                                                 "outcomes": outcomes(rows, "input", "accuracy")}
     mine = {"name": f"round {round_n} {promoted}", "accuracy": metrics[promoted].get("accuracy"),
-            "outcomes": accuracy_outcomes(answers, promoted)}
+            "outcomes": outcomes(rows, promoted, "accuracy")}
     if mine["accuracy"] is None:
         return before, record
     better = record["accuracy"] is None or mine["accuracy"] > record["accuracy"]
@@ -199,11 +193,8 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     write_json_atomic(out_dir / "best.json", record)
     # Paths relative to this folder, so that a moved run folder still resolves; a pinned hub model (the recipe's
     # student or teacher, promoted or kept as the best) is its snapshot folder in the hub cache.
-    def where(m: Path) -> str:
-        return os.path.relpath(m, out_dir)
-
-    return StageResult(outputs={"decision": "decision.json", "model": where(Path(model)),
-                                "best": where(Path(best)), "best_record": "best.json"},
+    return StageResult(outputs={"decision": "decision.json", "model": os.path.relpath(model, out_dir),
+                                "best": os.path.relpath(best, out_dir), "best_record": "best.json"},
                        rows={"candidates": len(recipe.gate.candidates)},
                        stats={"promoted": decision["promoted"], "forced": decision["forced"],
                               "best_so_far": {k: v for k, v in record.items() if k != "outcomes"}})

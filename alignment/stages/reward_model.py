@@ -92,11 +92,11 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
 
     (history,), runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build, padding_side="right")
     after = pair_accuracy(str(out_dir / "model"), test, cfg.per_device_train_batch_size)
-    train_acc = [h["accuracy"] for h in history if "accuracy" in h]
     print(f"reward model: held-out pair accuracy {before} -> {after} on {len(test)} pairs", flush=True)
     return StageResult(
         outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
         rows={"preference_rows": len(rows), "train_pairs": len(train), "held_out_pairs": len(test)},
         stats={**loss_summary(history), **runs, "held_out_pair_accuracy": after,
-               "held_out_pair_accuracy_before": before, "pad_token": tokenizer.pad_choice, "last_train_accuracy": train_acc[-1] if train_acc else None,
+               "held_out_pair_accuracy_before": before, "pad_token": tokenizer.pad_choice,
+               "last_train_accuracy": next((h["accuracy"] for h in reversed(history) if "accuracy" in h), None),
                "edited_rows": sum(bool(r.get("edited")) for r in rows)})

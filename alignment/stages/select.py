@@ -114,13 +114,9 @@ def pair_for(best: dict, ranked: list[dict], cfg: SelectConfig, rng: random.Rand
 
 def choose(candidates: list[dict], cfg: SelectConfig, rng: random.Random, drops: Counter):
     """One prompt's (SFT sample or None, (chosen, rejected) or None), counting every sample and decision dropped."""
-    kept = []
-    for c in candidates:
-        why = sample_drop_reason(c, cfg.filters)
-        if why is None:
-            kept.append(c)
-        else:
-            drops[why] += 1
+    why = [sample_drop_reason(c, cfg.filters) for c in candidates]
+    drops.update(w for w in why if w)
+    kept = [c for c, w in zip(candidates, why) if w is None]
     if not kept:
         drops["prompt_no_usable_sample"] += 1
         return None, None
@@ -165,15 +161,11 @@ def balance_apologies(rows: list[dict], max_share: float, drops: Counter) -> lis
 
 def exact_dedup(rows: list[dict], drops: Counter) -> list[dict]:
     """Rows in reward order; a row whose prompt and (white-space normalised) response repeat a kept row's goes."""
-    seen, out = set(), []
+    first: dict = {}  # key -> the first row with it; a dict keeps their order
     for r in rows:
-        key = (json.dumps(r["prompt"], sort_keys=True), " ".join(r["completion"][0]["content"].split()))
-        if key in seen:
-            drops["sft_exact_duplicate"] += 1
-            continue
-        seen.add(key)
-        out.append(r)
-    return out
+        first.setdefault((json.dumps(r["prompt"], sort_keys=True), " ".join(r["completion"][0]["content"].split())), r)
+    drops["sft_exact_duplicate"] += len(rows) - len(first)
+    return list(first.values())
 
 
 def quality_filter(rows: list[dict], all_rows: list[dict], drops: Counter, stats: dict) -> list[dict]:
@@ -244,8 +236,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         groups[r["prompt_id"]].append(r)
     prompts = read_prompts(inputs["prompts"]).by_id(groups)
 
-    drops: Counter = Counter()
-    stats: dict = {}
+    drops, stats = Counter(), {}
     sft_rows, pair_rows, failed, acceptance = [], [], [], []
     for pid in sorted(groups):
         candidates = groups[pid]

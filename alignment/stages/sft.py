@@ -15,13 +15,9 @@ from pathlib import Path
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
-from alignment.config import InputError
-from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
-from alignment.template import load_tokenizer
-from alignment.training import (check_prompts_fit, count_over_length, load_for_training, loss_summary, peft_config,
-                                train_runs, trainer_fields)
+from alignment.training import load_for_training, loss_summary, peft_config, selected_rows, train_runs, trainer_fields
 
 
 def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, seed: int | None = None):
@@ -36,13 +32,9 @@ def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_d
 
 
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
-    rows = read_jsonl(inputs["sft"])
-    if not rows:
-        raise InputError(f"{inputs['sft']}: no SFT examples were selected; see the select stage's drop counts")
     cfg = recipe.sft
-    tokenizer = load_tokenizer(inputs["model"])  # the model itself loads per run, in build
-    check_prompts_fit(tokenizer, rows, cfg.max_length, "sft.max_length", inputs["sft"])
-    over = count_over_length(tokenizer, rows, cfg.max_length, ("completion",))
+    rows, tokenizer, over = selected_rows(inputs["sft"], "SFT examples", inputs["model"], cfg.max_length,
+                                          "sft.max_length", ("completion",))
 
     def build(run_dir: Path, seed: int):
         model, tok = load_for_training(inputs["model"], cfg)  # each run starts from the same weights

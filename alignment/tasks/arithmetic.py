@@ -15,9 +15,10 @@ excludes its questions, so held-out accuracy never measures memorisation.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
+
+from alignment.prompts import write_jsonl
 
 OPS = ("+", "-")
 
@@ -55,13 +56,10 @@ def word_problems(rng: random.Random, n_train: int, n_eval: int) -> dict[str, li
     held_out = len(sums) // 3
     out = {}
     for split, pool, n in (("eval", sums[:held_out], n_eval), ("train", sums[held_out:], n_train)):
-        seen, rows = set(), []
-        while len(rows) < n:  # each sum under several names and objects
-            p = (*rng.choice(pool), rng.choice(NAMES), rng.choice(THINGS))
-            if p not in seen and len(seen) < len(pool) * len(NAMES) * len(THINGS):
-                seen.add(p)
-                rows.append(p)
-        out[split] = rows
+        rows: dict[tuple, None] = {}  # an ordered set of distinct problems: each sum under several names and objects
+        while len(rows) < n:
+            rows.setdefault((*rng.choice(pool), rng.choice(NAMES), rng.choice(THINGS)))
+        out[split] = list(rows)
     return out
 
 
@@ -74,15 +72,16 @@ def solution(a: int, op: str, b: int) -> str:
     return f"{a} {op} {b} = {solve(a, op, b)}"
 
 
-def draw_unique(rng: random.Random, n: int, exclude: set[str]) -> list[tuple[int, str, int]]:
-    """n distinct problems whose question text is not in `exclude` (which is extended in place)."""
+def draw_problems(rng: random.Random, n: int, exclude: set[str], unique: bool = True) -> list[tuple[int, str, int]]:
+    """n problems whose question text is not in `exclude`: distinct ones, each extending `exclude` in place, or
+    with `unique=False` repeats allowed (the bootstrap's pretraining batches)."""
     out = []
     while len(out) < n:
         p = draw_problem(rng)
-        q = question(*p)
-        if q not in exclude:
-            exclude.add(q)
+        if (q := question(*p)) not in exclude:
             out.append(p)
+            if unique:
+                exclude.add(q)
     return out
 
 
@@ -99,12 +98,10 @@ def write_prompt_files(out: Path, n_train: int, n_eval: int, seed: int, style: s
     rng = random.Random(seed)
     seen: set[str] = set()
     splits = (word_problems(rng, n_train, n_eval) if style == "word" else
-              {"eval": draw_unique(rng, n_eval, seen), "train": draw_unique(rng, n_train, seen)})
+              {"eval": draw_problems(rng, n_eval, seen), "train": draw_problems(rng, n_train, seen)})
     out.mkdir(parents=True, exist_ok=True)
     for split, problems in splits.items():
-        with open(out / f"{split}.jsonl", "w") as f:
-            for i, p in enumerate(problems):
-                f.write(json.dumps(prompt_row(split, i, p, style)) + "\n")
+        write_jsonl(out / f"{split}.jsonl", (prompt_row(split, i, p, style) for i, p in enumerate(problems)))
 
 
 def main() -> None:
