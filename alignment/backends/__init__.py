@@ -7,7 +7,8 @@ recipe's `teacher.backend`: an enum, never a dotted name from YAML.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import os
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
@@ -48,6 +49,13 @@ class GenerationBackend(Protocol):
 class GenerationError(Exception):
     """Generation could not go on (an endpoint failed after its retries, a server never became healthy); the
     message names the endpoint. Results saved before it stay saved."""
+
+
+def api_key(env: str | None) -> str | None:
+    """The API key in the environment variable the recipe names (None when it names none); it must be set."""
+    if env and not os.environ.get(env):
+        raise GenerationError(f"teacher.api_key_env names {env}, which is not set")
+    return os.environ[env] if env else None
 
 
 def make_requests(conversations: list[list[dict]], model_id: str, sampling: dict, base_seed: int
@@ -97,15 +105,11 @@ def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator[Gene
     elif cfg.backend == Backend.vllm:
         from alignment.backends.vllm_engine import VLLMBackend
 
-        backend = VLLMBackend(model, cfg.engine, shard_size=cfg.shard_size)
-        try:
+        with closing(VLLMBackend(model, cfg.engine, shard_size=cfg.shard_size)) as backend:
             yield backend
-        finally:
-            backend.close()
     elif cfg.serve:
         from alignment.backends.openai_client import OpenAIBackend
         from alignment.backends.vllm_server import VLLMServer
-
         from alignment.template import load_tokenizer, stop_token_ids
 
         # where the other backends stop: a model's generation_config may list only its end of turn as EOS
