@@ -38,9 +38,7 @@ def spread(dtype: torch.dtype) -> dict:
 def load_policy(path: str):
     tokenizer = load_tokenizer(path)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # CPUs here compute bf16 slowly
-    model = AutoModelForCausalLM.from_pretrained(path, **spread(dtype))
-    model.eval()
-    return model, tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, **spread(dtype)), tokenizer  # in eval mode, as loaded
 
 
 class SeededSampler(LogitsProcessor):
@@ -78,19 +76,15 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: in
         # K copies of each row instead of num_return_sequences, which greedy decoding refuses: sampling happens in
         # SeededSampler, so generate itself decodes greedily.
         enc = {k: v.repeat_interleave(num_samples, dim=0) for k, v in enc.items()}
-        sampler = [] if greedy else [SeededSampler(
-            [sample_seed(s, k) for s in seeds[start:start + batch_size] for k in range(num_samples)], temperature, top_p)]
+        sampler = [] if greedy else [SeededSampler([sample_seed(s, k) for s in seeds[start:start + batch_size]
+                                                    for k in range(num_samples)], temperature, top_p)]
         gen = model.generate(
             **enc, do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=sampler,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids),
         )
         new = gen[:, enc["input_ids"].shape[1]:].tolist()
-        for i in range(len(batch)):
-            row = []
-            for ids in new[i * num_samples:(i + 1) * num_samples]:
-                ended = next((j for j, t in enumerate(ids) if t in stop_ids), None)
-                ids = ids[:ended] if ended is not None else ids
-                row.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids),
-                                      "stop" if ended is not None else "length"))
-            out.append(row)
+        ends = [next((j for j, t in enumerate(ids) if t in stop_ids), len(ids)) for ids in new]  # first stop token
+        samples = [Completion(tokenizer.decode(ids[:end], skip_special_tokens=True), end,
+                              "stop" if end < len(ids) else "length") for ids, end in zip(new, ends)]
+        out += [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(batch))]
     return out

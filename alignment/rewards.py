@@ -7,7 +7,7 @@ and the combined `reward` the select stage ranks by.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Iterator
 
 import torch
@@ -96,12 +96,9 @@ def open_reward_model(cfg: RewardModelConfig, path: str | None, engine: EngineCo
     if path is None:
         yield None
         return
-    rm = (VLLMRewardModel(path, engine) if cfg.backend == "vllm"
-          else RewardModel(path, cfg.batch_size, cfg.sort_by_length))
-    try:
+    with closing(VLLMRewardModel(path, engine) if cfg.backend == "vllm"
+                 else RewardModel(path, cfg.batch_size, cfg.sort_by_length)) as rm:
         yield rm
-    finally:
-        rm.close()
 
 
 def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: int,
@@ -115,8 +112,8 @@ def combine(cfg: ScoringConfig, per_scorer: dict[str, list], weights: dict[str, 
 
     `verified` is whether every verifier that applies passed (None: none applies). weighted_sum adds weight x score
     over every present score, and every sample `passed`; gate_then_rank adds only the reward model and judge, and
-    `passed` is False where a verifier failed: select ranks by `passed` first. An absent score (a verifier that does not apply, an unparseable
-    verdict, no trained reward model yet) adds nothing."""
+    `passed` is False where a verifier failed: select ranks by `passed` first. An absent score (a verifier that does
+    not apply, an unparseable verdict, no trained reward model yet) adds nothing."""
     verifier_names = {v.name for v in cfg.verifiers}
     n = len(next(iter(per_scorer.values()))) if per_scorer else 0
     out = []
