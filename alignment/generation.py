@@ -29,16 +29,14 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def spread(dtype: torch.dtype) -> dict:
-    """from_pretrained arguments of a model used for inference: on GPUs, spread by layers over every visible one
-    (accelerate's device_map auto), so a model larger than one GPU loads, as the memory plan assumes."""
-    return {"dtype": dtype, "device_map": "auto"} if torch.cuda.is_available() else {"dtype": dtype}
-
-
 def load_policy(path: str):
+    """A model for inference (from_pretrained leaves it in eval mode) and its tokenizer. On GPUs in bf16, spread by
+    layers over every visible one (accelerate's device_map auto), so a model larger than one GPU loads, as the
+    memory plan assumes; on CPU in fp32, since CPUs here compute bf16 slowly."""
     tokenizer = load_tokenizer(path)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # CPUs here compute bf16 slowly
-    return AutoModelForCausalLM.from_pretrained(path, **spread(dtype)), tokenizer  # in eval mode, as loaded
+    if torch.cuda.is_available():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto"), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
 
 
 class SeededSampler(LogitsProcessor):

@@ -64,16 +64,13 @@ def make_requests(conversations: list[list[dict]], model_id: str, sampling: dict
     conversation and {request_id: Request}. The id hashes the conversation, the model's identity
     (alignment.seeding), the sampling settings (num_samples, temperature, top_p, max_new_tokens) and the base seed;
     the request's seed is a hash of its id. So a request's samples never depend on its batch, shard or resume."""
-    ids, requests = [], {}
-    for messages in conversations:
-        # "teacher": the key's name from when only generate sent requests; kept so saved shards still resume
-        rid = hash_json({"messages": messages, "teacher": model_id, "sampling": sampling, "seed": base_seed})
-        ids.append(rid)
-        if rid not in requests:
-            requests[rid] = Request(messages, n=sampling["num_samples"], temperature=sampling["temperature"],
-                                    top_p=sampling["top_p"], max_tokens=sampling["max_new_tokens"],
-                                    seed=request_seed({"request_id": rid}))
-    return ids, requests
+    # "teacher": the key's name from when only generate sent requests; kept so saved shards still resume
+    ids = [hash_json({"messages": m, "teacher": model_id, "sampling": sampling, "seed": base_seed})
+           for m in conversations]
+    return ids, {rid: Request(m, n=sampling["num_samples"], temperature=sampling["temperature"],
+                              top_p=sampling["top_p"], max_tokens=sampling["max_new_tokens"],
+                              seed=request_seed({"request_id": rid}))
+                 for rid, m in zip(ids, conversations)}  # a repeated conversation: one request
 
 
 def send(backend: GenerationBackend, requests: dict[str, Request], done: dict[str, dict], shards: Path) -> None:
