@@ -57,8 +57,7 @@ def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, ba
     systems = {p["prompt_id"]: system_prompt_for(p, recipe.teacher.system_prompts) for p in prompts}
     conversations = [([{"role": "system", "content": systems[p["prompt_id"]]}] if systems[p["prompt_id"]] else [])
                      + p["messages"] for p in prompts]
-    ids, requests = make_requests(conversations, teacher_id, recipe.sampling.model_dump(), base_seed)
-    return ids, requests, systems
+    return *make_requests(conversations, teacher_id, recipe.sampling.model_dump(), base_seed), systems
 
 
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
@@ -116,7 +115,6 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             "hit_token_limit": hit_limit, "hit_token_limit_share": hit_limit / max(1, len(rows)),
             "prompts_by_capability": dict(Counter(p.get("capability") or "default" for p in prompts)),
             "prompts_with_system_prompt": sum(v is not None for v in systems.values()),
-            "distinct_responses_per_prompt": describe(
-                [len({c[0] for c in done[rid]["completions"]}) for rid in ids]),
+            "distinct_responses_per_prompt": describe([len({c[0] for c in done[rid]["completions"]}) for rid in ids]),
         },
     )
