@@ -15,6 +15,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 from alignment import verifiers
+from alignment.chat import token_ids
 from alignment.config import EngineConfig, InputError, RewardModelConfig, ScoringConfig
 from alignment.template import load_tokenizer
 
@@ -38,13 +39,9 @@ class RewardModel:
         self.tokenizer.padding_side = "right"
         self.batch_size, self.sort_by_length = batch_size, sort_by_length
 
-    def token_ids(self, conversations: list[list[dict]]) -> list[list[int]]:
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-        return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-
     @torch.inference_mode()
     def __call__(self, conversations: list[list[dict]]) -> list[float]:
-        ids = self.token_ids(conversations)
+        ids = [token_ids(self.tokenizer, c) for c in conversations]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if self.sort_by_length else list(range(len(ids)))
         scores = [0.0] * len(ids)
         for start in tqdm(range(0, len(order), self.batch_size), desc="reward model", unit="batch"):
@@ -74,7 +71,7 @@ class VLLMRewardModel(RewardModel):
     def __call__(self, conversations: list[list[dict]]) -> list[float]:
         from vllm import PoolingParams
 
-        out = self.llm.classify([{"prompt_token_ids": ids} for ids in self.token_ids(conversations)],
+        out = self.llm.classify([{"prompt_token_ids": token_ids(self.tokenizer, c)} for c in conversations],
                                 pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
         return [o.outputs.probs[0] for o in out]
 
