@@ -99,12 +99,11 @@ def check_examples(verifiers: list[VerifierConfig], system_prompts: dict[str, st
                 raise InputError(f"{key}.example: required, since teacher.system_prompts[{v.capability!r}] asks for a "
                                  "format: give a response written as that prompt asks, and its answer (or tests)")
             continue
-        if v.kind == "answer":
-            if answer_matches(v.example.response, v.example.answer, v) != 1.0:
-                got = final_answer(v.example.response, v.answer_regex)
-                raise InputError(f"{key}: rejects its own example: answer_regex {v.answer_regex!r} reads "
-                                 f"{got!r} from example.response, expected {v.example.answer!r}")
-        else:
+        if v.kind == "answer" and answer_matches(v.example.response, v.example.answer, v) != 1.0:
+            got = final_answer(v.example.response, v.answer_regex)
+            raise InputError(f"{key}: rejects its own example: answer_regex {v.answer_regex!r} reads "
+                             f"{got!r} from example.response, expected {v.example.answer!r}")
+        if v.kind == "code":
             (o,) = run_code(v, [(sandbox.extract_code(v.example.response), v.example.tests)])
             if not o.passed:
                 raise InputError(f"{key}: rejects its own example: the code in example.response passes "
