@@ -65,7 +65,6 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: in
     conversation i's k-th sample draws from its own generator, seeded by `seeds[i]` and k (alignment.seeding)."""
     tokenizer.padding_side = "left"  # new tokens must line up at the right edge
     stop_ids = stop_token_ids(tokenizer)
-    greedy = temperature == 0
     out: list[list[Completion]] = []
     for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch"):
         batch = conversations[start:start + batch_size]
@@ -74,8 +73,8 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: in
         # K copies of each row instead of num_return_sequences, which greedy decoding refuses: sampling happens in
         # SeededSampler, so generate itself decodes greedily.
         enc = {k: v.repeat_interleave(num_samples, dim=0) for k, v in enc.items()}
-        sampler = [] if greedy else [SeededSampler([sample_seed(s, k) for s in seeds[start:start + batch_size]
-                                                    for k in range(num_samples)], temperature, top_p)]
+        sampler = [] if temperature == 0 else [SeededSampler([sample_seed(s, k) for s in seeds[start:start + batch_size]
+                                                              for k in range(num_samples)], temperature, top_p)]
         gen = model.generate(
             **enc, do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=sampler,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids),

@@ -112,10 +112,9 @@ def combine(cfg: ScoringConfig, per_scorer: dict[str, list], weights: dict[str, 
     `passed` is False where a verifier failed: select ranks by `passed` first. An absent score (a verifier that does
     not apply, an unparseable verdict, no trained reward model yet) adds nothing."""
     verifier_names = {v.name for v in cfg.verifiers}
-    n = len(next(iter(per_scorer.values()))) if per_scorer else 0
     out = []
-    for i in range(n):
-        s = {name: vals[i] for name, vals in per_scorer.items() if vals[i] is not None}
+    for values in zip(*per_scorer.values()):  # one sample's score by each scorer
+        s = {name: v for name, v in zip(per_scorer, values) if v is not None}
         checks = [s[name] for name in verifier_names if name in s]
         summed = [name for name in s if cfg.combine == "weighted_sum" or name not in verifier_names]
         verified = all(c == 1.0 for c in checks) if checks else None
