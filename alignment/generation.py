@@ -29,18 +29,14 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def spread(dtype: torch.dtype) -> dict:
-    """from_pretrained arguments of a model used for inference: on GPUs, spread by layers over every visible one
-    (accelerate's device_map auto), so a model larger than one GPU loads, as the memory plan assumes."""
-    return {"dtype": dtype, "device_map": "auto"} if torch.cuda.is_available() else {"dtype": dtype}
-
-
 def load_policy(path: str):
+    """A model for inference (from_pretrained leaves it in eval mode) and its tokenizer. On GPUs in bf16, spread by
+    layers over every visible one (accelerate's device_map auto), so a model larger than one GPU loads, as the
+    memory plan assumes; on CPU in fp32, since CPUs here compute bf16 slowly."""
     tokenizer = load_tokenizer(path)
-    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32  # CPUs here compute bf16 slowly
-    model = AutoModelForCausalLM.from_pretrained(path, **spread(dtype))
-    model.eval()
-    return model, tokenizer
+    if torch.cuda.is_available():
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map="auto"), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), tokenizer
 
 
 class SeededSampler(LogitsProcessor):
@@ -69,7 +65,6 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: in
     conversation i's k-th sample draws from its own generator, seeded by `seeds[i]` and k (alignment.seeding)."""
     tokenizer.padding_side = "left"  # new tokens must line up at the right edge
     stop_ids = stop_token_ids(tokenizer)
-    greedy = temperature == 0
     out: list[list[Completion]] = []
     for start in tqdm(range(0, len(conversations), batch_size), desc=desc, unit="batch"):
         batch = conversations[start:start + batch_size]
@@ -78,19 +73,15 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: in
         # K copies of each row instead of num_return_sequences, which greedy decoding refuses: sampling happens in
         # SeededSampler, so generate itself decodes greedily.
         enc = {k: v.repeat_interleave(num_samples, dim=0) for k, v in enc.items()}
-        sampler = [] if greedy else [SeededSampler(
-            [sample_seed(s, k) for s in seeds[start:start + batch_size] for k in range(num_samples)], temperature, top_p)]
+        sampler = [] if temperature == 0 else [SeededSampler([sample_seed(s, k) for s in seeds[start:start + batch_size]
+                                                              for k in range(num_samples)], temperature, top_p)]
         gen = model.generate(
             **enc, do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=sampler,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(stop_ids),
         )
         new = gen[:, enc["input_ids"].shape[1]:].tolist()
-        for i in range(len(batch)):
-            row = []
-            for ids in new[i * num_samples:(i + 1) * num_samples]:
-                ended = next((j for j, t in enumerate(ids) if t in stop_ids), None)
-                ids = ids[:ended] if ended is not None else ids
-                row.append(Completion(tokenizer.decode(ids, skip_special_tokens=True), len(ids),
-                                      "stop" if ended is not None else "length"))
-            out.append(row)
+        ends = [next((j for j, t in enumerate(ids) if t in stop_ids), len(ids)) for ids in new]  # first stop token
+        samples = [Completion(tokenizer.decode(ids[:end], skip_special_tokens=True), end,
+                              "stop" if end < len(ids) else "length") for ids, end in zip(new, ends)]
+        out += [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(batch))]
     return out

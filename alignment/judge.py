@@ -5,12 +5,12 @@ it never stops the stage."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from alignment.backends import Request, open_backend
 from alignment.config import JudgeConfig, PairJudgeConfig, TeacherConfig
 from alignment.manifest import hash_json
+from alignment.verifiers import final_answer
 
 
 def render_prompt(messages: list[dict]) -> str:
@@ -29,12 +29,9 @@ def judge_request(cfg: JudgeConfig, messages: list[dict], response: str) -> Requ
 
 def parse_verdict(cfg: JudgeConfig, reply: str) -> int | None:
     """The last verdict in the reply, or None when there is none or it is outside 0..max_score."""
-    found = re.findall(cfg.verdict_regex, reply)
-    if not found:
-        return None
     try:
-        value = int(found[-1])
-    except ValueError:
+        value = int(final_answer(reply, cfg.verdict_regex))
+    except (TypeError, ValueError):  # none (None) or not an integer
         return None
     return value if 0 <= value <= cfg.max_score else None
 
@@ -65,8 +62,7 @@ def pair_wins(cfg: PairJudgeConfig, ours_first: str, ours_second: str) -> float 
     with a readable verdict (A, B or tie); None when neither has one. A judge that always picks A scores 0.5."""
     points = []
     for reply, ours in ((ours_first, "a"), (ours_second, "b")):
-        found = re.findall(cfg.verdict_regex, reply)
-        verdict = found[-1].strip().lower() if found else None
+        verdict = (final_answer(reply, cfg.verdict_regex) or "").lower()
         if verdict in ("a", "b", "tie"):
             points.append(0.5 if verdict == "tie" else float(verdict == ours))
     return sum(points) / len(points) if points else None

@@ -34,7 +34,7 @@ def run_lm_eval(recipe, backend, path: Path, **kw) -> dict:
     if isinstance(backend, TransformersBackend):
         from lm_eval.models.huggingface import HFLM
 
-        model, args = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=e.batch_size), None
+        model = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=e.batch_size)
     elif isinstance(backend, OpenAIBackend):
         from lm_eval.models.openai_completions import LocalChatCompletion
 
@@ -42,16 +42,15 @@ def run_lm_eval(recipe, backend, path: Path, **kw) -> dict:
             def _create_payload(self, *a, **kw):
                 return {**super()._create_payload(*a, **kw), "stop_token_ids": backend.stop_token_ids or []}
 
-        model, args = StopsAsEval(
-            model=str(path), base_url=backend.endpoints[0] + "/chat/completions", tokenizer_backend=None,
-            tokenized_requests=False, num_concurrent=backend.cfg.max_concurrency, seed=recipe.seed), None
+        model = StopsAsEval(model=str(path), base_url=backend.endpoints[0] + "/chat/completions",
+                            tokenizer_backend=None, tokenized_requests=False,
+                            num_concurrent=backend.cfg.max_concurrency, seed=recipe.seed)
     else:
-        model, args = vllm_model(backend.llm, path, e.batch_size, backend.stop_ids), None
+        model = vllm_model(backend.llm, path, e.batch_size, backend.stop_ids)
     include = str(e.lm_eval_include_path) if e.lm_eval_include_path else None
     return lm_eval.simple_evaluate(
-        model=model, model_args=args, tasks=list(e.lm_eval_tasks), apply_chat_template=True,
-        task_manager=task_manager(include, tuple(e.lm_eval_tasks)), limit=e.lm_eval_limit, random_seed=recipe.seed,
-        **kw)
+        model=model, tasks=list(e.lm_eval_tasks), apply_chat_template=True, limit=e.lm_eval_limit,
+        task_manager=task_manager(include, tuple(e.lm_eval_tasks)), random_seed=recipe.seed, **kw)
 
 
 def lm_eval_metrics(recipe, backend, path: Path) -> dict[str, float]:

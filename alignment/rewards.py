@@ -7,7 +7,7 @@ and the combined `reward` the select stage ranks by.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Iterator
 
 import torch
@@ -15,6 +15,7 @@ from tqdm import tqdm
 from transformers import AutoModelForSequenceClassification
 
 from alignment import verifiers
+from alignment.chat import token_ids
 from alignment.config import EngineConfig, InputError, RewardModelConfig, ScoringConfig
 from alignment.template import load_tokenizer
 
@@ -38,13 +39,9 @@ class RewardModel:
         self.tokenizer.padding_side = "right"
         self.batch_size, self.sort_by_length = batch_size, sort_by_length
 
-    def token_ids(self, conversations: list[list[dict]]) -> list[list[int]]:
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False) for c in conversations]
-        return [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-
     @torch.inference_mode()
     def __call__(self, conversations: list[list[dict]]) -> list[float]:
-        ids = self.token_ids(conversations)
+        ids = [token_ids(self.tokenizer, c) for c in conversations]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if self.sort_by_length else list(range(len(ids)))
         scores = [0.0] * len(ids)
         for start in tqdm(range(0, len(order), self.batch_size), desc="reward model", unit="batch"):
@@ -74,7 +71,7 @@ class VLLMRewardModel(RewardModel):
     def __call__(self, conversations: list[list[dict]]) -> list[float]:
         from vllm import PoolingParams
 
-        out = self.llm.classify([{"prompt_token_ids": ids} for ids in self.token_ids(conversations)],
+        out = self.llm.classify([{"prompt_token_ids": token_ids(self.tokenizer, c)} for c in conversations],
                                 pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
         return [o.outputs.probs[0] for o in out]
 
@@ -96,12 +93,9 @@ def open_reward_model(cfg: RewardModelConfig, path: str | None, engine: EngineCo
     if path is None:
         yield None
         return
-    rm = (VLLMRewardModel(path, engine) if cfg.backend == "vllm"
-          else RewardModel(path, cfg.batch_size, cfg.sort_by_length))
-    try:
+    with closing(VLLMRewardModel(path, engine) if cfg.backend == "vllm"
+                 else RewardModel(path, cfg.batch_size, cfg.sort_by_length)) as rm:
         yield rm
-    finally:
-        rm.close()
 
 
 def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: int,
@@ -115,13 +109,12 @@ def combine(cfg: ScoringConfig, per_scorer: dict[str, list], weights: dict[str, 
 
     `verified` is whether every verifier that applies passed (None: none applies). weighted_sum adds weight x score
     over every present score, and every sample `passed`; gate_then_rank adds only the reward model and judge, and
-    `passed` is False where a verifier failed: select ranks by `passed` first. An absent score (a verifier that does not apply, an unparseable
-    verdict, no trained reward model yet) adds nothing."""
+    `passed` is False where a verifier failed: select ranks by `passed` first. An absent score (a verifier that does
+    not apply, an unparseable verdict, no trained reward model yet) adds nothing."""
     verifier_names = {v.name for v in cfg.verifiers}
-    n = len(next(iter(per_scorer.values()))) if per_scorer else 0
     out = []
-    for i in range(n):
-        s = {name: vals[i] for name, vals in per_scorer.items() if vals[i] is not None}
+    for values in zip(*per_scorer.values()):  # one sample's score by each scorer
+        s = {name: v for name, v in zip(per_scorer, values) if v is not None}
         checks = [s[name] for name in verifier_names if name in s]
         summed = [name for name in s if cfg.combine == "weighted_sum" or name not in verifier_names]
         verified = all(c == 1.0 for c in checks) if checks else None

@@ -17,9 +17,8 @@ FIELD = {"answer": "answer", "code": "tests"}  # the prompt field each kind of v
 
 
 def applies(v: VerifierConfig, prompt: dict) -> bool:
-    if v.capability is not None and prompt.get("capability") != v.capability:
-        return False
-    return isinstance(prompt.get(FIELD[v.kind]), str)
+    right_capability = v.capability is None or prompt.get("capability") == v.capability
+    return right_capability and isinstance(prompt.get(FIELD[v.kind]), str)
 
 
 def final_answer(response: str, answer_regex: str) -> str | None:
@@ -49,20 +48,21 @@ def verify(verifiers: list[VerifierConfig], prompts: list[dict], responses: list
     """{verifier name: [1.0 | 0.0 | None per response]}; None where the verifier does not apply."""
     out: dict[str, list] = {}
     for v in verifiers:
-        scores: list = [None] * len(responses)
         if v.kind == "answer":
-            for i, (p, r) in enumerate(zip(prompts, responses)):
-                if applies(v, p):
-                    scores[i] = answer_matches(r, p["answer"], v)
-        else:
-            todo = [i for i, p in enumerate(prompts) if applies(v, p)]
-            check_isolation([v])
-            outcomes = sandbox.run_many([(sandbox.extract_code(responses[i]), prompts[i]["tests"]) for i in todo],
-                                        v.timeout_s, v.memory_mb, isolated=not v.unsafe_no_isolation)
-            for i, o in zip(todo, outcomes):
-                scores[i] = o.tests_passed / o.tests_run if v.score == "fraction" and o.tests_run else float(o.passed)
-        out[v.name] = scores
+            out[v.name] = [answer_matches(r, p["answer"], v) if applies(v, p) else None
+                           for p, r in zip(prompts, responses)]
+            continue
+        out[v.name] = [None] * len(responses)
+        todo = [i for i, p in enumerate(prompts) if applies(v, p)]
+        for i, o in zip(todo, run_code(v, [(sandbox.extract_code(responses[i]), prompts[i]["tests"]) for i in todo])):
+            out[v.name][i] = o.tests_passed / o.tests_run if v.score == "fraction" and o.tests_run else float(o.passed)
     return out
+
+
+def run_code(v: VerifierConfig, jobs: list[tuple[str, str]]) -> list[sandbox.Outcome]:
+    """(code, tests) pairs run as the verifier says, refused where the code cannot be isolated as it asks."""
+    check_isolation([v])
+    return sandbox.run_many(jobs, v.timeout_s, v.memory_mb, isolated=not v.unsafe_no_isolation)
 
 
 def check_prompt_fields(verifiers: list[VerifierConfig], rows: list[dict], path) -> None:
@@ -99,15 +99,12 @@ def check_examples(verifiers: list[VerifierConfig], system_prompts: dict[str, st
                 raise InputError(f"{key}.example: required, since teacher.system_prompts[{v.capability!r}] asks for a "
                                  "format: give a response written as that prompt asks, and its answer (or tests)")
             continue
-        if v.kind == "answer":
-            if answer_matches(v.example.response, v.example.answer, v) != 1.0:
-                got = final_answer(v.example.response, v.answer_regex)
-                raise InputError(f"{key}: rejects its own example: answer_regex {v.answer_regex!r} reads "
-                                 f"{got!r} from example.response, expected {v.example.answer!r}")
-        else:
-            check_isolation([v])
-            (o,) = sandbox.run_many([(sandbox.extract_code(v.example.response), v.example.tests)], v.timeout_s,
-                                    v.memory_mb, isolated=not v.unsafe_no_isolation)
+        if v.kind == "answer" and answer_matches(v.example.response, v.example.answer, v) != 1.0:
+            got = final_answer(v.example.response, v.answer_regex)
+            raise InputError(f"{key}: rejects its own example: answer_regex {v.answer_regex!r} reads "
+                             f"{got!r} from example.response, expected {v.example.answer!r}")
+        if v.kind == "code":
+            (o,) = run_code(v, [(sandbox.extract_code(v.example.response), v.example.tests)])
             if not o.passed:
                 raise InputError(f"{key}: rejects its own example: the code in example.response passes "
                                  f"{o.tests_passed} of {o.tests_run} of example.tests")

@@ -7,7 +7,8 @@ recipe's `teacher.backend`: an enum, never a dotted name from YAML.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+import os
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Protocol
@@ -50,22 +51,26 @@ class GenerationError(Exception):
     message names the endpoint. Results saved before it stay saved."""
 
 
+def api_key(env: str | None) -> str | None:
+    """The API key in the environment variable the recipe names (None when it names none); it must be set."""
+    if env and not os.environ.get(env):
+        raise GenerationError(f"teacher.api_key_env names {env}, which is not set")
+    return os.environ[env] if env else None
+
+
 def make_requests(conversations: list[list[dict]], model_id: str, sampling: dict, base_seed: int
                   ) -> tuple[list[str], dict[str, Request]]:
     """One request per distinct conversation, for every sampler (generate, eval, the judge): a request_id per
     conversation and {request_id: Request}. The id hashes the conversation, the model's identity
     (alignment.seeding), the sampling settings (num_samples, temperature, top_p, max_new_tokens) and the base seed;
     the request's seed is a hash of its id. So a request's samples never depend on its batch, shard or resume."""
-    ids, requests = [], {}
-    for messages in conversations:
-        # "teacher": the key's name from when only generate sent requests; kept so saved shards still resume
-        rid = hash_json({"messages": messages, "teacher": model_id, "sampling": sampling, "seed": base_seed})
-        ids.append(rid)
-        if rid not in requests:
-            requests[rid] = Request(messages, n=sampling["num_samples"], temperature=sampling["temperature"],
-                                    top_p=sampling["top_p"], max_tokens=sampling["max_new_tokens"],
-                                    seed=request_seed({"request_id": rid}))
-    return ids, requests
+    # "teacher": the key's name from when only generate sent requests; kept so saved shards still resume
+    ids = [hash_json({"messages": m, "teacher": model_id, "sampling": sampling, "seed": base_seed})
+           for m in conversations]
+    return ids, {rid: Request(m, n=sampling["num_samples"], temperature=sampling["temperature"],
+                              top_p=sampling["top_p"], max_tokens=sampling["max_new_tokens"],
+                              seed=request_seed({"request_id": rid}))
+                 for rid, m in zip(ids, conversations)}  # a repeated conversation: one request
 
 
 def send(backend: GenerationBackend, requests: dict[str, Request], done: dict[str, dict], shards: Path) -> None:
@@ -97,15 +102,11 @@ def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator[Gene
     elif cfg.backend == Backend.vllm:
         from alignment.backends.vllm_engine import VLLMBackend
 
-        backend = VLLMBackend(model, cfg.engine, shard_size=cfg.shard_size)
-        try:
+        with closing(VLLMBackend(model, cfg.engine, shard_size=cfg.shard_size)) as backend:
             yield backend
-        finally:
-            backend.close()
     elif cfg.serve:
         from alignment.backends.openai_client import OpenAIBackend
         from alignment.backends.vllm_server import VLLMServer
-
         from alignment.template import load_tokenizer, stop_token_ids
 
         # where the other backends stop: a model's generation_config may list only its end of turn as EOS

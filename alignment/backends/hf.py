@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from alignment.backends import Request, Result
-from alignment.chat import render
+from alignment.chat import token_ids
 from alignment.generation import load_policy, sample
 
 
@@ -26,5 +26,4 @@ class TransformersBackend:
                                  batch_size=self.batch_size, seeds=[q.seed for q in shard],
                                  desc=f"generate {start}/{len(requests)}")
             for i, (q, cs) in enumerate(zip(shard, completions)):
-                prompt = render(self.tokenizer, q.messages, add_generation_prompt=True)
-                yield start + i, Result(cs, len(self.tokenizer(prompt, add_special_tokens=False).input_ids))
+                yield start + i, Result(cs, len(token_ids(self.tokenizer, q.messages, add_generation_prompt=True)))

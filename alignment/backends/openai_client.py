@@ -10,14 +10,14 @@ variable the recipe names and goes only into the Authorization header.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import httpx
 
-from alignment.backends import GenerationError, Request, Result
+from alignment.backends import GenerationError, Request, Result, api_key
+from alignment.backends.vllm_engine import completion
 from alignment.config import TeacherConfig
 from alignment.generation import Completion
 
@@ -34,12 +34,8 @@ class OpenAIBackend:
         self.stop_token_ids = stop_token_ids  # a vLLM server the stage started: stop where the other backends do
         self.model = model
         self.cfg = cfg
-        headers, self.key = {}, None
-        if cfg.api_key_env:
-            self.key = os.environ.get(cfg.api_key_env)
-            if not self.key:
-                raise GenerationError(f"teacher.api_key_env names {cfg.api_key_env}, which is not set")
-            headers["Authorization"] = f"Bearer {self.key}"
+        self.key = api_key(cfg.api_key_env)
+        headers = {"Authorization": f"Bearer {self.key}"} if self.key else {}
         limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
         self.client = httpx.Client(headers=headers, timeout=cfg.request_timeout_s, limits=limits)
         self.in_flight = {e: 0 for e in self.endpoints}
@@ -149,13 +145,12 @@ class OpenAIBackend:
                     i = pending.pop(fut)
                     if fut.cancelled():
                         continue
-                    if fut.exception() is not None:
-                        if error is None:
-                            error = fut.exception()
-                            for f in pending:
-                                f.cancel()
-                        continue
-                    yield i, fut.result()
+                    if fut.exception() is None:
+                        yield i, fut.result()
+                    elif error is None:
+                        error = fut.exception()
+                        for f in pending:
+                            f.cancel()
         if error is not None:
             raise error
 
@@ -164,10 +159,6 @@ def choice_completion(text: str, choice: dict) -> Completion:
     """One choice as a Completion. vLLM's `token_ids` end with the stop token when the model stopped on one
     (stop_reason null: its end-of-sequence token; an integer: a stop token id); it is not counted, as in the
     other backends. Servers that return no token ids leave the count unknown (None)."""
-    finish = "length" if choice.get("finish_reason") == "length" else "stop"
-    ids = choice.get("token_ids")
-    if not isinstance(ids, list):
-        return Completion(text, None, finish)
-    stopped_on_token = finish == "stop" and (choice.get("stop_reason") is None
-                                             or isinstance(choice.get("stop_reason"), int))
-    return Completion(text, len(ids) - (1 if stopped_on_token and ids else 0), finish)
+    ids, finish, stop = choice.get("token_ids"), choice.get("finish_reason"), choice.get("stop_reason")
+    return completion(text, ids if isinstance(ids, list) else None, finish,
+                      finish != "length" and (stop is None or isinstance(stop, int)))

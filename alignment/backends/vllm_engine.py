@@ -10,16 +10,9 @@ from alignment.template import stop_token_ids
 
 
 def engine_kwargs(cfg: EngineConfig) -> dict:
-    """EngineConfig as vllm.LLM keyword arguments (the server takes the same, as command-line flags)."""
-    kw = {"tensor_parallel_size": cfg.tensor_parallel_size, "dtype": cfg.dtype,
-          "gpu_memory_utilization": cfg.gpu_memory_utilization, "enforce_eager": cfg.enforce_eager}
-    if cfg.quantization:
-        kw["quantization"] = cfg.quantization
-    if cfg.enable_chunked_prefill is not None:
-        kw["enable_chunked_prefill"] = cfg.enable_chunked_prefill
-    if cfg.max_model_len:
-        kw["max_model_len"] = cfg.max_model_len
-    return kw
+    """EngineConfig as vllm.LLM keyword arguments (the server takes the same, as command-line flags); a null
+    setting is left to vLLM. Data parallelism is the server's alone."""
+    return cfg.model_dump(exclude={"data_parallel_size"}, exclude_none=True)
 
 
 class VLLMBackend:
@@ -41,8 +34,10 @@ class VLLMBackend:
                                      seed=q.seed, stop_token_ids=self.stop_ids) for q in shard]
             outputs = self.llm.chat([q.messages for q in shard], params, use_tqdm=False)
             for i, out in enumerate(outputs):
-                yield start + i, Result([completion(c.text, list(c.token_ids), c.finish_reason, self.stop_ids)
-                                         for c in out.outputs], len(out.prompt_token_ids))
+                cs = [completion(c.text, list(c.token_ids), c.finish_reason,
+                                 c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in self.stop_ids)
+                      for c in out.outputs]
+                yield start + i, Result(cs, len(out.prompt_token_ids))
 
     def close(self) -> None:
         shutdown(self.llm)
@@ -51,15 +46,12 @@ class VLLMBackend:
 def shutdown(llm) -> None:
     """Stop a vllm.LLM's engine-core and worker processes now rather than at interpreter exit, so the next model
     finds its memory free."""
-    core = getattr(llm.llm_engine, "engine_core", None)
-    if core is not None:
+    if (core := getattr(llm.llm_engine, "engine_core", None)) is not None:
         core.shutdown()
 
 
-def completion(text: str, token_ids: list[int] | None, finish_reason: str | None, stop_ids) -> Completion:
-    """A vLLM choice in our terms: the end-of-turn token is not counted, as in the transformers backend."""
-    if token_ids is None:
-        n = None
-    else:
-        n = len(token_ids) - (1 if token_ids and finish_reason == "stop" and token_ids[-1] in stop_ids else 0)
+def completion(text: str, token_ids: list[int] | None, finish_reason: str | None, stopped_on_token) -> Completion:
+    """A vLLM choice in our terms: the stop token it ended on is not counted, as in the transformers backend;
+    without token ids the count is unknown (None)."""
+    n = None if token_ids is None else len(token_ids) - (1 if stopped_on_token and token_ids else 0)
     return Completion(text, n, "length" if finish_reason == "length" else "stop")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from alignment.backends import GenerationError
+from alignment.backends import GenerationError, api_key
 from alignment.backends.vllm_engine import engine_kwargs
 from alignment.config import EngineConfig, JobResources, TeacherConfig
 from alignment.launcher import SlurmJob, free_port, shell
@@ -45,9 +45,7 @@ class VLLMServer:
         self.cmd = server_command(model, cfg, self.port)
         self.env = dict(os.environ)
         if api_key_env:
-            if not os.environ.get(api_key_env):
-                raise GenerationError(f"teacher.api_key_env names {api_key_env}, which is not set")
-            self.env["VLLM_API_KEY"] = os.environ[api_key_env]  # vLLM then requires it on every request
+            self.env["VLLM_API_KEY"] = api_key(api_key_env)  # vLLM then requires it on every request
         self.startup_timeout_s = startup_timeout_s
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None

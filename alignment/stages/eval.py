@@ -139,8 +139,7 @@ def judge_metrics(recipe: StageConfig, teacher: Path, prompts: list[dict], answe
             send(backend, requests, done, out_dir / "shards")
     replies = iter(done[rid]["completions"][0][0] for rid in ids)
     for name, convs in conversations.items():
-        pairs = [(next(replies), next(replies)) for _ in range(len(convs) // 2)]
-        per_prompt = [pair_wins(cfg, first, second) for first, second in pairs]
+        per_prompt = [pair_wins(cfg, next(replies), next(replies)) for _ in range(len(convs) // 2)]  # ours A, then B
         judged = [w for w in per_prompt if w is not None]
         out[name] = {"judge_win_rate_vs_input": sum(judged) / len(judged) if judged else None,
                      "judge_win_rate_vs_input_ci": bootstrap_interval(judged),
@@ -149,8 +148,7 @@ def judge_metrics(recipe: StageConfig, teacher: Path, prompts: list[dict], answe
 
 
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    prompts = read_prompts(inputs["eval_prompts"])
-    prompts = prompts[:recipe.eval.num_prompts] if recipe.eval.num_prompts else prompts
+    prompts = read_prompts(inputs["eval_prompts"])[:recipe.eval.num_prompts]  # None: all
     # The recipe's reward model, or (`trained`) the one this round trained.
     reward_model = str(inputs["reward_model"]) if "reward_model" in inputs else None
     metrics, answers = evaluate(recipe, {name: inputs[name] for name in MODELS}, prompts, out_dir, reward_model)

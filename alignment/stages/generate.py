@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 from alignment.backends import make_requests, open_backend, send
@@ -56,8 +57,7 @@ def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, ba
     systems = {p["prompt_id"]: system_prompt_for(p, recipe.teacher.system_prompts) for p in prompts}
     conversations = [([{"role": "system", "content": systems[p["prompt_id"]]}] if systems[p["prompt_id"]] else [])
                      + p["messages"] for p in prompts]
-    ids, requests = make_requests(conversations, teacher_id, recipe.sampling.model_dump(), base_seed)
-    return ids, requests, systems
+    return *make_requests(conversations, teacher_id, recipe.sampling.model_dump(), base_seed), systems
 
 
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
@@ -90,22 +90,15 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         stop_s = time.time() - t1 - generate_s  # stopping the engine or server frees its memory: not generation
 
     settings = s.model_dump()
-    rows = []
-    for p, rid in zip(prompts, ids):
-        record = done[rid]
-        for k, (text, num_tokens, finish) in enumerate(record["completions"]):
-            rows.append({"prompt_id": p["prompt_id"], "sample_index": k, "response": text, "num_tokens": num_tokens,
-                         "prompt_tokens": record["prompt_tokens"], "finish_reason": finish, "teacher": teacher_id,
-                         "backend": t.backend.value, "sampling": settings, "seed": requests[rid].seed,
-                         "system_prompt": systems[p["prompt_id"]], "request_id": rid})
+    rows = [{"prompt_id": p["prompt_id"], "sample_index": k, "response": text, "num_tokens": num_tokens,
+             "prompt_tokens": done[rid]["prompt_tokens"], "finish_reason": finish, "teacher": teacher_id,
+             "backend": t.backend.value, "sampling": settings, "seed": requests[rid].seed,
+             "system_prompt": systems[p["prompt_id"]], "request_id": rid}
+            for p, rid in zip(prompts, ids) for k, (text, num_tokens, finish) in enumerate(done[rid]["completions"])]
     write_jsonl(out_dir / "samples.jsonl", rows)
 
     new_tokens = sum(c[1] or 0 for rid in todo for c in done[rid]["completions"])
     hit_limit = sum(r["finish_reason"] == "length" for r in rows)
-    capabilities: dict[str, int] = {}
-    for p in prompts:
-        key = p.get("capability") or "default"
-        capabilities[key] = capabilities.get(key, 0) + 1
     return StageResult(
         outputs={"samples": "samples.jsonl"},
         rows={"prompts": len(prompts), "requests": len(requests), "samples": len(rows)},
@@ -120,9 +113,8 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             "prompt_tokens": describe([done[rid]["prompt_tokens"] for rid in requests
                                        if done[rid]["prompt_tokens"] is not None]),
             "hit_token_limit": hit_limit, "hit_token_limit_share": hit_limit / max(1, len(rows)),
-            "prompts_by_capability": capabilities,
+            "prompts_by_capability": dict(Counter(p.get("capability") or "default" for p in prompts)),
             "prompts_with_system_prompt": sum(v is not None for v in systems.values()),
-            "distinct_responses_per_prompt": describe(
-                [len({c[0] for c in done[rid]["completions"]}) for rid in ids]),
+            "distinct_responses_per_prompt": describe([len({c[0] for c in done[rid]["completions"]}) for rid in ids]),
         },
     )
