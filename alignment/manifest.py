@@ -23,11 +23,8 @@ def hash_json(obj) -> str:
 
 
 def hash_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_model_dir(path: Path) -> str:
