@@ -781,21 +781,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map every key path of a composed YAML document to its 1-based line."""
-    lines: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            path = prefix + (k.value,)
-            lines[path] = k.start_mark.line + 1
-            lines.update(_key_lines(v, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            lines[prefix + (i,)] = v.start_mark.line + 1
-            lines.update(_key_lines(v, prefix + (i,)))
-    return lines
-
-
 def format_errors(err: ValidationError, source: str, lines: dict[tuple, int], overridden: set[tuple]) -> str:
     out = []
     for e in err.errors():
@@ -816,31 +801,37 @@ def format_errors(err: ValidationError, source: str, lines: dict[tuple, int], ov
     return "\n".join(out)
 
 
-def check_yaml_tree(node: yaml.Node | None, path: Path) -> None:
-    """Refuse a key given twice in one mapping (YAML keeps the last one silently), naming both lines, and a tree
-    that aliases expand beyond MAX_YAML_NODES (an alias bomb), before anything is constructed."""
-    sizes: dict[int, int] = {}
+def key_lines(node: yaml.Node | None, path: Path) -> dict[tuple, int]:
+    """Every key path of a composed YAML document -> its 1-based line, read before anything is constructed.
+    Refuses a key given twice in one mapping (YAML keeps the last one silently), naming both lines, and a tree that
+    aliases expand beyond MAX_YAML_NODES (an alias bomb): the walk counts the nodes it reaches and stops there."""
+    lines: dict[tuple, int] = {}
+    walked = 0
 
-    def size(n) -> int:  # nodes once aliases are expanded; a shared node is measured once
-        if id(n) not in sizes:
-            sizes[id(n)] = 1
-            if isinstance(n, yaml.MappingNode):
-                first: dict = {}
-                for k, _ in n.value:
-                    if isinstance(k, yaml.ScalarNode) and k.value in first:
-                        raise InputError(f"{path}:{k.start_mark.line + 1}: key {k.value!r} is given twice (first "
-                                         f"on line {first[k.value]}); YAML would silently keep the last")
-                    first[getattr(k, "value", None)] = k.start_mark.line + 1
-            children = [c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else (
-                n.value if isinstance(n, yaml.SequenceNode) else [])
-            sizes[id(n)] = 1 + sum(size(c) for c in children)
-            if sizes[id(n)] > MAX_YAML_NODES:
-                raise InputError(f"{path}: the YAML expands to more than {MAX_YAML_NODES} values through its "
-                                 "aliases (&anchor / *alias); a recipe needs a few hundred")
-        return sizes[id(n)]
+    def walk(n: yaml.Node, prefix: tuple) -> None:
+        nonlocal walked
+        walked += 1 + (len(n.value) if isinstance(n, yaml.MappingNode) else 0)  # the node and its keys
+        if walked > MAX_YAML_NODES:
+            raise InputError(f"{path}: the YAML expands to more than {MAX_YAML_NODES} values through its "
+                             "aliases (&anchor / *alias); a recipe needs a few hundred")
+        if isinstance(n, yaml.MappingNode):
+            first: dict = {}
+            for k, _ in n.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else id(k)  # a complex key: safe_load refuses it
+                if key in first:
+                    raise InputError(f"{path}:{k.start_mark.line + 1}: key {key!r} is given twice (first on line "
+                                     f"{first[key]}); YAML would silently keep the last")
+                first[key] = lines[prefix + (key,)] = k.start_mark.line + 1
+            for key, (_, v) in zip(first, n.value):  # every key is new: `first` holds them in order
+                walk(v, prefix + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[prefix + (i,)] = v.start_mark.line + 1
+                walk(v, prefix + (i,))
 
     if node is not None:
-        size(node)
+        walk(node, ())
+    return lines
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -854,7 +845,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     try:
         node = yaml.compose(text)
-        check_yaml_tree(node, path)  # before constructing: an alias bomb expands only then
+        lines = key_lines(node, path)  # before constructing: an alias bomb expands only then
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -869,4 +860,4 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as e:
         overridden = {tuple(parse_override(o)[0]) for o in overrides}
-        raise InputError(format_errors(e, str(path), _key_lines(node) if node else {}, overridden)) from None
+        raise InputError(format_errors(e, str(path), lines, overridden)) from None
