@@ -67,8 +67,7 @@ def check_stage_inputs(recipe) -> None:
 
         include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
         known = set(task_manager(include, tuple(recipe.eval.lm_eval_tasks)).all_tasks)
-        unknown = [t for t in recipe.eval.lm_eval_tasks if t not in known]
-        if unknown:
+        if unknown := [t for t in recipe.eval.lm_eval_tasks if t not in known]:
             raise InputError(f"eval.lm_eval_tasks: {unknown} are not lm-eval tasks (nor in eval.lm_eval_include_path "
                              f"{include}); `lm_eval ls tasks` lists them")
 
@@ -152,16 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     pl = sub.add_parser("plan", help="GPU memory each stage needs per GPU, against what the launcher gives it")
     pl.add_argument("recipe")
     r = sub.add_parser("round", help="run (or resume) round N")
-    r.add_argument("n", type=int)
     e = sub.add_parser("eval", help="evaluate round N's checkpoints and decide which one is promoted")
-    e.add_argument("n", type=int)
-    for p in (r, e):
-        p.add_argument("--force", choices=("dpo", "sft"), help="promote this checkpoint whatever the gate says")
     st = sub.add_parser("status", help="which stages of which rounds are done, stale or missing, and what each "
                         "round promoted (primary metric, its interval, the gate's evidence)")
     rep = sub.add_parser("report", help="Markdown report and plots across rounds")
     sts = sub.add_parser("stats", help="round N's scoring and selection: scorers, filters, pairs, reward model")
-    sts.add_argument("n", type=int)
+    for p in (r, e, sts):
+        p.add_argument("n", type=int)
+    for p in (r, e):
+        p.add_argument("--force", choices=("dpo", "sft"), help="promote this checkpoint whatever the gate says")
     s = sub.add_parser("stage", help="re-run one stage of a round, even if it is up to date")
     s.add_argument("stage", choices=list(STAGES))
     s.add_argument("--round", type=int, default=1)

@@ -448,8 +448,7 @@ class TrainerConfig(Strict):
 
     @model_validator(mode="after")
     def _check_report_to(self):
-        missing = [r for r in self.report_to if find_spec(r) is None]
-        if missing:
+        if missing := [r for r in self.report_to if find_spec(r) is None]:
             raise ValueError(f"report_to {missing}: not installed in this environment (pip install {missing[0]})")
         if len(self.average_seeds) == 1 or len(set(self.average_seeds)) != len(self.average_seeds):
             raise ValueError("average_seeds needs two or more distinct seeds (or none)")
@@ -603,8 +602,7 @@ class GateConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        unknown = {m for m in self.tolerances if m not in GATE_METRICS and not m.startswith("lm_eval/")}
-        if unknown:
+        if unknown := {m for m in self.tolerances if m not in GATE_METRICS and not m.startswith("lm_eval/")}:
             raise ValueError(f"tolerances: unknown metrics {sorted(unknown)}; expected some of {sorted(GATE_METRICS)}")
         if self.primary_metric not in PAIRED_METRICS:
             raise ValueError(f"primary_metric: {self.primary_metric!r} has no per-prompt outcomes to compare; "

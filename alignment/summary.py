@@ -53,12 +53,10 @@ def round_summary(recipe: Recipe, round_n: int) -> str:
         raise InputError(f"round {round_n} does not exist: no folder {round_dir(recipe, round_n)}")
     lines = [f"round {round_n} of {recipe.name}"]
     for stage in round_stages(recipe, round_n):
-        m = read_manifest(stage_dir(recipe, round_n, stage.name))
-        if m is None:
-            continue
-        rows = ", ".join(f"{k} {v}" for k, v in m["rows"].items())
-        lines.append(f"{stage.name}: {rows} ({m['wall_time_s']:.0f}s)")
-        lines += DETAILS.get(stage.name, lambda m: [])(m)
+        if m := read_manifest(stage_dir(recipe, round_n, stage.name)):
+            rows = ", ".join(f"{k} {v}" for k, v in m["rows"].items())
+            lines.append(f"{stage.name}: {rows} ({m['wall_time_s']:.0f}s)")
+            lines += DETAILS.get(stage.name, lambda m: [])(m)
     if len(lines) == 1:
         lines.append("no stage of this round has finished")
     return "\n".join(lines)
