@@ -36,19 +36,16 @@ def validate(recipe_file: str, overrides: list[str]):
         check_prompt_fields(recipe.reward.verifiers, rows, path)
     check_isolation(recipe.reward.verifiers)
     check_examples(recipe.reward.verifiers, recipe.teacher.system_prompts)
-    shared = {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}
-    if shared:
+    if shared := {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}:
         raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {recipe.prompts.train_path}, "
                          f"e.g. {sorted(shared)[:3]}; the evaluation split must be held out")
     trained_on = {content_key(p["messages"]): p["prompt_id"] for p in train}
-    leaked = [(p["prompt_id"], trained_on[k]) for p in held_out if (k := content_key(p["messages"])) in trained_on]
-    if leaked:
+    if leaked := [(p["prompt_id"], trained_on[k]) for p in held_out if (k := content_key(p["messages"])) in trained_on]:
         raise InputError(f"{recipe.prompts.eval_path}: {len(leaked)} held-out prompts ask what a training prompt asks "
                          f"(case and spacing aside), e.g. {leaked[0][0]!r} = {leaked[0][1]!r} in "
                          f"{recipe.prompts.train_path}; the evaluation split must be held out")
     capabilities = {p.get("capability") or "default" for p in train}
-    unused = sorted(set(recipe.teacher.system_prompts) - capabilities - {"default"})
-    if unused:
+    if unused := sorted(set(recipe.teacher.system_prompts) - capabilities - {"default"}):
         raise InputError(f"teacher.system_prompts: {unused} match no prompt's capability in "
                          f"{recipe.prompts.train_path} (it has {sorted(capabilities)}); a misspelt key would "
                          "silently leave those prompts without their system prompt")
@@ -70,8 +67,7 @@ def check_stage_inputs(recipe) -> None:
 
         include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
         known = set(task_manager(include, tuple(recipe.eval.lm_eval_tasks)).all_tasks)
-        unknown = [t for t in recipe.eval.lm_eval_tasks if t not in known]
-        if unknown:
+        if unknown := [t for t in recipe.eval.lm_eval_tasks if t not in known]:
             raise InputError(f"eval.lm_eval_tasks: {unknown} are not lm-eval tasks (nor in eval.lm_eval_include_path "
                              f"{include}); `lm_eval ls tasks` lists them")
 
@@ -79,16 +75,14 @@ def check_stage_inputs(recipe) -> None:
 def check_models(recipe) -> None:
     """Every model the recipe names exists before any work: a local folder with a config.json, or a Hub id that
     is cached or reachable. (A teacher behind endpoints is the name its servers serve: they check it.)"""
-    t, rm, s = recipe.teacher, recipe.reward.reward_model, recipe.student
-    for key, name, revision, rev_key in (
-            ("student.model_name_or_path", s.model_name_or_path, s.revision, "student.revision"),
-            ("teacher.model_name_or_path", None if t.endpoints else t.model_name_or_path, t.revision, "teacher.revision"),
-            ("reward.reward_model.model_name_or_path", rm and rm.model_name_or_path, rm and rm.revision,
-             "reward.reward_model.revision"),
-            ("dpo.ref_model_name_or_path", recipe.dpo.ref_model_name_or_path, recipe.dpo.ref_model_revision,
-             "dpo.ref_model_revision")):
-        if name:
-            check_model(name, key, revision, rev_key)
+    for key, section, field, rev in (("student", recipe.student, "model_name_or_path", "revision"),
+                                     ("teacher", None if recipe.teacher.endpoints else recipe.teacher,
+                                      "model_name_or_path", "revision"),
+                                     ("reward.reward_model", recipe.reward.reward_model, "model_name_or_path",
+                                      "revision"),
+                                     ("dpo", recipe.dpo, "ref_model_name_or_path", "ref_model_revision")):
+        if section and (name := getattr(section, field)):
+            check_model(name, f"{key}.{field}", getattr(section, rev), f"{key}.{rev}")
 
 
 def check_model(name: str, key: str, revision: str | None = None, rev_key: str = "revision") -> None:
@@ -157,16 +151,15 @@ def main(argv: list[str] | None = None) -> None:
     pl = sub.add_parser("plan", help="GPU memory each stage needs per GPU, against what the launcher gives it")
     pl.add_argument("recipe")
     r = sub.add_parser("round", help="run (or resume) round N")
-    r.add_argument("n", type=int)
     e = sub.add_parser("eval", help="evaluate round N's checkpoints and decide which one is promoted")
-    e.add_argument("n", type=int)
-    for p in (r, e):
-        p.add_argument("--force", choices=("dpo", "sft"), help="promote this checkpoint whatever the gate says")
     st = sub.add_parser("status", help="which stages of which rounds are done, stale or missing, and what each "
                         "round promoted (primary metric, its interval, the gate's evidence)")
     rep = sub.add_parser("report", help="Markdown report and plots across rounds")
     sts = sub.add_parser("stats", help="round N's scoring and selection: scorers, filters, pairs, reward model")
-    sts.add_argument("n", type=int)
+    for p in (r, e, sts):
+        p.add_argument("n", type=int)
+    for p in (r, e):
+        p.add_argument("--force", choices=("dpo", "sft"), help="promote this checkpoint whatever the gate says")
     s = sub.add_parser("stage", help="re-run one stage of a round, even if it is up to date")
     s.add_argument("stage", choices=list(STAGES))
     s.add_argument("--round", type=int, default=1)
@@ -177,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--recipe", default="recipes/tiny.yaml")
     # Overrides are the leftover key.path=value words, so they may stand before or after the options.
     args, args.overrides = ap.parse_known_args(argv)
-    stray = [a for a in args.overrides if "=" not in a or a.startswith("-")]
-    if stray:
+    if stray := [a for a in args.overrides if "=" not in a or a.startswith("-")]:
         ap.error(f"unrecognized arguments: {' '.join(stray)} (overrides are written key.path=value)")
     try:
         if args.cmd == "explain":
@@ -199,14 +191,12 @@ def main(argv: list[str] | None = None) -> None:
             if getattr(args, "force", None):
                 args.overrides.append(f"gate.force={args.force}")  # recorded with the other overrides
             recipe, _, _ = validate(args.recipe, args.overrides)
-            if args.cmd in ("round", "eval", "stage"):
-                check_stage_inputs(recipe)
-            problems = machine_problems(recipe)
-            if problems and args.cmd in ("round", "stage"):
-                raise InputError("this machine cannot train as the recipe asks:\n  " + "\n  ".join(problems))
-            if args.cmd in ("round", "eval", "stage"):  # the stages it may run must fit their GPUs
+            if args.cmd in ("round", "eval", "stage"):  # later stages' inputs; what it runs must fit the GPUs
                 from alignment.memory_plan import PLANNED, check_plan
 
+                check_stage_inputs(recipe)
+                if args.cmd != "eval" and (problems := machine_problems(recipe)):
+                    raise InputError("this machine cannot train as the recipe asks:\n  " + "\n  ".join(problems))
                 check_plan(recipe, {"round": PLANNED, "eval": ("eval",)}.get(args.cmd) or
                            ((args.stage,) if getattr(args, "stage", None) in PLANNED else ()))
             if args.cmd in ("round", "eval"):

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import re
 from enum import Enum
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
@@ -29,6 +30,11 @@ MAX_YAML_NODES = 100_000  # a recipe has a few hundred; a YAML alias bomb expand
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # .inf and .nan are typos
+
+
+HubRevision = Annotated[str | None, Field(pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 "
+                                          "hex digits; a branch or tag moves), recorded in the manifests; required "
+                                          "for a Hub id")]
 
 
 class GgufConfig(Strict):
@@ -120,7 +126,7 @@ class PromptsConfig(Strict):
 class StudentConfig(Strict):
     source: ModelSource = Field(description="where round 1's input model comes from: bootstrap or path")
     model_name_or_path: str | None = Field(None, description="the model when source is path")
-    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 hex digits; a branch or tag moves), recorded in the manifests; required for a Hub id")
+    revision: HubRevision = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -161,7 +167,7 @@ class TeacherConfig(Strict):
                                 "bootstrap's teacher) or a student a round promoted")
     model_name_or_path: str | None = Field(None, description="the model when source is path; with existing "
                                            "endpoints, the model name they serve")
-    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 hex digits; a branch or tag moves), recorded in the manifests; required for a Hub id")
+    revision: HubRevision = None
     backend: Backend = Field(Backend.transformers, description="generation engine: transformers, vllm or openai")
     batch_size: int = Field(64, gt=0, description="transformers backend: prompts per generate call")
     shard_size: int = Field(256, gt=0, description="requests per engine call (vllm, transformers); results are "
@@ -200,15 +206,14 @@ class TeacherConfig(Strict):
             if self.endpoints and self.source != ModelSource.path:
                 raise ValueError(f"teacher.source {self.source.value!r} is a checkpoint of this run, which "
                                  "existing endpoints cannot load; use serve: true")
-        if self.backend == Backend.vllm and self.engine.data_parallel_size > 1:
-            raise ValueError("engine.data_parallel_size > 1 needs a server: use backend 'openai' with serve: true, "
-                             "or several endpoints")
-        if self.backend == Backend.openai:
             bad = [e for e in self.endpoints if not re.match(r"^https?://[^/\s@?#]+(/[^\s?#@]*)?$", e)]
             if bad:  # a key written into a URL (user:key@host, ?api_key=) would land in job.json and manifests
                 raise ValueError(f"endpoints must be http(s) base URLs such as http://host:8000/v1, without "
                                  f"credentials or a query; put the key in the variable api_key_env names; got "
                                  f"{len(bad)} such endpoint(s)")
+        if self.backend == Backend.vllm and self.engine.data_parallel_size > 1:
+            raise ValueError("engine.data_parallel_size > 1 needs a server: use backend 'openai' with serve: true, "
+                             "or several endpoints")
         return self
 
 
@@ -223,6 +228,14 @@ class VerifierExample(Strict):
     response: str = Field(description="a response written exactly as the capability's system prompt asks")
     answer: str | None = Field(None, description="answer: the prompt's `answer` the response must match")
     tests: str | None = Field(None, description="code: tests (Python asserts) the response's code must pass")
+
+
+def compiled(regex: str) -> re.Pattern:
+    """The regex compiled, or a ValueError: raised in a field validator, the error points at the key's own line."""
+    try:
+        return re.compile(regex)
+    except re.error as e:
+        raise ValueError(f"does not compile: {e}") from None
 
 
 class VerifierConfig(Strict):
@@ -263,14 +276,7 @@ class VerifierConfig(Strict):
             raise ValueError(f"example.{field} is required for a {self.kind} verifier")
         return self
 
-    @field_validator("answer_regex")
-    @classmethod
-    def _compiles(cls, v: str) -> str:  # a field validator, so the error points at the key's own line
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"does not compile: {e}") from None
-        return v
+    _compiles = field_validator("answer_regex")(classmethod(lambda cls, v: compiled(v).pattern))
 
 
 class RewardModelSource(str, Enum):
@@ -284,7 +290,7 @@ class RewardModelConfig(Strict):
                                       "reward_model stage trained (the verifier-only reward is used in round 1)")
     model_name_or_path: str | None = Field(None, description="a sequence-classification reward model (one label) "
                                            "with a chat template, when source is path")
-    revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 hex digits; a branch or tag moves), recorded in the manifests; required for a Hub id")
+    revision: HubRevision = None
     batch_size: int = Field(32, gt=0, description="conversations per forward pass")
     sort_by_length: bool = Field(True, description="batch conversations of similar length together, so batches "
                                  "pad little (bench/README.md); scores return in input order either way")
@@ -302,15 +308,19 @@ class RewardModelConfig(Strict):
         return self
 
 
-def one_group(regex: str) -> str:
-    """A judge's verdict regex: it compiles, and its one group is the verdict."""
-    try:
-        groups = re.compile(regex).groups
-    except re.error as e:
-        raise ValueError(f"does not compile: {e}") from None
-    if groups != 1:
-        raise ValueError(f"needs exactly one group (the verdict), it has {groups}")
-    return regex
+def judge_checks(*placeholders: str) -> tuple:
+    """A judge's field validators: its `template` holds every placeholder, and `verdict_regex` compiles with one
+    group, the verdict."""
+    def template(cls, v: str) -> str:
+        if missing := [p for p in placeholders if p not in v]:
+            raise ValueError(f"lacks the placeholders {missing}")
+        return v
+
+    def verdict_regex(cls, v: str) -> str:
+        if (groups := compiled(v).groups) != 1:
+            raise ValueError(f"needs exactly one group (the verdict), it has {groups}")
+        return v
+    return tuple(field_validator(f.__name__)(classmethod(f)) for f in (template, verdict_regex))
 
 
 class JudgeConfig(Strict):
@@ -325,15 +335,7 @@ class JudgeConfig(Strict):
     max_new_tokens: int = Field(256, gt=0, le=MAX_TOKENS, description="room for the judge's reasoning before the verdict")
     weight: float = Field(1.0, description="weight of verdict / max_score in the reward")
 
-    @field_validator("template")
-    @classmethod
-    def _placeholders(cls, v: str) -> str:
-        missing = [p for p in ("{prompt}", "{response}") if p not in v]
-        if missing:
-            raise ValueError(f"lacks the placeholders {missing}")
-        return v
-
-    _one_group = field_validator("verdict_regex")(classmethod(lambda cls, v: one_group(v)))
+    _placeholders, _one_group = judge_checks("{prompt}", "{response}")
 
 
 class ScoringConfig(Strict):
@@ -406,7 +408,6 @@ class LoraConfig(Strict):
                                      "needs a CUDA GPU)")
 
 
-
 class TrainerConfig(Strict):
     """Fields both trainers take; the names are TRL's, and pass straight through."""
 
@@ -447,10 +448,7 @@ class TrainerConfig(Strict):
 
     @model_validator(mode="after")
     def _check_report_to(self):
-        import importlib.util
-
-        missing = [r for r in self.report_to if importlib.util.find_spec(r) is None]
-        if missing:
+        if missing := [r for r in self.report_to if find_spec(r) is None]:
             raise ValueError(f"report_to {missing}: not installed in this environment (pip install {missing[0]})")
         if len(self.average_seeds) == 1 or len(set(self.average_seeds)) != len(self.average_seeds):
             raise ValueError("average_seeds needs two or more distinct seeds (or none)")
@@ -463,28 +461,26 @@ class TrainerConfig(Strict):
     def machine_problems(self, key: str, gpus: int | None = None) -> list[str]:
         """What this machine (or nodes of `gpus` GPUs) lacks to train as configured (a recipe written for a GPU
         cluster still validates here; running it is what fails, before any work)."""
-        import importlib.util
-
         import torch
 
         gpus, out = torch.cuda.device_count() if gpus is None else gpus, []
         if self.distributed in ("fsdp", "zero3") and gpus == 0:
             out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none "
                        "(on CPUs accelerate 1.15 would train it as DDP, unsharded); use ddp (gloo) or no distributed")
-        if self.distributed == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        if self.distributed == "zero3" and find_spec("deepspeed") is None:
             out.append(f"{key}.distributed: zero3 needs DeepSpeed (pip install deepspeed)")
         if gpus and self.num_processes > gpus:
             out.append(f"{key}.num_processes: {self.num_processes} is more than this machine's {gpus} GPUs")
         if self.attn_implementation in ("flex_attention", "flash_attention_2") and gpus == 0:
             out.append(f"{key}.attn_implementation: {self.attn_implementation} trains on CUDA GPUs only and this "
                        "machine has none; use sdpa")
-        elif self.attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        elif self.attn_implementation == "flash_attention_2" and find_spec("flash_attn") is None:
             out.append(f"{key}.attn_implementation: flash_attention_2 needs the flash-attn package "
                        "(pip install flash-attn); or use flex_attention")
         if self.lora and self.lora.quantize_base_4bit:
             if gpus == 0:
                 out.append(f"{key}.lora.quantize_base_4bit (QLoRA) needs a CUDA GPU; this machine has none")
-            elif importlib.util.find_spec("bitsandbytes") is None:
+            elif find_spec("bitsandbytes") is None:
                 out.append(f"{key}.lora.quantize_base_4bit (QLoRA) needs bitsandbytes (pip install bitsandbytes)")
         return out
 
@@ -525,7 +521,7 @@ class DPOTrainingConfig(TrainerConfig):
                                          "every loss term on chosen and rejected responses, as Llama 3 did")
     ref_model_name_or_path: str | None = Field(None, description="the reference model; null: the round's SFT "
                                                "model, the policy's own starting point")
-    ref_model_revision: str | None = Field(None, pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 hex digits; a branch or tag moves), recorded in the manifests; required for a Hub id")
+    ref_model_revision: HubRevision = None
     precompute_ref_log_probs: bool = Field(True, description="reference log-probabilities in one pass before "
                                            "training instead of a second model at every step (TRL's default): "
                                            "0.73-0.76x the step time on a 1B Llama (bench/README.md)")
@@ -548,15 +544,7 @@ class PairJudgeConfig(Strict):
                                "(any case); the last match counts. Replies without one are counted, not fatal")
     max_new_tokens: int = Field(256, gt=0, le=MAX_TOKENS, description="room for the judge's reasoning")
 
-    @field_validator("template")
-    @classmethod
-    def _placeholders(cls, v: str) -> str:
-        missing = [p for p in ("{prompt}", "{response_a}", "{response_b}") if p not in v]
-        if missing:
-            raise ValueError(f"lacks the placeholders {missing}")
-        return v
-
-    _one_group = field_validator("verdict_regex")(classmethod(lambda cls, v: one_group(v)))
+    _placeholders, _one_group = judge_checks("{prompt}", "{response_a}", "{response_b}")
 
 
 class EvalConfig(Strict):
@@ -585,11 +573,8 @@ class EvalConfig(Strict):
             raise ValueError(f"pass_k values {bad} must be between 1 and num_samples ({self.num_samples})")
         if self.lm_eval_include_path is not None and not self.lm_eval_include_path.is_dir():
             raise ValueError(f"lm_eval_include_path: {self.lm_eval_include_path} is not a folder")
-        if self.lm_eval_tasks:
-            import importlib.util
-
-            if importlib.util.find_spec("lm_eval") is None:
-                raise ValueError("lm_eval_tasks needs the lm-eval package (pip install lm-eval)")
+        if self.lm_eval_tasks and find_spec("lm_eval") is None:
+            raise ValueError("lm_eval_tasks needs the lm-eval package (pip install lm-eval)")
         return self
 
 
@@ -617,8 +602,7 @@ class GateConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        unknown = {m for m in self.tolerances if m not in GATE_METRICS and not m.startswith("lm_eval/")}
-        if unknown:
+        if unknown := {m for m in self.tolerances if m not in GATE_METRICS and not m.startswith("lm_eval/")}:
             raise ValueError(f"tolerances: unknown metrics {sorted(unknown)}; expected some of {sorted(GATE_METRICS)}")
         if self.primary_metric not in PAIRED_METRICS:
             raise ValueError(f"primary_metric: {self.primary_metric!r} has no per-prompt outcomes to compare; "
@@ -795,21 +779,6 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _key_lines(node: yaml.Node, prefix: tuple = ()) -> dict[tuple, int]:
-    """Map every key path of a composed YAML document to its 1-based line."""
-    lines: dict[tuple, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            path = prefix + (k.value,)
-            lines[path] = k.start_mark.line + 1
-            lines.update(_key_lines(v, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            lines[prefix + (i,)] = v.start_mark.line + 1
-            lines.update(_key_lines(v, prefix + (i,)))
-    return lines
-
-
 def format_errors(err: ValidationError, source: str, lines: dict[tuple, int], overridden: set[tuple]) -> str:
     out = []
     for e in err.errors():
@@ -824,40 +793,43 @@ def format_errors(err: ValidationError, source: str, lines: dict[tuple, int], ov
             msg += f" (got {e['input']!r})"
         # Point at the deepest line we know of: the key itself, or its enclosing section.
         # An override replaces the file's value below its key, so it wins over any line the file has there.
-        where = source
-        if any(loc[:n] in overridden for n in range(len(loc) + 1)):
-            where = "command-line override"
-        else:
-            where = next((f"{source}:{lines[loc[:n]]}" for n in range(len(loc), -1, -1) if loc[:n] in lines), source)
+        where = "command-line override" if any(loc[:n] in overridden for n in range(len(loc) + 1)) else next(
+            (f"{source}:{lines[loc[:n]]}" for n in range(len(loc), -1, -1) if loc[:n] in lines), source)
         out.append(f"{where}: {key}: {msg}")
     return "\n".join(out)
 
 
-def check_yaml_tree(node: yaml.Node | None, path: Path) -> None:
-    """Refuse a key given twice in one mapping (YAML keeps the last one silently), naming both lines, and a tree
-    that aliases expand beyond MAX_YAML_NODES (an alias bomb), before anything is constructed."""
-    sizes: dict[int, int] = {}
+def key_lines(node: yaml.Node | None, path: Path) -> dict[tuple, int]:
+    """Every key path of a composed YAML document -> its 1-based line, read before anything is constructed.
+    Refuses a key given twice in one mapping (YAML keeps the last one silently), naming both lines, and a tree that
+    aliases expand beyond MAX_YAML_NODES (an alias bomb): the walk counts the nodes it reaches and stops there."""
+    lines: dict[tuple, int] = {}
+    walked = 0
 
-    def size(n) -> int:  # nodes once aliases are expanded; a shared node is measured once
-        if id(n) not in sizes:
-            sizes[id(n)] = 1
-            if isinstance(n, yaml.MappingNode):
-                first: dict = {}
-                for k, _ in n.value:
-                    if isinstance(k, yaml.ScalarNode) and k.value in first:
-                        raise InputError(f"{path}:{k.start_mark.line + 1}: key {k.value!r} is given twice (first "
-                                         f"on line {first[k.value]}); YAML would silently keep the last")
-                    first[getattr(k, "value", None)] = k.start_mark.line + 1
-            children = [c for kv in n.value for c in kv] if isinstance(n, yaml.MappingNode) else (
-                n.value if isinstance(n, yaml.SequenceNode) else [])
-            sizes[id(n)] = 1 + sum(size(c) for c in children)
-            if sizes[id(n)] > MAX_YAML_NODES:
-                raise InputError(f"{path}: the YAML expands to more than {MAX_YAML_NODES} values through its "
-                                 "aliases (&anchor / *alias); a recipe needs a few hundred")
-        return sizes[id(n)]
+    def walk(n: yaml.Node, prefix: tuple) -> None:
+        nonlocal walked
+        walked += 1 + (len(n.value) if isinstance(n, yaml.MappingNode) else 0)  # the node and its keys
+        if walked > MAX_YAML_NODES:
+            raise InputError(f"{path}: the YAML expands to more than {MAX_YAML_NODES} values through its "
+                             "aliases (&anchor / *alias); a recipe needs a few hundred")
+        if isinstance(n, yaml.MappingNode):
+            first: dict = {}
+            for k, _ in n.value:
+                key = k.value if isinstance(k, yaml.ScalarNode) else id(k)  # a complex key: safe_load refuses it
+                if key in first:
+                    raise InputError(f"{path}:{k.start_mark.line + 1}: key {key!r} is given twice (first on line "
+                                     f"{first[key]}); YAML would silently keep the last")
+                first[key] = lines[prefix + (key,)] = k.start_mark.line + 1
+            for key, (_, v) in zip(first, n.value):  # every key is new: `first` holds them in order
+                walk(v, prefix + (key,))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, v in enumerate(n.value):
+                lines[prefix + (i,)] = v.start_mark.line + 1
+                walk(v, prefix + (i,))
 
     if node is not None:
-        size(node)
+        walk(node, ())
+    return lines
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -871,7 +843,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise InputError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
     try:
         node = yaml.compose(text)
-        check_yaml_tree(node, path)  # before constructing: an alias bomb expands only then
+        lines = key_lines(node, path)  # before constructing: an alias bomb expands only then
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
@@ -886,4 +858,4 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as e:
         overridden = {tuple(parse_override(o)[0]) for o in overrides}
-        raise InputError(format_errors(e, str(path), _key_lines(node) if node else {}, overridden)) from None
+        raise InputError(format_errors(e, str(path), lines, overridden)) from None

@@ -14,6 +14,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from alignment.config import InputError
+
 MANIFEST = "manifest.json"
 LIBRARIES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "pydantic", "vllm")
 
@@ -23,11 +25,8 @@ def hash_json(obj) -> str:
 
 
 def hash_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def hash_model_dir(path: Path) -> str:
@@ -61,8 +60,6 @@ def read_manifest(stage_dir: Path) -> dict | None:
     try:
         return json.loads(p.read_text())
     except (ValueError, RecursionError) as e:  # written atomically, so only a hand edit or a failing disk does this
-        from alignment.config import InputError
-
         raise InputError(f"{p}: not a readable manifest ({e}); delete it to run that stage again") from None
 
 

@@ -31,8 +31,7 @@ def wins(candidate: list[float], baseline: list[float]) -> list[float]:
 
 def win_rate(candidate: list[float], baseline: list[float]) -> float:
     """Share of prompts where the candidate's reward beats the baseline's on the same prompt; ties count half."""
-    w = wins(candidate, baseline)
-    return sum(w) / len(w)
+    return float(np.mean(wins(candidate, baseline)))
 
 
 def wilson_interval(successes: int, n: int) -> list[float] | None:

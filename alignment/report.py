@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from alignment.config import InputError, Recipe  # noqa: E402
 from alignment.manifest import read_manifest  # noqa: E402
 from alignment.metrics import fmt, fmt_evidence, metric_columns, metrics_table  # noqa: E402
+from alignment.round import reference_metrics  # noqa: E402
 
 MODELS = ("input", "sft", "dpo")
 PLOTS = {  # file -> (metric in metrics.json, axis label)
@@ -37,8 +38,7 @@ def collect(run_dir: Path) -> list[dict]:
         if read_manifest(d / "eval") is None:
             continue
         entry = {"round": int(d.name.split("-")[1]), "metrics": json.loads((d / "eval/metrics.json").read_text())}
-        select = read_manifest(d / "select")
-        if select:
+        if select := read_manifest(d / "select"):
             entry["acceptance"] = select["stats"]["acceptance_per_prompt"].get("mean")
             entry["sft_rows"], entry["pairs"] = select["rows"]["sft"], select["rows"]["pairs"]
         if read_manifest(d / "promote"):
@@ -99,8 +99,7 @@ def write_report(recipe: Recipe) -> Path:
         raise InputError(f"no round of {run_dir} has a completed eval; run `make round N=1` first")
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    teacher = run_dir / "teacher_eval"
-    reference = json.loads((teacher / "metrics.json").read_text())["teacher"] if read_manifest(teacher) else {}
+    reference = reference_metrics(recipe).get("teacher", {})
     for name, (metric, label) in PLOTS.items():
         plot_metric(rounds, metric, label, out / name, reference)
     plots = list(PLOTS)
