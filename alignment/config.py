@@ -646,6 +646,11 @@ class BootstrapConfig(Strict):
             raise ValueError("teacher_accuracy must not be below student_accuracy: the teacher is the stronger model")
         return self
 
+    def llama_shape(self) -> dict:
+        """The keyword arguments of tiny_models.llama_config that this section sets."""
+        return self.model_dump(include={"hidden_size", "intermediate_size", "num_hidden_layers",
+                                        "num_attention_heads", "max_position_embeddings"})
+
 
 class JobResources(Strict):
     """What one kind of stage (generate, train or eval) gets: the GPUs the memory plan checks against, and under

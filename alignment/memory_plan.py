@@ -47,12 +47,17 @@ on 90% of a GPU (USABLE). Against the peaks of bench/results/h100-*.json: 0.96 t
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from functools import lru_cache
 
-from alignment.config import InputError, LoraConfig, ModelSource, Recipe, RewardModelSource
-from alignment.stage_table import STAGES, job_kind, round_stages
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from alignment.config import InputError, LoraConfig, Recipe
+from alignment.stage_table import (STAGES, Model, fixed_teacher, gguf_file, job_kind, reward_model, round_stages,
+                                   student)
 
 GIB = 2**30
 USABLE = 0.9  # share of a GPU a trainer or transformers' generate can fill; the rest: context and fragmentation
@@ -79,11 +84,6 @@ class Shape:
 def shape_of(config) -> Shape:
     """Count parameters on a meta-device copy with one decoder layer (no memory, any architecture transformers
     knows); the other layers are alike."""
-    import copy
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     seq_cls = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     one = copy.deepcopy(config)
     one.num_hidden_layers = 1
@@ -102,39 +102,34 @@ def shape_of(config) -> Shape:
 
 
 @lru_cache(maxsize=16)
-def model_shape(name: str, key: str) -> Shape:
+def model_shape(name: str, key: str, revision: str | None = None) -> Shape:
     """The shape of a model folder or a Hub id in the local cache (offline: only config.json is read)."""
-    from transformers import AutoConfig
-
     try:
-        return shape_of(AutoConfig.from_pretrained(name, local_files_only=True))
+        return shape_of(AutoConfig.from_pretrained(name, revision=revision, local_files_only=True))
     except (OSError, ValueError) as e:
         raise InputError(f"{key}: cannot read the config of {name!r} offline for the memory plan "
                          f"({str(e).splitlines()[0]}); download it first (hf download {name} config.json)") from None
 
 
-def bootstrap_shape(recipe: Recipe) -> Shape:
-    from alignment.chat import build_tokenizer
-    from alignment.tiny_models import llama_config
+def input_shape(recipe: Recipe, spec) -> Shape:
+    """The shape of a model the stage table names: a folder or Hub id, the GGUF the recipe imports (its config is
+    in the file), the bootstrap's (its student and teacher share one architecture), or else one made from round
+    1's student (a promoted model, a trained reward model), which has the student's."""
+    if isinstance(spec, Model):
+        return model_shape(spec.name, spec.key, spec.revision)
+    if spec.stage == "import_gguf":
+        path = gguf_file(recipe).path
+        return shape_of(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+    if spec.stage == "bootstrap":
+        from alignment.chat import build_tokenizer
+        from alignment.tiny_models import llama_config
 
-    b = recipe.bootstrap
-    return shape_of(llama_config(build_tokenizer(), hidden_size=b.hidden_size, intermediate_size=b.intermediate_size,
-                                 num_hidden_layers=b.num_hidden_layers, num_attention_heads=b.num_attention_heads,
-                                 max_position_embeddings=b.max_position_embeddings))
-
-
-def student_shape(recipe: Recipe) -> Shape:
-    """Every round's student has the architecture of round 1's."""
-    if recipe.student.source == ModelSource.bootstrap:
-        return bootstrap_shape(recipe)
-    return model_shape(recipe.student.model_name_or_path, "student.model_name_or_path")
+        return shape_of(llama_config(build_tokenizer(), **recipe.bootstrap.llama_shape()))
+    return input_shape(recipe, student(recipe, 1))
 
 
 def teacher_shape(recipe: Recipe) -> Shape:
-    t = recipe.teacher
-    if t.model_name_or_path and t.source in (ModelSource.path, ModelSource.best):
-        return model_shape(t.model_name_or_path, "teacher.model_name_or_path")
-    return bootstrap_shape(recipe) if t.source == ModelSource.bootstrap else student_shape(recipe)
+    return input_shape(recipe, fixed_teacher(recipe) or student(recipe, 1))  # a teacher that changes is a student
 
 
 # --- bytes ---------------------------------------------------------------------------------------------------
@@ -220,8 +215,6 @@ class Row:
 
 
 def visible_gpus() -> tuple[int, float | None]:
-    import torch
-
     if not torch.cuda.is_available():
         return 0, None
     return torch.cuda.device_count(), torch.cuda.get_device_properties(0).total_memory / GIB
@@ -256,15 +249,12 @@ def plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> list[Row] | None:
 
 
 def reward_shape(recipe: Recipe) -> Shape:
-    rm = recipe.reward.reward_model
-    if rm.source == RewardModelSource.path:
-        return model_shape(rm.model_name_or_path, "reward.reward_model.model_name_or_path")
-    return student_shape(recipe)  # trained from the student, with a scalar head
+    return input_shape(recipe, reward_model(recipe, 1)["reward_model"])
 
 
 def train_row(recipe: Recipe, stage: str, nodes: int, gpus: int, capacity: float) -> Row:
     section = STAGES[stage].trains
-    cfg, s = getattr(recipe, section), student_shape(recipe)
+    cfg, s = getattr(recipe, section), input_shape(recipe, student(recipe, 1))
     extra = dict(loss={"sft": "sft", "dpo": "dpo"}.get(stage), pairs=stage != "sft",
                  reference=stage == "dpo" and not cfg.precompute_ref_log_probs)
 
@@ -291,9 +281,10 @@ def train_row(recipe: Recipe, stage: str, nodes: int, gpus: int, capacity: float
 
 
 def generate_row(recipe: Recipe, gpus: int, capacity: float) -> Row:
-    t, s = recipe.teacher, teacher_shape(recipe)
+    t = recipe.teacher
     if t.backend.value == "openai" and not t.serve:
         return Row("generate", {}, capacity, "teacher.endpoints", "remote servers: not planned here", True)
+    s = teacher_shape(recipe)
     if t.backend.value == "transformers":
         tokens = t.batch_size * recipe.sampling.num_samples * recipe.sampling.max_new_tokens
         holds = {"weights bf16": weight_bytes(s) / gpus, "KV cache": tokens * kv_bytes_per_token(s) / gpus}
@@ -323,7 +314,7 @@ def eval_row(recipe: Recipe, stage: str, gpus: int, capacity: float) -> Row:
     if stage == "teacher_eval":
         s, quant = teacher_shape(recipe), recipe.teacher.engine.quantization
     else:
-        s, quant = student_shape(recipe), None
+        s, quant = input_shape(recipe, student(recipe, 1)), None
     e = recipe.eval
     tokens = e.batch_size * max(e.num_samples, 1) * e.max_new_tokens
     holds = {f"weights /{gpus}": weight_bytes(s, quant) / gpus, "KV cache": tokens * kv_bytes_per_token(s) / gpus}

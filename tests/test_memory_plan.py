@@ -197,6 +197,20 @@ def test_scoring_is_planned_on_the_gpus_it_is_launched_with(hub):
     assert list(row.holds) == ["reward model fp32 /8"]
 
 
+def test_a_gguf_student_is_planned_from_the_config_inside_the_file():
+    """recipes/smollm2-135m.yaml imports its student from a GGUF file, so there is no config.json to read before
+    the import: the plan reads the file's own metadata. SmolLM2-135M (vocabulary 49152, width 576, 30 layers, MLP
+    1536, 9 heads over 3 kv heads, tied embeddings) has 134,515,008 parameters by its published config."""
+    pytest.importorskip("gguf")
+    h, kv, i = 576, 576 // 9 * 3, 1536
+    params = 49152 * h + 30 * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h) + h
+    assert params == 134_515_008
+    recipe = load_recipe(ROOT / "recipes/smollm2-135m.yaml", ["launcher.train.gpus_per_node=1",
+                                                               "launcher.gpu_memory_gib=80"])
+    rows = {r.stage: r for r in plan(recipe)}
+    assert rows["sft"].holds["weights, gradients, Adam"] == 16 * params
+
+
 def test_align_plan_prints_the_table(hub, capsys):
     align(["plan", str(ROOT / "recipes/llama3.1-70b.yaml"), "launcher.train.nodes=1"])
     out = capsys.readouterr().out.splitlines()

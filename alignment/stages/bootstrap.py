@@ -40,8 +40,7 @@ def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.bootstrap
     tokenizer = build_tokenizer()
-    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")
-    model = random_llama(tokenizer, seed=recipe.seed, **cfg.model_dump(include=set(shape)))
+    model = random_llama(tokenizer, seed=recipe.seed, **cfg.llama_shape())
     held_out = {r["messages"][0]["content"] for r in read_prompts(inputs["eval_prompts"])}
     rng = random.Random(recipe.seed)
     dev = arithmetic.draw_problems(random.Random(f"{recipe.seed}-dev"), cfg.dev_size, held_out, unique=False)
