@@ -230,8 +230,7 @@ TEACHER_TRANSPORT = {"serve", "server_port", "server_startup_timeout_s", "endpoi
 
 def stage_config(recipe: Recipe, stage: str) -> dict:
     """The recipe sections the stage declares, as JSON: what its `run` receives."""
-    data = recipe.model_dump(mode="json")
-    return {k: data[k] for k in STAGES[stage].sections}
+    return recipe.model_dump(mode="json", include=set(STAGES[stage].sections))
 
 
 def hashed_config(config: dict) -> dict:
