@@ -77,8 +77,7 @@ def identity(recipe: Recipe, spec) -> dict:
         return [identity(recipe, s) for s in spec]
     if isinstance(spec, Upstream):
         folder = stage_dir(recipe, spec.round, spec.stage)
-        m = read_manifest(folder)
-        if m is None:
+        if (m := read_manifest(folder)) is None:
             raise InputError(f"{spec.why}: {folder} has no manifest.json (that stage has not completed)")
         out = m["outputs"][spec.output]
         return {"path": os.path.normpath(folder / out), "hash": f"{m['fingerprint']}:{spec.output}"}
@@ -183,9 +182,15 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
 
 
 def check_round_models(recipe: Recipe, round_n: int) -> None:
-    """The round's models each have a pad token and an end of turn, render the recipe's prompts alike, and every
-    prompt fits the context of the model that reads it with the tokens it may add."""
-    models = round_models(recipe, round_n)
+    """The round's models that render conversations (the student first) each have a pad token and an end of turn,
+    render the recipe's prompts alike, and every prompt fits the context of the model that reads it with the tokens
+    it may add."""
+    models = {"student": identity(recipe, student(recipe, round_n))["path"]}
+    if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
+        models["teacher"] = identity(recipe, teacher(recipe, round_n))["path"]
+    rm = reward_model(recipe, round_n - 1).get("reward_model")
+    if rm:  # a trained one was made from the student: its template is the student's by construction
+        models["reward model"] = identity(recipe, rm)["path"]
     tokenizers = {}
     for role, path in models.items():
         tokenizers[role] = load_tokenizer(path, f"{role} ({path})")
@@ -198,17 +203,6 @@ def check_round_models(recipe: Recipe, round_n: int) -> None:
                              recipe.teacher.engine.max_model_len)
     check_prompt_lengths(held_out, models["student"], tokenizers["student"], recipe.eval.max_new_tokens,
                          "eval.max_new_tokens", {})
-
-
-def round_models(recipe: Recipe, round_n: int) -> dict[str, str]:
-    """Every model of the round that renders conversations, the student first."""
-    models = {"student": identity(recipe, student(recipe, round_n))["path"]}
-    if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
-        models["teacher"] = identity(recipe, teacher(recipe, round_n))["path"]
-    rm = reward_model(recipe, round_n - 1).get("reward_model")
-    if rm:  # a trained one was made from the student: its template is the student's by construction
-        models["reward model"] = identity(recipe, rm)["path"]
-    return models
 
 
 def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list[str], eval_only: bool = False
@@ -247,8 +241,7 @@ def reference_metrics(recipe: Recipe) -> dict:
 
 def status(recipe: Recipe, round_n: int, stage: str) -> str:
     """'done' (manifest matches the recipe and inputs now), 'stale' (it does not), or 'missing'."""
-    m = read_manifest(stage_dir(recipe, round_n, stage))
-    if m is None:
+    if (m := read_manifest(stage_dir(recipe, round_n, stage))) is None:
         return "missing"
     try:
         fp = fingerprint(stage, stage_config(recipe, stage), stage_inputs(recipe, round_n, stage))
