@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from alignment.config import InputError, Recipe
@@ -77,8 +77,7 @@ def identity(recipe: Recipe, spec) -> dict:
         return [identity(recipe, s) for s in spec]
     if isinstance(spec, Upstream):
         folder = stage_dir(recipe, spec.round, spec.stage)
-        m = read_manifest(folder)
-        if m is None:
+        if (m := read_manifest(folder)) is None:
             raise InputError(f"{spec.why}: {folder} has no manifest.json (that stage has not completed)")
         out = m["outputs"][spec.output]
         return {"path": os.path.normpath(folder / out), "hash": f"{m['fingerprint']}:{spec.output}"}
@@ -131,9 +130,8 @@ def stage_env(recipe: Recipe, stage: str) -> dict:
     """The stage's environment: the teacher's API key only where requests go to the teacher (generate, and score
     with a judge), so no other stage, nor the code it runs, can read it (from its own or its parent's /proc)."""
     env = dict(os.environ)
-    key = recipe.teacher.api_key_env
-    if key and not asks_teacher(recipe, stage):
-        env.pop(key, None)
+    if recipe.teacher.api_key_env and not asks_teacher(recipe, stage):
+        env.pop(recipe.teacher.api_key_env, None)
     cfg = trainer_config(recipe, stage)
     if cfg is not None and cfg.distributed:
         import torch
@@ -142,14 +140,6 @@ def stage_env(recipe: Recipe, stage: str) -> dict:
         if not (recipe.launcher.train.gpus_per_node if slurm else torch.cuda.is_available()):
             env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: accelerate's config alone would run one process
     return env
-
-
-def partial_fingerprint(folder: Path) -> str | None:
-    """The fingerprint of the run that left `job.json` in the folder, if any."""
-    try:
-        return json.loads((folder / "job.json").read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError):
-        return None
 
 
 def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, overrides: list[str],
@@ -166,7 +156,9 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
     # A run that died with this very fingerprint left work that is still valid (generation shards, trainer
     # checkpoints): keep its folder and resume. Anything else starts from an empty folder, so stale outputs of an
     # earlier run never mix with this one's.
-    resume = old is None and partial_fingerprint(folder) == fp
+    resume = False
+    with suppress(OSError, ValueError, KeyError):  # no job.json, or not one that a run of ours wrote
+        resume = old is None and json.loads((folder / "job.json").read_text())["fingerprint"] == fp
     why = ("forced" if force and old else "recipe or inputs changed" if old
            else "resuming an interrupted run" if resume else "not done yet")
     print(f"[round {round_n}] {stage}: running ({why})", flush=True)
@@ -176,13 +168,12 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
     folder.mkdir(parents=True, exist_ok=True)
     job = {"stage": stage, "round": round_n, "recipe_name": recipe.name, "recipe_file": recipe_file,
            "overrides": overrides, "config": config, "inputs": inputs, "fingerprint": fp}
-    start = time.time()
+    start, env = time.time(), stage_env(recipe, stage)
     if recipe.launcher.kind == "slurm" and job_kind(recipe, stage):
-        code = run_stage_job(recipe, round_n, stage, folder, job, stage_env(recipe, stage))
+        code = run_stage_job(recipe, round_n, stage, folder, job, env)
     else:
         write_json_atomic(folder / "job.json", job)
-        proc = subprocess.run(stage_command(recipe, stage, folder / "job.json"), env=stage_env(recipe, stage))
-        code = proc.returncode
+        code = subprocess.run(stage_command(recipe, stage, folder / "job.json"), env=env).returncode
     if code != 0:
         raise StageFailed(f"stage {stage} of round {round_n} failed (exit code {code}); {folder} has "
                           "no manifest, so the next run of this round starts that stage again")
@@ -191,9 +182,15 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
 
 
 def check_round_models(recipe: Recipe, round_n: int) -> None:
-    """The round's models each have a pad token and an end of turn, render the recipe's prompts alike, and every
-    prompt fits the context of the model that reads it with the tokens it may add."""
-    models = round_models(recipe, round_n)
+    """The round's models that render conversations (the student first) each have a pad token and an end of turn,
+    render the recipe's prompts alike, and every prompt fits the context of the model that reads it with the tokens
+    it may add."""
+    models = {"student": identity(recipe, student(recipe, round_n))["path"]}
+    if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
+        models["teacher"] = identity(recipe, teacher(recipe, round_n))["path"]
+    rm = reward_model(recipe, round_n - 1).get("reward_model")
+    if rm:  # a trained one was made from the student: its template is the student's by construction
+        models["reward model"] = identity(recipe, rm)["path"]
     tokenizers = {}
     for role, path in models.items():
         tokenizers[role] = load_tokenizer(path, f"{role} ({path})")
@@ -206,17 +203,6 @@ def check_round_models(recipe: Recipe, round_n: int) -> None:
                              recipe.teacher.engine.max_model_len)
     check_prompt_lengths(held_out, models["student"], tokenizers["student"], recipe.eval.max_new_tokens,
                          "eval.max_new_tokens", {})
-
-
-def round_models(recipe: Recipe, round_n: int) -> dict[str, str]:
-    """Every model of the round that renders conversations, the student first."""
-    models = {"student": identity(recipe, student(recipe, round_n))["path"]}
-    if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
-        models["teacher"] = identity(recipe, teacher(recipe, round_n))["path"]
-    rm = reward_model(recipe, round_n - 1).get("reward_model")
-    if rm:  # a trained one was made from the student: its template is the student's by construction
-        models["reward model"] = identity(recipe, rm)["path"]
-    return models
 
 
 def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list[str], eval_only: bool = False
@@ -239,13 +225,10 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
                 check_round_models(recipe, round_n)  # before any stage spends time on them
                 checked = True
             run_stage(recipe, round_n, stage.name, recipe_file=recipe_file, overrides=overrides)
-    metrics = json.loads((stage_dir(recipe, round_n, "eval") / "metrics.json").read_text())
-    promote = stage_dir(recipe, round_n, "promote")
-    decision, best = (json.loads((promote / f).read_text()) for f in ("decision.json", "best.json"))
+    metrics, decision, best = (json.loads((stage_dir(recipe, round_n, s) / f"{f}.json").read_text())
+                               for s, f in (("eval", "metrics"), ("promote", "decision"), ("promote", "best")))
     print(format_metrics(round_n, {**metrics, **reference_metrics(recipe)}))
-    print(promotion(decision, metrics))
-    for reason in decision["reasons"]:
-        print(f"  {reason}")
+    print(promotion(decision, metrics), *(f"  {reason}" for reason in decision["reasons"]), sep="\n")
     print(f"best so far: {best['name']} (held-out accuracy {fmt(best['accuracy'])})")
     return metrics
 
@@ -258,8 +241,7 @@ def reference_metrics(recipe: Recipe) -> dict:
 
 def status(recipe: Recipe, round_n: int, stage: str) -> str:
     """'done' (manifest matches the recipe and inputs now), 'stale' (it does not), or 'missing'."""
-    m = read_manifest(stage_dir(recipe, round_n, stage))
-    if m is None:
+    if (m := read_manifest(stage_dir(recipe, round_n, stage))) is None:
         return "missing"
     try:
         fp = fingerprint(stage, stage_config(recipe, stage), stage_inputs(recipe, round_n, stage))
@@ -302,8 +284,7 @@ def status_table(recipe: Recipe) -> str:
         if read_manifest(promote) and read_manifest(evaluation):
             lines.append(f"round {n} " + promotion(json.loads((promote / "decision.json").read_text()),
                                                    json.loads((evaluation / "metrics.json").read_text())))
-    teacher = reference_metrics(recipe).get("teacher")
-    if teacher:
+    if teacher := reference_metrics(recipe).get("teacher"):
         lines.append(f"fixed teacher: accuracy {fmt_ci(teacher.get('accuracy'), teacher.get('accuracy_ci'))}")
     return "\n".join(lines)
 

@@ -52,8 +52,7 @@ def run_job(job_path: Path) -> dict:
     if set(result.outputs) != set(declared):
         raise RuntimeError(f"stage {job['stage']} returned outputs {sorted(result.outputs)}; the stage table "
                            f"declares {sorted(declared)}")
-    missing = [p for p in result.outputs.values() if not (out_dir / p).exists()]
-    if missing:
+    if missing := [p for p in result.outputs.values() if not (out_dir / p).exists()]:
         raise RuntimeError(f"stage {job['stage']} did not write its outputs {missing}")
     manifest = {
         "stage": job["stage"], "round": job["round"], "recipe": job["recipe_name"], "recipe_file": job["recipe_file"],

@@ -120,12 +120,9 @@ def gguf_file(recipe: Recipe) -> File:
     return File(Path(found[0].locate()), "gguf.file")
 
 
-def train_prompts(recipe: Recipe) -> File:
-    return File(recipe.prompts.train_path, "prompts.train_path")
-
-
-def eval_prompts(recipe: Recipe) -> File:
-    return File(recipe.prompts.eval_path, "prompts.eval_path")
+def prompt_file(recipe: Recipe, key: str) -> File:
+    """`prompts.train_path` or `prompts.eval_path`."""
+    return File(getattr(recipe.prompts, key), f"prompts.{key}")
 
 
 def needs(stage: str):
@@ -152,21 +149,6 @@ def promote_inputs(r: Recipe, n: int) -> dict:
     return inputs
 
 
-def generate_inputs(r: Recipe, n: int) -> dict:
-    inputs = {"teacher": teacher(r, n), "prompts": train_prompts(r)}
-    if r.prompts.retry_failed and n > 1:
-        inputs["failed_prompts"] = Upstream("select", "failed_prompts", n - 1, "prompts.retry_failed")
-    return inputs
-
-
-def score_inputs(r: Recipe, n: int) -> dict:
-    inputs = {"samples": Upstream("generate", "samples", n, "score"), "prompts": train_prompts(r),
-              **reward_model(r, n - 1)}
-    if r.reward.judge:  # the judge is the teacher
-        inputs["teacher"] = teacher(r, n)
-    return inputs
-
-
 def sft_models(r: Recipe, n: int, why: str) -> dict:
     return {"sft": Upstream("sft", "model", n, why), "dpo": Upstream("dpo", "model", n, why)}
 
@@ -174,18 +156,24 @@ def sft_models(r: Recipe, n: int, why: str) -> dict:
 # --- the table ---------------------------------------------------------------------------------------------------
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("bootstrap", ("bootstrap", "seed"), lambda r, n: {"eval_prompts": eval_prompts(r)},
+    Stage("bootstrap", ("bootstrap", "seed"), lambda r, n: {"eval_prompts": prompt_file(r, "eval_path")},
           ("student", "teacher"), kind="train", when=needs("bootstrap"), once=True),
     Stage("import_gguf", ("gguf",), lambda r, n: {"gguf": gguf_file(r)} if r.gguf else {}, ("model",),
           kind="train", when=needs("import_gguf"), once=True),
     Stage("teacher_eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
-        "teacher": fixed_teacher(r), "eval_prompts": eval_prompts(r), **reward_model(r, 0)},
+        "teacher": fixed_teacher(r), "eval_prompts": prompt_file(r, "eval_path"), **reward_model(r, 0)},
         ("metrics", "answers", "record"), kind="generate", when=evaluates_teacher, once=True),
-    Stage("generate", ("teacher", "sampling", "prompts", "seed"), generate_inputs, ("samples",), kind="generate"),
-    Stage("score", ("reward", "teacher"), score_inputs, ("scores",), kind="eval"),  # the reward model
+    Stage("generate", ("teacher", "sampling", "prompts", "seed"), lambda r, n: {
+        "teacher": teacher(r, n), "prompts": prompt_file(r, "train_path"),
+        **({"failed_prompts": Upstream("select", "failed_prompts", n - 1, "prompts.retry_failed")}
+           if r.prompts.retry_failed and n > 1 else {})}, ("samples",), kind="generate"),
+    Stage("score", ("reward", "teacher"), lambda r, n: {  # `teacher`: the judge, if any, is the teacher
+        "samples": Upstream("generate", "samples", n, "score"), "prompts": prompt_file(r, "train_path"),
+        **reward_model(r, n - 1), **({"teacher": teacher(r, n)} if r.reward.judge else {})},
+        ("scores",), kind="eval"),  # eval resources: the reward model
     Stage("select", ("select", "seed"), lambda r, n: {
         "samples": Upstream("generate", "samples", n, "select"), "scores": Upstream("score", "scores", n, "select"),
-        "prompts": train_prompts(r)}, ("sft", "pairs", "failed_prompts", "plots")),
+        "prompts": prompt_file(r, "train_path")}, ("sft", "pairs", "failed_prompts", "plots")),
     # every pair selected so far, this round's included, and the recipe's preference files (by content, so that
     # editing one makes the stage stale; a key only when there are some, so older runs keep their fingerprints)
     Stage("reward_model", ("reward_training", "seed"), lambda r, n: {
@@ -199,16 +187,14 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           ("model", "log_history", "logs"), trains="sft", kind="train"),
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
         "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),
-        **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path",
-                                    r.dpo.ref_model_revision)}
+        **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path", r.dpo.ref_model_revision)}
            if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo", kind="train"),
     # eval reads `teacher` for its default backend and engine, and for the judge (the teacher, on its backend)
     Stage("eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
-        "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": eval_prompts(r), **reward_model(r, n),
-        **({"teacher": teacher(r, n)} if r.eval.judge else {})},
+        "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": prompt_file(r, "eval_path"),
+        **reward_model(r, n), **({"teacher": teacher(r, n)} if r.eval.judge else {})},
         ("metrics", "answers"), kind="eval"),
-    Stage("promote", ("gate",), promote_inputs,
-          ("decision", "model", "best", "best_record")),
+    Stage("promote", ("gate",), promote_inputs, ("decision", "model", "best", "best_record")),
 )}
 EVAL_STAGES = ("eval", "promote")  # what `align eval` runs
 MODEL_MAKERS = ("bootstrap", "import_gguf")  # they make the models a round starts from: checks wait for them
@@ -244,8 +230,7 @@ TEACHER_TRANSPORT = {"serve", "server_port", "server_startup_timeout_s", "endpoi
 
 def stage_config(recipe: Recipe, stage: str) -> dict:
     """The recipe sections the stage declares, as JSON: what its `run` receives."""
-    data = recipe.model_dump(mode="json")
-    return {k: data[k] for k in STAGES[stage].sections}
+    return recipe.model_dump(mode="json", include=set(STAGES[stage].sections))
 
 
 def hashed_config(config: dict) -> dict:
