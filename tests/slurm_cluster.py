@@ -115,7 +115,14 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def job_state(job_id: str) -> str:
-    """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED...: from `scontrol show job` (no accounting database here)."""
-    out = run("scontrol", "show", "job", job_id).stdout
-    return out.split("JobState=")[1].split()[0] if "JobState=" in out else ""
+def job_state(job_id: str, timeout_s: float = 60) -> str:
+    """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED...: from `scontrol show job` (no accounting database here).
+    COMPLETING (a job's processes still being stopped: a vLLM server takes seconds on a loaded machine) is waited
+    through, so the state returned is the one the job ends in."""
+    deadline = time.time() + timeout_s
+    while True:
+        out = run("scontrol", "show", "job", job_id).stdout
+        state = out.split("JobState=")[1].split()[0] if "JobState=" in out else ""
+        if state != "COMPLETING" or time.time() > deadline:
+            return state
+        time.sleep(0.5)
