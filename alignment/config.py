@@ -682,9 +682,8 @@ class LauncherConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        for kind in ("generate", "train", "eval"):
-            if self.kind == "local" and getattr(self, kind).nodes > 1:
-                raise ValueError(f"{kind}.nodes > 1 needs kind: slurm; a local launcher runs on one machine")
+        if self.kind == "local" and (many := [k for k in ("generate", "train", "eval") if getattr(self, k).nodes > 1]):
+            raise ValueError(f"{many[0]}.nodes > 1 needs kind: slurm; a local launcher runs on one machine")
         if self.eval.nodes > 1:
             raise ValueError("eval.nodes must be 1: evaluation runs one process")
         return self
@@ -732,15 +731,14 @@ class Recipe(Strict):
             raise ValueError("select.filters.quality keeps the reward model's top quartile or the judge's top "
                              "verdict; it needs reward.reward_model or reward.judge")
         # A gate metric the eval will not report would fail only in promote, the round's last stage: say it now.
-        for key, metrics in (("primary_metric", [self.gate.primary_metric]), ("tolerances", list(self.gate.tolerances))):
-            for m in metrics:
-                if m in ("accuracy", *PASS_K) and not self.reward.verifiers:
-                    raise ValueError(f"gate.{key}: {m} comes from the verifiers and reward.verifiers is empty; "
-                                     "gate on mean_reward")
-                if m in PASS_K and not self.eval.num_samples:
-                    raise ValueError(f"gate.{key}: {m} needs sampled answers; eval.num_samples is 0")
-                if m in PASS_K and int(m.removeprefix("pass@")) not in self.eval.pass_k:
-                    raise ValueError(f"gate.{key}: {m} is not reported: eval.pass_k is {self.eval.pass_k}")
+        for key, m in [("primary_metric", self.gate.primary_metric)] + [("tolerances", t) for t in self.gate.tolerances]:
+            if m in ("accuracy", *PASS_K) and not self.reward.verifiers:
+                raise ValueError(f"gate.{key}: {m} comes from the verifiers and reward.verifiers is empty; "
+                                 "gate on mean_reward")
+            if m in PASS_K and not self.eval.num_samples:
+                raise ValueError(f"gate.{key}: {m} needs sampled answers; eval.num_samples is 0")
+            if m in PASS_K and int(m.removeprefix("pass@")) not in self.eval.pass_k:
+                raise ValueError(f"gate.{key}: {m} is not reported: eval.pass_k is {self.eval.pass_k}")
         launch = self.launcher  # more than one node: servers, or trainers, that span them
         if launch.generate.nodes > 1 and not (self.teacher.backend == Backend.openai and self.teacher.serve):
             raise ValueError("launcher.generate.nodes > 1 starts one teacher server per node, which needs "

@@ -45,21 +45,19 @@ def wilson_interval(successes: int, n: int) -> list[float] | None:
     return [float(ci.low), float(ci.high)]
 
 
-def _bootstrap(values: list[float]):
+def _bootstrap(values: list[float]) -> tuple[list[float], np.ndarray]:
     # Percentile rather than scipy's default BCa: BCa is undefined when every value is equal (all prompts solved,
     # or paired differences all zero), which is common here; the percentile interval is then the point itself.
     from scipy.stats import bootstrap
 
-    return bootstrap((np.asarray(values, dtype=float),), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
-                     method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED), batch=1000)
+    res = bootstrap((np.asarray(values, dtype=float),), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
+                    method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED), batch=1000)
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)], res.bootstrap_distribution
 
 
 def bootstrap_interval(values: list[float]) -> list[float] | None:
     """95% interval of the mean of per-prompt values, by resampling prompts; None below two prompts."""
-    if len(values) < 2:
-        return None
-    ci = _bootstrap(values).confidence_interval
-    return [float(ci.low), float(ci.high)]
+    return _bootstrap(values)[0] if len(values) >= 2 else None
 
 
 def paired_bootstrap(differences: list[float]) -> tuple[list[float], float]:
@@ -69,10 +67,8 @@ def paired_bootstrap(differences: list[float]) -> tuple[list[float], float]:
     below 0.05 exactly when zero lies outside the 95% percentile interval, so the interval and the test agree."""
     if len(differences) < 2:
         return [float(np.mean(differences))] * 2, 1.0
-    res = _bootstrap(differences)
-    dist = res.bootstrap_distribution
-    p = min(1.0, 2 * min(float(np.mean(dist <= 0)), float(np.mean(dist >= 0))))
-    return [float(res.confidence_interval.low), float(res.confidence_interval.high)], p
+    ci, dist = _bootstrap(differences)
+    return ci, min(1.0, 2 * min(float(np.mean(dist <= 0)), float(np.mean(dist >= 0))))
 
 
 def mcnemar_exact(better: int, worse: int) -> float:

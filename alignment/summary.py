@@ -15,10 +15,6 @@ def dist(d: dict | None) -> str:
     return f"n={d['count']} mean={d['mean']:.3f} p25={d['p25']:.3f} median={d['median']:.3f} p75={d['p75']:.3f}"
 
 
-def generate_lines(m: dict) -> list[str]:
-    return [f"  {m['stats']['hit_token_limit']} samples hit the token limit"]
-
-
 def score_lines(m: dict) -> list[str]:
     st = m["stats"]
     lines = [f"  combine {st['combine']}; verified {st['verified']}"]
@@ -43,8 +39,8 @@ def reward_model_lines(m: dict) -> list[str]:
             f"{fmt(st['held_out_pair_accuracy'])} on {m['rows']['held_out_pairs']} pairs"]
 
 
-DETAILS = {"generate": generate_lines, "score": score_lines, "select": select_lines,
-           "reward_model": reward_model_lines}
+DETAILS = {"generate": lambda m: [f"  {m['stats']['hit_token_limit']} samples hit the token limit"],
+           "score": score_lines, "select": select_lines, "reward_model": reward_model_lines}
 
 
 def round_summary(recipe: Recipe, round_n: int) -> str:

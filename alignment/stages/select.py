@@ -172,18 +172,12 @@ def quality_filter(rows: list[dict], all_rows: list[dict], drops: Counter, stats
     """Llama 3's quality filter: keep a row whose reward-model score is in the top quartile of the round's samples
     OR whose judge verdict is the rubric's top score."""
     rm = sorted(r["scores"]["reward_model"] for r in all_rows if "reward_model" in r["scores"])
-    has_judge = any("judge" in r["scores"] for r in all_rows)
-    if not rm and not has_judge:
+    if not rm and not any("judge" in r["scores"] for r in all_rows):
         stats["quality_filter"] = "skipped: no reward-model or judge scores this round"
         return rows
-    cut = describe(rm)["p75"] if rm else None
-    stats["quality_reward_model_p75"] = cut
-
-    def good(r):
-        s = r["scores"]
-        return (cut is not None and s.get("reward_model", float("-inf")) >= cut) or s.get("judge") == 1.0
-
-    kept = [r for r in rows if good(r)]
+    stats["quality_reward_model_p75"] = cut = describe(rm).get("p75")  # None without reward-model scores
+    kept = [r for r in rows if (cut is not None and r["scores"].get("reward_model", float("-inf")) >= cut)
+            or r["scores"].get("judge") == 1.0]
     drops["sft_below_quality"] += len(rows) - len(kept)
     return kept
 
@@ -206,26 +200,25 @@ def plot(out: Path, pairs: list[dict], acceptance: list[float]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        return name
+
     out.mkdir(exist_ok=True)
     files = []
     for key, label in (("reward", "reward"), ("num_tokens", "response tokens")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for side in ("chosen", "rejected"):
-            vals = [p[f"{side}_{key}"] for p in pairs if p.get(f"{side}_{key}") is not None]
-            if vals:
+            if vals := [p[f"{side}_{key}"] for p in pairs if p.get(f"{side}_{key}") is not None]:
                 ax.hist(vals, bins=30, alpha=0.6, label=f"{side} ({len(vals)})")
         ax.set_xlabel(label), ax.set_ylabel("pairs"), ax.legend(loc="best")
-        fig.tight_layout()
-        fig.savefig(out / f"{key}_chosen_vs_rejected.png", dpi=80)
-        plt.close(fig)
-        files.append(f"{key}_chosen_vs_rejected.png")
+        files.append(save(fig, f"{key}_chosen_vs_rejected.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(acceptance, bins=20, range=(0, 1))
     ax.set_xlabel("share of a prompt's samples that pass and reach sft_min_reward"), ax.set_ylabel("prompts")
-    fig.tight_layout()
-    fig.savefig(out / "acceptance_per_prompt.png", dpi=80)
-    plt.close(fig)
-    return files + ["acceptance_per_prompt.png"]
+    return files + [save(fig, "acceptance_per_prompt.png")]
 
 
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
