@@ -42,10 +42,8 @@ def inside_allocation() -> bool:
 
 def step_flags(res: JobResources) -> list[str]:
     """srun's flags: one task per node, with the node's GPUs and CPUs."""
-    flags = [f"--nodes={res.nodes}", "--ntasks-per-node=1"]
-    if res.gpus_per_node:
-        flags.append(f"--gpus-per-node={res.gpus_per_node}")
-    return flags + ([f"--cpus-per-task={res.cpus_per_task}"] if res.cpus_per_task else [])
+    counts = (("gpus-per-node", res.gpus_per_node), ("cpus-per-task", res.cpus_per_task))
+    return [f"--nodes={res.nodes}", "--ntasks-per-node=1", *(f"--{opt}={n}" for opt, n in counts if n)]
 
 
 def batch_flags(res: JobResources) -> list[str]:
@@ -146,10 +144,7 @@ def job_name(recipe: Recipe, round_n: int, stage: str, kind: str, what: str) -> 
 def stopped_on_exit(jobs: list[SlurmJob]):
     """SIGTERM (as `scancel` of the orchestrator's own job sends) ends the orchestrator through this block, so the
     jobs it started are cancelled rather than left to write into a run nobody waits for."""
-    def stop(signum, frame):
-        sys.exit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         yield jobs
     finally:

@@ -297,8 +297,7 @@ def generate_row(recipe: Recipe, gpus: int, capacity: float) -> Row:
     room = e.gpu_memory_utilization * capacity
     row = Row("generate", {f"weights /{e.tensor_parallel_size}": weights, "KV of one max_model_len sequence": per_seq},
               room, "teacher.engine")
-    if e.tensor_parallel_size * e.data_parallel_size > gpus:
-        split = e.tensor_parallel_size * e.data_parallel_size
+    if (split := e.tensor_parallel_size * e.data_parallel_size) > gpus:
         row.fits = False
         row.hint = f"tensor_parallel_size x data_parallel_size = {split} GPUs; launcher.generate gives {gpus}"
     elif row.ok:
@@ -311,10 +310,8 @@ def generate_row(recipe: Recipe, gpus: int, capacity: float) -> Row:
 
 
 def eval_row(recipe: Recipe, stage: str, gpus: int, capacity: float) -> Row:
-    if stage == "teacher_eval":
-        s, quant = teacher_shape(recipe), recipe.teacher.engine.quantization
-    else:
-        s, quant = input_shape(recipe, student(recipe, 1)), None
+    s, quant = ((teacher_shape(recipe), recipe.teacher.engine.quantization) if stage == "teacher_eval"
+                else (input_shape(recipe, student(recipe, 1)), None))
     e = recipe.eval
     tokens = e.batch_size * max(e.num_samples, 1) * e.max_new_tokens
     holds = {f"weights /{gpus}": weight_bytes(s, quant) / gpus, "KV cache": tokens * kv_bytes_per_token(s) / gpus}
@@ -325,9 +322,7 @@ def eval_row(recipe: Recipe, stage: str, gpus: int, capacity: float) -> Row:
 
 def check_plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> None:
     """Refuse, before any work, a stage whose estimate exceeds the GPU memory it will have."""
-    rows = plan(recipe, stages) or []
-    bad = [r for r in rows if not r.ok]
-    if bad:
+    if bad := [r for r in plan(recipe, stages) or [] if not r.ok]:
         raise InputError("the memory plan says these stages cannot fit (align plan shows the table):\n  " + "\n  ".join(
             f"{r.stage}: needs ~{r.need / GIB:.1f} GiB per GPU ({held(r)}), has {r.capacity / GIB:.1f} GiB; change "
             f"{r.key}. {r.hint}".rstrip(". ") for r in bad))
@@ -342,9 +337,6 @@ def format_plan(recipe: Recipe) -> str:
     if rows is None:
         return ("no GPU declared (launcher.*.gpus_per_node: 0) and none visible: stages run on the CPU and there is "
                 "no GPU memory to plan")
-    lines = [f"{'stage':<13}{'GiB/GPU':>9}{'of':>8}  fits  holds"]
-    for r in rows:
-        fits = "yes" if r.ok else "NO"
-        lines.append(f"{r.stage:<13}{r.need / GIB:>9.1f}{r.capacity / GIB:>8.1f}  {fits:<4}  {held(r)}"
-                     + (f"  [{r.hint}]" if r.hint else ""))
-    return "\n".join(lines)
+    return "\n".join([f"{'stage':<13}{'GiB/GPU':>9}{'of':>8}  fits  holds"] + [
+        f"{r.stage:<13}{r.need / GIB:>9.1f}{r.capacity / GIB:>8.1f}  {'yes' if r.ok else 'NO':<4}  {held(r)}"
+        + (f"  [{r.hint}]" if r.hint else "") for r in rows])

@@ -237,8 +237,7 @@ class Prompts(Sequence):
         for i, raw in enumerate(self.rows.scan()):
             row = to_row(raw, self.cols)
             check_row(row, self.where(i), self.cols)
-            first = self.ids.setdefault(row["prompt_id"], i)
-            if first != i:
+            if (first := self.ids.setdefault(row["prompt_id"], i)) != i:
                 same = "; ids are hashed from the content, so the same prompt" if self.cols.prompt_id is None else ""
                 raise InputError(f"{self.where(i)}: duplicate prompt_id {row['prompt_id']!r} (first at "
                                  f"{self.where(first)}{same})")

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
@@ -46,8 +47,7 @@ class VLLMServer:
         self.env = dict(os.environ)
         if api_key_env:
             self.env["VLLM_API_KEY"] = api_key(api_key_env)  # vLLM then requires it on every request
-        self.startup_timeout_s = startup_timeout_s
-        self.log_path = log_path
+        self.startup_timeout_s, self.log_path = startup_timeout_s, log_path
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "VLLMServer":
@@ -73,12 +73,10 @@ class VLLMServer:
             if self.proc.poll() is not None:
                 raise GenerationError(f"vLLM server for {self.base_url} exited with code {self.proc.returncode} "
                                       f"before becoming healthy; last lines of {self.log_path}:\n{self.tail()}")
-            try:
+            with suppress(httpx.HTTPError):
                 if httpx.get(health, timeout=5).status_code == 200:
                     print(f"vLLM server healthy after {time.time() - start:.0f}s", flush=True)
                     return
-            except httpx.HTTPError:
-                pass
             time.sleep(1)
         raise GenerationError(f"vLLM server for {self.base_url} not healthy after teacher.server_startup_timeout_s="
                               f"{self.startup_timeout_s:g}s; last lines of {self.log_path}:\n{self.tail()}")

@@ -86,9 +86,8 @@ def model_metrics(recipe: StageConfig, prompts: list[dict], name: str, generated
     greedy = [g[0] for g in scored(recipe, prompts, [[c] for c in greedy_answers], reward_model)]
     n = len(prompts)
     checked = [s["verified"] for _, s in greedy if s["verified"] is not None]  # prompts some verifier applies to
-    verified = bool(checked)
     metrics = {
-        "accuracy": sum(checked) / len(checked) if verified else None,
+        "accuracy": sum(checked) / len(checked) if checked else None,
         "accuracy_ci": wilson_interval(sum(checked), len(checked)),
         "mean_reward": sum(s["reward"] for _, s in greedy) / n,
         "mean_reward_ci": bootstrap_interval([s["reward"] for _, s in greedy]),
@@ -97,7 +96,7 @@ def model_metrics(recipe: StageConfig, prompts: list[dict], name: str, generated
         "num_prompts": n,
     }
     correct = {}  # prompt_id -> correct sampled answers, for the prompts a verifier applies to
-    if verified and sampled_answers is not None:
+    if checked and sampled_answers is not None:
         sampled = scored(recipe, prompts, sampled_answers, reward_model)
         correct = {p["prompt_id"]: sum(s["verified"] is True for _, s in group) for p, group in zip(prompts, sampled)
                    if group[0][1]["verified"] is not None}
@@ -152,7 +151,6 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
     # The recipe's reward model, or (`trained`) the one this round trained.
     reward_model = str(inputs["reward_model"]) if "reward_model" in inputs else None
     metrics, answers = evaluate(recipe, {name: inputs[name] for name in MODELS}, prompts, out_dir, reward_model)
-    base = metrics["input"]
     reward = {name: {r["prompt_id"]: r["reward"] for r in answers[name]} for name in MODELS}
     ids = [p["prompt_id"] for p in prompts]
     for name in MODELS:
@@ -160,7 +158,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         metrics[name]["win_rate_vs_input"] = win_rate(ours, theirs)
         metrics[name]["win_rate_vs_input_ci"] = bootstrap_interval(wins(ours, theirs))
         metrics[name]["length_drift_vs_input"] = (metrics[name]["mean_response_tokens"]
-                                                  / max(base["mean_response_tokens"], 1e-9) - 1.0)
+                                                  / max(metrics["input"]["mean_response_tokens"], 1e-9) - 1.0)
     if recipe.eval.judge:
         for name, judged in judge_metrics(recipe, inputs["teacher"], prompts, answers, out_dir).items():
             metrics[name].update(judged)
