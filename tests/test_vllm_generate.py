@@ -21,7 +21,7 @@ from alignment.tiny_models import random_llama, save
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-ENGINE = {"gpu_memory_utilization": 0.3, "max_model_len": 256, "enforce_eager": True,
+ENGINE = {"gpu_memory_utilization": 0.05, "max_model_len": 256, "enforce_eager": True,
           "enable_chunked_prefill": False}
 K, MAX_TOKENS = 3, 12
 
