@@ -28,7 +28,7 @@ from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics
 from alignment.prompts import read_prompts, source_identity
 from alignment.seeding import model_identity
 from alignment.template import end_of_turn_id, load_tokenizer
-from alignment.stage_table import (EVAL_STAGES, MODEL_MAKERS, STAGES, File, Model, Upstream, asks_teacher,
+from alignment.stage_table import (EVAL_STAGES, MODEL_MAKERS, STAGES, File, Upstream, asks_teacher,
                                    hashed_config, job_kind, reward_model, round_stages, stage_config, student,
                                    teacher, upstreams)
 
