@@ -55,7 +55,7 @@ from functools import lru_cache
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from alignment.config import InputError, LoraConfig, Recipe
+from alignment.config import InputError, LoraConfig, ModelSource, Recipe
 from alignment.stage_table import (STAGES, Model, fixed_teacher, gguf_file, job_kind, reward_model, round_stages,
                                    student)
 
@@ -129,7 +129,11 @@ def input_shape(recipe: Recipe, spec) -> Shape:
 
 
 def teacher_shape(recipe: Recipe) -> Shape:
-    return input_shape(recipe, fixed_teacher(recipe) or student(recipe, 1))  # a teacher that changes is a student
+    """A teacher that changes is a student: `previous`, and `best` without a named model (the bootstrap's teacher
+    only until a promoted student beats it, so the student's shape, usually the larger, is what must fit)."""
+    t = recipe.teacher
+    changes = t.source == ModelSource.best and not t.model_name_or_path
+    return input_shape(recipe, (None if changes else fixed_teacher(recipe)) or student(recipe, 1))
 
 
 # --- bytes ---------------------------------------------------------------------------------------------------

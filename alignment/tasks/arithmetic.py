@@ -15,10 +15,9 @@ excludes its questions, so held-out accuracy never measures memorisation.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
-
-from alignment.prompts import write_jsonl
 
 OPS = ("+", "-")
 
@@ -101,7 +100,8 @@ def write_prompt_files(out: Path, n_train: int, n_eval: int, seed: int, style: s
               {"eval": draw_problems(rng, n_eval, seen), "train": draw_problems(rng, n_train, seen)})
     out.mkdir(parents=True, exist_ok=True)
     for split, problems in splits.items():
-        write_jsonl(out / f"{split}.jsonl", (prompt_row(split, i, p, style) for i, p in enumerate(problems)))
+        with open(out / f"{split}.jsonl", "w") as f:  # not prompts.write_jsonl: this module imports no ML library
+            f.writelines(json.dumps(prompt_row(split, i, p, style)) + "\n" for i, p in enumerate(problems))
 
 
 def main() -> None:
