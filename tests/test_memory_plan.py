@@ -211,6 +211,23 @@ def test_a_gguf_student_is_planned_from_the_config_inside_the_file():
     assert rows["sft"].holds["weights, gradients, Adam"] == 16 * params
 
 
+TINY_BOOTSTRAP = ("bootstrap={task: arithmetic, hidden_size: 64, intermediate_size: 256, num_hidden_layers: 2, "
+                  "num_attention_heads: 2, max_position_embeddings: 256, batch_size: 128, learning_rate: 0.003, "
+                  "student_accuracy: 0.08, teacher_accuracy: 0.85, max_steps: 3000}")
+
+
+def test_a_best_teacher_without_a_named_model_is_planned_as_the_student(hub):
+    """teacher.source best without model_name_or_path starts as the bootstrap's (tiny) teacher, but from round 2 it
+    is the best model so far, which may be a promoted student: the plan sizes the teacher's rows by the student (an
+    8B here), not by the tiny bootstrap teacher (which would say 0.0 GiB and let an 8B OOM)."""
+    base = ["teacher.model_name_or_path=null", "teacher.engine.quantization=null", TINY_BOOTSTRAP]
+    best = {r.stage: r for r in plan(load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["teacher.source=best", *base]))}
+    previous = {r.stage: r for r in plan(load_recipe(ROOT / "recipes/llama3.1-8b.yaml",
+                                                     ["teacher.source=previous", *base]))}
+    assert best["generate"].holds == previous["generate"].holds  # the 8B student's weights
+    assert best["generate"].holds["weights /8"] > 1 * 2**30
+
+
 def test_align_plan_prints_the_table(hub, capsys):
     align(["plan", str(ROOT / "recipes/llama3.1-70b.yaml"), "launcher.train.nodes=1"])
     out = capsys.readouterr().out.splitlines()

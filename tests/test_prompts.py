@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,12 @@ def test_the_word_problems_regenerate_byte_for_byte_and_hold_out_their_sums(tmp_
         return out
 
     assert not sums("train") & sums("eval") and len(sums("eval")) >= 90
+
+
+def test_the_prompt_file_generator_imports_no_ml_library():
+    """`make data` runs `python -m alignment.tasks.arithmetic`: standard library only, so it starts in ~0.03 s
+    rather than the ~1 s transformers' import costs (through alignment.prompts -> alignment.chat)."""
+    code = ("import sys, tempfile, alignment.tasks.arithmetic as a; a.write_prompt_files(__import__('pathlib')"
+            ".Path(tempfile.mkdtemp()), 3, 2, 0, 'plain'); print(sorted({'transformers', 'torch'} & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
