@@ -63,6 +63,16 @@ def test_malformed_yaml_names_the_line(tmp_path):
         load_recipe(p)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("name: x\nloop: &a [*a]\n", "YAML nested too deeply"),  # an alias inside its own anchor
+    ("name: x\n? [a, b]\n: 1\n", "not valid YAML"),  # a sequence as a key: no key path can name it
+])
+def test_yaml_that_cannot_be_a_recipe_is_named_not_a_traceback(tmp_path, text, message):
+    p = write(tmp_path, text)
+    with pytest.raises(InputError, match=rf"^{p}(:\d+)?: {message}"):
+        load_recipe(p)
+
+
 def test_overrides_apply_and_errors_point_at_the_command_line():
     r = load_recipe("recipes/tiny.yaml", ["sft.learning_rate=5e-4", "sampling.num_samples=8"])
     assert (r.sft.learning_rate, r.sampling.num_samples) == (5e-4, 8)
