@@ -63,8 +63,11 @@ explain: $(STAMP)  ## what a recipe key means (type, default, description), e.g.
 plan: $(STAMP)  ## GPU memory per GPU of each stage against the launcher's GPUs, e.g. make plan RECIPE=recipes/llama3.1-70b.yaml
 	$(VENV)/bin/align plan $(RECIPE) $(ARGS)
 
-test: $(STAMP)  ## every test, the end-to-end round included
-	$(PY) -m pytest -q tests
+TEST_WORKERS ?= 2
+test: $(STAMP)  ## every test, the end-to-end round included; test files on TEST_WORKERS processes (pytest-xdist)
+	@# Most tests keep one core busy (small models, process start-up), so two files at once use both of a 2-core
+	@# machine; a file stays on one worker, so its module fixtures (a vLLM server, the SLURM cluster) start once.
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)  ## unit tests only
 	$(PY) -m pytest -q -m "not slow" tests

@@ -191,6 +191,9 @@ def test_sft_under_slurm_survives_a_stop_a_kill_and_a_cancel_and_matches_the_loc
     proc.kill()
     proc.wait()
     assert job_state(orphan) == "RUNNING"
+    # held still (SLURM stops its processes), so that it is alive when the next run starts however slow that start
+    # is on a loaded machine: a finished orphan would leave a current manifest, and the next run nothing to cancel
+    subprocess.run(["scontrol", "suspend", orphan], check=True, capture_output=True)
     lap("killed orchestrator")
     # a job that ends without finishing (cancelled, as a preempted or timed-out job is) fails the stage, no manifest
     proc = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=False)
