@@ -51,6 +51,7 @@ import copy
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -61,7 +62,7 @@ from alignment.stage_table import (STAGES, Model, fixed_teacher, gguf_file, job_
 
 GIB = 2**30
 USABLE = 0.9  # share of a GPU a trainer or transformers' generate can fill; the rest: context and fragmentation
-PLANNED = ("sft", "dpo", "reward_model", "generate", "score", "teacher_eval", "eval")  # the stages that use GPUs
+PLANNED = ("sft", "dpo", "reward_model", "generate", "score", "teacher_eval", "eval")  # stages that use GPUs
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,12 @@ def model_shape(name: str, key: str, revision: str | None = None) -> Shape:
                          f"({str(e).splitlines()[0]}); download it first (hf download {name} config.json)") from None
 
 
+@lru_cache(maxsize=4)
+def gguf_shape(path: Path) -> Shape:
+    """The shape from a GGUF file's metadata: seconds to parse (its whole vocabulary is in there), so once a file."""
+    return shape_of(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+
+
 def input_shape(recipe: Recipe, spec) -> Shape:
     """The shape of a model the stage table names: a folder or Hub id, the GGUF the recipe imports (its config is
     in the file), the bootstrap's (its student and teacher share one architecture), or else one made from round
@@ -118,8 +125,7 @@ def input_shape(recipe: Recipe, spec) -> Shape:
     if isinstance(spec, Model):
         return model_shape(spec.name, spec.key, spec.revision)
     if spec.stage == "import_gguf":
-        path = gguf_file(recipe).path
-        return shape_of(AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+        return gguf_shape(gguf_file(recipe).path)
     if spec.stage == "bootstrap":
         from alignment.chat import build_tokenizer
         from alignment.tiny_models import llama_config
@@ -133,7 +139,7 @@ def teacher_shape(recipe: Recipe) -> Shape:
     only until a promoted student beats it, so the student's shape, usually the larger, is what must fit)."""
     t = recipe.teacher
     changes = t.source == ModelSource.best and not t.model_name_or_path
-    return input_shape(recipe, (None if changes else fixed_teacher(recipe)) or student(recipe, 1))
+    return input_shape(recipe, student(recipe, 1) if changes else fixed_teacher(recipe) or student(recipe, 1))
 
 
 # --- bytes ---------------------------------------------------------------------------------------------------
