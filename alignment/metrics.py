@@ -1,6 +1,7 @@
 """Evaluation metrics and their noise as plain functions, so each can be checked by hand.
 
-Every interval is 95%. Bootstraps resample prompts with a fixed seed, so the same per-prompt outcomes always give
+Every interval is 95% unless a caller asks for another level (the gate asks for 1 - alpha, so that each of its
+intervals excludes zero exactly when its test rejects). Bootstraps resample prompts with a fixed seed, so the same per-prompt outcomes always give
 the same interval and the same gate decision, whoever runs it and wherever the run folder is."""
 
 from __future__ import annotations
@@ -45,13 +46,13 @@ def wilson_interval(successes: int, n: int) -> list[float] | None:
     return [float(ci.low), float(ci.high)]
 
 
-def _bootstrap(values: list[float]) -> tuple[list[float], np.ndarray]:
+def _bootstrap(values: list[float], confidence: float = 0.95) -> tuple[list[float], np.ndarray]:
     # Percentile rather than scipy's default BCa: BCa is undefined when every value is equal (all prompts solved,
     # or paired differences all zero), which is common here; the percentile interval is then the point itself.
     from scipy.stats import bootstrap
 
     res = bootstrap((np.asarray(values, dtype=float),), np.mean, n_resamples=BOOTSTRAP_RESAMPLES,
-                    method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED), batch=1000)
+                    confidence_level=confidence, method="percentile", rng=np.random.default_rng(BOOTSTRAP_SEED), batch=1000)
     return [float(res.confidence_interval.low), float(res.confidence_interval.high)], res.bootstrap_distribution
 
 
@@ -60,14 +61,15 @@ def bootstrap_interval(values: list[float]) -> list[float] | None:
     return _bootstrap(values)[0] if len(values) >= 2 else None
 
 
-def paired_bootstrap(differences: list[float]) -> tuple[list[float], float]:
+def paired_bootstrap(differences: list[float], confidence: float = 0.95) -> tuple[list[float], float]:
     """([lo, hi], p) for the mean of per-prompt differences (candidate - baseline on the same prompt).
 
     The two-sided p-value is twice the share of resampled means on the far side of zero (capped at 1): it falls
-    below 0.05 exactly when zero lies outside the 95% percentile interval, so the interval and the test agree."""
+    below 1 - confidence exactly when zero lies outside the percentile interval, so the interval and the test
+    agree."""
     if len(differences) < 2:
         return [float(np.mean(differences))] * 2, 1.0
-    ci, dist = _bootstrap(differences)
+    ci, dist = _bootstrap(differences, confidence)
     return ci, min(1.0, 2 * min(float(np.mean(dist <= 0)), float(np.mean(dist >= 0))))
 
 
@@ -79,6 +81,23 @@ def mcnemar_exact(better: int, worse: int) -> float:
     from scipy.stats import binomtest
 
     return float(binomtest(better, better + worse, 0.5).pvalue)
+
+
+def mcnemar_interval(better: int, worse: int, prompts: int, confidence: float = 0.95) -> list[float]:
+    """The interval of the accuracy difference (candidate - baseline, per prompt) that inverts McNemar's exact test.
+
+    Given the d = better + worse discordant prompts, `better` is Binomial(d, q) with q the chance that a discordant
+    prompt favours the candidate, and the difference is d / prompts * (2q - 1). The Clopper-Pearson interval of q
+    at `confidence`, mapped through that line, excludes zero exactly when `mcnemar_exact` < 1 - confidence: the
+    exact test's p-value for q = 1/2 is twice its smaller tail, and Clopper-Pearson's bounds are where each tail
+    equals (1 - confidence) / 2. No discordant prompt: [0, 0]."""
+    if better + worse == 0:
+        return [0.0, 0.0]
+    from scipy.stats import binomtest
+
+    q = binomtest(better, better + worse).proportion_ci(confidence_level=confidence, method="exact")
+    share = (better + worse) / prompts
+    return [share * (2 * float(q.low) - 1), share * (2 * float(q.high) - 1)]
 
 
 def metric_columns(metrics: list[dict]) -> list[str]:

@@ -9,7 +9,7 @@ from math import comb
 import pytest
 
 from alignment.config import GateConfig, InputError
-from alignment.stages.promote import decide
+from alignment.stages.promote import decide, describe
 
 
 def mcnemar_by_hand(b: int, c: int) -> float:
@@ -209,3 +209,67 @@ def test_gating_on_accuracy_without_a_verifier_fails_when_the_recipe_loads():
     with pytest.raises(InputError, match=r"gate.tolerances: accuracy .*reward.verifiers"):
         load_recipe("recipes/tiny.yaml", rm_only + ["gate.primary_metric=mean_reward"])
     load_recipe("recipes/tiny.yaml", rm_only + ["gate.primary_metric=mean_reward", "gate.tolerances={mean_reward: 0.0}"])
+
+
+def clopper_pearson_by_hand(b: int, n: int, confidence: float) -> tuple[float, float]:
+    """Clopper-Pearson bounds by bisection on binomial tails summed with math.comb (no scipy): the lower bound is
+    the q with P(X >= b) = (1 - confidence) / 2, the upper the q with P(X <= b) = (1 - confidence) / 2."""
+    tail = (1 - confidence) / 2
+
+    def at_least(q):
+        return sum(comb(n, i) * q ** i * (1 - q) ** (n - i) for i in range(b, n + 1))
+
+    def solve(f, rising):  # f(q) crosses `tail` once on (0, 1)
+        lo, hi = 0.0, 1.0
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if (f(mid) > tail) == rising else (mid, hi)
+        return (lo + hi) / 2
+
+    low = 0.0 if b == 0 else solve(at_least, rising=True)
+    high = 1.0 if b == n else solve(lambda q: 1 - at_least(q) + comb(n, b) * q ** b * (1 - q) ** (n - b),
+                                    rising=False)
+    return low, high
+
+
+def test_the_accuracy_interval_is_the_exact_one_that_inverts_mcnemar():
+    # The case that contradicted itself: 40 prompts, 9 gained, 2 lost. p = 2 * (1 + 11 + 55) / 2^11 = 134/2048
+    # = 0.065, "within noise"; the old bootstrap interval [0.025, 0.325] excluded zero beside it.
+    metrics, answers = round_outcomes({(0, 1, 0): 9, (1, 0, 0): 2, (1, 1, 0): 10, (0, 0, 0): 19})
+    e = decide(GateConfig(candidates=["sft"], tolerances={}), metrics, answers)["evidence"]
+    assert e["p_value"] == pytest.approx(134 / 2048) and e["p_value"] == pytest.approx(mcnemar_by_hand(9, 2))
+    low, high = clopper_pearson_by_hand(9, 11, 0.95)
+    assert e["ci"] == pytest.approx([11 / 40 * (2 * low - 1), 11 / 40 * (2 * high - 1)], abs=1e-9)
+    assert e["ci"][0] < 0 < e["ci"][1] and e["confidence"] == 0.95
+    assert "within noise" in describe(e, 0.05)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2])
+def test_every_accuracy_decision_agrees_with_its_interval(alpha):
+    """For every split of up to 24 discordant prompts among 40, at three levels: zero lies outside the recorded
+    interval exactly when the verdict is significant (p < alpha)."""
+    for b in range(25):
+        for c in range(25 - b):
+            metrics, answers = round_outcomes({(0, 1, 0): b, (1, 0, 0): c, (0, 0, 0): 40 - b - c})
+            e = comparison(decide(GateConfig(candidates=["sft"], tolerances={}, alpha=alpha), metrics, answers),
+                           "sft", "input")
+            excludes_zero = e["ci"][0] > 0 or e["ci"][1] < 0
+            assert excludes_zero == (e["p_value"] < alpha), (b, c, e["ci"], e["p_value"])
+            assert e["ci"][0] <= e["difference"] <= e["ci"][1] and e["confidence"] == pytest.approx(1 - alpha)
+
+
+def test_the_bootstrap_interval_follows_alpha_too():
+    # Differences of 1 on 6 of 30 prompts, 0 elsewhere: significant or not depending on the level; at each level
+    # the recorded interval excludes zero exactly when p < alpha.
+    ids = [f"p{i}" for i in range(30)]
+    gain = {i: float(k < 6) - float(6 <= k < 9) for k, i in enumerate(ids)}
+    answers = [{"model": m, "prompt_id": i, "verified": None, "reward": (gain[i] if m == "sft" else 0.0)}
+               for m in ("input", "sft", "dpo") for i in ids]
+    metrics = {m: {"mean_reward": sum(gain.values()) / 30 if m == "sft" else 0.0} for m in ("input", "sft", "dpo")}
+    seen = set()
+    for alpha in (0.01, 0.05, 0.2, 0.4):
+        d = decide(GateConfig(primary_metric="mean_reward", tolerances={}, alpha=alpha), metrics, answers)
+        c = comparison(d, "sft", "input", "mean_reward")
+        seen.add(c["p_value"] < alpha)
+        assert (c["ci"][0] > 0) == (c["p_value"] < alpha) and c["confidence"] == pytest.approx(1 - alpha)
+    assert seen == {True, False}  # the levels straddle this comparison's p-value

@@ -1,8 +1,9 @@
 """Promote: the gate that decides which of the round's checkpoints seeds the next round.
 
 Each candidate is compared with the round's input model on the same prompts, joined by (model, prompt_id) in the
-eval stage's `answers.jsonl`: McNemar's exact test on greedy correctness for accuracy, a seeded paired bootstrap of
-per-prompt differences for mean reward and pass@k. A candidate is refused when it is significantly worse than the
+eval stage's `answers.jsonl`: McNemar's exact test on greedy correctness for accuracy, with the exact interval that
+inverts it; a seeded paired bootstrap of per-prompt differences, with its percentile interval, for mean reward and
+pass@k. A candidate is refused when it is significantly worse than the
 input (two-sided p < `gate.alpha` with a negative difference) on the primary metric or a gated one, or when its
 point estimate falls further below the input's than `gate.tolerances` allows. Of the others, the best on
 `gate.primary_metric` is promoted; an earlier candidate in the recipe's order wins only when the best is within
@@ -11,7 +12,8 @@ overrule the order. If none passes, the input model itself is "promoted": the ne
 last model that earned it. `gate.force` promotes a named checkpoint regardless.
 
 Two-sided tests, so that one p-value answers both "is it worse than the input?" and "are these two candidates
-apart?", and agrees with the 95% interval recorded beside it. Every comparison (difference, interval, p-value) and
+apart?". The interval recorded beside each p-value is at confidence 1 - `gate.alpha` and comes from the same test:
+it excludes zero exactly when p < alpha, so a decision never reads "within noise" beside an interval clear of zero. Every comparison (difference, interval, p-value) and
 the reasons in words go to `decision.json`; the next round reads the promoted model's path from this stage's
 manifest. The best model so far by held-out accuracy (the evaluated fixed teacher or a promoted student) is carried
 forward in `best.json`: it is what `teacher.source: best` samples from next round.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 from alignment.config import PAIRED_METRICS, GateConfig, InputError
 from alignment.manifest import write_json_atomic
-from alignment.metrics import mcnemar_exact, paired_bootstrap, pass_at_k
+from alignment.metrics import mcnemar_exact, mcnemar_interval, paired_bootstrap, pass_at_k
 from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
@@ -55,8 +57,9 @@ def outcomes(rows: dict[tuple[str, str], dict], model: str, metric: str) -> dict
 
 
 def compare(ours: dict[str, float], theirs: dict[str, float], metric: str,
-            names: tuple[str, str] = ("candidate", "baseline")) -> dict:
-    """The paired comparison of two models' per-prompt outcomes: mean difference, its 95% interval, p-value."""
+            names: tuple[str, str] = ("candidate", "baseline"), alpha: float = 0.05) -> dict:
+    """The paired comparison of two models' per-prompt outcomes: mean difference, p-value, and the interval at
+    confidence 1 - alpha of the same test (so it excludes zero exactly when p < alpha)."""
     if set(ours) != set(theirs) or not ours:
         raise InputError(f"gate: {metric} needs per-prompt outcomes of both models on the same prompts "
                          f"({len(ours)} and {len(theirs)} prompts, {len(set(ours) & set(theirs))} shared)")
@@ -65,11 +68,14 @@ def compare(ours: dict[str, float], theirs: dict[str, float], metric: str,
         raise InputError(f"gate: {metric} of prompt {bad[0]} is not a finite number ({names[0]} {ours[bad[0]]}, "
                          f"{names[1]} {theirs[bad[0]]}; {len(bad)} such prompts); see the eval's answers.jsonl")
     diffs = [ours[i] - theirs[i] for i in sorted(ours)]
-    ci, p = paired_bootstrap(diffs)
-    test = "McNemar exact" if metric == "accuracy" else "paired bootstrap"
-    if metric == "accuracy":  # exact where an exact test exists; the interval stays the bootstrap's
-        p = mcnemar_exact(diffs.count(1.0), diffs.count(-1.0))
-    return {"difference": sum(diffs) / len(diffs), "ci": ci, "p_value": p, "test": test, "prompts": len(diffs)}
+    if metric == "accuracy":  # exact where an exact test exists, and the interval that inverts it
+        better, worse = diffs.count(1.0), diffs.count(-1.0)
+        ci, p = mcnemar_interval(better, worse, len(diffs), 1 - alpha), mcnemar_exact(better, worse)
+        test, interval = "McNemar exact", "exact (Clopper-Pearson on the discordant prompts)"
+    else:
+        (ci, p), test, interval = paired_bootstrap(diffs, 1 - alpha), "paired bootstrap", "bootstrap percentile"
+    return {"difference": sum(diffs) / len(diffs), "ci": ci, "confidence": 1 - alpha, "interval": interval,
+            "p_value": p, "test": test, "prompts": len(diffs)}
 
 
 def verdict(c: dict, alpha: float) -> str:
@@ -106,7 +112,8 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
                              f"(e.g. pass@k needs eval.num_samples, accuracy needs a verifier)")
         c = {"model": model, "against": against, "metric": metric, "value": value, "baseline": base}
         if metric in PAIRED_METRICS:
-            c |= compare(outcomes(rows, model, metric), outcomes(rows, against, metric), metric, (model, against))
+            c |= compare(outcomes(rows, model, metric), outcomes(rows, against, metric), metric, (model, against),
+                         gate.alpha)
         return c
 
     comparisons, reasons, eligible = [], [], []
@@ -177,7 +184,7 @@ def best_so_far(gate: GateConfig, inputs: dict, metrics: dict, answers: list[dic
         return before, record
     better = record["accuracy"] is None or mine["accuracy"] > record["accuracy"]
     if not better and gate.best_so_far == "not_worse" and set(record.get("outcomes") or ()) == set(mine["outcomes"]):
-        c = compare(mine["outcomes"], record["outcomes"], "accuracy")
+        c = compare(mine["outcomes"], record["outcomes"], "accuracy", alpha=gate.alpha)
         better = c["p_value"] >= gate.alpha or c["difference"] >= 0  # within noise: the newer model
         mine["versus_" + record["name"].replace(" ", "_")] = {k: c[k] for k in ("difference", "ci", "p_value")}
     return (Path(inputs[promoted]), mine) if better else (before, record)
