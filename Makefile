@@ -74,4 +74,4 @@ test-fast: $(STAMP)  ## unit tests only
 
 data: $(STAMP)  ## regenerate the committed arithmetic prompt files (seeded: byte-identical)
 	$(PY) -m alignment.tasks.arithmetic --out data/arithmetic --train 8000 --eval 300 --seed 0
-	$(PY) -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 400 --seed 0
+	$(PY) -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 200 --seed 0

@@ -6,7 +6,7 @@ Writes the prompt files of the tiny recipe (seeded, so the committed files can b
 
 and, with `--style word`, word problems that ask for an explicit final line, for real pretrained chat models:
 
-    python -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 400 --seed 0
+    python -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 200 --seed 0
 
 The evaluation split is drawn first and every later draw (training prompts, the bootstrap's pretraining corpus)
 excludes its questions, so held-out accuracy never measures memorisation.
@@ -48,17 +48,20 @@ def word_question(a: int, op: str, b: int, name: str, thing: str) -> str:
 
 def word_problems(rng: random.Random, n_train: int, n_eval: int) -> dict[str, list[tuple]]:
     """Small sums in words, for a real 135M chat model (it gets about a third right greedily). The held-out split
-    owns its sums: no (a, op, b) of it is ever asked in training, under any name."""
-    sums = [(a, "+", b) for a in range(2, 20) for b in range(1, 10)] + [
-        (a, "-", b) for a in range(2, 20) for b in range(1, min(a, 9) + 1)]
+    owns its sums: no (a, op, b) of it is ever asked in training, under any name. Each held-out row is a distinct
+    sum, so its rows are independent problems and a proportion's interval over them means what it says (the same
+    sum under several names would be one problem counted several times)."""
+    sums = [(a, "+", b) for a in range(2, 40) for b in range(1, 10)] + [
+        (a, "-", b) for a in range(2, 40) for b in range(1, min(a, 9) + 1)]
     rng.shuffle(sums)
     held_out = len(sums) // 3
-    out = {}
-    for split, pool, n in (("eval", sums[:held_out], n_eval), ("train", sums[held_out:], n_train)):
-        rows: dict[tuple, None] = {}  # an ordered set of distinct problems: each sum under several names and objects
-        while len(rows) < n:
-            rows.setdefault((*rng.choice(pool), rng.choice(NAMES), rng.choice(THINGS)))
-        out[split] = list(rows)
+    if n_eval > held_out:
+        raise ValueError(f"--eval {n_eval}: only {held_out} distinct held-out sums exist")
+    out = {"eval": [(*s, rng.choice(NAMES), rng.choice(THINGS)) for s in sums[:n_eval]]}
+    rows: dict[tuple, None] = {}  # an ordered set of distinct training problems: a sum under several names
+    while len(rows) < n_train:
+        rows.setdefault((*rng.choice(sums[held_out:]), rng.choice(NAMES), rng.choice(THINGS)))
+    out["train"] = list(rows)
     return out
 
 
