@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from alignment.explain import explain
-from readme_commands import PAGES, ROOT, ROUND1, SKIPPED, argv, commands, stray_commands
+from readme_commands import NOT_RUN, PAGES, ROOT, ROUND1, SKIPPED, argv, commands, inline_commands, stray_commands
 
 
 def test_every_documented_command_is_runnable_against_a_test_recipe():
@@ -49,3 +49,25 @@ def test_the_recipe_keys_the_readme_names_exist():
     assert len(keys) >= 15
     for key in keys:
         explain(key)  # raises InputError naming the nearest keys
+
+
+def test_inline_commands_are_found_and_each_is_run_or_says_why_not(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("Run `make plan RECIPE=recipes/llama3.1-70b.yaml` or `make explain\nKEY=dpo.beta`; the\n"
+                    "`align round` command; `.venv/bin/align stats 1 --recipe recipes/tiny.yaml`; `dpo.beta`.\n"
+                    "```bash\nmake status  # `make eval` here is in a block, not prose\n```\n")
+    # a span wrapped over a line break counts; a bare subcommand name and a key do not; nothing inside a fence
+    assert inline_commands([page]) == [("page.md:1", "make plan RECIPE=recipes/llama3.1-70b.yaml"),
+                                       ("page.md:1", "make explain KEY=dpo.beta"),
+                                       ("page.md:3", ".venv/bin/align stats 1 --recipe recipes/tiny.yaml")]
+    with pytest.raises(ValueError, match="NOT_RUN"):  # its own recipe: the test could not swap it
+        argv("make plan RECIPE=recipes/llama3.1-70b.yaml", Path("/x/e2e.yaml"))
+    args, env = argv("make validate RECIPE=recipes/tiny.yaml", Path("/x/e2e.yaml"))
+    assert args == ["make", "validate", "RECIPE=/x/e2e.yaml"]
+    # every inline command of the pages is run by the end-to-end test or listed with a reason, and no listed
+    # command has left the pages (a stale reason would hide nothing and mislead)
+    found = {c for _, c in inline_commands()} | {c for _, c in commands()}
+    for _, command in inline_commands():
+        if command not in NOT_RUN:
+            argv(command, Path("/x/e2e.yaml"))
+    assert set(NOT_RUN) <= found, set(NOT_RUN) - found
