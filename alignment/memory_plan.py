@@ -46,8 +46,8 @@ transformers generation and evaluation: bf16 weights spread over the stage's GPU
   its own. Scoring: the reward model in fp32 (after the teacher, when it judges).
 
 Not counted: the CUDA context, allocator fragmentation and kernels' workspaces, so a trainer or generate() counts
-on 90% of a GPU (USABLE). Against the peaks of bench/results/h100-*.json: 0.96 to 1.08 of each
-(tests/test_memory_plan.py).
+on 90% of a GPU (USABLE). Against the peaks of bench/results/h100-*.json: 0.96 to 1.08 of each, at two decimals
+(tests/test_memory_plan.py asserts this band).
 """
 
 from __future__ import annotations

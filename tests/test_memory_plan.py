@@ -46,8 +46,10 @@ def h100_cases():
 def test_estimate_matches_the_h100_peaks(settings, name, result):
     """bench/train_throughput.py --model 1b on an H100: torch's peak allocated memory of each case. Packed SFT rows
     are max_length long; padded batches (SFT, DPO pairs) are as long as their longest row, which sets the peak, so
-    the estimate takes that row's length as max_length. Within -7%..+10% in every case: the plan keeps 10% of a
-    GPU spare (USABLE), and it errs on the safe side where kernels keep less (flex_attention: +6%)."""
+    the estimate takes that row's length as max_length. 0.96 to 1.08 of the peak (at two decimals) in every case,
+    the band alignment/memory_plan.py states: the plan keeps 10% of a GPU spare (USABLE), and it errs on the safe
+    side where kernels keep less (flex_attention: +6%). A states term 12% off (17.92 or 14.08 bytes a parameter
+    instead of 16) fails 5 or 3 of the 12 cases."""
     from alignment.chat import build_tokenizer, token_ids
     from alignment.tiny_models import llama_config
     from train_throughput import LORA, MODELS, skewed_rows
@@ -69,7 +71,8 @@ def test_estimate_matches_the_h100_peaks(settings, name, result):
     shape = shape_of(llama_config(tok, **spec["shape"]))
     estimate = sum(train_bytes(shape, cfg, 1, loss=stage, pairs=stage == "dpo",
                                reference=stage == "dpo" and "every step" in name).values()) / GIB
-    assert 0.93 <= estimate / result["peak_gpu_gib"] <= 1.10, (estimate, result["peak_gpu_gib"])
+    ratio = estimate / result["peak_gpu_gib"]
+    assert 0.96 <= round(ratio, 2) <= 1.08, (estimate, result["peak_gpu_gib"], ratio)
 
 
 def test_the_reference_model_costs_four_bytes_per_parameter_on_the_h100():
