@@ -248,15 +248,16 @@ def plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> list[Row] | None:
                          "their memory from; set it (e.g. 80 for an H100 80GB) for the memory plan")
     rows, present = [], {s.name for s in round_stages(recipe, 1)}
     for stage in stages:
-        res = getattr(launcher, job_kind(recipe, stage))
+        kind = job_kind(recipe, stage)
+        res = getattr(launcher, kind)
         gpus = res.gpus_per_node or seen
         if not gpus or stage not in present:
             continue
-        kind = job_kind(recipe, stage)
         if stage in ("sft", "dpo", "reward_model"):
             rows.append(train_row(recipe, stage, res.nodes, gpus, gib * GIB))
         elif stage == "generate":
-            rows.append(teacher_row(recipe, stage, recipe.sampling.num_samples, gpus, kind, gib * GIB))  # a server per node
+            # (over several nodes, one server per node: each must fit its node's GPUs)
+            rows.append(teacher_row(recipe, stage, recipe.sampling.num_samples, gpus, kind, gib * GIB))
         elif stage == "score":
             if recipe.reward.judge:  # the teacher judges first, and is stopped before the reward model loads
                 rows.append(teacher_row(recipe, stage, 1, gpus, kind, gib * GIB))
@@ -336,9 +337,9 @@ def vllm_row(stage: str, s: Shape, e, key: str, sequences: int, gpus: int, kind:
         row.hint = f"tensor_parallel_size x data_parallel_size = {tp * dp} GPUs; launcher.{kind} gives {gpus}"
     elif row.ok:
         at_once = int((room - weights) // per_seq)
-        row.hint = f"{engine}; the cache holds {min(at_once, asked)} of the {asked} sequences asked for at " \
-                   f"max_model_len" + (" per copy" if dp > 1 else "") + ("; vLLM queues the rest" if at_once < asked
-                                                                           else "")
+        row.hint = (f"{engine}; the cache holds {min(at_once, asked)} of the {asked} sequences asked for at "
+                    f"max_model_len{' per copy' if dp > 1 else ''}" + ("; vLLM queues the rest" if at_once < asked
+                                                                          else ""))
     else:
         row.hint = f"{engine}: raise tensor_parallel_size, quantize (fp8) or lower max_model_len"
     return row
