@@ -11,7 +11,9 @@ import importlib
 import json
 import os
 import sys
+import tempfile
 import time
+from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,9 +39,12 @@ def pinned_snapshot(name: str, revision: str, weights: bool = True) -> Path:
     from filelock import FileLock
     from huggingface_hub import constants, snapshot_download
 
-    lock = Path(constants.HF_HUB_CACHE) / ".locks" / f"alignment--{name.replace('/', '--')}--{revision}.lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock)):
+    locks = Path(constants.HF_HUB_CACHE) / ".locks"
+    with suppress(OSError):
+        locks.mkdir(parents=True, exist_ok=True)
+    if not os.access(locks, os.W_OK):  # a read-only shared cache: the ranks of this machine still take turns
+        locks = Path(tempfile.gettempdir())
+    with FileLock(str(locks / f"alignment--{name.replace('/', '--')}--{revision}.lock")):
         return Path(snapshot_download(name, revision=revision, ignore_patterns=NEVER_LOADED,
                                       allow_patterns=CONFIG_FILES + (WEIGHT_FILES if weights else [])))
 
