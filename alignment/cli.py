@@ -54,7 +54,8 @@ def validate(recipe_file: str, overrides: list[str]):
 
 def check_stage_inputs(recipe) -> None:
     """What only a later stage would read, checked before any work: the reward model's extra preference files and
-    the lm-eval task names (indexing lm-eval's bundled tasks takes ~15 s, so only when the recipe's folder lacks one),
+    the lm-eval tasks, by name and by the modules they import (indexing lm-eval's bundled tasks takes ~15 s, so only
+    when the recipe's folder lacks one),
     and every model key (which may try the network): so `status`, `stats` and `report` stay offline and quick."""
     check_models(recipe)
     if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path:
@@ -63,13 +64,14 @@ def check_stage_inputs(recipe) -> None:
         if not Path(path).is_file():
             raise InputError(f"reward_training.preference_paths[{i}]: {path} does not exist")
     if recipe.eval.lm_eval_tasks:
-        from alignment.lm_eval_tasks import task_manager
+        from alignment.lm_eval_tasks import check_task_imports, task_manager
 
         include = str(recipe.eval.lm_eval_include_path) if recipe.eval.lm_eval_include_path else None
-        known = set(task_manager(include, tuple(recipe.eval.lm_eval_tasks)).all_tasks)
-        if unknown := [t for t in recipe.eval.lm_eval_tasks if t not in known]:
+        manager = task_manager(include, tuple(recipe.eval.lm_eval_tasks))
+        if unknown := [t for t in recipe.eval.lm_eval_tasks if t not in set(manager.all_tasks)]:
             raise InputError(f"eval.lm_eval_tasks: {unknown} are not lm-eval tasks (nor in eval.lm_eval_include_path "
                              f"{include}); `lm_eval ls tasks` lists them")
+        check_task_imports(manager, recipe.eval.lm_eval_tasks)  # each task's modules import here
 
 
 def check_models(recipe) -> None:

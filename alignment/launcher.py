@@ -4,9 +4,11 @@ orchestrator itself runs inside an allocation (SLURM_JOB_ID is set).
 The job runs the command the local runner runs (`python -m alignment.runner job.json`, or `accelerate launch` for a
 distributed trainer) from the same working directory, so runs_dir must be on storage the nodes share; the
 orchestrator keeps nothing outside it. Training runs one task per node, each an `accelerate launch` with machine
-rank SLURM_NODEID and the step's first node as the rendezvous. The job ids a stage submitted are listed in its
-folder (`slurm_jobs`): the next run of that stage cancels any still alive (left by an orchestrator killed with -9),
-and an orchestrator that is stopped (SIGTERM, or `scancel` of its own job) cancels its jobs on the way out.
+rank SLURM_NODEID and the step's first node as the rendezvous, on a port chosen on that node. A job SLURM requeues
+(preempted, with requeue on) is waited for on its way back to PENDING and after. The job ids a stage submitted are
+listed in its folder (`slurm_jobs`): the next run of that stage cancels any still alive (left by an orchestrator
+killed with -9), and an orchestrator that is stopped (SIGTERM, or `scancel` of its own job) cancels its jobs on
+the way out.
 """
 
 from __future__ import annotations
@@ -26,14 +28,41 @@ from alignment.config import Backend, InputError, JobResources, Recipe
 from alignment.stage_table import asks_teacher, job_kind
 
 JOBS = "slurm_jobs"  # in a stage's folder: the ids of the SLURM jobs its runs submitted, one a line
-ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-         "DEADLINE", "GONE"}  # a requeued job goes back to PENDING and is waited for
+# SLURM's job state codes (squeue(1), JOB STATE CODES) that a job never leaves; GONE: purged before we saw it end.
+# PREEMPTED is one only for a job that will not be requeued (Requeue=0: preemption cancelled it); a requeued job
+# passes through REQUEUED (REQUEUE_FED, or held: REQUEUE_HOLD, SPECIAL_EXIT) back to PENDING, and is waited for.
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "REVOKED", "GONE"}
+HELD = {"REQUEUE_HOLD", "SPECIAL_EXIT"}  # requeued and held until someone releases it (scontrol release)
 
 
-def free_port() -> int:
+def ended(state: str, requeue: bool) -> bool:
+    return state in ENDED or (state == "PREEMPTED" and not requeue)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def rendezvous_port(folder: Path, wait_s: float = 300.0) -> int:
+    """The rendezvous port of a training step spanning nodes, chosen on its first node, where the rendezvous
+    listens (a port free on the login node says nothing about that node's): node 0 (SLURM_NODEID) takes a port free
+    on all of its interfaces and writes it into the stage folder, on the storage every node shares; the other nodes
+    read it there. Named by job and step, so a rerun never reads an earlier step's."""
+    path = folder / f"rendezvous-{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    if os.environ.get("SLURM_NODEID", "0") == "0":
+        port = free_port("")
+        path.with_suffix(".tmp").write_text(str(port))
+        os.replace(path.with_suffix(".tmp"), path)  # whole or absent: a reader never sees half of it
+        return port
+    start = time.time()
+    while not path.exists():  # node 0's task starts with ours: seconds at most, unless it failed to
+        if time.time() - start > wait_s:
+            raise SystemExit(f"the first node wrote no rendezvous port to {path} within {wait_s:.0f} s")
+        time.sleep(0.2)
+    return int(path.read_text())
 
 
 def inside_allocation() -> bool:
@@ -65,7 +94,7 @@ class SlurmJob:
                  node: str | None = None):
         self.returncode: int | None = None
         self.id = self.proc = None
-        self.node, self.ended = node, ""
+        self.node, self.ended, self.held = node, "", ""
         tool = "srun" if inside_allocation() else "sbatch"
         if shutil.which(tool) is None:
             raise InputError(f"launcher.kind is slurm, but `{tool}` is not on PATH; run the round where SLURM's "
@@ -88,21 +117,25 @@ class SlurmJob:
             f.write(self.id + "\n")
         print(f"submitted SLURM job {self.id} ({name}); log: {log}", flush=True)
 
-    def state(self) -> tuple[str, str]:
-        """(JobState, NodeList) from `scontrol show job` (no accounting database needed)."""
+    def state(self) -> tuple[str, str, bool]:
+        """(JobState, NodeList, Requeue) from `scontrol show job` (no accounting database needed)."""
         proc = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True)
         if "Invalid job id" in proc.stderr:  # purged (MinJobAge after it ended) before we saw how it ended
-            return "GONE", ""
+            return "GONE", "", False
         fields = dict(w.split("=", 1) for w in proc.stdout.split() if "=" in w)  # (none: slurmctld busy, retry)
-        return fields.get("JobState", "UNKNOWN"), fields.get("NodeList", "")
+        return fields.get("JobState", "UNKNOWN"), fields.get("NodeList", ""), fields.get("Requeue") == "1"
 
     def poll(self) -> int | None:
         if self.proc is not None:
             self.returncode = self.proc.poll()
         elif self.returncode is None:
-            state, _ = self.state()
-            if state in ENDED:
+            state, _, requeue = self.state()
+            if ended(state, requeue):
                 self.returncode, self.ended = (0 if state == "COMPLETED" else 1), state
+            elif state in HELD and state != self.held:
+                print(f"SLURM job {self.id} was requeued and is held ({state}): waiting until it is released "
+                      f"(scontrol release {self.id}) or cancelled", flush=True)
+            self.held = state if state in HELD else ""
         return self.returncode
 
     def wait(self) -> int:
@@ -114,10 +147,10 @@ class SlurmJob:
     def host(self) -> str | None:
         """The node the job runs on, once it runs (however long it queues); None if it ended first."""
         while self.proc is None:
-            state, nodes = self.state()
+            state, nodes, requeue = self.state()
             if state == "RUNNING":
                 return hostnames(nodes)[0]
-            if state in ENDED:
+            if ended(state, requeue):
                 return None
             time.sleep(1)
         return self.node
@@ -190,12 +223,21 @@ def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: d
         else:  # one `accelerate launch` per node; CPU nodes run num_processes each
             rendezvous = ["--num_processes", str(res.nodes * (res.gpus_per_node or cfg.num_processes)),
                           "--num_machines", str(res.nodes), "--machine_rank", "$SLURM_NODEID",
-                          "--main_process_ip", "$MAIN_HOST", "--main_process_port", str(free_port())]
-        line = 'MAIN_HOST=$(scontrol show hostnames "$SLURM_STEP_NODELIST" | head -n1); exec ' + shell(
-            stage_command(recipe, stage, folder / "job.json", rendezvous))
+                          "--main_process_ip", "$MAIN_HOST", "--main_process_port", "$MAIN_PORT"]
+        # the first node and a port free there, both found on the nodes (rendezvous_port)
+        line = ('MAIN_HOST=$(scontrol show hostnames "$SLURM_STEP_NODELIST" | head -n1); ' + (
+            f"MAIN_PORT=$({shell([sys.executable, '-m', 'alignment.launcher', 'rendezvous-port', str(folder)])})"
+            " || exit 1; " if rendezvous else "") + "exec " + shell(stage_command(recipe, stage, folder / "job.json",
+                                                                                 rendezvous)))
         jobs.append(SlurmJob(job_name(recipe, round_n, stage, kind, stage), res, line, folder,
                              folder / ("slurm-step.log" if inside_allocation() else "slurm-%j.log"), env))
         code = jobs[-1].wait()
         if jobs[-1].ended:
             print(f"SLURM job {jobs[-1].id} ended {jobs[-1].ended}", flush=True)
     return code
+
+
+if __name__ == "__main__":  # on each node of a training step: python -m alignment.launcher rendezvous-port <folder>
+    if sys.argv[1:2] != ["rendezvous-port"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m alignment.launcher rendezvous-port <stage folder>")
+    print(rendezvous_port(Path(sys.argv[2])))

@@ -7,6 +7,8 @@ import functools
 from pathlib import Path
 from unittest import mock
 
+from alignment.config import InputError
+
 
 @functools.cache
 def task_manager(include: str | None, tasks: tuple[str, ...]):
@@ -19,6 +21,50 @@ def task_manager(include: str | None, tasks: tuple[str, ...]):
         if set(tasks) <= set(local.all_tasks):
             return local
     return TaskManager(include_path=include)
+
+
+def task_files(manager, name: str, seen: set[str] | None = None) -> list[Path]:
+    """The YAML files lm-eval reads to build task `name` (lm_eval.tasks._factory): a task's own; each task of a
+    tag; a group's own (its inline members are in it) and its named members', recursively."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    seen = set() if seen is None else seen
+    entry = manager.task_index.get(name)
+    if entry is None or name in seen:
+        return []
+    seen.add(name)
+    if entry.kind == Kind.TAG:
+        return [f for task in sorted(entry.tags) for f in task_files(manager, task, seen)]
+    files = [Path(entry.yaml_path)] if entry.yaml_path else []
+    if entry.kind == Kind.GROUP:
+        members = (load_yaml(entry.yaml_path, resolve_func=False) if entry.yaml_path else entry.cfg or {}).get("task")
+        for m in members if isinstance(members, list) else []:
+            ref = m if isinstance(m, str) else m.get("group") or m.get("task") if isinstance(m, dict) else None
+            files += task_files(manager, ref, seen) if isinstance(ref, str) else []
+    return files
+
+
+def check_task_imports(manager, tasks: list[str]) -> None:
+    """Load each task's YAML files as lm-eval does when it builds the task, with their `!function`s resolved: the
+    modules a task names (ifeval's utils.py, which imports langdetect and immutabledict: the `lm_eval[ifeval]`
+    extra) are imported here, so a dependency this environment lacks is named before any work rather than after
+    eval has served its models. The task itself is not built: that would download its dataset."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    for task in tasks:
+        for path in task_files(manager, task):
+            try:
+                load_yaml(path, resolve_func=True)
+            except Exception as e:  # whatever the module raises on import is the reason the task cannot run
+                cause = e
+                while cause.__cause__ is not None and not isinstance(cause, ModuleNotFoundError):
+                    cause = cause.__cause__  # lm-eval wraps some: "Cannot import module 'x' for function 'y'"
+                what = (f"it imports the module {cause.name!r}, which is not installed" if
+                        isinstance(cause, ModuleNotFoundError) and cause.name else f"raises {type(e).__name__}: {e}")
+                raise InputError(f"eval.lm_eval_tasks: task {task!r} cannot be loaded: {path} {what}; install what "
+                                 "it needs (lm-eval's bundled tasks declare theirs as lm-eval extras, such as "
+                                 "lm-eval[ifeval]; `make` installs requirements.lock, which pins ifeval's)") from None
 
 
 def run_lm_eval(recipe, backend, path: Path, **kw) -> dict:

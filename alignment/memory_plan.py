@@ -30,19 +30,24 @@ Training (sft, dpo, reward_model). The stages load fp32 weights and train under 
     (transformers' cross-entropy): logits at c bytes, their fp32 copy, log-softmax and its gradient, (c + 12) x
     vocab bytes per token; DPO's (TRL's fused log-prob kernel on GPUs): the logits and their gradient, 2c x vocab.
     The bench's models have a 105-token vocabulary: this term is not measured there.
-Serving the teacher (vLLM, generate): weights at the engine's dtype (fp8: 1 byte per decoder Linear weight;
-  fbgemm_fp8, Meta's row-wise 405B checkpoint: the FFN's), over tensor_parallel_size GPUs, plus the KV cache,
-  2 x layers x kv_heads x head_dim x 2 bytes per token, for max_model_len tokens per sequence and every sequence
-  asked for at once: max_concurrency (openai) or shard_size (vllm) requests of num_samples each, split over
-  data_parallel_size copies. vLLM takes gpu_memory_utilization of each GPU; it cannot start without room for the
-  weights and one sequence, and queues what its cache cannot hold (slower, not fatal: the table says how many fit).
-Evaluation (eval, teacher_eval) and transformers generation: bf16 weights spread over the stage's GPUs
-  (device_map auto), the KV cache of batch_size x samples sequences of max_new_tokens (prompt tokens uncounted),
-  and the reward model in fp32, spread likewise. Scoring: the reward model in fp32.
+Every vLLM load (the teacher in generate and as a judge; eval's models on the engine alignment.stages.eval.serving
+  gives them, teacher_eval's teacher on the teacher's own; a vllm-backend reward model), by its engine: weights at
+  the engine's dtype (fp8: 1 byte per decoder Linear weight; fbgemm_fp8, Meta's row-wise 405B checkpoint: the
+  FFN's) divided over tensor_parallel_size GPUs, and data_parallel_size such copies side by side, each holding
+  its whole slice (tensor parallelism divides the weights, data parallelism replicates them; tp x dp GPUs). Plus
+  the KV cache, 2 x layers x kv_heads x head_dim x 2 bytes per token (the kv heads split over tp), for
+  max_model_len tokens per sequence and every sequence asked for at once: max_concurrency (openai) or shard_size
+  (vllm) requests of num_samples each, split over the dp copies. vLLM takes gpu_memory_utilization of each GPU;
+  it cannot start without room for the weights and one sequence, and queues what its cache cannot hold (slower,
+  not fatal: the table says how many fit).
+transformers generation and evaluation: bf16 weights spread over the stage's GPUs (device_map auto), the KV cache
+  of batch_size x samples sequences of max_new_tokens (prompt tokens uncounted), and the reward model in fp32,
+  spread likewise. On vLLM, eval and teacher_eval load the reward model once their engine has stopped: a row of
+  its own. Scoring: the reward model in fp32 (after the teacher, when it judges).
 
 Not counted: the CUDA context, allocator fragmentation and kernels' workspaces, so a trainer or generate() counts
-on 90% of a GPU (USABLE). Against the peaks of bench/results/h100-*.json: 0.96 to 1.08 of each
-(tests/test_memory_plan.py).
+on 90% of a GPU (USABLE). Against the peaks of bench/results/h100-*.json: 0.96 to 1.08 of each, at two decimals
+(tests/test_memory_plan.py asserts this band).
 """
 
 from __future__ import annotations
@@ -191,11 +196,12 @@ def train_bytes(s: Shape, cfg, world: int, *, gpu: bool = True, loss: str | None
     return out
 
 
-def weight_bytes(s: Shape, quantization: str | None = None) -> float:
-    """bf16 weights; fp8 takes a byte per decoder Linear weight, fbgemm_fp8 (row-wise, the FFN only) per MLP one."""
+def weight_bytes(s: Shape, quantization: str | None = None, dtype: int = 2) -> float:
+    """Weights at `dtype` bytes (bf16: 2); fp8 takes a byte per decoder Linear weight, fbgemm_fp8 (row-wise, the
+    FFN only) per MLP one."""
     fp8 = sum(a * b for name, a, b in s.linears
               if quantization == "fp8" or (quantization == "fbgemm_fp8" and name.startswith(("mlp.", "feed_forward."))))
-    return 2 * s.params - s.layers * fp8
+    return dtype * s.params - (dtype - 1) * s.layers * fp8
 
 
 def kv_bytes_per_token(s: Shape, gpus: int = 1) -> int:
@@ -242,19 +248,25 @@ def plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> list[Row] | None:
                          "their memory from; set it (e.g. 80 for an H100 80GB) for the memory plan")
     rows, present = [], {s.name for s in round_stages(recipe, 1)}
     for stage in stages:
-        res = getattr(launcher, job_kind(recipe, stage))
+        kind = job_kind(recipe, stage)
+        res = getattr(launcher, kind)
         gpus = res.gpus_per_node or seen
         if not gpus or stage not in present:
             continue
         if stage in ("sft", "dpo", "reward_model"):
             rows.append(train_row(recipe, stage, res.nodes, gpus, gib * GIB))
         elif stage == "generate":
-            rows.append(generate_row(recipe, res.nodes * gpus, gib * GIB))
-        elif stage == "score" and recipe.reward.reward_model:
-            rows.append(Row(stage, {f"reward model fp32 /{gpus}": 4 * reward_shape(recipe).params / gpus},
-                            USABLE * gib * GIB, "reward.reward_model"))
+            # (over several nodes, one server per node: each must fit its node's GPUs)
+            rows.append(teacher_row(recipe, stage, recipe.sampling.num_samples, gpus, kind, gib * GIB))
+        elif stage == "score":
+            if recipe.reward.judge:  # the teacher judges first, and is stopped before the reward model loads
+                rows.append(teacher_row(recipe, stage, 1, gpus, kind, gib * GIB))
+            if recipe.reward.reward_model:  # (alignment/stages/score.py: a vLLM one with the teacher's engine)
+                rows.append(reward_row(recipe, stage, recipe.teacher.engine, "teacher.engine", gpus, kind, gib * GIB))
         elif stage in ("eval", "teacher_eval"):
-            rows.append(eval_row(recipe, stage, gpus, gib * GIB))
+            rows += eval_rows(recipe, stage, kind, gpus, gib * GIB)
+            if stage == "eval" and recipe.eval.judge:  # the teacher's verdicts, after the reward model's scores
+                rows.append(teacher_row(recipe, stage, 1, gpus, kind, gib * GIB))
     return rows
 
 
@@ -290,44 +302,83 @@ def train_row(recipe: Recipe, stage: str, nodes: int, gpus: int, capacity: float
     return row
 
 
-def generate_row(recipe: Recipe, gpus: int, capacity: float) -> Row:
+def teacher_row(recipe: Recipe, stage: str, samples: int, gpus: int, kind: str, capacity: float) -> Row:
+    """The teacher as its backend serves it: to generate (`samples` per request), or as a judge (one verdict)."""
     t = recipe.teacher
     if t.backend.value == "openai" and not t.serve:
-        return Row("generate", {}, capacity, "teacher.endpoints", "remote servers: not planned here", True)
+        return Row(stage, {}, capacity, "teacher.endpoints", "remote servers: not planned here", True)
     s = teacher_shape(recipe)
     if t.backend.value == "transformers":
-        tokens = t.batch_size * recipe.sampling.num_samples * recipe.sampling.max_new_tokens
+        tokens = t.batch_size * samples * recipe.sampling.max_new_tokens
         holds = {"weights bf16": weight_bytes(s) / gpus, "KV cache": tokens * kv_bytes_per_token(s) / gpus}
-        return Row("generate", holds, USABLE * capacity, "teacher.batch_size")
-    e = t.engine
-    weights = weight_bytes(s, e.quantization) / e.tensor_parallel_size
-    per_seq = (e.max_model_len or s.context) * kv_bytes_per_token(s, e.tensor_parallel_size)
-    requests = t.max_concurrency if t.backend.value == "openai" else t.shard_size
-    asked = math.ceil(requests * recipe.sampling.num_samples / e.data_parallel_size)
+        return Row(stage, holds, USABLE * capacity, "teacher.batch_size")
+    return vllm_row(stage, s, t.engine, "teacher.engine", in_flight(t) * samples, gpus, kind, capacity)
+
+
+def in_flight(t) -> int:
+    """Requests a backend has in the engine at once: max_concurrency (openai) or a shard (vllm)."""
+    return t.max_concurrency if t.backend.value == "openai" else t.shard_size
+
+
+def vllm_row(stage: str, s: Shape, e, key: str, sequences: int, gpus: int, kind: str, capacity: float) -> Row:
+    """One vLLM load with engine `e` (the recipe's `key`): weights at the engine's dtype and quantization split
+    over tensor_parallel_size GPUs, and data_parallel_size such copies side by side, each with the whole of its
+    own weights (data parallelism replicates: it multiplies the GPUs, never divides the weights), each asked for
+    its share of the `sequences` in flight."""
+    tp, dp = e.tensor_parallel_size, e.data_parallel_size
+    weights = weight_bytes(s, e.quantization, 4 if e.dtype == "float32" else 2) / tp
+    per_seq = (e.max_model_len or s.context) * kv_bytes_per_token(s, tp)
+    asked = math.ceil(sequences / dp)
     room = e.gpu_memory_utilization * capacity
-    row = Row("generate", {f"weights /{e.tensor_parallel_size}": weights, "KV of one max_model_len sequence": per_seq},
-              room, "teacher.engine")
-    if (split := e.tensor_parallel_size * e.data_parallel_size) > gpus:
+    row = Row(stage, {f"weights /{tp}": weights, "KV of one max_model_len sequence": per_seq}, room, key)
+    engine = f"{key}: tensor_parallel_size {tp} x data_parallel_size {dp}"
+    if tp * dp > gpus:
         row.fits = False
-        row.hint = f"tensor_parallel_size x data_parallel_size = {split} GPUs; launcher.generate gives {gpus}"
+        row.hint = f"tensor_parallel_size x data_parallel_size = {tp * dp} GPUs; launcher.{kind} gives {gpus}"
     elif row.ok:
         at_once = int((room - weights) // per_seq)
-        row.hint = f"the cache holds {min(at_once, asked)} of the {asked} sequences asked for at max_model_len" + (
-            "; vLLM queues the rest" if at_once < asked else "")
+        row.hint = (f"{engine}; the cache holds {min(at_once, asked)} of the {asked} sequences asked for at "
+                    f"max_model_len{' per copy' if dp > 1 else ''}" + ("; vLLM queues the rest" if at_once < asked
+                                                                          else ""))
     else:
-        row.hint = "raise tensor_parallel_size, quantize (fp8) or lower max_model_len"
+        row.hint = f"{engine}: raise tensor_parallel_size, quantize (fp8) or lower max_model_len"
     return row
 
 
-def eval_row(recipe: Recipe, stage: str, gpus: int, capacity: float) -> Row:
-    s, quant = ((teacher_shape(recipe), recipe.teacher.engine.quantization) if stage == "teacher_eval"
-                else (input_shape(recipe, student(recipe, 1)), None))
-    e = recipe.eval
-    tokens = e.batch_size * max(e.num_samples, 1) * e.max_new_tokens
-    holds = {f"weights /{gpus}": weight_bytes(s, quant) / gpus, "KV cache": tokens * kv_bytes_per_token(s) / gpus}
-    if recipe.reward.reward_model:
-        holds[f"reward model fp32 /{gpus}"] = 4 * reward_shape(recipe).params / gpus
-    return Row(stage, holds, USABLE * capacity, "eval.batch_size, launcher.eval.gpus_per_node")
+def eval_rows(recipe: Recipe, stage: str, kind: str, gpus: int, capacity: float) -> list[Row]:
+    """eval and teacher_eval, on the engine each serves with (alignment.stages.eval.serving: teacher_eval the
+    teacher's, eval its own or else the teacher's); then the reward model, loaded once that engine has stopped
+    (a row of its own: the two never share the GPUs)."""
+    from alignment.stages.eval import serving
+
+    teacher = stage == "teacher_eval"
+    served, e = serving(recipe, teacher=teacher), recipe.eval
+    s = teacher_shape(recipe) if teacher else input_shape(recipe, student(recipe, 1))
+    if served.backend.value == "transformers":  # device_map auto: bf16 weights over the stage's GPUs
+        tokens = e.batch_size * max(e.num_samples, 1) * e.max_new_tokens
+        holds = {f"weights /{gpus}": weight_bytes(s, served.engine.quantization if teacher else None) / gpus,
+                 "KV cache": tokens * kv_bytes_per_token(s) / gpus}
+        rows = [Row(stage, holds, USABLE * capacity, f"eval.batch_size, launcher.{kind}.gpus_per_node")]
+    else:
+        key = "teacher.engine" if teacher or recipe.eval.engine is None else "eval.engine"
+        rows = [vllm_row(stage, s, served.engine, key, in_flight(served) * max(e.num_samples, 1), gpus, kind,
+                         capacity)]
+    if recipe.reward.reward_model and served.backend.value != "transformers":
+        rows.append(reward_row(recipe, stage, serving(recipe).engine, "eval.engine" if e.engine else "teacher.engine",
+                               gpus, kind, capacity))
+        rows[-1].hint = rows[-1].hint or "loaded once the engine above has stopped"
+    elif recipe.reward.reward_model:
+        rows[0].holds[f"reward model fp32 /{gpus}"] = 4 * reward_shape(recipe).params / gpus
+    return rows
+
+
+def reward_row(recipe: Recipe, stage: str, engine, key: str, gpus: int, kind: str, capacity: float) -> Row:
+    """The reward model: in fp32 spread over the stage's GPUs, or (backend vllm) a vLLM load with `engine`."""
+    rm = recipe.reward.reward_model
+    if rm.backend == "vllm":
+        return vllm_row(stage, reward_shape(recipe), engine, key, rm.batch_size, gpus, kind, capacity)
+    return Row(stage, {f"reward model fp32 /{gpus}": 4 * reward_shape(recipe).params / gpus}, USABLE * capacity,
+               "reward.reward_model")
 
 
 def check_plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> None:

@@ -185,16 +185,24 @@ def check_round_models(recipe: Recipe, round_n: int) -> None:
     """The round's models that render conversations (the student first) each have a pad token and an end of turn,
     render the recipe's prompts alike, and every prompt fits the context of the model that reads it with the tokens
     it may add."""
-    models = {"student": identity(recipe, student(recipe, round_n))["path"]}
+    from alignment.runner import pinned_snapshot  # (the runner's fetch; imported here, where it is used)
+
+    specs = {"student": student(recipe, round_n)}
     if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
-        models["teacher"] = identity(recipe, teacher(recipe, round_n))["path"]
+        specs["teacher"] = teacher(recipe, round_n)
     rm = reward_model(recipe, round_n - 1).get("reward_model")
     if rm:  # a trained one was made from the student: its template is the student's by construction
-        models["reward model"] = identity(recipe, rm)["path"]
-    tokenizers = {}
-    for role, path in models.items():
-        tokenizers[role] = load_tokenizer(path, f"{role} ({path})")
-        end_of_turn_id(tokenizers[role], f"{role} ({path})")
+        specs["reward model"] = rm
+    models, tokenizers = {}, {}
+    for role, spec in specs.items():
+        found = identity(recipe, spec)
+        # a pinned Hub model: that commit's config and tokenizer, as its stages load it (runner.input_value), never
+        # `main`, which may have moved on or (offline, only the pinned snapshot cached) not be there at all
+        models[role] = (str(pinned_snapshot(found["path"], found["revision"], weights=False)) if "revision" in found
+                        else found["path"])
+        where = f"{role} ({found['path']}" + (f" at {found['revision']})" if "revision" in found else ")")
+        tokenizers[role] = load_tokenizer(models[role], where)
+        end_of_turn_id(tokenizers[role], where)
     train, held_out = read_prompts(recipe.prompts.train_path), read_prompts(recipe.prompts.eval_path)  # read once
     check_chat_templates(tokenizers, {r["prompt_id"]: r["messages"] for rows in (train, held_out) for r in rows[:4]})
     if "teacher" in models:  # (behind endpoints, the teacher's server knows its own context)

@@ -240,3 +240,49 @@ def test_an_eval_engine_that_cannot_serve_the_rounds_checkpoints_is_refused(reci
         load_recipe(ROOT / recipe, overrides)
     load_recipe(ROOT / recipe)  # as shipped: eval sets its own bf16 engine, served with data parallelism
     load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["eval.engine=null", "eval.backend=transformers"])
+
+
+def test_teacher_eval_serves_the_teacher_on_the_teachers_engine(models, tmp_path, monkeypatch):
+    """The 8B recipe's 405B FP8 teacher needs tensor parallel 8 with its FP8 scales (teacher.engine); eval's engine
+    (tensor parallel 1, data parallel 8, bf16) is for the 8B checkpoints and would load all 405B on each GPU. The
+    engine each stage opens, recorded at open_backend; the reward model stays on eval's engine in both stages, so
+    the teacher's scores and the rounds' compare."""
+    from alignment.backends import Result
+    from alignment.generation import Completion
+    from alignment.stages import teacher_eval
+
+    tmp, paths, _, prompts = models
+    opened, scored_on = [], []
+
+    class Answers:
+        retries = 0
+
+        def generate(self, requests):
+            for i, q in enumerate(requests):
+                yield i, Result([Completion("Answer: 1", 3, "stop")] * q.n, 5)
+
+    def fake_backend(cfg, model, log_dir):
+        opened.append(cfg)
+        return nullcontext(Answers())
+
+    real_rm = rewards.open_reward_model
+
+    def recorded_rm(cfg, path, engine):
+        scored_on.append(engine)
+        return real_rm(cfg, path, engine)
+
+    monkeypatch.setattr(eval_stage, "open_backend", fake_backend)
+    monkeypatch.setattr(rewards, "open_reward_model", recorded_rm)
+    recipe = load_recipe(ROOT / "recipes/llama3.1-8b.yaml", ["eval.lm_eval_tasks=[]"])
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    inputs = {"teacher": paths["input"], "eval_prompts": tmp_path / "prompts.jsonl"}
+    teacher_eval.run(StageConfig("teacher_eval", stage_config(recipe, "teacher_eval")), inputs, tmp_path / "t", 0)
+    (served,) = opened
+    assert served.engine == recipe.teacher.engine  # tensor parallel 8, fbgemm_fp8, as generate serves it
+    assert (served.engine.tensor_parallel_size, served.engine.quantization) == (8, "fbgemm_fp8")
+    assert (served.backend.value, served.serve, served.batch_size) == ("openai", True, recipe.eval.batch_size)
+    assert scored_on == [recipe.eval.engine]
+    opened.clear(), scored_on.clear()
+    run_eval(StageConfig("eval", stage_config(recipe, "eval")), models, tmp_path / "e")
+    assert opened and all(s.engine == recipe.eval.engine for s in opened)  # the checkpoints: eval's own engine
+    assert scored_on == [recipe.eval.engine]

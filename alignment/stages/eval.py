@@ -36,11 +36,15 @@ from alignment.stages.result import StageResult
 MODELS = ("input", "sft", "dpo")
 
 
-def serving(recipe: StageConfig) -> TeacherConfig:
+def serving(recipe: StageConfig, teacher: bool = False) -> TeacherConfig:
     """How eval serves a model: eval's backend and engine, else the teacher's. The models are checkpoints of this
     run, which existing endpoints cannot load: `openai` means a vLLM server the stage starts for each model, on
-    loopback and without a key."""
+    loopback and without a key. The fixed teacher (`teacher`: teacher_eval) is served as generate serves it, on
+    the teacher's backend and engine: eval's engine is sized for the round's checkpoints (Llama 3.1 8B: one bf16
+    copy per GPU, data parallel 8), where the 405B FP8 teacher needs its own tensor parallel split."""
     t, e = recipe.teacher, recipe.eval
+    if teacher:
+        return t.model_copy(update={"batch_size": e.batch_size})
     backend = e.backend or t.backend
     return t.model_copy(update={"backend": backend, "engine": e.engine or t.engine, "batch_size": e.batch_size,
                                 "serve": backend == Backend.openai, "endpoints": [], "api_key_env": None})
@@ -50,11 +54,12 @@ def settings(recipe: StageConfig, n: int, temperature: float) -> dict:
     return {"num_samples": n, "temperature": temperature, "top_p": 1.0, "max_new_tokens": recipe.eval.max_new_tokens}
 
 
-def answers(recipe: StageConfig, path: Path, prompts: list[dict], out_dir: Path
-            ) -> tuple[list[Completion], list[list[Completion]] | None, dict]:
+def answers(recipe: StageConfig, path: Path, prompts: list[dict], out_dir: Path,
+            served: TeacherConfig | None = None) -> tuple[list[Completion], list[list[Completion]] | None, dict]:
     """One model's greedy answer per prompt, its `eval.num_samples` sampled answers per prompt (None when
-    pass@k is not measured) and its lm-eval metrics, through one engine that is stopped on return. Requests are
-    built and saved as in generate (alignment.backends), so a stage that died resumes from its shards."""
+    pass@k is not measured) and its lm-eval metrics, through one engine (`served`, None: `serving(recipe)`) that
+    is stopped on return. Requests are built and saved as in generate (alignment.backends), so a stage that died
+    resumes from its shards."""
     convs, model_id = [p["messages"] for p in prompts], model_identity(str(path))
     greedy_ids, greedy = make_requests(convs, model_id, settings(recipe, 1, 0.0), recipe.seed)
     sampled_ids, sampled = [], {}
@@ -63,7 +68,7 @@ def answers(recipe: StageConfig, path: Path, prompts: list[dict], out_dir: Path
                                                                         recipe.eval.temperature), recipe.seed)
     done, lm_eval = load_shards(out_dir / "shards"), {}
     if recipe.eval.lm_eval_tasks or any(rid not in done for rid in [*greedy, *sampled]):
-        with open_backend(serving(recipe), str(path), out_dir) as backend:
+        with open_backend(served or serving(recipe), str(path), out_dir) as backend:
             send(backend, greedy, done, out_dir / "shards")
             send(backend, sampled, done, out_dir / "shards")
             lm_eval = lm_eval_metrics(recipe, backend, path)
@@ -113,10 +118,13 @@ def model_metrics(recipe: StageConfig, prompts: list[dict], name: str, generated
 
 
 def evaluate(recipe: StageConfig, models: dict[str, Path], prompts: list[dict], out_dir: Path,
-             reward_model: str | None) -> tuple[dict[str, dict], dict[str, list[dict]]]:
-    """Metrics and greedy answer rows per model. The models are served one after another, each engine stopped
-    before the next starts; then the reward model is loaded once and scores every model's answers."""
-    generated = {name: answers(recipe, path, prompts, out_dir) for name, path in models.items()}
+             reward_model: str | None, served: TeacherConfig | None = None
+             ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
+    """Metrics and greedy answer rows per model, each served as `served` says (None: `serving(recipe)`). The
+    models are served one after another, each engine stopped before the next starts; then the reward model is
+    loaded once and scores every model's answers, always on eval's engine, so that teacher_eval's scores and the
+    rounds' come from the reward model loaded the same way."""
+    generated = {name: answers(recipe, path, prompts, out_dir, served) for name, path in models.items()}
     with rewards.open_reward_model(recipe.reward.reward_model, reward_model, serving(recipe).engine) as rm:
         results = {name: model_metrics(recipe, prompts, name, g, rm) for name, g in generated.items()}
     return {n: m for n, (m, _) in results.items()}, {n: r for n, (_, r) in results.items()}

@@ -1,0 +1,133 @@
+"""The SLURM launcher without a cluster: `sbatch` and `scontrol` replaced by scripts that answer as SLURM does
+(`scontrol show job -o` prints one line of Key=Value fields), so a job's life can be played state by state; and a
+multi-node training step's command line run by bash as each node runs it."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from alignment import launcher
+from alignment.config import JobResources, load_recipe
+from alignment.launcher import SlurmJob
+
+ROOT = Path(__file__).resolve().parents[1]
+SCONTROL = """#!/bin/bash
+# scontrol show job -o <id>: the next line of $STATES (the last one repeats); scontrol show hostnames <list>
+if [ "$2" = hostnames ]; then echo "$3" | tr , '\\n'; exit 0; fi
+line=$(head -n1 "$STATES")
+[ "$(wc -l < "$STATES")" -gt 1 ] && sed -i 1d "$STATES"
+echo "$line" >> "$STATES.seen"
+echo "JobId=4242 JobName=align:x:r1:train:sft UserId=me(1000) $line"
+"""
+
+
+@pytest.fixture
+def slurm_answers(tmp_path, monkeypatch):
+    """Fake sbatch (job 4242) and scontrol on PATH; returns a function that sets the states scontrol will report."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text("#!/bin/bash\necho 4242\n")
+    (bin_ / "scontrol").write_text(SCONTROL)
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_}:{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setattr(launcher.time, "sleep", lambda s: None)  # poll at once: the states are scripted
+    states = tmp_path / "states"
+    monkeypatch.setenv("STATES", str(states))
+
+    def answer(*lines: str) -> SlurmJob:
+        states.write_text("\n".join(lines) + "\n")
+        (tmp_path / "states.seen").unlink(missing_ok=True)
+        return SlurmJob("align:x:r1:train:sft", JobResources(), "true", tmp_path, tmp_path / "log", dict(os.environ))
+
+    answer.seen = lambda: (tmp_path / "states.seen").read_text().splitlines()
+    return answer
+
+
+def test_a_preempted_job_that_slurm_requeues_is_waited_for(slurm_answers, capsys):
+    """With requeue on (Requeue=1) a preempted job goes back to the queue (squeue(1): PREEMPTED, REQUEUED, then
+    PENDING) and runs again: the stage waits for that run's end instead of failing at PREEMPTED."""
+    job = slurm_answers("JobState=RUNNING Requeue=1 NodeList=n0", "JobState=PREEMPTED Requeue=1 NodeList=n0",
+                        "JobState=REQUEUED Requeue=1 NodeList=n0", "JobState=PENDING Requeue=1 NodeList=",
+                        "JobState=RUNNING Requeue=1 NodeList=n1", "JobState=COMPLETED Requeue=1 NodeList=n1")
+    assert job.wait() == 0 and job.ended == "COMPLETED"
+    assert slurm_answers.seen()[-1] == "JobState=COMPLETED Requeue=1 NodeList=n1"  # every state went by
+    # requeued and held: still not over; waited for until released or, here, cancelled
+    job = slurm_answers("JobState=PREEMPTED Requeue=1 NodeList=n0", "JobState=REQUEUE_HOLD Requeue=1 NodeList=",
+                        "JobState=REQUEUE_HOLD Requeue=1 NodeList=", "JobState=CANCELLED Requeue=1 NodeList=")
+    assert job.wait() == 1 and job.ended == "CANCELLED"
+    assert capsys.readouterr().out.count("was requeued and is held (REQUEUE_HOLD)") == 1
+    # a server job preempted before it ran: its node is the one it runs on after the requeue
+    job = slurm_answers("JobState=PREEMPTED Requeue=1 NodeList=n0", "JobState=PENDING Requeue=1 NodeList=",
+                        "JobState=RUNNING Requeue=1 NodeList=n1")
+    assert job.host() == "n1"
+
+
+def test_a_preempted_job_without_requeue_has_ended(slurm_answers):
+    """Requeue=0 (sbatch --no-requeue, or JobRequeue=0): preemption cancelled the job, which never comes back."""
+    job = slurm_answers("JobState=RUNNING Requeue=0 NodeList=n0", "JobState=PREEMPTED Requeue=0 NodeList=n0",
+                        "JobState=PENDING Requeue=0 NodeList=")
+    assert job.wait() == 1 and job.ended == "PREEMPTED"
+    assert slurm_answers.seen()[-1] == "JobState=PREEMPTED Requeue=0 NodeList=n0"
+    job = slurm_answers("JobState=PREEMPTED Requeue=0 NodeList=n0", "JobState=RUNNING Requeue=0 NodeList=n1")
+    assert job.host() is None
+
+
+def test_the_rendezvous_port_is_chosen_on_the_first_node(tmp_path, monkeypatch, slurm_answers):
+    """SFT over two nodes: the command each node runs takes the rendezvous host and port from the step itself. The
+    login node's free port (here 1, which no rendezvous could use) must not appear; node 0 picks one free on its
+    own interfaces and node 1, started first, waits for it: both launch with the same port, and node 0's host."""
+    lines = []
+
+    class Recorded:
+        def __init__(self, name, res, command, *a, **kw):
+            lines.append(command)
+            self.id, self.ended = "4242", ""
+
+        def wait(self):
+            return 0
+
+        def terminate(self):
+            pass
+
+    monkeypatch.setattr(launcher, "SlurmJob", Recorded)
+    monkeypatch.setattr(launcher, "free_port", lambda *a: 1)
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", ["launcher.kind=slurm", "launcher.train.nodes=2",
+                                                       "sft.distributed=ddp", "sft.num_processes=2",
+                                                       "dpo.distributed=ddp", "reward_training=null"])
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    assert launcher.run_stage_job(recipe, 1, "sft", folder, {"inputs": {}, "config": {}}, {}) == 0
+    (line,) = lines
+    assert "--main_process_port 1 " not in line
+    on_node = line.replace("; exec ", "; echo ", 1)  # the launch it would exec, printed
+    env = {**os.environ, "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "n0,n1",
+           "PYTHONPATH": str(ROOT)}
+    nodes = {n: subprocess.Popen(["bash", "-c", on_node], env={**env, "SLURM_NODEID": str(n)}, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in (1, 0)}
+    out = {n: p.communicate(timeout=300) for n, p in nodes.items()}
+    launched = {}
+    for n, (stdout, stderr) in out.items():
+        assert nodes[n].returncode == 0, stderr
+        flags = dict(re.findall(r"--(machine_rank|main_process_ip|main_process_port) (\S+)", stdout))
+        launched[n] = flags
+    assert launched[0]["main_process_port"] == launched[1]["main_process_port"] != "1"
+    assert (launched[0]["main_process_ip"], launched[1]["main_process_ip"]) == ("n0", "n0")
+    assert (launched[0]["machine_rank"], launched[1]["machine_rank"]) == ("0", "1")
+    assert (folder / "rendezvous-77.0").read_text() == launched[0]["main_process_port"]
+
+
+def test_a_node_waits_for_the_first_nodes_port_only_so_long(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setattr(launcher.time, "time", iter(range(0, 10000, 100)).__next__)  # each look: 100 s later
+    monkeypatch.setattr(launcher.time, "sleep", lambda s: None)
+    with pytest.raises(SystemExit, match="the first node wrote no rendezvous port to .*rendezvous-78.0 within 300 s"):
+        launcher.rendezvous_port(tmp_path)
+    (tmp_path / "rendezvous-78.0").write_text("29555")
+    assert launcher.rendezvous_port(tmp_path) == 29555
