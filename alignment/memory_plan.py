@@ -37,7 +37,8 @@ Every vLLM load (the teacher in generate and as a judge; eval's models on the en
   its whole slice (tensor parallelism divides the weights, data parallelism replicates them; tp x dp GPUs). Plus
   the KV cache, 2 x layers x kv_heads x head_dim x 2 bytes per token (the kv heads split over tp), for
   max_model_len tokens per sequence and every sequence asked for at once: max_concurrency (openai) or shard_size
-  (vllm) requests of num_samples each, split over the dp copies. vLLM takes gpu_memory_utilization of each GPU;
+  (vllm) requests of num_samples each, split over the dp copies. vLLM takes gpu_memory_utilization of each GPU
+  (with kv_cache_memory_bytes: the weights and a cache of exactly that size, which must fit 0.9 of the GPU);
   it cannot start without room for the weights and one sequence, and queues what its cache cannot hold (slower,
   not fatal: the table says how many fit).
 transformers generation and evaluation: bf16 weights spread over the stage's GPUs (device_map auto), the KV cache
@@ -329,8 +330,18 @@ def vllm_row(stage: str, s: Shape, e, key: str, sequences: int, gpus: int, kind:
     weights = weight_bytes(s, e.quantization, 4 if e.dtype == "float32" else 2) / tp
     per_seq = (e.max_model_len or s.context) * kv_bytes_per_token(s, tp)
     asked = math.ceil(sequences / dp)
-    room = e.gpu_memory_utilization * capacity
-    row = Row(stage, {f"weights /{tp}": weights, "KV of one max_model_len sequence": per_seq}, room, key)
+    if e.kv_cache_memory_bytes:  # a cache of that size beside the weights, whatever share of the GPU that is
+        row = Row(stage, {f"weights /{tp}": weights, "KV cache (kv_cache_memory_bytes)": e.kv_cache_memory_bytes},
+                  USABLE * capacity, key)
+        room = weights + e.kv_cache_memory_bytes
+        if e.kv_cache_memory_bytes < per_seq:
+            row.fits = False
+            row.hint = (f"{key}.kv_cache_memory_bytes = {e.kv_cache_memory_bytes} holds no whole max_model_len "
+                        f"sequence ({per_seq:.0f} bytes)")
+            return row
+    else:
+        room = e.gpu_memory_utilization * capacity
+        row = Row(stage, {f"weights /{tp}": weights, "KV of one max_model_len sequence": per_seq}, room, key)
     engine = f"{key}: tensor_parallel_size {tp} x data_parallel_size {dp}"
     if tp * dp > gpus:
         row.fits = False

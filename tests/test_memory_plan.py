@@ -243,6 +243,21 @@ def test_eval_replicates_the_8b_over_data_parallel_8(hub):
                                                                "eval.engine.data_parallel_size=4"]))
 
 
+def test_a_cache_sized_in_bytes_is_planned_as_that_size(hub):
+    """eval.engine.kv_cache_memory_bytes replaces the share: vLLM then holds the weights (16,060,522,496 bytes, as
+    above) and a cache of exactly that size. 20 GiB holds floor(20 GiB / 1 GiB) = 20 sequences of 8192 tokens;
+    half a GiB holds none, which vLLM refuses at start-up."""
+    eight = ROOT / "recipes/llama3.1-8b.yaml"
+    row = rows_of(load_recipe(eight, [f"eval.engine.kv_cache_memory_bytes={20 * 2**30}"]), "eval")[0]
+    assert row.holds == {"weights /1": 16_060_522_496, "KV cache (kv_cache_memory_bytes)": 20 * 2**30}
+    assert row.ok and "the cache holds 20 of the 128 sequences" in row.hint
+    small = rows_of(load_recipe(eight, [f"eval.engine.kv_cache_memory_bytes={2**29}"]), "eval")[0]
+    assert not small.ok and "holds no whole max_model_len sequence" in small.hint
+    # weights and cache over 0.9 of the GPU: 16.06e9 + 60 GiB > 0.9 x 80 GiB
+    big = rows_of(load_recipe(eight, [f"eval.engine.kv_cache_memory_bytes={60 * 2**30}"]), "eval")[0]
+    assert big.need == 16_060_522_496 + 60 * 2**30 and not big.ok
+
+
 def test_scoring_is_planned_on_the_gpus_it_is_launched_with(hub):
     """Score without a judge runs the reward model on launcher.eval's GPUs (the launcher's kind), so that is what
     its row divides by; with a judge it asks the teacher and runs as generate does."""
