@@ -563,8 +563,8 @@ class Tests:
                 self.units.append(("parent", s))
                 if isinstance(s, (ast.Import, ast.ImportFrom)):
                     ref.append(s)  # the tests' own functions may use the module too
-            elif _asserts(s):
-                self.units.append(("inside", s))
+            elif _asserts(s) and not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                self.units.append(("inside", s))  # a definition asserts nothing until called
             else:
                 ref.append(s)
         self.reference = "\n".join(ast.unparse(s) for s in ref)
