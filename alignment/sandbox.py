@@ -13,30 +13,40 @@ killed (bwrap's process group, the namespace's init dies with it, then whatever 
 Where bwrap is missing or cannot create namespaces, `isolation_problem` says so and a code verifier refuses to
 run unless its recipe sets `unsafe_no_isolation` (then only the limits and the verdict below remain).
 
-Verdict. The tests never enter the candidate's process; the parent interprets them (`Tests`) in a restricted
-evaluator: literals, names the tests bind, operators, comprehensions, lambdas, `if`/`for`, the pure builtins in
-PURE_BUILTINS, the modules in PURE_MODULES (math, random, string, copy, itertools, collections, functools) and
-methods of plain values. It cannot call the candidate's code except by asking its process. Every other name is
-the candidate's: a call of it (`f(x)`, `candidate(x)`) is sent to the candidate's process with its arguments as
-plain data, and the value comes back as plain data (`decode`): None, bool, int, float, str, list, and tuple, set,
-frozenset, dict, bytes and non-finite floats encoded explicitly; any other object is refused and fails its check,
-so its own `__eq__` or `__bool__` is never asked. The reply is parsed strictly: a bare NaN or Infinity, or a number
-too large for a float, is no value. HumanEval's `def check(candidate)` is interpreted with `candidate` bound to the
-function passed at `check(entry_point)`; a `for` loop of asserts runs in the parent, one check per assert run;
-`math.isclose(f(x), 0.3)` and `abs(f(x) - 0.3) < 1e-6` are computed in the parent on the returned number. So an
-object whose `__eq__` always says True, an early `sys.exit(0)`, or a replaced reporter gains nothing: a check
-whose value never came back as plain data failed. `!=`, `<`, `<=`, `>` and `>=` are false when either side holds
-a NaN or an infinity. Exit status means nothing; stdout and stderr go to a file capped by the file-size limit and
-only its tail is read back. Functions, classes and imports the tests define (MBPP's `test_setup_code`, HumanEval's
-prompt helpers such as `poly`) run in a second sandboxed process that holds no candidate code, started only when a
-check calls one of them.
+Verdict: what is decided outside the candidate's process. Each point is held by a test (tests/test_code_verifier.py,
+CLAIMS):
+- The tests never enter the candidate's process: the parent interprets them (`Plan`, `Run`) with a restricted
+  evaluator that knows literals, the names the tests bind, operators, comprehensions, lambdas, `if` and `for`, the
+  builtins in PURE_BUILTINS, the modules in PURE_MODULES and the methods of plain values, and that calls the
+  candidate's code only by asking its process.
+- Any other name is the candidate's: a call of it (`f(x)`, HumanEval's `candidate(x)`) goes to the candidate's
+  process with its arguments as plain data, and the value comes back as plain data: None, bool, int, float, str and
+  list as JSON; tuple, set, frozenset, dict, bytes and non-finite floats as tagged objects; any other object is
+  refused and its check fails, so the candidate's `__eq__`, `__bool__` or `__sub__` is never called.
+- A reply is parsed strictly: a bare NaN or Infinity, a number that overflows a float, or a JSON object that is not
+  one of the tags is no value.
+- HumanEval's `def check(candidate)` runs in the parent with `candidate` bound to the function named at
+  `check(entry_point)`; a `for` loop of asserts runs in the parent, one check each time an assert runs; and
+  `set(f(x)) == set((4, 5))`, `f('a') == 'a' * 3`, `math.isclose(f(x), 0.3)` and `abs(f(x) - 0.3) < 1e-6` are
+  computed in the parent on the returned values, the tolerance with them.
+- `!=`, `<`, `<=`, `>` and `>=` are false when either side holds a NaN or an infinity.
+- So an object whose `__eq__` always says True, a `sys.exit(0)`, or a replaced reporter gains nothing: a check
+  whose value did not come back as plain data failed, and an exit status means nothing.
+- The program's stdout and stderr go to a file capped by the file-size limit, and only its tail is read back.
+- The tests' own definitions that the parent does not interpret (functions, classes, other imports: MBPP's
+  `test_setup_code`, HumanEval's prompt helpers such as `poly`, given as `tests_setup`) run in a second sandboxed
+  process that holds no candidate code, started only when a check calls one of them; the name a check is given
+  (`check(entry_point)`) is the candidate's even where those definitions hold a stub of it.
 
-What is decided inside: a top-level statement of the tests that the evaluator cannot interpret (a `while` or `try`,
-a `with`, a `def` inside `check`, an assignment to an attribute or an item) and that asserts runs whole in the
-candidate's process, and passes when it raises nothing; the candidate can forge that (replace the reporter). Such
-checks are counted (`Outcome.decided_inside`, `count_checks`) and run only with `allow_inside=True` (a code
-verifier's `allow_inside_checks`); otherwise they fail. What a candidate can still do is return the expected value:
-the values passed in as arguments are its to read, which is what a unit test asks.
+What is decided inside:
+- A top-level statement of the tests that the parent cannot interpret and that asserts (a `while`, `try` or `with`,
+  a `def` inside `check`, an assignment to an attribute or an item) can only be decided inside: it runs whole in
+  the candidate's process and passes when that process replies that it raised nothing, which the candidate can
+  forge.
+- Such checks are counted (`Outcome.decided_inside`, `count_checks`) and run only with `allow_inside=True` (a code
+  verifier's `allow_inside_checks`); otherwise they fail.
+- What a candidate can always do is return the expected value for the arguments it is given: they are its to
+  read, which is what a unit test asks.
 """
 
 from __future__ import annotations
@@ -535,7 +545,7 @@ def _check_def(stmt: ast.stmt) -> bool:
                                                                or a.posonlyargs) and _asserts(stmt) > 0)
 
 
-class Tests:
+class Plan:
     """Tests parsed and split (raises SyntaxError): each top-level statement is a unit the parent runs
     ("parent"), a call of a check function it inlines ("inline"), one only the candidate's process can run
     ("inside"; "inside_def" defines the function such a call needs), or a definition of the tests' own ("ref")."""
@@ -571,9 +581,9 @@ class Tests:
         # a name passed to a check (`check(entry_point)`) is the candidate's everywhere, even where the tests'
         # own definitions have one of that name (HumanEval's prompt holds a stub of the entry point)
         checked = {a.id for kind, s in self.units if kind == "inline" for a in s.value.args if isinstance(a, ast.Name)}
-        self.ref_names = {n for s in ref for n in _bound(s)} - checked
+        self.ref_names = {n for s in ref for n in _top_level_names(s)} - checked
         self.bound = {n for kind, s in self.units if kind in ("parent", "inline") for n in _bound(s)}
-        self.bound |= {n for s in self.checks.values() for n in _bound(s)}
+        self.bound |= {n for s in self.checks.values() for n in _bound(s) | {a.arg for a in s.args.args}}
 
     def counts(self) -> tuple[int, int]:
         """(asserts decided outside, asserts decided inside), counted in the source: an assert in a loop is one."""
@@ -593,29 +603,40 @@ class Tests:
 
 
 def _bound(stmt: ast.AST) -> set[str]:
-    """Names a statement binds: assigned, loop and comprehension targets, imports, definitions."""
+    """Names a statement the parent runs binds: assigned, loop and comprehension targets, imports."""
     out = set()
     for node in ast.walk(stmt):
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             out.add(node.id)
-        elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
-            out.add(node.name)
-            out |= {a.arg for a in node.args.args} if not isinstance(node, ast.ClassDef) else set()
         elif isinstance(node, (ast.Import, ast.ImportFrom)):
             out |= {(a.asname or a.name).split(".")[0] for a in node.names}
     return out
 
 
+def _top_level_names(stmt: ast.AST) -> set[str]:
+    """Names a statement of the tests' own process binds at module level (not inside its functions, classes or
+    comprehensions)."""
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {stmt.name}
+    if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in stmt.names}
+    if isinstance(stmt, ast.Name):
+        return {stmt.id} if isinstance(stmt.ctx, ast.Store) else set()
+    if isinstance(stmt, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+        return set()
+    return {n for child in ast.iter_child_nodes(stmt) for n in _top_level_names(child)}
+
+
 def count_checks(tests: str) -> tuple[int, int]:
     """(asserts the parent decides, asserts only the candidate's process can decide) in a test source."""
-    return Tests(tests).counts()
+    return Plan(tests).counts()
 
 
 class Run:
     """One candidate against one test source: the parent walks the units, asking the candidate's process (and,
     when a check calls one, the tests' own process) for values."""
 
-    def __init__(self, tests: Tests, code: str, folder: Path, timeout_s: float, memory_mb: int, isolated: bool,
+    def __init__(self, tests: Plan, code: str, folder: Path, timeout_s: float, memory_mb: int, isolated: bool,
                  allow_inside: bool):
         self.tests, self.code, self.folder, self.allow_inside = tests, code, folder, allow_inside
         self.deadline, self.memory_mb, self.isolated = time.monotonic() + timeout_s, memory_mb, isolated
@@ -643,6 +664,8 @@ class Run:
             raise CandidateError(str(reply["error"])[:200])
         if "refused" in reply:
             raise Refused(f"{r.src} gave no plain data ({str(reply['refused'])[:100]})")
+        if op == "exec" and reply.get("ok") is True:
+            return None
         if "v" not in reply:
             raise BadReply("no value in the reply")
         return reply["v"]
@@ -948,9 +971,9 @@ class Run:
 
 def run_tests(code: str, tests: str, timeout_s: float = 5.0, memory_mb: int = 512, isolated: bool = True,
               allow_inside: bool = False) -> Outcome:
-    """Run `code`, then decide `tests` (see `Tests`) within `timeout_s` of wall time in all; passed means every
+    """Run `code`, then decide `tests` (see `Plan`) within `timeout_s` of wall time in all; passed means every
     check passed. `allow_inside`: also run the checks only the candidate's process can decide."""
-    parsed = Tests(tests)
+    parsed = Plan(tests)
     with tempfile.TemporaryDirectory(prefix="sandbox-") as tmp:
         run = Run(parsed, code, Path(tmp), timeout_s, memory_mb, isolated, allow_inside)
         try:

@@ -99,7 +99,7 @@ def check_prompt_fields(verifiers: list[VerifierConfig], rows: list[dict], path)
         if v.kind == "code":
             for r in hits:
                 try:
-                    tests = sandbox.Tests(r["tests"])
+                    tests = sandbox.Plan(r["tests"])
                 except SyntaxError as e:
                     raise InputError(f"{path}: prompt {r['prompt_id']!r}: tests do not parse as Python "
                                      f"(line {e.lineno}: {e.msg}); verifier {v.name!r} would fail every sample"
