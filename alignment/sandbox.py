@@ -552,8 +552,8 @@ class Plan:
 
     def __init__(self, source: str):
         body = ast.parse(source).body
-        called = collections.Counter(s.value.func.id for s in body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)
-                         and isinstance(s.value.func, ast.Name))
+        called = {s.value.func.id for s in body if isinstance(s, ast.Expr) and isinstance(s.value, ast.Call)
+                  and isinstance(s.value.func, ast.Name)}
         defs = {s.name: s for s in body if _check_def(s) and s.name in called}
         self.checks = {name: s for name, s in defs.items() if all(supported(b, True) for b in s.body)}
         inside_defs = set(defs) - set(self.checks)

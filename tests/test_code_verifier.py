@@ -215,7 +215,8 @@ def test_a_forged_reply_that_is_no_value_fails(reply):
 
 def test_replies_are_parsed_strictly():
     assert decode(b'{"v":{"t":"tuple","v":[1,{"t":"set","v":[2]}]}}') == {"v": (1, {2})}
-    assert decode(b'{"v":{"t":"dict","v":[[{"t":"tuple","v":[1,2]},{"t":"bytes","v":"6869"}]]}}') == {"v": {(1, 2): b"hi"}}
+    keyed = b'{"v":{"t":"dict","v":[[{"t":"tuple","v":[1,2]},{"t":"bytes","v":"6869"}]]}}'
+    assert decode(keyed) == {"v": {(1, 2): b"hi"}}
     assert decode(b'{"v":{"t":"float","v":"-inf"}}') == {"v": float("-inf")}
     for bad in (b'{"v":NaN}', b'{"v":1e400}', b'{"v":{"t":"set","v":[[1]]}}', b'{"v":{"t":"float","v":"1.5"}}',
                 b'{"v":{"t":"object","v":1}}', b'{"v":[{"x":1}]}', b'[1]', b'{"v":', b'{"t":"tuple","v":[]}'):
@@ -421,22 +422,24 @@ CLAIMS = {
     "HumanEval's `def check(candidate)` runs in the parent": [
         test_every_humaneval_solution_passes_and_no_attack_does,
         test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack],
-    "`!=`, `<`, `<=`, `>` and `>=` are false": [test_nan_and_infinity_pass_no_inequality,
-                                                 test_nonfinite_values_still_equal_themselves_where_a_test_asks_for_them],
+    "`!=`, `<`, `<=`, `>` and `>=` are false": [
+        test_nan_and_infinity_pass_no_inequality, test_nonfinite_values_still_equal_themselves_where_a_test_asks_for_them],
     "So an object whose `__eq__` always says True": [test_every_humaneval_solution_passes_and_no_attack_does,
                                                      test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack],
-    "The program's stdout and stderr go to a file": ["test_sandbox.py::"
-                                                     "test_endless_output_ends_as_a_failure_and_the_parent_reads_only_a_tail"],
+    "The program's stdout and stderr go to a file": [
+        "test_sandbox.py::test_endless_output_ends_as_a_failure_and_the_parent_reads_only_a_tail"],
     "The tests' own definitions that the parent does not interpret": [
         test_humaneval_helpers_are_the_tests_own_and_the_entry_point_the_candidates,
         test_the_mbpp_setup_runs_before_the_tests_as_the_tests_own],
     "A top-level statement of the tests that the parent cannot interpret": [
-        test_checks_the_parent_cannot_interpret_are_counted, test_inside_checks_run_only_where_allowed_and_can_be_forged],
+        test_checks_the_parent_cannot_interpret_are_counted,
+        test_inside_checks_run_only_where_allowed_and_can_be_forged],
     "Such checks are counted": [test_checks_the_parent_cannot_interpret_are_counted,
                                 test_inside_checks_run_only_where_allowed_and_can_be_forged,
                                 test_a_verifier_refuses_inside_checks_before_any_work_unless_allowed,
                                 test_the_score_counts_checks_decided_outside_and_inside_per_verifier],
-    "What a candidate can always do is return the expected value": [test_a_hard_coded_answer_for_the_given_arguments_passes],
+    "What a candidate can always do is return the expected value": [
+        test_a_hard_coded_answer_for_the_given_arguments_passes],
 }
 
 
@@ -454,3 +457,26 @@ def test_every_point_of_the_sandbox_docstring_is_held_by_a_test():
             assert name.split("::")[1].startswith("test_")
             if isinstance(t, str):  # a test of another file: it must exist there
                 assert f"def {name.split('::')[1]}(" in (Path(__file__).parent / name.split("::")[0]).read_text()
+
+
+def test_validate_reports_the_share_of_asserts_decided_outside(tmp_path, capsys):
+    from alignment.cli import main as align
+
+    rows = humaneval()
+    loop = {"task_id": "extra/while", "prompt": "def f(x):\n    'x + 1'\n", "entry_point": "f",
+            "test": "def check(candidate):\n    pass\ni = 0\nwhile i < 2:\n    assert f(i) == i + 1\n    i += 1\n"}
+    for name, part in (("train", rows[:20] + [loop]), ("eval", rows[20:40])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    # counted independently of the parser: every HumanEval assert starts its own line
+    outside = sum(len(re.findall(r"(?m)^\s*assert\b", r["test"])) for r in rows[:40])
+    columns = "{prompt_id: task_id, prompt: prompt, tests: test, tests_setup: prompt, entry_point: entry_point}"
+    recipe = str(Path(__file__).parent.parent / "recipes/tiny.yaml")
+    overrides = [f"prompts.{key}={{path: {tmp_path / name}.jsonl, columns: {columns}}}"
+                 for key, name in (("train_path", "train"), ("eval_path", "eval"))]
+    with pytest.raises(SystemExit):  # refused: the while loop's assert is the candidate's to decide
+        align(["validate", recipe, *overrides, "reward.verifiers=[{name: code, kind: code}]"])
+    assert "prompt 'extra/while': 1 of 1 asserts can only be decided inside" in capsys.readouterr().err
+    align(["validate", recipe, *overrides, "reward.verifiers=[{name: code, kind: code, allow_inside_checks: true}]"])
+    share = f"{outside / (outside + 1):.1%}"
+    assert (f"code verifier 'code': {outside} of {outside + 1} asserts decided outside the candidate's process "
+            f"({share}); 1 inside (allow_inside_checks)") in capsys.readouterr().out
