@@ -29,7 +29,8 @@ CLAIMS):
   `check(entry_point)`; a `for` loop of asserts runs in the parent, one check each time an assert runs; and
   `set(f(x)) == set((4, 5))`, `f('a') == 'a' * 3`, `math.isclose(f(x), 0.3)` and `abs(f(x) - 0.3) < 1e-6` are
   computed in the parent on the returned values, the tolerance with them.
-- `!=`, `<`, `<=`, `>` and `>=` are false when either side holds a NaN or an infinity.
+- A comparison with a NaN on either side, and a `!=`, `<`, `<=`, `>` or `>=` with an infinity on either side,
+  decides nothing: its check fails, under a `not` too (`math.isnan(f(x))`, `f(x) == float('inf')` still hold).
 - So an object whose `__eq__` always says True, a `sys.exit(0)`, or a replaced reporter gains nothing: a check
   whose value did not come back as plain data failed, and an exit status means nothing.
 - The program's stdout and stderr go to a file capped by the file-size limit, and only its tail is read back.
@@ -283,13 +284,14 @@ def encode(v, proc: str) -> tuple:
     return (0, plain(v))
 
 
-def nonfinite(v) -> bool:
+def holds(v, test) -> bool:
+    """Whether `test` is true of a float anywhere in `v`."""
     if type(v) is float:
-        return not math.isfinite(v)
+        return test(v)
     if isinstance(v, (list, tuple, set, frozenset)):
-        return any(nonfinite(x) for x in v)
+        return any(holds(x, test) for x in v)
     if isinstance(v, dict):
-        return any(nonfinite(k) or nonfinite(x) for k, x in v.items())
+        return any(holds(k, test) or holds(x, test) for k, x in v.items())
     return False
 
 
@@ -501,7 +503,11 @@ UNARY = {ast.Not: operator.not_, ast.USub: operator.neg, ast.UAdd: operator.pos,
 COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
            ast.Gt: operator.gt, ast.GtE: operator.ge, ast.In: lambda a, b: a in b, ast.NotIn: lambda a, b: a not in b,
            ast.Is: operator.is_, ast.IsNot: operator.is_not}
-ORDERED = (ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)  # false on a NaN or an infinity (see the docstring)
+ORDERED = (ast.NotEq, ast.Lt, ast.LtE, ast.Gt, ast.GtE)  # decide nothing about an infinity (see the docstring)
+
+
+class Undecided(ValueError):
+    """A comparison that says nothing about the candidate's value: its check fails, under a `not` too."""
 
 
 def _asserts(node: ast.AST) -> int:
@@ -863,6 +869,10 @@ class Run:
             if type(base) not in PURE_TYPES:
                 raise TypeError(f"no attribute {node.attr!r} of a {type(base).__name__} in the tests")
             return getattr(base, node.attr)
+        if isinstance(node, ast.Call) and all(isinstance(a, ast.Constant) for a in node.args) and not node.keywords:
+            f = self.callee(node.func, env)  # `Solution().method(x)`: the object stays in its process
+            if isinstance(f, Remote):
+                return Remote(self, f.proc, f"{f.src}({', '.join(ast.unparse(a) for a in node.args)})")
         return self.ev(node, env)
 
     def ev(self, node: ast.expr, env):
@@ -894,8 +904,10 @@ class Run:
             left = self.ev(node.left, env)
             for op, right_node in zip(node.ops, node.comparators):
                 right = self.ev(right_node, env)
-                if isinstance(op, ORDERED) and (nonfinite(left) or nonfinite(right)):
-                    return False
+                if not isinstance(op, (ast.Is, ast.IsNot)) and (holds(left, math.isnan) or holds(right, math.isnan)):
+                    raise Undecided("a NaN compares with nothing")
+                if isinstance(op, ORDERED) and (holds(left, math.isinf) or holds(right, math.isinf)):
+                    raise Undecided(f"an infinity decides no {type(op).__name__}")
                 if not COMPARE[type(op)](left, right):
                     return False
                 left = right

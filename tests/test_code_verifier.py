@@ -162,6 +162,8 @@ FORMS = [
     ("f", "def f(xs):\n    return [x for x in xs if x % 2]\n", "assert sorted(f([5, 2, 3, 1])) == sorted([3, 1, 5])"),
     ("f", "def f(n):\n    return n % 2 == 0\n", "assert f(4)\nassert not f(3)"),
     ("f", "def f(n):\n    return {n: (n, n * 2)}\n", "assert f(2) == {2: (2, 4)}\nassert f(3)[3][1] == 6"),
+    ("f", "def f(x):\n    return x + 1\nclass Solution:\n    def g(self, x):\n        return f(x)\n",
+     "assert Solution().g(1) == 2\nassert Solution().g(5) == 6"),  # LeetCode's form: the object stays inside
 ]
 
 
@@ -182,7 +184,9 @@ def test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack():
 @isolated
 @pytest.mark.parametrize("value,tests", [
     ("float('nan')", "assert f() != 0.5"),
-    ("float('nan')", "assert not (f() == 0.5)\nassert f() != 1.0"),
+    ("float('nan')", "assert not (f() == 0.5)"),                # != written another way
+    ("float('nan')", "assert f() not in [0.5]"),
+    ("float('inf')", "assert not (f() < 10 ** 6)"),
     ("[1.0, float('nan')]", "assert f() != [1.0, 2.0]"),         # inside a list too
     ("float('inf')", "assert f() > 10 ** 6"),
     ("float('-inf')", "assert f() < -1"),
@@ -422,7 +426,7 @@ CLAIMS = {
     "HumanEval's `def check(candidate)` runs in the parent": [
         test_every_humaneval_solution_passes_and_no_attack_does,
         test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack],
-    "`!=`, `<`, `<=`, `>` and `>=` are false": [
+    "A comparison with a NaN on either side": [
         test_nan_and_infinity_pass_no_inequality, test_nonfinite_values_still_equal_themselves_where_a_test_asks_for_them],
     "So an object whose `__eq__` always says True": [test_every_humaneval_solution_passes_and_no_attack_does,
                                                      test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack],
