@@ -315,10 +315,15 @@ class Process:
         if self.group is not None:  # the shell joins the group, then becomes bwrap: every descendant is counted
             argv = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.group / "cgroup.procs"), *argv]
         self.buffer = b""
-        with open(folder / "stderr.log", "wb") as err:  # bwrap's own complaints; the program's go to output.log
-            self.proc = subprocess.Popen(argv, cwd=folder, env={"PATH": "/usr/bin:/bin", "HOME": "/work"},
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                         start_new_session=True)
+        try:
+            with open(folder / "stderr.log", "wb") as err:  # bwrap's own complaints; the program's: output.log
+                self.proc = subprocess.Popen(argv, cwd=folder, env={"PATH": "/usr/bin:/bin", "HOME": "/work"},
+                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                                             start_new_session=True)
+        except OSError:
+            if self.group is not None:
+                _remove_cgroup(self.group)
+            raise
         for f in (self.proc.stdin, self.proc.stdout):
             os.set_blocking(f.fileno(), False)
         self.selector = selectors.DefaultSelector()
