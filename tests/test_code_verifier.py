@@ -182,6 +182,23 @@ def test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack():
 
 
 @isolated
+@pytest.mark.parametrize("code,tests", [
+    # the candidate's process patches what the tests call: the parent's own math, set and abs are called instead
+    ("class A:\n    __bool__ = lambda s: True\nimport math\nmath.isclose = lambda *a, **k: A()\n"
+     "def f(x):\n    return 0\n", "import math\nassert math.isclose(f(2), 0.3)"),
+    ("import builtins\nclass A(set):\n    __eq__ = lambda s, o: True\nbuiltins.set = A\n"
+     "def similar_elements(a, b):\n    return ()\n", FORMS[0][2]),
+    ("import builtins\nbuiltins.abs = lambda x: 0\ndef f(x):\n    return 5\n", "assert abs(f(3) - 0.3) < 1e-9"),
+    # the harness's reporter replaced, as it was before values came back: each check reported passed
+    ("import sys\nm = sys.modules['__main__']\nm.report = lambda i, **k: None\nm.send = lambda text: "
+     "m.tx.write('{\"ok\":true}\\n') or m.tx.flush()\n", "def check(candidate):\n    assert candidate(1) == 2\ncheck(f)"),
+])
+def test_what_the_candidate_patches_in_its_process_reaches_no_verdict(code, tests):
+    out = run_tests(code, tests)
+    assert not out.passed and out.tests_passed == 0 and out.decided_outside == out.tests_run > 0
+
+
+@isolated
 @pytest.mark.parametrize("value,tests", [
     ("float('nan')", "assert f() != 0.5"),
     ("float('nan')", "assert not (f() == 0.5)"),                # != written another way
