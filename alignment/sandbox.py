@@ -19,10 +19,11 @@ CLAIMS):
   evaluator that knows literals, the names the tests bind, operators, comprehensions, lambdas, `if` and `for`, the
   builtins in PURE_BUILTINS, the modules in PURE_MODULES and the methods of plain values, and that calls the
   candidate's code only by asking its process.
-- Any other name is the candidate's: a call of it (`f(x)`, HumanEval's `candidate(x)`) goes to the candidate's
-  process with its arguments as plain data, and the value comes back as plain data: None, bool, int, float, str and
-  list as JSON; tuple, set, frozenset, dict, bytes and non-finite floats as tagged objects; any other object is
-  refused and its check fails, so the candidate's `__eq__`, `__bool__` or `__sub__` is never called.
+- Any other name, save the tests' own definitions (below), is the candidate's: a call of it (`f(x)`, HumanEval's
+  `candidate(x)`) goes to the candidate's process with its arguments as plain data, and the value comes back as
+  plain data: None, bool, int, float, str and list as JSON; tuple, set, frozenset, dict, bytes and non-finite
+  floats as tagged objects; any other object is refused and its check fails, so the candidate's `__eq__`,
+  `__bool__` or `__sub__` is never called.
 - A reply is parsed strictly: a bare NaN or Infinity, a number that overflows a float, or a JSON object that is not
   one of the tags is no value.
 - HumanEval's `def check(candidate)` runs in the parent with `candidate` bound to the function named at
@@ -36,14 +37,14 @@ CLAIMS):
 - The program's stdout and stderr go to a file capped by the file-size limit, and only its tail is read back.
 - The tests' own definitions that the parent does not interpret (functions, classes, other imports: MBPP's
   `test_setup_code`, HumanEval's prompt helpers such as `poly`, given as `tests_setup`) run in a second sandboxed
-  process that holds no candidate code, started only when a check calls one of them; the name a check is given
+  process that holds no candidate code, started only when the tests call one of them; the name a check is given
   (`check(entry_point)`) is the candidate's even where those definitions hold a stub of it.
 
 What is decided inside:
-- A top-level statement of the tests that the parent cannot interpret and that asserts (a `while`, `try` or `with`,
-  a `def` inside `check`, an assignment to an attribute or an item) can only be decided inside: it runs whole in
-  the candidate's process and passes when that process replies that it raised nothing, which the candidate can
-  forge.
+- A top-level statement of the tests that the parent cannot interpret (a `while`, `try` or `with`, a `check`
+  function holding a `def` or an assignment to an attribute) and that asserts, or uses a name the parent's
+  statements bind, can only be decided inside: it runs whole in the candidate's process and passes when that
+  process replies that it raised nothing, which the candidate can forge.
 - Such checks are counted (`Outcome.decided_inside`, `count_checks`) and run only with `allow_inside=True` (a code
   verifier's `allow_inside_checks`); otherwise they fail.
 - What a candidate can always do is return the expected value for the arguments it is given: they are its to
@@ -520,7 +521,8 @@ def _asserts(node: ast.AST) -> int:
 
 
 def _targets_ok(t: ast.AST) -> bool:
-    return isinstance(t, ast.Name) or (isinstance(t, (ast.Tuple, ast.List)) and all(map(_targets_ok, t.elts)))
+    return isinstance(t, (ast.Name, ast.Subscript)) or (isinstance(t, (ast.Tuple, ast.List)) and
+                                                         all(map(_targets_ok, t.elts)))
 
 
 def supported(stmt: ast.stmt, in_function: bool = False) -> bool:
@@ -570,6 +572,7 @@ class Plan:
         inside_defs = set(defs) - set(self.checks)
         self.units: list[tuple[str, ast.stmt]] = []
         ref: list[ast.stmt] = []
+        parent_bound: set[str] = set()
         for s in body:
             call = s.value.func.id if (isinstance(s, ast.Expr) and isinstance(s.value, ast.Call) and
                                        isinstance(s.value.func, ast.Name)) else None
@@ -584,10 +587,15 @@ class Plan:
                 self.units.append(("parent", s))
                 if isinstance(s, (ast.Import, ast.ImportFrom)):
                     ref.append(s)  # the tests' own functions may use the module too
-            elif _asserts(s) and not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                self.units.append(("inside", s))  # a definition asserts nothing until called
+            elif isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Import, ast.ImportFrom)):
+                ref.append(s)  # a definition asserts nothing until called
+            elif _asserts(s) or {n.id for n in ast.walk(s) if isinstance(n, ast.Name)} & parent_bound:
+                # it asserts, or changes what the parent holds (a `while` filling a list): the parent cannot run it
+                self.units.append(("inside", s))
             else:
                 ref.append(s)
+            if self.units and self.units[-1][1] is s and self.units[-1][0] == "parent":
+                parent_bound |= _bound(s)
         self.reference = "\n".join(ast.unparse(s) for s in ref)
         # a name passed to a check (`check(entry_point)`) is the candidate's everywhere, even where the tests'
         # own definitions have one of that name (HumanEval's prompt holds a stub of the entry point)
@@ -604,13 +612,14 @@ class Plan:
                 out += _asserts(s)
             elif kind == "inline":
                 out += _asserts(self.checks[s.value.func.id])
-            elif kind == "inside":
-                inside += _asserts(s) or _asserts(self.inside_def(s))
+            elif kind == "inside":  # one at least: a statement that raises there fails its run
+                inside += _asserts(s) or (self.inside_def(s) and _asserts(self.inside_def(s))) or 1
         return out, inside
 
-    def inside_def(self, call: ast.stmt) -> ast.AST:
-        name = call.value.func.id
-        return next(s for kind, s in self.units if kind == "inside_def" and s.name == name)
+    def inside_def(self, call: ast.stmt) -> ast.AST | None:
+        name = call.value.func.id if isinstance(call, ast.Expr) and isinstance(call.value, ast.Call) and isinstance(
+            call.value.func, ast.Name) else None
+        return next((s for kind, s in self.units if kind == "inside_def" and s.name == name), None)
 
 
 def _bound(stmt: ast.AST) -> set[str]:
@@ -836,6 +845,9 @@ class Run:
     def bind(self, target: ast.AST, value, env) -> None:
         if isinstance(target, ast.Name):
             env[target.id] = value
+            return
+        if isinstance(target, ast.Subscript):  # an item of a value the parent holds (`data[0] = 5`)
+            self.ev(target.value, env)[self.ev(target.slice, env)] = value
             return
         values = list(value)
         if len(values) != len(target.elts):

@@ -191,7 +191,8 @@ def test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack():
     ("import builtins\nbuiltins.abs = lambda x: 0\ndef f(x):\n    return 5\n", "assert abs(f(3) - 0.3) < 1e-9"),
     # the harness's reporter replaced, as it was before values came back: each check reported passed
     ("import sys\nm = sys.modules['__main__']\nm.report = lambda i, **k: None\nm.send = lambda text: "
-     "m.tx.write('{\"ok\":true}\\n') or m.tx.flush()\n", "def check(candidate):\n    assert candidate(1) == 2\ncheck(f)"),
+     "m.tx.write('{\"ok\":true}\\n') or m.tx.flush()\n",
+     "def check(candidate):\n    assert candidate(1) == 2\ncheck(f)"),
 ])
 def test_what_the_candidate_patches_in_its_process_reaches_no_verdict(code, tests):
     out = run_tests(code, tests)
@@ -286,6 +287,13 @@ def test_the_expected_values_never_reach_the_candidates_process(monkeypatch):
 
 
 @isolated
+def test_an_item_the_tests_assign_reaches_the_candidate():
+    tests = "xs = [1, 2]\nxs[0] = 5\nassert f(xs) == 7\nassert xs == [5, 2]\n"
+    out = run_tests("def f(xs):\n    return sum(xs)\n", tests)
+    assert out.passed and out.tests_run == 2
+
+
+@isolated
 def test_a_hard_coded_answer_for_the_given_arguments_passes():
     # what a candidate can always do: the arguments are its to read, and a table of answers satisfies the tests
     table = "def f(x):\n    return {2: 4, 3: 9}[x]\n"
@@ -305,6 +313,10 @@ def test_checks_the_parent_cannot_interpret_are_counted():
     assert count_checks("try:\n    assert f(1) == 2\nexcept ValueError:\n    pass\n") == (0, 1)
     assert count_checks("with open('x') as h:\n    assert f(h) == 2\n") == (0, 1)
     assert count_checks("for x in [1, 2]:\n    assert f(x) == x\n") == (1, 0)  # once as written, twice as run
+    # a while loop that fills the parent's list asserts nothing, but the asserts after it depend on it
+    assert count_checks("xs = []\nwhile len(xs) < 2:\n    xs.append(1)\nassert f(xs) == 2\n") == (1, 1)
+    # an item assignment runs in the parent
+    assert count_checks("xs = [1, 2]\nxs[0] = 5\nassert f(xs) == 7\n") == (1, 0)
 
 
 @isolated
@@ -436,15 +448,18 @@ def test_prompt_tests_need_a_prompt_column():
 # The first words of each point of alignment/sandbox.py's "Verdict" and "What is decided inside" lists, and the
 # tests that hold it.
 CLAIMS = {
-    "The tests never enter the candidate's process": [test_the_expected_values_never_reach_the_candidates_process],
-    "Any other name is the candidate's": [test_values_come_back_as_the_types_they_were,
-                                          test_any_other_object_is_refused_and_its_methods_never_called],
+    "The tests never enter the candidate's process": [test_the_expected_values_never_reach_the_candidates_process,
+                                                       test_an_item_the_tests_assign_reaches_the_candidate],
+    "Any other name, save the tests' own definitions (below), is the candidate's": [
+        test_values_come_back_as_the_types_they_were, test_any_other_object_is_refused_and_its_methods_never_called,
+        test_what_the_candidate_patches_in_its_process_reaches_no_verdict],
     "A reply is parsed strictly": [test_replies_are_parsed_strictly, test_a_forged_reply_that_is_no_value_fails],
     "HumanEval's `def check(candidate)` runs in the parent": [
         test_every_humaneval_solution_passes_and_no_attack_does,
         test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack],
     "A comparison with a NaN on either side": [
-        test_nan_and_infinity_pass_no_inequality, test_nonfinite_values_still_equal_themselves_where_a_test_asks_for_them],
+        test_nan_and_infinity_pass_no_inequality,
+        test_nonfinite_values_still_equal_themselves_where_a_test_asks_for_them],
     "So an object whose `__eq__` always says True": [test_every_humaneval_solution_passes_and_no_attack_does,
                                                      test_the_mbpp_forms_pass_when_solved_and_fail_under_every_attack],
     "The program's stdout and stderr go to a file": [
