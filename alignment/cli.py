@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 from alignment.config import InputError, load_recipe
 from alignment.prompts import content_key, read_prompts
-from alignment.verifiers import check_examples, check_isolation, check_prompt_fields
+from alignment.verifiers import check_counts, check_examples, check_isolation, check_prompt_fields
 from alignment.round import StageFailed, run_lock, run_round, run_stage, status_table
 from alignment.stage_table import STAGES
 
@@ -50,6 +50,16 @@ def validate(recipe_file: str, overrides: list[str]):
                          f"{recipe.prompts.train_path} (it has {sorted(capabilities)}); a misspelt key would "
                          "silently leave those prompts without their system prompt")
     return recipe, len(train), len(held_out)
+
+
+def check_share(recipe) -> list[str]:
+    """Per code verifier, the share of its prompts' asserts that the parent decides, outside the candidate."""
+    if not any(v.kind == "code" for v in recipe.reward.verifiers):
+        return []
+    rows = [*read_prompts(recipe.prompts.train_path), *read_prompts(recipe.prompts.eval_path)]
+    return [f"code verifier {name!r}: {out} of {out + inside} asserts decided outside the candidate's process "
+            f"({out / (out + inside):.1%}); {inside} inside" + (" (allow_inside_checks)" if inside else "")
+            for name, (out, inside) in check_counts(recipe.reward.verifiers, rows).items() if out + inside]
 
 
 def check_stage_inputs(recipe) -> None:
@@ -187,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
             recipe, n_train, n_eval = validate(args.recipe, args.overrides)
             check_stage_inputs(recipe)
             print(f"{args.recipe}: ok (recipe {recipe.name!r}; {n_train} training prompts, {n_eval} held out)")
+            for line in check_share(recipe):
+                print(line)
             for problem in machine_problems(recipe):
                 print(f"note: this machine cannot run it as written: {problem}")
         else:

@@ -62,8 +62,23 @@ class PromptColumns(Strict):
     messages: str = Field("messages", description="the conversation to answer: a list of {role, content}")
     prompt: str | None = Field(None, description="instead of `messages`: a column of text, sent as one user message")
     answer: str = Field("answer", description="the reference answer (a string) that answer verifiers check")
-    tests: str = Field("tests", description="the Python tests (a string) that code verifiers run")
+    tests: str = Field("tests", description="the Python tests that code verifiers run: a string, or a list of "
+                       "strings joined by lines (MBPP's test_list)")
+    tests_setup: str | None = Field(None, description="a column of code put before the tests: MBPP's "
+                                    "test_setup_code, or HumanEval's prompt for the helpers its tests call "
+                                    "(the tests' own definitions run apart from the candidate's code)")
+    entry_point: str | None = Field(None, description="a column naming the function under test; `check(<it>)` "
+                                    "is added after the tests, as HumanEval's harness calls its `def check("
+                                    "candidate)`")
+    prompt_tests: bool = Field(False, description="append the tests (not their setup) to the `prompt` text, as "
+                               "MBPP's published prompt does: its text does not name the function they call")
     capability: str = Field("capability", description="picks the teacher's system prompt and the verifiers")
+
+    @model_validator(mode="after")
+    def _prompt_tests_need_a_prompt(self):
+        if self.prompt_tests and self.prompt is None:
+            raise ValueError("prompt_tests appends the tests to the `prompt` column's text: set `prompt`")
+        return self
 
 
 class PromptSource(Strict):
@@ -266,6 +281,11 @@ class VerifierConfig(Strict):
                                       "runs as this user with the host's files, network and processes (it can "
                                       "read the tests from the parent's memory); only the rlimits remain. "
                                       "Recorded in the score stage's manifest")
+    allow_inside_checks: bool = Field(False, description="code: also run the test statements the parent cannot "
+                                      "interpret (a `while`, `try` or `with` that asserts: see alignment/sandbox.py),"
+                                      " which pass when the candidate's process raises nothing, so the candidate "
+                                      "can forge them; false: a prompt holding one is refused before any work. "
+                                      "Recorded in the manifest with the counts of checks decided outside and inside")
     weight: float = Field(1.0, description="weight of this check (1 pass, 0 fail) in a weighted_sum reward")
     example: VerifierExample | None = Field(None, description="a response in the format the teacher is asked for, "
                                             "which the check must accept (validated before any work); required "

@@ -7,6 +7,11 @@ teacher's system prompt from the recipe's `teacher.system_prompts`. A source is 
 Arrow file, a folder of them, a `save_to_disk` folder or a Hub dataset (`alignment.config.PromptSource`), with
 `columns` saying which column holds each field.
 
+Published benchmark rows need no conversion: HumanEval's (`task_id`, `prompt`, `test`, `entry_point`) with
+`columns: {prompt_id: task_id, prompt: prompt, tests: test, tests_setup: prompt, entry_point: entry_point}`, and
+MBPP's (`task_id`, `text`, `test_list`, `test_setup_code`) with `columns: {prompt_id: task_id, prompt: text,
+tests: test_list, tests_setup: test_setup_code, prompt_tests: true}` (an integer id becomes its decimal string).
+
 `read_prompts` checks every row once, naming the file and line (JSONL) or row and column of the first problem, and
 returns a `Prompts` sequence that holds only an index: JSONL rows by byte offset (so every file valid before stays
 valid, and keeps its line numbers), the others as `datasets` Arrow tables, memory-mapped. A row becomes a Python
@@ -158,6 +163,7 @@ def open_rows(source: PromptSource):
     cols = source.columns
     required = {"prompt_id": cols.prompt_id, "prompt" if cols.prompt else "messages": cols.prompt or cols.messages}
     required |= {k: getattr(cols, k) for k in ("answer", "tests", "capability") if getattr(cols, k) != k}
+    required |= {k: getattr(cols, k) for k in ("tests_setup", "entry_point") if getattr(cols, k)}
 
     def table(parts):  # the columns the recipe maps, and the optional ones under their own names if present
         optional = {getattr(cols, k): k for k in ("answer", "tests", "capability") if getattr(cols, k) in
@@ -191,13 +197,38 @@ def open_rows(source: PromptSource):
 
 
 def to_row(raw: dict, cols: PromptColumns) -> dict:
-    row = {"messages": [{"role": "user", "content": raw.get(cols.prompt)}] if cols.prompt else raw.get(cols.messages)}
+    tests = raw.get(cols.tests)
+    if isinstance(tests, list) and all(isinstance(t, str) for t in tests):  # MBPP's test_list: one assert each
+        tests = "\n".join(tests)
+    text = raw.get(cols.prompt) if cols.prompt else None
+    if cols.prompt_tests and isinstance(text, str) and isinstance(tests, str):  # MBPP's published prompt
+        text = f"{text}\nYour code should pass these tests:\n\n{tests}"
+    row = {"messages": [{"role": "user", "content": text}] if cols.prompt else raw.get(cols.messages)}
     if isinstance(row["messages"], list):  # Arrow gives every message every struct field: drop the null ones
         row["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
                            for m in row["messages"]]
     row.update((key, raw[getattr(cols, key)]) for key in ("answer", "tests", "capability") if getattr(cols, key) in raw)
+    if isinstance(tests, str):  # setup first, HumanEval's call of its check last (check_columns checked both)
+        setup = raw.get(cols.tests_setup) if cols.tests_setup else None
+        row["tests"] = "\n".join(p for p in (setup, tests, cols.entry_point and f"check({raw[cols.entry_point]})")
+                                  if p)
+    pid = raw.get(cols.prompt_id) if cols.prompt_id else None
+    if type(pid) is int:  # MBPP's task_id: its number, as the row's id
+        pid = str(pid)
     # without an id column, an id made from the row's content: the same content gets the same id on any machine
-    return {"prompt_id": raw.get(cols.prompt_id) if cols.prompt_id else "h" + hash_json(row)[:20], **row}
+    return {"prompt_id": pid if cols.prompt_id else "h" + hash_json(row)[:20], **row}
+
+
+def check_columns(raw: dict, where: str, cols: PromptColumns) -> None:
+    """The columns that build a row's tests, before they are joined: a setup of code, a function's name."""
+    if raw.get(cols.tests) is None:  # a prompt without tests (another task in the same file)
+        return
+    if cols.tests_setup and not isinstance(raw.get(cols.tests_setup, ""), str):
+        raise InputError(f"{where}: tests_setup (column {cols.tests_setup!r}) must be a string of Python code, got "
+                         f"{type(raw[cols.tests_setup]).__name__}")
+    if cols.entry_point and not (isinstance(entry := raw.get(cols.entry_point), str) and entry.isidentifier()):
+        raise InputError(f"{where}: entry_point (column {cols.entry_point!r}) must name a Python function, got "
+                         f"{json.dumps(entry, default=str)[:40]}")
 
 
 def check_row(row: dict, where: str, cols: PromptColumns) -> None:
@@ -235,6 +266,7 @@ class Prompts(Sequence):
         self.where = self.rows.where  # where row i is: file and line (JSONL), or file and row
         self.ids: dict[str, int] = {}  # prompt_id -> index: the only per-row state kept besides the reader's index
         for i, raw in enumerate(self.rows.scan()):
+            check_columns(raw, self.where(i), self.cols)
             row = to_row(raw, self.cols)
             check_row(row, self.where(i), self.cols)
             if (first := self.ids.setdefault(row["prompt_id"], i)) != i:

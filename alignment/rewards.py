@@ -125,10 +125,11 @@ def combine(cfg: ScoringConfig, per_scorer: dict[str, list], weights: dict[str, 
 
 
 def score(cfg: ScoringConfig, prompts: list[dict], responses: list[str], *, reward_model: RewardModel | None = None,
-          judge_verdicts: list[int | None] | None = None) -> list[dict]:
+          judge_verdicts: list[int | None] | None = None, checks: dict[str, dict] | None = None) -> list[dict]:
     """Score each (prompt row, response); `reward_model` is the loaded model (None: not used) and
-    `judge_verdicts` the judge's replies, already collected (None: no judge)."""
-    per_scorer: dict[str, list] = verifiers.verify(cfg.verifiers, prompts, responses)
+    `judge_verdicts` the judge's replies, already collected (None: no judge). `checks` receives the code
+    verifiers' counts of checks decided outside and inside the candidate's process (`verifiers.verify`)."""
+    per_scorer: dict[str, list] = verifiers.verify(cfg.verifiers, prompts, responses, checks)
     weights = {v.name: v.weight for v in cfg.verifiers}
     if reward_model is not None:
         conversations = [p["messages"] + [{"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]

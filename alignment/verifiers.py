@@ -7,6 +7,7 @@ a coding prompt is never failed by the math check.
 
 from __future__ import annotations
 
+import ast
 import math
 import re
 
@@ -44,8 +45,11 @@ def answer_matches(response: str, answer: str, v: VerifierConfig) -> float:
     return float(math.isfinite(a) and abs(a - b) <= v.tolerance)
 
 
-def verify(verifiers: list[VerifierConfig], prompts: list[dict], responses: list[str]) -> dict[str, list]:
-    """{verifier name: [1.0 | 0.0 | None per response]}; None where the verifier does not apply."""
+def verify(verifiers: list[VerifierConfig], prompts: list[dict], responses: list[str],
+           checks: dict[str, dict] | None = None) -> dict[str, list]:
+    """{verifier name: [1.0 | 0.0 | None per response]}; None where the verifier does not apply. `checks`, if
+    given, receives per code verifier how many checks its runs decided outside and inside the candidate's
+    process (a check in a loop counts once per time it ran)."""
     out: dict[str, list] = {}
     for v in verifiers:
         if v.kind == "answer":
@@ -54,15 +58,33 @@ def verify(verifiers: list[VerifierConfig], prompts: list[dict], responses: list
             continue
         out[v.name] = [None] * len(responses)
         todo = [i for i, p in enumerate(prompts) if applies(v, p)]
-        for i, o in zip(todo, run_code(v, [(sandbox.extract_code(responses[i]), prompts[i]["tests"]) for i in todo])):
+        outcomes = run_code(v, [(sandbox.extract_code(responses[i]), prompts[i]["tests"]) for i in todo])
+        for i, o in zip(todo, outcomes):
             out[v.name][i] = o.tests_passed / o.tests_run if v.score == "fraction" and o.tests_run else float(o.passed)
+        if checks is not None:
+            checks[v.name] = {"decided_outside": sum(o.decided_outside for o in outcomes),
+                              "decided_inside": sum(o.decided_inside for o in outcomes),
+                              "allow_inside_checks": v.allow_inside_checks}
     return out
 
 
 def run_code(v: VerifierConfig, jobs: list[tuple[str, str]]) -> list[sandbox.Outcome]:
-    """(code, tests) pairs run as the verifier says, refused where the code cannot be isolated as it asks."""
+    """(code, tests) pairs run as the verifier says, refused where the code cannot be isolated as it asks; a
+    check only the candidate's process can decide runs only where the verifier allows it (else it fails)."""
     check_isolation([v])
-    return sandbox.run_many(jobs, v.timeout_s, v.memory_mb, isolated=not v.unsafe_no_isolation)
+    return sandbox.run_many(jobs, v.timeout_s, v.memory_mb, isolated=not v.unsafe_no_isolation,
+                            allow_inside=v.allow_inside_checks)
+
+
+def check_counts(verifiers: list[VerifierConfig], rows) -> dict[str, tuple[int, int]]:
+    """{code verifier name: (asserts decided outside, asserts decided inside)} over the prompts it applies to, as
+    written (an assert in a loop is one), for `align validate`'s share."""
+    out = {}
+    for v in verifiers:
+        if v.kind == "code":
+            counts = [sandbox.count_checks(r["tests"]) for r in rows if applies(v, r)]
+            out[v.name] = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+    return out
 
 
 def check_prompt_fields(verifiers: list[VerifierConfig], rows: list[dict], path) -> None:
@@ -77,15 +99,23 @@ def check_prompt_fields(verifiers: list[VerifierConfig], rows: list[dict], path)
         if v.kind == "code":
             for r in hits:
                 try:
-                    steps, _ = sandbox.plan(r["tests"])
+                    tests = sandbox.Plan(r["tests"])
                 except SyntaxError as e:
                     raise InputError(f"{path}: prompt {r['prompt_id']!r}: tests do not parse as Python "
                                      f"(line {e.lineno}: {e.msg}); verifier {v.name!r} would fail every sample"
                                      ) from None
-                if all(kind == "setup" for kind, _ in steps):
-                    raise InputError(f"{path}: prompt {r['prompt_id']!r}: tests hold no assert or call (only "
+                outside, inside = tests.counts()
+                if not outside + inside:
+                    raise InputError(f"{path}: prompt {r['prompt_id']!r}: tests hold no assert that runs (only "
                                      f"imports, definitions, assignments); verifier {v.name!r} would fail every "
                                      "sample")
+                if inside and not v.allow_inside_checks:
+                    stmt = next(s for kind, s in tests.units if kind == "inside")
+                    raise InputError(f"{path}: prompt {r['prompt_id']!r}: {inside} of {outside + inside} asserts "
+                                     f"can only be decided inside the candidate's process, which can forge them "
+                                     f"(line {stmt.lineno}: {ast.unparse(stmt).splitlines()[0][:60]!r}: a "
+                                     f"statement the parent cannot interpret); rewrite them, or set "
+                                     f"reward.verifiers[{v.name}].allow_inside_checks: true")
 
 
 def check_examples(verifiers: list[VerifierConfig], system_prompts: dict[str, str]) -> None:

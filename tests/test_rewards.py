@@ -146,7 +146,7 @@ def test_unparseable_code_tests_are_named_before_any_work(tmp_path):
 def test_code_tests_without_a_check_are_named_before_any_work():
     v = VerifierConfig(name="code", kind="code")
     rows = [{"prompt_id": "empty", "tests": "import math\nEXPECTED = 3\ndef helper():\n    assert False\n"}]
-    with pytest.raises(InputError, match=r"prompt 'empty': tests hold no assert or call"):
+    with pytest.raises(InputError, match=r"prompt 'empty': tests hold no assert that runs"):
         check_prompt_fields([v], rows, "p.jsonl")
     check_prompt_fields([v], [{"prompt_id": "ok", "tests": "def check(f):\n    assert f() == 1\ncheck(f)\n"}], "p.jsonl")
 

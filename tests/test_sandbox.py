@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from alignment import sandbox
-from alignment.sandbox import extract_code, plan, run_many, run_tests
+from alignment.sandbox import Plan, extract_code, run_many, run_tests
 
 # Skipped only where bubblewrap cannot be had: CI installs it with apt (make's install step), so there a missing
 # bwrap is a failure, not a skip.
@@ -31,9 +31,9 @@ HOST_PID = os.getpid()
 
 @isolated
 def test_a_correct_solution_passes_and_a_wrong_one_fails():
-    assert run_tests(ADD, TESTS) == sandbox.Outcome(True, "passed", 2, 2)
-    # add(2, 3) = -1 and add(-1, 1) = -2: neither test passes
-    assert run_tests(WRONG, TESTS) == sandbox.Outcome(False, "failed", 0, 2)
+    assert run_tests(ADD, TESTS) == sandbox.Outcome(True, "passed", 2, 2, decided_outside=2)
+    # add(2, 3) = -1 and add(-1, 1) = -2: neither test passes; the first one is named
+    assert run_tests(WRONG, TESTS) == sandbox.Outcome(False, "failed: assert add(2, 3) == 5", 0, 2, decided_outside=2)
 
 
 @isolated
@@ -67,23 +67,14 @@ def test_a_fraction_of_the_tests_is_counted():
     assert (out.passed, out.tests_passed, out.tests_run) == (False, 2, 3)
 
 
-def test_tests_are_split_into_what_goes_in_and_what_stays_out():
-    steps, expected = plan("import math\nassert f(1) == [1, (2, 3)]\nassert 4 < f(2)\nassert f({1})\n"
-                           "assert f(3) == {1}\nfor x in (1, 2):\n    assert f(x)\ncheck(f)\n")
-    assert steps == [("setup", "import math"), ("value", "f(1)"), ("value", "f(2)"), ("truth", "f({1})"),
-                     ("truth", "f(3) == {1}"),  # a set is not JSON: compared inside, forgeable
-                     ("check", "for x in (1, 2):\n    assert f(x)"), ("check", "check(f)")]
-    # the tuple comes back as a list, as the JSON of a returned tuple does; 4 < f(2) is f(2) > 4
-    assert {i: (op.__name__, v) for i, (op, v) in expected.items()} == {1: ("eq", [1, [2, 3]]), 2: ("gt", 4)}
-
-
 @isolated
 def test_truth_asserts_and_setup_statements_run_in_order():
     code = "def is_prime(n):\n    return n > 1 and all(n % d for d in range(2, n))\n"
     tests = "PRIMES = [2, 3, 5]\nassert is_prime(7)\nassert not is_prime(9)\nfor p in PRIMES:\n    assert is_prime(p)\n"
-    assert run_tests(code, tests) == sandbox.Outcome(True, "passed", 3, 3)
-    wrong = run_tests("def is_prime(n):\n    return n % 2 == 1\n", tests)  # 9 is odd; 2 is even
-    assert (wrong.passed, wrong.tests_passed) == (False, 1)
+    # the loop runs in the parent: one check per prime, five in all
+    assert run_tests(code, tests) == sandbox.Outcome(True, "passed", 5, 5, decided_outside=5)
+    wrong = run_tests("def is_prime(n):\n    return n % 2 == 1\n", tests)  # 9 is odd and 2 even: 7, 3, 5 pass
+    assert (wrong.passed, wrong.tests_passed, wrong.tests_run) == (False, 3, 5)
 
 
 @isolated
@@ -298,9 +289,9 @@ def test_without_bwrap_a_code_verifier_refuses_unless_the_recipe_gives_isolation
 
 
 def test_without_isolation_the_verdict_still_stays_outside():
-    assert run_tests(ADD, TESTS, isolated=False) == sandbox.Outcome(True, "passed", 2, 2)
+    assert run_tests(ADD, TESTS, isolated=False) == sandbox.Outcome(True, "passed", 2, 2, decided_outside=2)
     assert not run_tests(WRONG + "import os\nos._exit(0)\n", TESTS, isolated=False).passed
 
 
 def test_a_docstring_in_the_tests_is_not_a_check():
-    assert plan('"""Tests for add."""\nassert add(1, 1) == 2\n')[0] == [("setup", "'Tests for add.'"), ("value", "add(1, 1)")]
+    assert Plan('"""Tests for add."""\nassert add(1, 1) == 2\n').counts() == (1, 0)

@@ -39,7 +39,9 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                          [(p["messages"], r) for p, r in zip(rows_prompts, responses)], out_dir)
     rm = str(inputs["reward_model"]) if "reward_model" in inputs else None
     with rewards.open_reward_model(cfg.reward_model, rm, recipe.teacher.engine) as reward_model:
-        scored = rewards.score(cfg, rows_prompts, responses, reward_model=reward_model, judge_verdicts=verdicts)
+        checks: dict[str, dict] = {}
+        scored = rewards.score(cfg, rows_prompts, responses, reward_model=reward_model, judge_verdicts=verdicts,
+                               checks=checks)
     rows = [{"prompt_id": r["prompt_id"], "sample_index": r["sample_index"], **s} for r, s in zip(samples, scored)]
     write_jsonl(out_dir / "scores.jsonl", rows)
 
@@ -49,6 +51,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
              "scorers": {n: describe([r["scores"][n] for r in rows if n in r["scores"]]) for n in names},
              "verified": dict(verified), "combine": cfg.combine,
              "code_isolation": verifiers.isolation_stats(cfg.verifiers),
+             "code_checks": checks,  # per code verifier: checks decided outside / inside the candidate's process
              "reward_model": rm or ("none yet: round 1 has no trained reward model"
                                     if cfg.reward_model is not None else None)}
     if verdicts is not None:
