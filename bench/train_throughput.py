@@ -46,7 +46,7 @@ MODELS = {
     "llama3.2-1b": {"llama_shape": "llama3.2-1b", "sft_rows": 2048, "max_length": 2048, "padded_batch": 32,
                     "packed_batch": 4, "dpo_pairs": 256, "dpo_batch": 16},
     "tiny-llama3": {"llama_shape": "tiny-llama3", "sft_rows": 64, "max_length": 128, "padded_batch": 8,
-                    "packed_batch": 2, "dpo_pairs": 32, "dpo_batch": 4},
+                    "packed_batch": 2, "dpo_pairs": 16, "dpo_batch": 2},
 }
 WARM_STEPS = 5
 LORA = "{r: 16, lora_alpha: 32, lora_dropout: 0.0}"
