@@ -367,9 +367,13 @@ def gpu_name() -> str | None:
 
 
 def git_commit() -> str | None:
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    """HEAD (with -dirty), or None where the tree is a copy without git (a lent machine's may be)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return None
     return proc.stdout.strip() + ("-dirty" if dirty else "") if proc.returncode == 0 else None
 
 

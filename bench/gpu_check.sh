@@ -28,8 +28,9 @@ fail() { echo "gpu_check: error: $*" >&2; exit 2; }
 # Fail before any work: the machine, then every package a part imports (one line naming all that are missing).
 if [ "$MODE" = gpu ]; then
     command -v nvidia-smi >/dev/null || fail "nvidia-smi not found: no NVIDIA driver here (for a CPU run: --cpu-smoke)"
-    nvidia-smi -L | grep -q '^GPU ' || fail "nvidia-smi lists no GPU: $(nvidia-smi -L 2>&1 | head -n 3)"
-    nvidia-smi -L
+    GPUS=$(nvidia-smi -L 2>&1) || fail "nvidia-smi failed: $GPUS"
+    grep -q '^GPU ' <<<"$GPUS" || fail "nvidia-smi lists no GPU: $GPUS"
+    echo "$GPUS"
     "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'torch ' + torch.__version__ + ' sees no CUDA GPU')" \
         || fail "$PYTHON: PyTorch cannot use the GPU"
 else
