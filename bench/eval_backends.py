@@ -1,6 +1,12 @@
 """Eval-stage time per model by backend, and reward scoring with the model loaded once against once per call.
 
     .venv/bin/python bench/eval_backends.py [--prompts 50] [--samples 4]   # Markdown tables; raw JSON in bench/results/
+    python bench/eval_backends.py --model-path DIR --backends transformers,vllm --json FILE   # one model, timed
+
+With `--model-path` (bench/gpu_check.py's part), each backend serves that one model for the eval stage's greedy
+requests (`alignment.stages.eval`'s own request building, serving settings and shards; no lm-eval, no samples),
+with engine start, generation and stop timed apart: generated tokens per second, and the share of prompts whose
+greedy answer equals the first backend's.
 
 Each backend runs in a fresh process on three random-weight Llamas of the tiny recipe's shape (input, sft, dpo),
 the tiny recipe's first held-out prompts, greedy answers plus `--samples` sampled ones per prompt, and its
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -52,6 +59,75 @@ def child(backend: str, folder: Path, prompts: int, samples: int, models: int) -
     return out
 
 
+def timed_child(backend: str, model: Path, folder: Path, prompts: int, max_new_tokens: int, engine: str,
+                batch_size: int) -> dict:
+    """One backend's greedy eval requests for one model, as `eval_stage.answers` sends them, timed by phase."""
+    from alignment.backends import make_requests, open_backend, send
+    from alignment.config import load_recipe
+    from alignment.prompts import read_prompts
+    from alignment.seeding import model_identity
+    from alignment.stage_table import StageConfig, stage_config
+    from alignment.stages import eval as eval_stage
+
+    recipe = load_recipe(ROOT / "recipes/tiny.yaml", [
+        f"eval.backend={backend}", f"eval.engine={engine}", f"eval.max_new_tokens={max_new_tokens}",
+        f"eval.batch_size={batch_size}", "eval.lm_eval_tasks=[]", "eval.num_samples=0"])
+    cfg = StageConfig("eval", stage_config(recipe, "eval"))
+    rows = read_prompts(ROOT / "data/arithmetic/eval.jsonl")[:prompts]
+    ids, greedy = make_requests([r["messages"] for r in rows], model_identity(str(model)),
+                                eval_stage.settings(cfg, 1, 0.0), cfg.seed)
+    done, out = {}, folder / f"timed-{backend}"
+    out.mkdir()
+    t0 = time.perf_counter()
+    with open_backend(eval_stage.serving(cfg), str(model), out) as engine_:
+        t1 = time.perf_counter()
+        send(engine_, greedy, done, out / "shards")
+        t2 = time.perf_counter()
+    t3 = time.perf_counter()
+    answers = [done[rid]["completions"][0] for rid in ids]  # [text, tokens (stop token not counted), finish]
+    tokens = sum(a[1] for a in answers)
+    return {"start_s": t1 - t0, "generate_s": t2 - t1, "stop_s": t3 - t2, "prompts": len(rows),
+            "max_new_tokens": max_new_tokens, "generated_tokens": tokens, "tokens_per_s": tokens / (t2 - t1),
+            "hit_token_limit": sum(a[2] == "length" for a in answers), "greedy_texts": [a[0] for a in answers]}
+
+
+def compare(texts: dict[str, list[str]]) -> dict:
+    """Per backend against the first: the share of prompts with the same greedy answer, and the mean share of the
+    first backend's answer (in characters) that the two share as a prefix."""
+    (ref_name, ref), out = next(iter(texts.items())), {}
+    for name, xs in texts.items():
+        prefix = [len(os.path.commonprefix([a, b])) / max(len(a), 1) for a, b in zip(ref, xs)]
+        out[name] = {"against": ref_name, "equal_share": sum(a == b for a, b in zip(ref, xs)) / len(ref),
+                     "mean_common_prefix_share": sum(prefix) / len(prefix)}
+    return out
+
+
+def timed_main(a) -> None:
+    results = {"model": str(a.model_path), "prompts": a.prompts, "max_new_tokens": a.max_new_tokens,
+               "engine": a.engine, "backends": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in a.backends.split(","):
+            cmd = [sys.executable, __file__, "--timed-child", backend, "--model-path", str(a.model_path), "--folder",
+                   tmp, "--prompts", str(a.prompts), "--max-new-tokens", str(a.max_new_tokens), "--engine", a.engine,
+                   "--batch-size", str(a.batch_size)]
+            start = time.time()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode or not line:
+                raise SystemExit(f"{backend} failed:\n{proc.stderr[-3000:]}")
+            results["backends"][backend] = {"process_s": time.time() - start, **json.loads(line[0][len("RESULT "):])}
+    results["greedy_agreement"] = compare({b: r["greedy_texts"] for b, r in results["backends"].items()})
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"Greedy eval requests, {a.prompts} prompts x {a.max_new_tokens} tokens, {a.model_path}:\n")
+    print("| backend | start s | generate s | stop s | tokens/s | equal to first | common prefix |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for b, r in results["backends"].items():
+        g = results["greedy_agreement"][b]
+        print(f"| {b} | {r['start_s']:.1f} | {r['generate_s']:.2f} | {r['stop_s']:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{g['equal_share']:.0%} | {g['mean_common_prefix_share']:.0%} |")
+
+
 def reward_scoring(folder: Path, prompts: int, samples: int) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
@@ -85,9 +161,23 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--backends", default="transformers,vllm,openai")
     p.add_argument("--models", type=int, default=3, help="how many of input, sft, dpo each backend evaluates")
+    p.add_argument("--model-path", type=Path, help="evaluate this model folder only, timed by phase (above)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="with --model-path: eval.max_new_tokens")
+    p.add_argument("--engine", default=ENGINE, help="eval.engine (vLLM settings) as a YAML/JSON mapping")
+    p.add_argument("--batch-size", type=int, default=150, help="with --model-path: eval.batch_size (transformers)")
+    p.add_argument("--json", type=Path, help="with --model-path: write the raw figures here")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--timed-child", help=argparse.SUPPRESS)
     p.add_argument("--folder", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.timed_child:
+        r = timed_child(a.timed_child, a.model_path, Path(a.folder), a.prompts, a.max_new_tokens, a.engine,
+                        a.batch_size)
+        print("RESULT " + json.dumps(r))
+        return
+    if a.model_path:
+        timed_main(a)
+        return
     if a.child:
         print("RESULT " + json.dumps(child(a.child, Path(a.folder), a.prompts, a.samples, a.models)))
         return

@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 # Per model: its shape and the sizes of the cases. `1b` is Llama-3.2-1B-like in depth and width (16 layers,
 # hidden 2048, MLP 8192, head dim 128) with the project's ~110-token vocabulary: 1.07B parameters.
 MODELS = {
@@ -40,6 +41,12 @@ MODELS = {
     "1b": {"shape": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16),
            "sft_rows": 8192, "max_length": 2048, "padded_batch": 32, "packed_batch": 4,
            "dpo_pairs": 1024, "dpo_batch": 16},
+    # bench/llama_shape.py's shapes: Llama 3.2 1B's (1.24B parameters, its 128256-token vocabulary and 8 key-value
+    # heads), and its 2-layer stand-in for CPU smoke runs; sized for bench/gpu_check.py's time box.
+    "llama3.2-1b": {"llama_shape": "llama3.2-1b", "sft_rows": 2048, "max_length": 2048, "padded_batch": 32,
+                    "packed_batch": 4, "dpo_pairs": 256, "dpo_batch": 16},
+    "tiny-llama3": {"llama_shape": "tiny-llama3", "sft_rows": 64, "max_length": 128, "padded_batch": 8,
+                    "packed_batch": 2, "dpo_pairs": 16, "dpo_batch": 2},
 }
 WARM_STEPS = 5
 LORA = "{r: 16, lora_alpha: 32, lora_dropout: 0.0}"
@@ -73,6 +80,8 @@ def run_case(case: dict) -> dict:
     from alignment.config import load_recipe
     from alignment.tiny_models import random_llama
 
+    import llama_shape  # bench/, beside this file
+
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(2)
@@ -96,11 +105,15 @@ def run_case(case: dict) -> dict:
         sys.exit("\n".join(problems))
 
     def model():  # what load_for_training gives the stage, from random weights instead of a checkpoint
-        m = random_llama(tok, seed=0, **spec["shape"])
+        if "llama_shape" in spec:
+            m = llama_shape.causal_lm(spec["llama_shape"], tok, seed=0)
+        else:
+            m = random_llama(tok, seed=0, **spec["shape"])
         m.set_attn_implementation(cfg.attn_implementation)
         return m
 
-    tok = build_tokenizer()
+    # a Llama 3 sized vocabulary needs a tokenizer that decodes every id (bench/llama_shape.py)
+    tok = llama_shape.tokenizer() if "llama_shape" in spec else build_tokenizer()
     policy = model()
     work = Path(case["work"])
     rows = skewed_rows(spec["sft_rows"] if stage == "sft" else spec["dpo_pairs"])
