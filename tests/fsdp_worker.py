@@ -125,16 +125,34 @@ def trainers(cases_path: str, out_path: str) -> None:
 
 
 def checkpoints(trainer_dir: str, out: str) -> None:
-    """Every rank looks for the last whole checkpoint at once, as each process of a distributed stage does."""
+    """Both ranks look for the last whole checkpoint, as each process of a distributed stage does, in a fixed
+    order: rank 1 first, and rank 0 once rank 1 has either returned or reached the point where it waits for the
+    others (so rank 1 always sees the folders as they were, whatever the timing)."""
+    import time
+
     import torch.distributed as dist
     from accelerate import PartialState
 
     from alignment.training import last_complete_checkpoint
 
     state = PartialState(cpu=True)  # gloo, as the runner's DDP on CPUs
+    ready = Path(f"{out}.rank1-done-looking")
+    if state.process_index == 1:
+        wait = PartialState.wait_for_everyone
+
+        def waiting(self):
+            ready.touch()
+            wait(self)
+
+        PartialState.wait_for_everyone = waiting
+    else:
+        while not ready.exists():
+            time.sleep(0.05)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         found = last_complete_checkpoint(Path(trainer_dir))
+    if state.process_index == 1:
+        ready.touch()  # (returned without waiting: rank 0 goes on)
     left = sorted(p.name for p in Path(trainer_dir).iterdir())  # right after this rank's call returned
     Path(f"{out}.{state.process_index}").write_text(json.dumps({"found": found, "printed": printed.getvalue(),
                                                                  "left": left}))
