@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -176,14 +177,10 @@ def save_model(trainer, tokenizer, path: Path, base_path: Path | None = None, pa
     Every process calls it: under FSDP or ZeRO-3 the weights are gathered from all of them; the main one writes."""
     from peft import PeftModel
 
-    if trainer.is_fsdp_enabled:
-        # Checkpoints stay sharded (each rank writes its part: fast, and what resuming reads); with the sharded
-        # type the Trainer's save_model writes no weights at all. The final model is one full state dict,
-        # gathered onto the main process (accelerate's get_state_dict) and saved there with save_pretrained.
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     peft = isinstance(trainer.model, PeftModel) or hasattr(trainer.model, "peft_config")
     target = path.parent / "adapter" if peft else path
-    trainer.save_model(str(target))
+    with full_state_dict(trainer):
+        trainer.save_model(str(target))
     if not trainer.is_world_process_zero():
         return
     # The Trainer pickles its arguments (the absolute output_dir among them) beside the weights: a record of how
@@ -197,3 +194,22 @@ def save_model(trainer, tokenizer, path: Path, base_path: Path | None = None, pa
     (path.parent / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     tokenizer.padding_side = padding_side
     tokenizer.save_pretrained(str(path))
+
+
+@contextmanager
+def full_state_dict(trainer):
+    """Under FSDP, the Trainer's save_model gathers one full state dict onto the main process (accelerate's
+    get_state_dict) and saves it with save_pretrained; with the sharded type it writes no weights at all.
+    Checkpoints stay sharded (each rank writes its part: fast, and what resuming reads), also for the next seed's
+    trainer, which shares accelerate's state."""
+    if not trainer.is_fsdp_enabled:
+        yield
+        return
+    plugin = trainer.accelerator.state.fsdp_plugin
+    kept = {k: getattr(plugin, k) for k in ("state_dict_type", "state_dict_config", "optim_state_dict_config")}
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        yield
+    finally:
+        for k, v in kept.items():
+            setattr(plugin, k, v)
