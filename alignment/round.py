@@ -121,9 +121,15 @@ def stage_command(recipe: Recipe, stage: str, job: Path, launch_args: list[str] 
     # cpu_offload overrides the config file's offload settings (flags given on the command line win over it)
     offload = {"fsdp": ["--fsdp_offload_params", "true"], "zero3": ["--offload_param_device", "cpu",
                "--offload_optimizer_device", "cpu"]}.get(cfg.distributed, []) if cfg.cpu_offload else []
+    # Under FSDP the recipe's gradient_checkpointing is FSDP's activation checkpointing (the config file leaves it
+    # out, so this flag alone decides); training.trainer_fields turns the Trainer's own off, which transformers
+    # requires.
+    recompute = (["--fsdp_activation_checkpointing", str(cfg.gradient_checkpointing).lower()]
+                 if cfg.distributed == "fsdp" else [])
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"),
-            *(launch_args or ["--num_processes", str(cfg.num_processes)]), *offload, "-m", "alignment.runner", str(job)]
+            *(launch_args or ["--num_processes", str(cfg.num_processes)]), *offload, *recompute,
+            "-m", "alignment.runner", str(job)]
 
 
 def stage_env(recipe: Recipe, stage: str) -> dict:

@@ -2,7 +2,8 @@
 
 The orchestrator starts `python -m alignment.runner <stage folder>/job.json`; when the process ends, whatever
 memory the stage held (models, trainers, engines) is released. The manifest goes in only after the stage's
-outputs are all on disk, so a stage killed half-way leaves a folder without a manifest: not done.
+outputs are all on disk, so a stage killed half-way leaves a folder without a manifest: not done. A model the
+stage writes must also load (config, whole weights, tokenizer: alignment/model_folder.py) before it counts as done.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from alignment.backends import GenerationError
 from alignment.config import InputError, PromptSource
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
+from alignment.model_folder import IncompleteModel, check_model_folder
 from alignment.stage_table import STAGES, StageConfig
 
 
@@ -80,6 +82,8 @@ def run_job(job_path: Path) -> dict:
                            f"declares {sorted(declared)}")
     if missing := [p for p in result.outputs.values() if not (out_dir / p).exists()]:
         raise RuntimeError(f"stage {job['stage']} did not write its outputs {missing}")
+    for name in STAGES[job["stage"]].models:  # a folder of files is not yet a model the next stage can load
+        check_model_folder(out_dir / result.outputs[name], f"stage {job['stage']}'s output {name!r}")
     manifest = {
         "stage": job["stage"], "round": job["round"], "recipe": job["recipe_name"], "recipe_file": job["recipe_file"],
         "overrides": job["overrides"], "config": job["config"], "config_hash": hash_json(job["config"]),
@@ -96,7 +100,7 @@ def main() -> None:
         sys.exit("usage: python -m alignment.runner <stage folder>/job.json")
     try:
         run_job(Path(sys.argv[1]))
-    except (InputError, GenerationError) as e:
+    except (InputError, GenerationError, IncompleteModel) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

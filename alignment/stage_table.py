@@ -54,6 +54,7 @@ class Stage:
     kind: str | None = None  # the launcher's resources it runs with (train, generate, eval); None: in place
     when: Callable[[Recipe, int], bool] = lambda recipe, round_n: True  # does round n of this recipe have it?
     once: bool = False  # once per recipe (runs/<recipe>/<stage>/, round 0), shared by every round
+    models: tuple[str, ...] = ()  # outputs that are model folders it writes: no manifest unless each loads
 
 
 # --- how inputs are found ---------------------------------------------------------------------------------------
@@ -157,9 +158,9 @@ def sft_models(r: Recipe, n: int, why: str) -> dict:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("bootstrap", ("bootstrap", "seed"), lambda r, n: {"eval_prompts": prompt_file(r, "eval_path")},
-          ("student", "teacher"), kind="train", when=needs("bootstrap"), once=True),
+          ("student", "teacher"), kind="train", when=needs("bootstrap"), once=True, models=("student", "teacher")),
     Stage("import_gguf", ("gguf",), lambda r, n: {"gguf": gguf_file(r)} if r.gguf else {}, ("model",),
-          kind="train", when=needs("import_gguf"), once=True),
+          kind="train", when=needs("import_gguf"), once=True, models=("model",)),
     Stage("teacher_eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
         "teacher": fixed_teacher(r), "eval_prompts": prompt_file(r, "eval_path"), **reward_model(r, 0)},
         ("metrics", "answers", "record"), kind="generate", when=evaluates_teacher, once=True),
@@ -181,14 +182,15 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         "pairs": [Upstream("select", "pairs", k, f"reward_model (round {k})") for k in range(1, n + 1)],
         **({"preferences": [File(p, "reward_training.preference_paths") for p in r.reward_training.preference_paths]}
            if r.reward_training.preference_paths else {})},
-        ("model", "log_history", "logs"), trains="reward_training", kind="train",
+        ("model", "log_history", "logs"), trains="reward_training", kind="train", models=("model",),
         when=lambda r, n: r.reward_training is not None),
     Stage("sft", ("sft", "seed"), lambda r, n: {"model": student(r, n), "sft": Upstream("select", "sft", n, "sft")},
-          ("model", "log_history", "logs"), trains="sft", kind="train"),
+          ("model", "log_history", "logs"), trains="sft", kind="train", models=("model",)),
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
         "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),
         **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path", r.dpo.ref_model_revision)}
-           if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo", kind="train"),
+           if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo", kind="train",
+        models=("model",)),
     # eval reads `teacher` for its default backend and engine, and for the judge (the teacher, on its backend)
     Stage("eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
         "input": student(r, n), **sft_models(r, n, "eval"), "eval_prompts": prompt_file(r, "eval_path"),

@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import AutoModelForCausalLM
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import sort_checkpoints
 
 from alignment.chat import token_ids
 from alignment.config import InputError
+from alignment.model_folder import check_model_folder
 from alignment.prompts import read_jsonl
 from alignment.stats import describe
 from alignment.template import load_tokenizer
@@ -49,7 +53,11 @@ def trainer_fields(cfg, out_dir: Path, seed: int) -> dict:
         output_dir=str(out_dir / "trainer"), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        gradient_checkpointing=cfg.gradient_checkpointing, lr_scheduler_type=cfg.lr_scheduler_type,
+        # Under FSDP the recipe's gradient_checkpointing is FSDP's activation checkpointing instead (round.py passes
+        # it to `accelerate launch`): transformers refuses the two together, and the Trainer's would all-gather every
+        # layer's weights a second time in the backward pass.
+        gradient_checkpointing=cfg.gradient_checkpointing and cfg.distributed != "fsdp",
+        lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_steps, max_length=cfg.max_length, logging_steps=cfg.logging_steps, seed=seed,
         data_seed=seed, report_to=list(cfg.report_to) or "none", disable_tqdm=False, dataloader_num_workers=0,
         # Checkpoints (the latest only) let a killed stage resume mid-training instead of starting over.
@@ -64,13 +72,16 @@ def last_complete_checkpoint(trainer_dir: Path) -> str | None:
 
     A process killed while saving leaves a checkpoint folder without `trainer_state.json` (the Trainer writes it
     after the weights, optimizer and RNG states), and resuming from it fails. Such folders are removed so that the
-    run restarts from the last whole checkpoint and rewrites them."""
-    for ckpt in reversed(sort_checkpoints(str(trainer_dir))):  # newest first; none when the folder is missing
-        if (Path(ckpt) / "trainer_state.json").exists():
-            return ckpt
-        print(f"removing {ckpt}: it was not completely written (no trainer_state.json)", flush=True)
-        shutil.rmtree(ckpt)
-    return None
+    run restarts from the last whole checkpoint and rewrites them: by the main process alone (the others would
+    delete the same files at once, and fail on the ones it deleted first), while the others wait for it."""
+    newest_first = list(reversed(sort_checkpoints(str(trainer_dir))))  # none when the folder is missing
+    whole = next((c for c in newest_first if (Path(c) / "trainer_state.json").exists()), None)
+    if PartialState().is_main_process:
+        for ckpt in newest_first[:newest_first.index(whole)] if whole else newest_first:
+            print(f"removing {ckpt}: it was not completely written (no trainer_state.json)", flush=True)
+            shutil.rmtree(ckpt)
+    PartialState().wait_for_everyone()
+    return whole
 
 
 def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build,
@@ -95,15 +106,21 @@ def train_runs(cfg, base_seed: int, out_dir: Path, model_path: Path, build,
         save_model(trainer, trainer.processing_class, run_dir / "model", model_path, padding_side)
         histories.append(trainer.state.log_history)
         run_models.append(run_dir / "model")
-    if len(seeds) > 1:
-        average_models(run_models, out_dir / "model")
-        (out_dir / "log_history.json").write_text(json.dumps(histories[0], indent=1))
-        for seed in seeds:  # one TensorBoard folder for the stage, a run per seed
-            shutil.move(out_dir / "runs" / f"seed-{seed}" / "logs", out_dir / "logs" / f"seed-{seed}")
-    if not cfg.keep_checkpoints and int(os.environ.get("RANK", "0")) == 0:
-        # The final model is saved: checkpoints (with optimizer states, ~100 GB at 8B) only served resuming.
-        for folder in [out_dir / "trainer", out_dir / "runs"]:
-            shutil.rmtree(folder, ignore_errors=True)
+    # Averaging, moving and deleting are the main process's alone: every rank of a distributed stage runs this
+    # code on the same folders, and a second rank would move logs that are gone or delete what the first reads.
+    if PartialState().is_main_process:
+        if len(seeds) > 1:
+            average_models(run_models, out_dir / "model")
+            (out_dir / "log_history.json").write_text(json.dumps(histories[0], indent=1))
+            for seed in seeds:  # one TensorBoard folder for the stage, a run per seed
+                shutil.move(out_dir / "runs" / f"seed-{seed}" / "logs", out_dir / "logs" / f"seed-{seed}")
+        # Checkpoints (with optimizer states, ~100 GB at 8B) serve resuming, and are the only copy of the weights
+        # until the final model is known to load: a save that came out incomplete keeps them.
+        check_model_folder(out_dir / "model", "the trained model")
+        if not cfg.keep_checkpoints:
+            for folder in [out_dir / "trainer", out_dir / "runs"]:
+                shutil.rmtree(folder, ignore_errors=True)
+    PartialState().wait_for_everyone()
     return histories, {"seeds": seeds, "resumed_from_step": resumed, "averaged_runs": len(seeds),
                        "checkpoints_kept": cfg.keep_checkpoints}
 
@@ -156,19 +173,43 @@ def loss_summary(log_history: list[dict], key: str = "loss") -> dict:
 def save_model(trainer, tokenizer, path: Path, base_path: Path | None = None, padding_side: str = "left") -> None:
     """The final model as an ordinary full checkpoint, its tokenizer (padding on `padding_side`: left where a
     policy generates next) and the trainer's log history beside it. LoRA adapters are kept in `adapter/` and merged
-    into a full-precision copy of the base, so the next stage and round need no peft (a 4-bit base is not merged)."""
-    if not trainer.is_world_process_zero():
-        trainer.save_model(str(path))  # every process must join the (sharded) save; rank 0 writes
-        return
+    into a full-precision copy of the base, so the next stage and round need no peft (a 4-bit base is not merged).
+    Every process calls it: under FSDP or ZeRO-3 the weights are gathered from all of them; the main one writes."""
     from peft import PeftModel
 
-    if isinstance(trainer.model, PeftModel) or hasattr(trainer.model, "peft_config"):
-        adapter = path.parent / "adapter"
-        trainer.save_model(str(adapter))
+    peft = isinstance(trainer.model, PeftModel) or hasattr(trainer.model, "peft_config")
+    target = path.parent / "adapter" if peft else path
+    with full_state_dict(trainer):
+        trainer.save_model(str(target))
+    if not trainer.is_world_process_zero():
+        return
+    # The Trainer pickles its arguments (the absolute output_dir among them) beside the weights: a record of how
+    # the run trained, not part of the model, whose identity must not depend on where the run folder lies.
+    (path.parent / "logs").mkdir(parents=True, exist_ok=True)
+    if (target / TRAINING_ARGS_NAME).exists():
+        shutil.move(target / TRAINING_ARGS_NAME, path.parent / "logs" / TRAINING_ARGS_NAME)
+    if peft:
         base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-        PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().save_pretrained(str(path))
-    else:
-        trainer.save_model(str(path))
+        PeftModel.from_pretrained(base, str(target)).merge_and_unload().save_pretrained(str(path))
     (path.parent / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     tokenizer.padding_side = padding_side
     tokenizer.save_pretrained(str(path))
+
+
+@contextmanager
+def full_state_dict(trainer):
+    """Under FSDP, the Trainer's save_model gathers one full state dict onto the main process (accelerate's
+    get_state_dict) and saves it with save_pretrained; with the sharded type it writes no weights at all.
+    Checkpoints stay sharded (each rank writes its part: fast, and what resuming reads), also for the next seed's
+    trainer, which shares accelerate's state."""
+    if not trainer.is_fsdp_enabled:
+        yield
+        return
+    plugin = trainer.accelerator.state.fsdp_plugin
+    kept = {k: getattr(plugin, k) for k in ("state_dict_type", "state_dict_config", "optim_state_dict_config")}
+    plugin.set_state_dict_type("FULL_STATE_DICT")
+    try:
+        yield
+    finally:
+        for k, v in kept.items():
+            setattr(plugin, k, v)

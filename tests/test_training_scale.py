@@ -113,6 +113,24 @@ def test_seed_runs_are_averaged(data):
         assert torch.allclose(avg[k], (r1[k] + r2[k]) / 2, atol=1e-6), k
 
 
+def test_seed_runs_of_two_ddp_processes_are_averaged_once(data):
+    """Every process of a distributed stage runs the same code on the same folders: the main process alone
+    averages the seed runs and moves their logs while the other waits (a second rank moving the logs found them
+    gone, and failed the stage)."""
+    tmp, model = data
+    manifest, folder, _ = run_sft(tmp, model, "avg-ddp", "sft.average_seeds=[1, 2]", "sft.keep_checkpoints=true",
+                                  "sft.distributed=ddp", "sft.num_processes=2")
+    assert manifest["stats"]["averaged_runs"] == 2
+    r1, r2 = weights(folder / "runs/seed-1/model"), weights(folder / "runs/seed-2/model")
+    avg = weights(folder / "model")
+    assert not torch.equal(r1["model.layers.1.mlp.down_proj.weight"], r2["model.layers.1.mlp.down_proj.weight"])
+    for k in avg:
+        assert torch.allclose(avg[k], (r1[k] + r2[k]) / 2, atol=1e-6), k
+    assert sorted(p.name for p in (folder / "logs").iterdir()) == ["seed-1", "seed-2"]
+    assert (folder / "logs/seed-1/training_args.bin").exists()  # the run's record, out of its model folder
+    assert not (folder / "runs/seed-1/model/training_args.bin").exists()
+
+
 def kill_after_first_checkpoint(proc, folder: Path) -> int:
     """SIGKILL the stage's process group once the Trainer has finished a checkpoint; the newest whole one's step."""
     deadline = time.time() + 300
