@@ -191,6 +191,7 @@ def test_a_pinned_hub_model_loads_from_its_commits_snapshot_and_the_manifest_rec
     snap = tmp_path / "hub" / "models--some-org--some-model" / "snapshots" / commit
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"\0" * 16)  # (what identity reads of a local folder)
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
