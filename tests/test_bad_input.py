@@ -104,7 +104,10 @@ def test_a_second_writer_fails_at_once_naming_the_first_and_kill_9_frees_the_fol
         err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
         assert f"{tmp_path / 'tiny'} is in use by another run (pid {holder.pid}: -c runs_dir={tmp_path})" in err
         assert not (tmp_path / "tiny" / "bootstrap").exists()  # nothing started
-        error(capsys, "stage", "sft", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
+        # `align stage` too: the lock is what it names, not what it would meet without one (sft's missing inputs)
+        err = error(capsys, "stage", "sft", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
+        assert err == f"error: {tmp_path / 'tiny'} is in use by another run (pid {holder.pid}: -c runs_dir={tmp_path}); " \
+            "wait for it to finish, or stop it\n"
         align(["status", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}"])  # reading is fine
         assert "missing" in capsys.readouterr().out
     finally:
