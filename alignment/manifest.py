@@ -134,10 +134,14 @@ def library_versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """The commit of the code that runs (this package's checkout), wherever the command runs from: a round run
+    from another working directory records the same commit, not that folder's (or none)."""
+    repo = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                             cwd=repo).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+                               text=True, check=True, cwd=repo).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
