@@ -2,6 +2,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from transformers import AutoTokenizer, TrainingArguments
 from alignment import manifest
 from alignment.chat import build_tokenizer
 from alignment.config import InputError
-from alignment.manifest import hash_json, hash_model_dir, write_json_atomic
+from alignment.manifest import git_commit, hash_json, hash_model_dir, write_json_atomic
 from alignment.round import fingerprint
 from alignment.seeding import model_identity
 from alignment.tiny_models import random_llama
@@ -205,3 +206,12 @@ def test_weights_are_what_the_loaders_read_and_a_folder_without_them_is_named(tm
     (model / "pytorch_model.bin").unlink()
     with pytest.raises(InputError, match=rf"{model}: a model folder without weights \(expected \*.safetensors"):
         hash_model_dir(model)
+
+
+def test_the_commit_recorded_is_the_codes_wherever_the_command_runs(tmp_path, monkeypatch):
+    root = Path(manifest.__file__).resolve().parents[1]
+    here = git_commit()
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    assert here is None if not sha else here.startswith(sha)
+    monkeypatch.chdir(tmp_path)  # a run folder outside any checkout, as the moved round runs from
+    assert git_commit() == here
