@@ -13,7 +13,8 @@ from alignment.manifest import hash_json, hash_model_dir
 
 
 def model_identity(name: str) -> str:
-    """A model folder by its files (names, sizes, config bytes), wherever it lies; a hub id by its name."""
+    """A model folder by the content of its weights, config and tokenizer files, wherever it lies and whatever
+    trainer state or logs sit beside them (manifest.hash_model_dir); a hub id by its name."""
     return hash_model_dir(Path(name)) if Path(name).is_dir() else hash_json(name)
 
 

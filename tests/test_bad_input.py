@@ -104,7 +104,10 @@ def test_a_second_writer_fails_at_once_naming_the_first_and_kill_9_frees_the_fol
         err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
         assert f"{tmp_path / 'tiny'} is in use by another run (pid {holder.pid}: -c runs_dir={tmp_path})" in err
         assert not (tmp_path / "tiny" / "bootstrap").exists()  # nothing started
-        error(capsys, "stage", "sft", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
+        # `align stage` too: the lock is what it names, not what it would meet without one (sft's missing inputs)
+        err = error(capsys, "stage", "sft", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}")
+        assert err == f"error: {tmp_path / 'tiny'} is in use by another run (pid {holder.pid}: -c runs_dir={tmp_path}); " \
+            "wait for it to finish, or stop it\n"
         align(["status", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path}"])  # reading is fine
         assert "missing" in capsys.readouterr().out
     finally:
@@ -191,6 +194,7 @@ def test_a_pinned_hub_model_loads_from_its_commits_snapshot_and_the_manifest_rec
     snap = tmp_path / "hub" / "models--some-org--some-model" / "snapshots" / commit
     snap.mkdir(parents=True)
     (snap / "config.json").write_text("{}")
+    (snap / "model.safetensors").write_bytes(b"\0" * 16)  # (what identity reads of a local folder)
     (snap.parents[1] / "refs").mkdir()
     (snap.parents[1] / "refs" / "main").write_text(commit)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -23,6 +23,12 @@ def prompt(pid, text, capability=None, system=None):
     return {"prompt_id": pid, "messages": msgs, **({"capability": capability} if capability else {})}
 
 
+def seeds_by_prompt(prompts: list[dict], recipe) -> dict[str, tuple[str, int]]:
+    """{prompt_id: (request_id, seed)}, joined by prompt_id: what each prompt is sent as, wherever it stands."""
+    ids, requests, _ = build_requests(prompts, recipe, "teacher-x", base_seed=7)
+    return {p["prompt_id"]: (rid, requests[rid].seed) for p, rid in zip(prompts, ids)}
+
+
 def test_identical_conversations_become_one_request_with_a_stable_seed():
     recipe = load_recipe(TINY)
     prompts = [prompt("a", "What is 1 + 1?"), prompt("b", "What is 2 + 2?"), prompt("c", "What is 1 + 1?")]
@@ -30,9 +36,13 @@ def test_identical_conversations_become_one_request_with_a_stable_seed():
     assert ids[0] == ids[2] != ids[1]
     assert len(requests) == 2
     assert requests[ids[0]].n == recipe.sampling.num_samples
-    # the seed belongs to the request: the same request in another order or company gets the same seed
-    ids2, requests2, _ = build_requests(prompts[::-1], recipe, "teacher-x", base_seed=7)
-    assert requests2[ids[1]].seed == requests[ids[1]].seed
+    # the seed belongs to the request: the same request in another order or company gets the same seed. Every
+    # prompt moves (a rotation: none keeps its position), and each is compared
+    rotated = prompts[1:] + prompts[:1]
+    assert [p["prompt_id"] for p in rotated] == ["b", "c", "a"]
+    seeds = seeds_by_prompt(prompts, recipe)
+    assert seeds_by_prompt(rotated, recipe) == seeds and seeds_by_prompt(prompts[1:2], recipe) == {"b": seeds["b"]}
+    assert seeds["a"][1] != seeds["b"][1]
     # another round (base seed), teacher or sampling setting is another request
     assert build_requests(prompts, recipe, "teacher-x", base_seed=8)[0][0] != ids[0]
     assert build_requests(prompts, recipe, "teacher-y", base_seed=7)[0][0] != ids[0]

@@ -3,6 +3,9 @@ however requests are batched, sharded or resumed, and wherever the model or the 
 
 import shutil
 
+import torch
+from transformers import TrainingArguments
+
 from alignment.backends import Request
 from alignment.backends.hf import TransformersBackend
 from alignment.chat import build_tokenizer
@@ -46,11 +49,15 @@ def test_the_backend_gives_a_request_the_same_samples_in_any_shard(tmp_path):
     assert run(reqs[3:], shard_size=3, batch_size=2) == {0: whole[3]}  # a resumed stage sends only what is left
 
 
-def test_request_ids_and_seeds_follow_the_model_not_its_path(tmp_path):
+def test_request_ids_and_seeds_follow_the_model_not_its_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     tok = build_tokenizer()
     a = save(random_llama(tok, seed=0, **SHAPE), tok, tmp_path / "runs-a" / "teacher")
-    b = tmp_path / "elsewhere" / "teacher-copy"
+    b = tmp_path / "elsewhere" / "a-longer-runs-folder-on-the-shared-filesystem-of-the-cluster" / "teacher-copy"
     shutil.copytree(a, b)
+    # as a Trainer leaves them: its arguments pickled beside the weights, naming the absolute output folder
+    torch.save(TrainingArguments(output_dir=str(a), report_to=[]), a / "training_args.bin")
+    torch.save(TrainingArguments(output_dir=str(b), report_to=[]), b / "training_args.bin")
     other = save(random_llama(tok, seed=0, **{**SHAPE, "intermediate_size": 96}), tok, tmp_path / "other")
     recipe = load_recipe("recipes/tiny.yaml")
     prompts = [{"prompt_id": "p", "messages": CONVS[0]}]
