@@ -138,3 +138,49 @@ def test_promote_carries_a_hub_model_forward_when_it_stays_the_best(tmp_path):
     finally:
         os.chdir(cwd)
     assert manifest["stats"]["best_so_far"] == {"name": "teacher", "accuracy": 1.0}
+
+
+def test_a_moved_run_folder_resolves_a_promoted_model_inside_it_and_a_best_model_outside_it(tmp_path):
+    # A teacher named by a local path outside the runs folder stays the best (its record 1.0 ties the promoted dpo's
+    # 1.0, and a tie keeps the best); dpo, trained inside the run folder, is promoted (right on all 4 prompts, the
+    # input and sft on none). After the runs folder moves, round 2 must find the dpo model in the new place and the
+    # teacher where it always was. Before the fix, `best` was recorded as '../../../../teacher' from the promote
+    # folder: right until the run folder moved, then a path to nothing ("did not write its outputs").
+    import os
+    import shutil
+
+    from alignment.manifest import write_json_atomic
+    from alignment.prompts import write_jsonl
+    from alignment.round import identity, stage_config, stage_dir
+    from alignment.runner import run_job
+
+    teacher_dir = tmp_path / "models" / "teacher"
+    teacher_dir.mkdir(parents=True)
+    overrides = ["teacher={source: best, model_name_or_path: org/teacher}"]
+    recipe = load_recipe(TINY, [f"runs_dir={tmp_path / 'runs'}", *overrides])
+    eval_dir, folder = stage_dir(recipe, 1, "eval"), stage_dir(recipe, 1, "promote")
+    sft_dir, dpo_dir = stage_dir(recipe, 1, "sft") / "model", stage_dir(recipe, 1, "dpo") / "model"
+    for d in (eval_dir, folder, sft_dir, dpo_dir):
+        d.mkdir(parents=True)
+    write_jsonl(eval_dir / "answers.jsonl", [{"model": m, "prompt_id": f"p{i}", "verified": m == "dpo",
+                                              "reward": float(m == "dpo")} for m in ("input", "sft", "dpo")
+                                             for i in range(4)])
+    write_json_atomic(eval_dir / "metrics.json", {m: {"accuracy": float(m == "dpo"), "mean_reward": float(m == "dpo")}
+                                                  for m in ("input", "sft", "dpo")})
+    (tmp_path / "teacher_record.json").write_text(json.dumps({"name": "teacher", "accuracy": 1.0}))
+    inputs = {"metrics": eval_dir / "metrics.json", "answers": eval_dir / "answers.jsonl",
+              "input": tmp_path / "models" / "student", "sft": sft_dir, "dpo": dpo_dir, "best_before": teacher_dir,
+              "best_before_record": tmp_path / "teacher_record.json"}
+    job = {"stage": "promote", "round": 1, "recipe_name": recipe.name, "recipe_file": TINY, "overrides": [],
+           "config": stage_config(recipe, "promote"), "fingerprint": "fp",
+           "inputs": {k: {"path": str(v), "hash": "h"} for k, v in inputs.items()}}
+    write_json_atomic(folder / "job.json", job)
+    manifest = run_job(folder / "job.json")
+    assert manifest["stats"]["promoted"] == "dpo" and manifest["stats"]["best_so_far"]["name"] == "teacher"
+    assert manifest["outputs"]["model"] == os.path.join("..", "dpo", "model")
+    assert manifest["outputs"]["best"] == str(teacher_dir)
+
+    shutil.move(tmp_path / "runs", tmp_path / "moved")
+    moved = load_recipe(TINY, [f"runs_dir={tmp_path / 'moved'}", *overrides])
+    assert identity(moved, Upstream("promote", "model", 1, "round 2"))["path"] == str(stage_dir(moved, 1, "dpo") / "model")
+    assert identity(moved, Upstream("promote", "best", 1, "round 2"))["path"] == str(teacher_dir)

@@ -190,6 +190,16 @@ def best_so_far(gate: GateConfig, inputs: dict, metrics: dict, answers: list[dic
     return (Path(inputs[promoted]), mine) if better else (before, record)
 
 
+def recorded_path(model: Path, out_dir: Path) -> str:
+    """A model path as the manifest records it: relative to this stage's folder when the model lives in the same
+    run folder (a trained model of this or an earlier round), so a moved or copied run folder still resolves it;
+    absolute otherwise (a pinned hub snapshot, a local teacher or student the recipe names), since a path relative
+    to the stage folder would point at a different place as soon as the run folder moves."""
+    run_folder = out_dir.resolve().parents[1]  # <runs_dir>/<recipe name>/round-<n>/promote -> <runs_dir>/<name>
+    model = Path(model).resolve()
+    return os.path.relpath(model, out_dir.resolve()) if model.is_relative_to(run_folder) else str(model)
+
+
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     metrics, answers = json.loads(Path(inputs["metrics"]).read_text()), read_jsonl(Path(inputs["answers"]))
     decision = decide(recipe.gate, metrics, answers)
@@ -198,10 +208,8 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     write_json_atomic(out_dir / "decision.json", decision)
     best, record = best_so_far(recipe.gate, inputs, metrics, answers, decision["promoted"], round_n)
     write_json_atomic(out_dir / "best.json", record)
-    # Paths relative to this folder, so that a moved run folder still resolves; a pinned hub model (the recipe's
-    # student or teacher, promoted or kept as the best) is its snapshot folder in the hub cache.
-    return StageResult(outputs={"decision": "decision.json", "model": os.path.relpath(model, out_dir),
-                                "best": os.path.relpath(best, out_dir), "best_record": "best.json"},
+    return StageResult(outputs={"decision": "decision.json", "model": recorded_path(model, out_dir),
+                                "best": recorded_path(best, out_dir), "best_record": "best.json"},
                        rows={"candidates": len(recipe.gate.candidates)},
                        stats={"promoted": decision["promoted"], "forced": decision["forced"],
                               "best_so_far": {k: v for k, v in record.items() if k != "outcomes"}})
