@@ -40,6 +40,16 @@ def ended(state: str, requeue: bool) -> bool:
     return state in ENDED or (state == "PREEMPTED" and not requeue)
 
 
+def job_state(job_id: str) -> tuple[str, str, bool]:
+    """(JobState, NodeList, Requeue) from `scontrol show job` (no accounting database needed). A job whose
+    processes are still being stopped reads COMPLETING, not yet its final state."""
+    proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if "Invalid job id" in proc.stderr:  # purged (MinJobAge after it ended) before we saw how it ended
+        return "GONE", "", False
+    fields = dict(w.split("=", 1) for w in proc.stdout.split() if "=" in w)  # (none: slurmctld busy, retry)
+    return fields.get("JobState", "UNKNOWN"), fields.get("NodeList", ""), fields.get("Requeue") == "1"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -118,12 +128,7 @@ class SlurmJob:
         print(f"submitted SLURM job {self.id} ({name}); log: {log}", flush=True)
 
     def state(self) -> tuple[str, str, bool]:
-        """(JobState, NodeList, Requeue) from `scontrol show job` (no accounting database needed)."""
-        proc = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True)
-        if "Invalid job id" in proc.stderr:  # purged (MinJobAge after it ended) before we saw how it ended
-            return "GONE", "", False
-        fields = dict(w.split("=", 1) for w in proc.stdout.split() if "=" in w)  # (none: slurmctld busy, retry)
-        return fields.get("JobState", "UNKNOWN"), fields.get("NodeList", ""), fields.get("Requeue") == "1"
+        return job_state(self.id)
 
     def poll(self) -> int | None:
         if self.proc is not None:
@@ -186,11 +191,23 @@ def stopped_on_exit(jobs: list[SlurmJob]):
         signal.signal(signal.SIGTERM, previous)
 
 
+CANCEL_WAIT_S = 600  # against a node that never reports back; SLURM's KillWait (30 s by default) bounds the usual
+
+
 def cancel_recorded(folder: Path) -> None:
-    """Cancel the jobs an earlier run of this stage submitted, in case they outlived it."""
+    """Cancel the jobs an earlier run of this stage submitted, in case they outlived it, and wait until they have
+    ended: a cancelled job keeps running until SLURM has stopped its processes (a suspended one is resumed to be
+    signalled), and until then it can still write checkpoints or a manifest into the folder this run is taking."""
     ids = (folder / JOBS).read_text().split() if (folder / JOBS).exists() else []
-    if ids and shutil.which("scancel"):
-        subprocess.run(["scancel", *ids], capture_output=True)
+    if not ids or not shutil.which("scancel"):
+        return
+    subprocess.run(["scancel", *ids], capture_output=True)
+    start = time.time()
+    while alive := [i for i, (state, _, requeue) in ((i, job_state(i)) for i in ids) if not ended(state, requeue)]:
+        if time.time() - start > CANCEL_WAIT_S:
+            raise RuntimeError(f"SLURM jobs {' '.join(alive)} of an earlier run of {folder} were cancelled but have "
+                               f"not ended after {CANCEL_WAIT_S} s; check their nodes (scontrol show job {alive[0]})")
+        time.sleep(0.5)
 
 
 def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: dict, env: dict) -> int:

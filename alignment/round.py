@@ -171,6 +171,8 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
     cancel_recorded(folder)  # SLURM jobs of an earlier run that outlived it must not write into this one
     if folder.exists() and not resume:
         shutil.rmtree(folder)
+    elif resume:  # a job of an earlier run that finished while being cancelled: this run's manifest is the one
+        (folder / "manifest.json").unlink(missing_ok=True)
     folder.mkdir(parents=True, exist_ok=True)
     job = {"stage": stage, "round": round_n, "recipe_name": recipe.name, "recipe_file": recipe_file,
            "overrides": overrides, "config": config, "inputs": inputs, "fingerprint": fp}

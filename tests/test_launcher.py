@@ -68,6 +68,30 @@ def test_a_preempted_job_that_slurm_requeues_is_waited_for(slurm_answers, capsys
     assert job.host() == "n1"
 
 
+def test_the_next_run_waits_until_the_jobs_it_cancels_have_ended(slurm_answers, tmp_path):
+    """An orphan job (its orchestrator killed with -9) is cancelled by the next run of its stage; until SLURM has
+    stopped its processes (COMPLETING, or SUSPENDED and being resumed to be signalled) it can still write into the
+    folder, so the next run goes on only once the job has ended."""
+    (tmp_path / "bin" / "scancel").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path}/cancelled\n")
+    (tmp_path / "bin" / "scancel").chmod(0o755)
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / launcher.JOBS).write_text("4242\n")
+    slurm_answers("JobState=SUSPENDED Requeue=0 NodeList=n0", "JobState=COMPLETING Requeue=0 NodeList=n0",
+                  "JobState=COMPLETING Requeue=0 NodeList=n0", "JobState=CANCELLED Requeue=0 NodeList=n0")
+    launcher.cancel_recorded(folder)
+    assert (tmp_path / "cancelled").read_text() == "4242\n"
+    assert slurm_answers.seen() == ["JobState=SUSPENDED Requeue=0 NodeList=n0", *["JobState=COMPLETING Requeue=0 "
+                                    "NodeList=n0"] * 2, "JobState=CANCELLED Requeue=0 NodeList=n0"]
+    # one that never ends: a clear error naming the job, not a wait without end
+    slurm_answers("JobState=COMPLETING Requeue=0 NodeList=n0")
+    clock = iter(range(0, 10_000, 100))
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(launcher.time, "time", lambda: next(clock))
+        with pytest.raises(RuntimeError, match=r"SLURM jobs 4242 of an earlier run .* have not ended after 600 s"):
+            launcher.cancel_recorded(folder)
+
+
 def test_a_preempted_job_without_requeue_has_ended(slurm_answers):
     """Requeue=0 (sbatch --no-requeue, or JobRequeue=0): preemption cancelled the job, which never comes back."""
     job = slurm_answers("JobState=RUNNING Requeue=0 NodeList=n0", "JobState=PREEMPTED Requeue=0 NodeList=n0",
