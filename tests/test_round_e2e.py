@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from contextlib import suppress
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -20,18 +21,48 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
 import readme_commands
-from alignment.chat import build_tokenizer
+from alignment.chat import build_tokenizer, render
+from alignment.config import BootstrapConfig
+from alignment.prompts import read_prompts
+from alignment.shards import load_shards
+from alignment.stages.generate import draw_round_prompts
+from alignment.tiny_models import random_llama, save
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 10  # SIGKILL points in the killed-anywhere test: every stage once, the rest at random
 STAGES = ["bootstrap", "teacher_eval", "generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
 ONCE = ("bootstrap", "teacher_eval")  # once per recipe: runs/<recipe>/<stage>/
+NUM_PROMPTS, EVAL_PROMPTS = 24, 16
+
+
+def memorizing_teacher(path: Path) -> Path:
+    """A teacher that answers some prompts right, in seconds of training where the bootstrap needs minutes: a
+    tiny Llama of the bootstrap's shape taught the reference answers of two of every three prompts the round
+    draws, and of every other held-out prompt eval asks, until it repeats them. The rest it gets wrong."""
+    r = yaml.safe_load((ROOT / "recipes/tiny.yaml").read_text())
+    drawn = draw_round_prompts(read_prompts(ROOT / "data/arithmetic/train.jsonl"), NUM_PROMPTS, r["seed"], 1)
+    held_out = read_prompts(ROOT / "data/arithmetic/eval.jsonl")[:EVAL_PROMPTS]
+    taught = [p for i, p in enumerate(drawn) if i % 3 != 2] + held_out[::2]
+    tok = build_tokenizer()
+    model = random_llama(tok, seed=0, **BootstrapConfig(**r["bootstrap"]).llama_shape())
+    texts = [render(tok, [*p["messages"], {"role": "assistant", "content": p["messages"][0]["content"][
+        len("What is "):-1] + f" = {p['answer']}"}]) for p in taught]
+    tok.padding_side = "right"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(200):
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return save(model.eval(), tok, path)
 
 
 def small_recipe(tmp: Path, runs: Path) -> Path:
-    """tiny.yaml shrunk to seconds per stage, plus a (random) sequence-classification reward model, which makes
-    rewards continuous so an untrained teacher still yields SFT rows and pairs."""
+    """tiny.yaml shrunk to seconds per stage, with a teacher that answers some prompts right (memorizing_teacher)
+    and a (random) sequence-classification reward model, which makes rewards continuous so that every prompt has
+    an SFT row and a pair."""
     rm_path = tmp / "rm"
     tok = build_tokenizer()
     torch.manual_seed(0)
@@ -44,15 +75,23 @@ def small_recipe(tmp: Path, runs: Path) -> Path:
     r["name"] = "e2e"
     r["runs_dir"] = str(runs)
     r["prompts"] = {"train_path": str(ROOT / "data/arithmetic/train.jsonl"),
-                    "eval_path": str(ROOT / "data/arithmetic/eval.jsonl"), "num_prompts": 24}
-    # targets of 0: the student is the first checkpoint (step 10), the teacher the next (step 20)
+                    "eval_path": str(ROOT / "data/arithmetic/eval.jsonl"), "num_prompts": NUM_PROMPTS}
+    # targets of 0: the student is the first checkpoint (step 10); the bootstrap's teacher (step 20) is not used
     r["bootstrap"].update(student_accuracy=0.0, teacher_accuracy=0.0, eval_every=10, dev_size=8, batch_size=16)
+    r["teacher"].update(source="path", model_name_or_path=str(memorizing_teacher(tmp / "teacher")))
     r["sampling"]["num_samples"] = 3
     r["reward"]["reward_model"] = {"model_name_or_path": str(rm_path), "batch_size": 16, "weight": 1.0}
     r["select"] = {"sft_min_reward": -100.0, "pair_min_margin": 1e-6}
     for s in ("sft", "dpo"):  # several optimizer steps: the first one runs at warmup's learning rate of 0
         r[s].update(num_train_epochs=2, per_device_train_batch_size=2, logging_steps=1)
-    r["eval"].update(num_prompts=16, lm_eval_limit=8)
+    r["eval"].update(num_prompts=EVAL_PROMPTS, lm_eval_limit=8)
+    # lm-eval reads its task's data file relative to the working directory: the task names it by an absolute
+    # path, so the round runs from any folder (the moved round runs from another) with the same configuration
+    tasks = tmp / "lm_eval"
+    shutil.copytree(ROOT / r["eval"]["lm_eval_include_path"], tasks)
+    for f in tasks.glob("*.yaml"):
+        f.write_text(f.read_text().replace(" data/arithmetic/", f" {ROOT}/data/arithmetic/"))
+    r["eval"]["lm_eval_include_path"] = str(tasks)
     path = tmp / "e2e.yaml"
     path.write_text(yaml.safe_dump(r))
     return path
@@ -80,9 +119,12 @@ def round1(tmp_path_factory):
     return recipe, tmp / "runs" / "e2e", proc
 
 
+def folder_of(run: Path, stage: str) -> Path:
+    return run / stage if stage in ONCE else run / "round-1" / stage
+
+
 def manifest(run: Path, stage: str) -> dict:
-    folder = run / stage if stage in ONCE else run / "round-1" / stage
-    return json.loads((folder / "manifest.json").read_text())
+    return json.loads((folder_of(run, stage) / "manifest.json").read_text())
 
 
 def test_round_writes_every_artifact_with_a_manifest(round1):
@@ -255,55 +297,129 @@ def test_every_command_of_the_readme_and_docs_runs(round1, tmp_path):
     assert set(documented) - done == readme_commands.SKIPPED
 
 
+# What the moved-and-killed round may write differently, and why; everything else of every stage folder must be
+# the same bytes. A manifest is compared less these keys (the rest: config, fingerprint, inputs' hashes, rows,
+# statistics), and a trainer's log history less its timings.
+NOT_COMPARED = {
+    "job.json": "names the run folder and the recipe file by their absolute paths",
+    "training_args.bin": "the Trainer's pickled arguments name the absolute output folder",
+    "events.out.tfevents.*": "TensorBoard's name and records carry the wall-clock time and the process id",
+    "shards/part-*.jsonl": "a stage killed and run again writes a new part: compared as records by request_id",
+}
+# and within files: promote's decision names the promoted model by its absolute path (compared less it), and a
+# manifest's output outside the run folder (promote's best model so far: the recipe's teacher) by a path relative
+# to the stage folder (compared as the folder it names)
+MANIFEST_VOLATILE = {"wall_time_s": "wall time", "finished_at": "wall-clock time", "recipe_file": "absolute path"}
+STATS_VOLATILE = {  # stage statistics that measure this run, not its data
+    "backend_start_seconds", "backend_stop_seconds", "generate_seconds", "output_tokens_per_second",
+    "requests_sent", "requests_resumed_from_shards",  # a resumed stage sends only what its shards lack
+    "resumed_from_step",  # a resumed trainer's checkpoint
+}
+LOG_VOLATILE = {"train_runtime", "train_samples_per_second", "train_steps_per_second"}
+
+
+def comparable(path: Path, run: Path):
+    """A file as the comparison sees it: bytes, or JSON less what measures the run rather than its data."""
+    if path.name == "manifest.json":
+        m = json.loads(path.read_text())
+        for k in MANIFEST_VOLATILE:
+            m.pop(k)
+        m["inputs"] = {k: [{**x, "path": None} for x in v] if isinstance(v, list) else {**v, "path": None}
+                       for k, v in m["inputs"].items()}  # the path differs; its hash must not
+        m["stats"] = {k: v for k, v in m["stats"].items() if k not in STATS_VOLATILE}
+        outside = lambda out: not Path(os.path.normpath(path.parent / out)).is_relative_to(run)  # noqa: E731
+        m["outputs"] = {k: os.path.normpath(path.parent / out) if outside(out) else out
+                        for k, out in m["outputs"].items()}
+        return m
+    if path.name == "decision.json":
+        return {k: v for k, v in json.loads(path.read_text()).items() if k != "model_path"}
+    if path.name == "log_history.json":
+        return [{k: v for k, v in row.items() if k not in LOG_VOLATILE} for row in json.loads(path.read_text())]
+    return path.read_bytes()
+
+
+def stage_files(run: Path) -> dict[str, object]:
+    """Every file of every stage folder of round 1 and of teacher_eval, by its path within the run, comparable
+    (less NOT_COMPARED); the shards of each folder as one record per request: the sampled answers themselves."""
+    out = {}
+    for stage in [run / "teacher_eval", *sorted((run / "round-1").iterdir())]:
+        for f in sorted(stage.rglob("*")):
+            rel = f.relative_to(stage).as_posix()
+            if f.is_dir() and f.name == "shards":
+                out[f"{stage.name}/{rel}"] = load_shards(f)
+            elif f.is_file() and not any(fnmatch(rel, pat) or fnmatch(f.name, pat) for pat in NOT_COMPARED):
+                out[f"{stage.name}/{rel}"] = comparable(f, run)
+    return out
+
+
 def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1, tmp_path):
     """Seeds come from requests' content and models' identities, never from paths, and a stage killed anywhere
     leaves nothing that a later run takes for complete. The same round, from a copy of its inputs (the bootstrap)
-    in another runs folder and working directory, killed with SIGKILL at KILLS random points across its stages and
-    run again each time, writes the same bytes as the uninterrupted run. The points are kept in kills.json."""
+    in another runs folder and working directory, killed with SIGKILL at KILLS random points across its stages
+    (every stage at least once, inside it) and run again each time, writes the same bytes as the uninterrupted
+    run: every file of every stage, less NOT_COMPARED, and the sampled answers themselves. The points are kept in
+    kills.json."""
     recipe, run, _ = round1
     moved = tmp_path / "elsewhere" / "runs"
     shutil.copytree(run / "bootstrap", moved / "e2e" / "bootstrap")
     r = yaml.safe_load(recipe.read_text())
-    r["runs_dir"] = str(moved)
-    # The recipe's relative paths are relative to the working directory, and so is the lm-eval task's data file
-    # (lm-eval reads it so): elsewhere, the task names it by an absolute path.
-    tasks = tmp_path / "lm_eval"
-    shutil.copytree(ROOT / r["eval"]["lm_eval_include_path"], tasks)
-    for f in tasks.glob("*.yaml"):
-        f.write_text(f.read_text().replace(" data/arithmetic/", f" {ROOT}/data/arithmetic/"))
-    r["eval"]["lm_eval_include_path"] = str(tasks)
+    r["runs_dir"] = str(moved)  # all else is the same configuration: every path in it is absolute
     (tmp_path / "moved.yaml").write_text(yaml.safe_dump(r))
     (tmp_path / "cwd").mkdir()
     args = [sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(tmp_path / "moved.yaml")]
     folder = lambda s: moved / "e2e" / (s if s in ONCE else f"round-1/{s}")  # noqa: E731
     running = lambda: [s for s in STAGES if (folder(s) / "job.json").exists()  # noqa: E731
                        and not (folder(s) / "manifest.json").exists()]
-    reference = {s: manifest(run, s)["wall_time_s"] for s in STAGES[1:]}
+    # how long each stage took in the uninterrupted run, from its job file to its manifest (start-up included)
+    reference = {s: (folder_of(run, s) / "manifest.json").stat().st_mtime - (folder_of(run, s) / "job.json").stat(
+        ).st_mtime for s in STAGES[1:]}
     rng = random.Random(int(os.environ.get("KILL_SEED", "0")))
     points = []
-    # every stage of the round once, the rest drawn at random; each kill at a random time into its stage
-    targets = STAGES[1:] + rng.choices(STAGES[1:], k=KILLS - len(STAGES[1:]))
-    for target in sorted(targets, key=STAGES.index):
+
+    def kill_in(target: str, share: float) -> None:
+        """Run the round until `target` is running (or done), wait up to `share` of its usual time, and SIGKILL the
+        whole process group; record which stage the kill left incomplete."""
         proc = subprocess.Popen(args, cwd=tmp_path / "cwd", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
         deadline = time.time() + 300
         while (target not in running() and not (folder(target) / "manifest.json").exists() and proc.poll() is None
                and time.time() < deadline):
             time.sleep(0.02)
-        delay = rng.uniform(0.0, 1.2) * max(reference[target], 1.0)  # up to a little past the stage's usual end
+        delay = rng.uniform(0.0, share) * reference[target]
         time.sleep(delay)
-        killed_in = running() or (["(finished)"] if proc.poll() is not None else ["(between stages)"])
         with suppress(ProcessLookupError):  # the round may have ended in the meantime: "(finished)"
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        # what the kill cut short: the stage with a job but no manifest (one that ended first has its manifest)
+        killed_in = running() or (["(finished)"] if proc.returncode == 0 else ["(between stages)"])
         points.append({"target": target, "after_s": round(delay, 2), "killed_in": killed_in})
+
+    # every stage of the round once, early enough to land inside it even if it runs three times faster than it
+    # did (a stage that ended first is done, and cannot be killed again: a load that drops between the two runs
+    # made 0.6 of its time miss one); the rest at random, up to a little past the stage's usual end (a kill while
+    # it writes its manifest, or between stages)
+    extra = rng.choices(STAGES[1:], k=KILLS - len(STAGES[1:]))
+    for target in STAGES[1:]:
+        kill_in(target, 0.3)
+        for _ in range(extra.count(target)):
+            kill_in(target, 1.2)
     (moved / "kills.json").write_text(json.dumps(points, indent=1))
     proc = subprocess.run(args, cwd=tmp_path / "cwd", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(points) == KILLS and len({p["killed_in"][0] for p in points} & set(STAGES)) >= 7, points
-    for f in ("generate/samples.jsonl", "score/scores.jsonl", "select/sft.jsonl", "select/pairs.jsonl",
-              "eval/metrics.json", "eval/answers.jsonl", "promote/best.json"):
-        assert (moved / "e2e/round-1" / f).read_text() == (run / "round-1" / f).read_text(), (f, points)
-    for model in ("sft", "dpo", "reward_model"):  # training is deterministic on CPU
+    hit = {p["killed_in"][0] for p in points}
+    assert len(points) == KILLS and set(STAGES[1:]) <= hit, (sorted(set(STAGES[1:]) - hit), points)
+
+    ours, theirs = stage_files(moved / "e2e"), stage_files(run)
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        assert ours[name] == theirs[name], (name, points)
+    # what the comparison saw: sampled answers, some of them right, that change with the seed
+    generated = [json.loads(line) for line in (run / "round-1/score/scores.jsonl").read_text().splitlines()]
+    assert 0 < sum(s["scores"]["arithmetic"] == 1.0 for s in generated) < len(generated)
+    teacher = json.loads((run / "teacher_eval/metrics.json").read_text())["teacher"]
+    assert 0 < teacher["accuracy"] < 1 and teacher["pass@4"] > 0
+    eval_samples = theirs["eval/shards"]
+    assert any(len({c[0] for c in rec["completions"]}) > 1 for rec in eval_samples.values())
+    for model in ("sft", "dpo", "reward_model"):  # training is deterministic on CPU (and so are the bytes above)
         a, b = (load_file(r / f"round-1/{model}/model/model.safetensors") for r in (run, moved / "e2e"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model
