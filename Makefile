@@ -67,7 +67,7 @@ TEST_WORKERS ?= 2
 test: $(STAMP)  ## every test, the end-to-end round included; test files on TEST_WORKERS processes (pytest-xdist)
 	@# Most tests keep one core busy (small models, process start-up), so two files at once use both of a 2-core
 	@# machine; a file stays on one worker, so its module fixtures (a vLLM server, the SLURM cluster) start once.
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 test-fast: $(STAMP)  ## unit tests only
 	$(PY) -m pytest -q -m "not slow" tests
