@@ -420,6 +420,43 @@ class SelectConfig(Strict):
     filters: FiltersConfig = Field(FiltersConfig(), description="data filters, each counted")
 
 
+FEEDBACK_TEMPLATE = ("Your code failed its tests.\n\n{error}\n\nFix the code. Reply with the whole corrected "
+                     "solution in one ```python block.")
+
+
+class ReviseConfig(Strict):
+    """Execution feedback (Llama 3 section 4.3.1): a code sample that fails its tests goes back to the teacher with
+    the problem, its code and the tail of the error, for up to `max_turns` revision turns. Each revision is a
+    generate request of its own (own seed, saved in the revise stage's shards, so a killed stage resumes); the
+    revisions join the round's samples and are scored like them, so a passing one can become the prompt's SFT row
+    and its failing first attempt the DPO rejected side."""
+
+    max_turns: int = Field(1, ge=1, le=8, description="revision turns per failing sample: a revision that fails "
+                           "again is sent back with its own error, up to this many times")
+    samples_per_prompt: int = Field(1, ge=1, description="failing samples revised per prompt: the best-ranked "
+                                    "failing ones (highest code-test fraction, then lowest sample_index)")
+    only_unsolved: bool = Field(True, description="revise only prompts none of whose samples passed (where a "
+                                "revision adds an SFT row); false: prompts with a passing sample too")
+    feedback_chars: int = Field(1000, ge=100, le=20000, description="characters of the error tail shown to the "
+                                "teacher: the failing check or exit reason, then the program's stdout/stderr tail")
+    feedback_template: str = Field(FEEDBACK_TEMPLATE, description="the user turn that carries the error; must "
+                                   "hold {error}")
+    sft_format: Literal["final", "dialog"] = Field(
+        "final", description="a passing revision as an SFT row: `final` trains the prompt -> the corrected answer; "
+        "`dialog` trains the corrected answer after the whole repair dialog (failed attempts and feedback in the "
+        "prompt, not trained on)")
+    rejected: Literal["first_attempt", "ranked"] = Field(
+        "first_attempt", description="the DPO rejected side when a revision is chosen: the revision's own failing "
+        "first attempt, or whatever `select.pair_policy` picks among the prompt's samples")
+
+    @field_validator("feedback_template")
+    @classmethod
+    def _has_error(cls, v: str) -> str:
+        if "{error}" not in v:
+            raise ValueError("must hold {error}, where the failing check and the program's output go")
+        return v
+
+
 class LoraConfig(Strict):
     """Train low-rank adapters (peft) instead of every weight; the stage merges them into a full model, so later
     stages and the next round see an ordinary checkpoint."""
@@ -727,6 +764,9 @@ class Recipe(Strict):
     select: SelectConfig = Field(description="rejection sampling: SFT rows, DPO pairs and data filters")
     sft: SFTTrainingConfig = Field(description="supervised fine-tuning (TRL SFTTrainer) of the input model")
     dpo: DPOTrainingConfig = Field(description="preference optimisation of the SFT model (TRL DPOTrainer)")
+    revise: ReviseConfig | None = Field(
+        None, description="execution feedback for code (the revise stage). Failing code samples go back to the "
+        "teacher with their error for revision turns. null: no such stage")
     reward_training: RewardTrainingConfig | None = Field(
         None, description="train a reward model each round (the reward_model stage); `reward.reward_model: "
         "{source: trained}` scores the next round with it. null: no such stage")
@@ -747,6 +787,9 @@ class Recipe(Strict):
         if uses and self.bootstrap is None:
             raise ValueError(f"student or teacher source {uses[0]!r} needs the bootstrap's models, but the recipe "
                              "has no bootstrap section")
+        if self.revise is not None and not any(v.kind == "code" for v in self.reward.verifiers):
+            raise ValueError("revise sends failing code samples back with their test errors; it needs a code "
+                             "verifier in reward.verifiers")
         rm = self.reward.reward_model
         if rm is not None and rm.source == RewardModelSource.trained and self.reward_training is None:
             raise ValueError("reward.reward_model.source is 'trained' but the recipe has no "

@@ -68,7 +68,7 @@ from alignment.stage_table import (STAGES, Model, fixed_teacher, gguf_file, job_
 
 GIB = 2**30
 USABLE = 0.9  # share of a GPU a trainer or transformers' generate can fill; the rest: context and fragmentation
-PLANNED = ("sft", "dpo", "reward_model", "generate", "score", "teacher_eval", "eval")  # stages that use GPUs
+PLANNED = ("sft", "dpo", "reward_model", "generate", "revise", "score", "teacher_eval", "eval")  # stages that use GPUs
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,8 @@ def plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> list[Row] | None:
         elif stage == "generate":
             # (over several nodes, one server per node: each must fit its node's GPUs)
             rows.append(teacher_row(recipe, stage, recipe.sampling.num_samples, gpus, kind, gib * GIB))
+        elif stage == "revise":  # one revision per request, on generate's engine
+            rows.append(teacher_row(recipe, stage, 1, gpus, kind, gib * GIB))
         elif stage == "score":
             if recipe.reward.judge:  # the teacher judges first, and is stopped before the reward model loads
                 rows.append(teacher_row(recipe, stage, 1, gpus, kind, gib * GIB))

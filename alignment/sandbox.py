@@ -81,6 +81,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+OUTPUT_TAIL = 4000  # characters of the candidate's output an Outcome keeps
 FILE_LIMIT = 16 * 1024 * 1024  # bytes any file (stdout, stderr) or reply may reach; also what the parent reads
 PIDS_MAX = 32                  # processes per run, the sandbox's own three (bwrap, its init, python) included
 PYTHON = str(Path(sys.base_prefix, "bin", f"python{sys.version_info.major}.{sys.version_info.minor}"))
@@ -189,6 +190,7 @@ class Outcome:
     tests_run: int = 0
     decided_outside: int = 0  # checks run whose truth the parent computed
     decided_inside: int = 0   # checks run (or refused) that only the candidate's process could decide
+    output: str = ""  # the tail of the candidate program's stdout and stderr (what execution feedback shows)
 
 
 # --- values across the boundary ----------------------------------------------------------------------------------
@@ -732,7 +734,8 @@ class Run:
             reason = cand.gone
         else:
             reason = f"failed: {self.first_failure}" if run else "failed: the tests contain no check"
-        return Outcome(bool(run) and self.passed == run, reason[:300], self.passed, run, self.outside, self.inside)
+        return Outcome(bool(run) and self.passed == run, reason[:300], self.passed, run, self.outside, self.inside,
+                       cand.tail(OUTPUT_TAIL))
 
     def record(self, ok: bool, why: str | None, inside: bool = False) -> None:
         self.passed += ok

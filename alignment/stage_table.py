@@ -150,6 +150,11 @@ def promote_inputs(r: Recipe, n: int) -> dict:
     return inputs
 
 
+def round_samples(r: Recipe, n: int, why: str) -> Upstream:
+    """The round's samples: generate's, or with execution feedback revise's (generate's with the revisions)."""
+    return Upstream("revise" if r.revise is not None else "generate", "samples", n, why)
+
+
 def sft_models(r: Recipe, n: int, why: str) -> dict:
     return {"sft": Upstream("sft", "model", n, why), "dpo": Upstream("dpo", "model", n, why)}
 
@@ -168,12 +173,17 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         "teacher": teacher(r, n), "prompts": prompt_file(r, "train_path"),
         **({"failed_prompts": Upstream("select", "failed_prompts", n - 1, "prompts.retry_failed")}
            if r.prompts.retry_failed and n > 1 else {})}, ("samples",), kind="generate"),
+    # execution feedback: failing code samples revised by the teacher; its samples (the round's, revisions
+    # appended) are what score and select read
+    Stage("revise", ("revise", "teacher", "sampling", "reward", "seed"), lambda r, n: {
+        "samples": Upstream("generate", "samples", n, "revise"), "prompts": prompt_file(r, "train_path"),
+        "teacher": teacher(r, n)}, ("samples",), kind="generate", when=lambda r, n: r.revise is not None),
     Stage("score", ("reward", "teacher"), lambda r, n: {  # `teacher`: the judge, if any, is the teacher
-        "samples": Upstream("generate", "samples", n, "score"), "prompts": prompt_file(r, "train_path"),
+        "samples": round_samples(r, n, "score"), "prompts": prompt_file(r, "train_path"),
         **reward_model(r, n - 1), **({"teacher": teacher(r, n)} if r.reward.judge else {})},
         ("scores",), kind="eval"),  # eval resources: the reward model
-    Stage("select", ("select", "seed"), lambda r, n: {
-        "samples": Upstream("generate", "samples", n, "select"), "scores": Upstream("score", "scores", n, "select"),
+    Stage("select", ("select", "seed", "revise"), lambda r, n: {
+        "samples": round_samples(r, n, "select"), "scores": Upstream("score", "scores", n, "select"),
         "prompts": prompt_file(r, "train_path")}, ("sft", "pairs", "failed_prompts", "plots")),
     # every pair selected so far, this round's included, and the recipe's preference files (by content, so that
     # editing one makes the stage stale; a key only when there are some, so older runs keep their fingerprints)
@@ -203,8 +213,9 @@ MODEL_MAKERS = ("bootstrap", "import_gguf")  # they make the models a round star
 
 
 def asks_teacher(recipe: Recipe, stage: str) -> bool:
-    """Does the stage send requests to the teacher: generate, and score with a judge (the judge is the teacher)."""
-    return stage == "generate" or (stage == "score" and recipe.reward.judge is not None)
+    """Does the stage send requests to the teacher: generate, revise, and score with a judge (the judge is the
+    teacher)."""
+    return stage in ("generate", "revise") or (stage == "score" and recipe.reward.judge is not None)
 
 
 def job_kind(recipe: Recipe, stage: str) -> str | None:

@@ -76,6 +76,32 @@ def run_code(v: VerifierConfig, jobs: list[tuple[str, str]]) -> list[sandbox.Out
                             allow_inside=v.allow_inside_checks)
 
 
+def code_feedback(verifiers: list[VerifierConfig], items: list[tuple[dict, str]], chars: int
+                  ) -> list[tuple[bool, float, str]]:
+    """Execution feedback for (prompt, response) pairs: (passed every code verifier that applies, the share of
+    their checks that passed, the error to show the teacher: each failing verifier's reason (the first failing
+    check, a timeout, how the program stopped) and the tail of the program's stdout and stderr, cut to the last
+    `chars` characters). A pair no code verifier applies to passes with share 1.0 and no error."""
+    results = [[True, 0, 0, []] for _ in items]  # passed, checks passed, checks run, errors
+    for v in verifiers:
+        todo = [i for i, (p, _) in enumerate(items) if v.kind == "code" and applies(v, p)]
+        outcomes = run_code(v, [(sandbox.extract_code(items[i][1]), items[i][0]["tests"]) for i in todo])
+        for i, o in zip(todo, outcomes):
+            r = results[i]
+            r[1], r[2] = r[1] + o.tests_passed, r[2] + o.tests_run
+            if not o.passed:
+                r[0] = False
+                out = o.output.strip()
+                r[3].append(f"{o.tests_passed} of {o.tests_run} checks passed; {o.reason}"
+                            + (f"\nOutput:\n{out}" if out else ""))
+    feedback = []
+    for passed, ok, run, errors in results:
+        text = "\n\n".join(errors)
+        feedback.append((passed, ok / run if run else float(passed),
+                         text if len(text) <= chars else "..." + text[-(chars - 3):]))
+    return feedback
+
+
 def check_counts(verifiers: list[VerifierConfig], rows) -> dict[str, tuple[int, int]]:
     """{code verifier name: (asserts decided outside, asserts decided inside)} over the prompts it applies to, as
     written (an assert in a loop is one), for `align validate`'s share."""

