@@ -552,6 +552,10 @@ class SFTTrainingConfig(TrainerConfig):
     packing: bool = Field(False, description="pack examples into rows of max_length tokens (best-fit decreasing, "
                           "no example cut) with no padding; position ids mark where each example starts, and "
                           "attention stays within an example")
+    init: Literal["previous", "base"] = Field(
+        "previous", description="where SFT starts: previous, the model the round starts from (the last promoted "
+        "one); base, round 1's student in every round, as Llama 3 trained each round's SFT model from the "
+        "pre-trained one. DPO follows from the SFT model either way; the gate still compares with the round's input")
 
 
 class RewardTrainingConfig(TrainerConfig):

@@ -194,7 +194,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            if r.reward_training.preference_paths else {})},
         ("model", "log_history", "logs"), trains="reward_training", kind="train", models=("model",),
         when=lambda r, n: r.reward_training is not None),
-    Stage("sft", ("sft", "seed"), lambda r, n: {"model": student(r, n), "sft": Upstream("select", "sft", n, "sft")},
+    Stage("sft", ("sft", "seed"), lambda r, n: {"model": student(r, n if r.sft.init == "previous" else 1),
+                                                 "sft": Upstream("select", "sft", n, "sft")},
           ("model", "log_history", "logs"), trains="sft", kind="train", models=("model",)),
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
         "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),

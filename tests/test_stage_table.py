@@ -8,7 +8,7 @@ import pytest
 from alignment.config import Recipe, load_recipe
 from alignment.manifest import write_json_atomic
 from alignment.round import fingerprint, round_status, stage_dir, stage_inputs
-from alignment.stage_table import STAGES, StageConfig, round_stages, stage_config
+from alignment.stage_table import STAGES, StageConfig, Upstream, round_stages, stage_config
 
 TINY = "recipes/tiny.yaml"
 ROUND = ["generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
@@ -179,3 +179,22 @@ def test_a_new_gguf_package_makes_every_stage_stale(tmp_path, monkeypatch):
 
 def stage_names(recipe):
     return {s.name for n in (1, 2) for s in round_stages(recipe, n)}
+
+
+def test_sft_from_the_base_model_trains_round_two_from_round_ones_student(tmp_path):
+    # sft.init: base (Llama 3's way): every round's SFT starts from round 1's student, so what round 1 promoted
+    # reaches round 2 only through the stages that read the round's input model (the reward model's start, the
+    # eval's input row and the gate), not through sft and dpo. By hand, for a gate edit (round 1's promote):
+    # previous -> promote 1 and everything round 2 starts from; base -> the same less round 2's sft and dpo.
+    from alignment.round import identity
+
+    base = recipe_with(tmp_path, "sft.init=base")
+    assert STAGES["sft"].inputs(base, 2)["model"] == STAGES["sft"].inputs(base, 1)["model"]
+    finish_rounds(base)
+    assert identity(base, STAGES["sft"].inputs(base, 2)["model"]) == identity(base, STAGES["sft"].inputs(base, 1)["model"])
+    status = round_status(recipe_with(tmp_path, "sft.init=base", "gate.candidates=[sft]"), [1, 2])
+    stale = {k for k, c in status.items() if c == "stale"}
+    assert stale == {(1, "promote"), (2, "reward_model"), (2, "eval"), (2, "promote")}
+    previous = recipe_with(tmp_path / "p")
+    assert STAGES["sft"].inputs(previous, 2)["model"] == Upstream("promote", "model", 1, STAGES["sft"].inputs(
+        previous, 2)["model"].why)
