@@ -25,12 +25,14 @@ def slurm(tmp_path_factory):
         os.environ.pop("SLURM_CONF", None)
 
 
-# The files that take minutes, longest first. `make test` hands whole files to two workers in collection order, so
-# starting these first keeps both cores busy to the end; in alphabetical order the longest came last and one worker
-# ran alone for minutes (a suite of 19m41s with one worker idle at the end).
-LONGEST_FIRST = ["test_round_e2e.py", "test_training_scale.py", "test_fsdp_save.py", "test_real_model.py",
-                 "test_slurm.py", "test_vllm_generate.py", "test_eval_vllm.py", "test_code_verifier.py",
-                 "test_memory_plan.py", "test_eval_stage.py", "test_lm_eval_tasks.py"]
+# The files that take minutes, longest first (their summed test times in a full run here: e2e about 21 minutes,
+# the real model 9, vLLM generation 6, SLURM 5, training scale 4.5, vLLM eval 3). `make test` hands whole files to
+# two workers in this order (--no-loadscope-reorder: xdist would otherwise re-sort files by their number of tests,
+# and the real-model file, one test, came last and ran alone for 9 minutes).
+LONGEST_FIRST = ["test_round_e2e.py", "test_real_model.py", "test_vllm_generate.py", "test_slurm.py",
+                 "test_training_scale.py", "test_eval_vllm.py", "test_fsdp_save.py", "test_code_verifier.py",
+                 "test_bad_input.py", "test_lm_eval_tasks.py", "test_pinned_revisions.py", "test_memory_plan.py",
+                 "test_revise.py", "test_eval_stage.py"]
 
 
 def pytest_collection_modifyitems(config, items):
