@@ -72,6 +72,7 @@ test: $(STAMP)  ## every test, the end-to-end round included; test files on TEST
 test-fast: $(STAMP)  ## unit tests only
 	$(PY) -m pytest -q -m "not slow" tests
 
-data: $(STAMP)  ## regenerate the committed arithmetic prompt files (seeded: byte-identical)
+data: $(STAMP)  ## regenerate the committed prompt files (arithmetic, word problems, code; seeded: byte-identical)
 	$(PY) -m alignment.tasks.arithmetic --out data/arithmetic --train 8000 --eval 300 --seed 0
 	$(PY) -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 200 --seed 0
+	$(PY) -m alignment.tasks.code --out data/code --train 200 --eval 60 --seed 0
