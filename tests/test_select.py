@@ -200,3 +200,11 @@ def test_the_stage_keeps_failed_prompts_aside_and_draws_its_histograms(tmp_path)
     assert result.stats["acceptance_per_prompt"]["mean"] == pytest.approx((0 + 1 / 3 + 1) / 3)
     for png in result.stats["plots"]:
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summaries_keep_their_quartiles_between_the_min_and_the_max():
+    from alignment.stats import describe
+
+    # two values 157 and 159: by hand, p25 = 157.5, median 158, p75 = 158.5 (linear between the two)
+    assert describe([157, 159]) == {"count": 2, "min": 157, "p25": 157.5, "median": 158.0, "p75": 158.5, "max": 159,
+                                    "mean": 158.0}

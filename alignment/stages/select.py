@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import statistics
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -198,7 +199,8 @@ def quality_filter(rows: list[dict], all_rows: list[dict], drops: Counter, stats
     if not rm and not any("judge" in r["scores"] for r in all_rows):
         stats["quality_filter"] = "skipped: no reward-model or judge scores this round"
         return rows
-    stats["quality_reward_model_p75"] = cut = describe(rm).get("p75")  # None without reward-model scores
+    # the top quartile's cut as Python's default (exclusive) quantiles place it; None without reward-model scores
+    stats["quality_reward_model_p75"] = cut = statistics.quantiles(rm, n=4)[2] if len(rm) > 1 else (rm or [None])[0]
     kept = [r for r in rows if (cut is not None and r["scores"].get("reward_model", float("-inf")) >= cut)
             or r["scores"].get("judge") == 1.0]
     drops["sft_below_quality"] += len(rows) - len(kept)
