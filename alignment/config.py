@@ -558,12 +558,36 @@ class TrainerConfig(Strict):
         return out
 
 
+class SFTSource(Strict):
+    """Conversations beyond this round's rejection sampling (curated, human-written or externally generated), as
+    Llama 3 mixed them into its SFT data."""
+
+    path: Path = Field(description="a JSONL file of rows with `prompt` and `completion` (message lists, as select "
+                       "writes them) or `messages` (a conversation ending in the assistant's turn, which is "
+                       "trained on)")
+    epochs: float = Field(1.0, gt=0.0, le=100.0, description="how many times its rows are seen per SFT epoch: 2 "
+                          "repeats each row; 0.5 keeps a seeded half")
+
+
 class SFTTrainingConfig(TrainerConfig):
     """Supervised fine-tuning on the best sample of each prompt, loss on response tokens only."""
 
     packing: bool = Field(False, description="pack examples into rows of max_length tokens (best-fit decreasing, "
                           "no example cut) with no padding; position ids mark where each example starts, and "
                           "attention stays within an example")
+    accumulate: int | Literal["all"] = Field(
+        0, description="SFT data of earlier rounds added to this round's (Llama 3's SFT set grew over rounds): 0, "
+        "this round's only; k, the last k rounds' too; all, every earlier round's. Rows repeated across rounds "
+        "(the same prompt and completion) are kept once, the newest")
+    extra_sources: list[SFTSource] = Field([], description="conversation files added to every round's SFT data, "
+                                           "each with its epochs (hashed by content)")
+
+    @field_validator("accumulate")
+    @classmethod
+    def _rounds(cls, v):
+        if v != "all" and v < 0:
+            raise ValueError("a number of earlier rounds (0 or more), or all")
+        return v
     init: Literal["previous", "base"] = Field(
         "previous", description="where SFT starts: previous, the model the round starts from (the last promoted "
         "one); base, round 1's student in every round, as Llama 3 trained each round's SFT model from the "

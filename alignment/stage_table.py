@@ -151,6 +151,19 @@ def promote_inputs(r: Recipe, n: int) -> dict:
     return inputs
 
 
+def sft_inputs(r: Recipe, n: int) -> dict:
+    """The model SFT starts from (`sft.init`), this round's selected rows, the earlier rounds' that
+    `sft.accumulate` adds (newest first) and the extra conversation files (keys only when there are some, so a
+    recipe without them keeps its fingerprints)."""
+    inputs = {"model": student(r, n if r.sft.init == "previous" else 1), "sft": Upstream("select", "sft", n, "sft")}
+    first = 1 if r.sft.accumulate == "all" else max(1, n - r.sft.accumulate)
+    if earlier := [Upstream("select", "sft", k, f"sft.accumulate (round {k})") for k in range(n - 1, first - 1, -1)]:
+        inputs["earlier_sft"] = earlier
+    if r.sft.extra_sources:
+        inputs["extra_sft"] = [File(s.path, "sft.extra_sources") for s in r.sft.extra_sources]
+    return inputs
+
+
 def round_samples(r: Recipe, n: int, why: str) -> Upstream:
     """The round's samples: generate's, or with execution feedback revise's (generate's with the revisions)."""
     return Upstream("revise" if r.revise is not None else "generate", "samples", n, why)
@@ -195,8 +208,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
            if r.reward_training.preference_paths else {})},
         ("model", "log_history", "logs"), trains="reward_training", kind="train", models=("model",),
         when=lambda r, n: r.reward_training is not None),
-    Stage("sft", ("sft", "seed"), lambda r, n: {"model": student(r, n if r.sft.init == "previous" else 1),
-                                                 "sft": Upstream("select", "sft", n, "sft")},
+    Stage("sft", ("sft", "seed"), sft_inputs,
           ("model", "log_history", "logs"), trains="sft", kind="train", models=("model",)),
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
         "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),

@@ -139,10 +139,12 @@ def average_models(paths: list[Path], out: Path) -> None:
     load_tokenizer(paths[0]).save_pretrained(out)
 
 
-def selected_rows(path: Path, what: str, model_path: Path, max_length: int, key: str, keys: tuple[str, ...]):
-    """The select stage's rows for SFT or DPO, the input model's tokenizer (the model itself loads per run), and
-    how many rows would be truncated: prompt plus the longest of `keys` rendered, over max_length tokens."""
-    rows = read_jsonl(path)
+def selected_rows(rows: list[dict] | None, path: Path, what: str, model_path: Path, max_length: int, key: str,
+                  keys: tuple[str, ...]):
+    """The rows for SFT or DPO (the select stage's at `path` when `rows` is None), the input model's tokenizer (the
+    model itself loads per run), and how many rows would be truncated: prompt plus the longest of `keys` rendered,
+    over max_length tokens."""
+    rows = read_jsonl(path) if rows is None else rows
     if not rows:
         raise InputError(f"{path}: no {what} were selected; see the select stage's drop counts")
     tokenizer = load_tokenizer(model_path)

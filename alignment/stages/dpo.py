@@ -82,7 +82,7 @@ def log_probs(history: list[dict], beta: float) -> list[dict]:
 
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.dpo
-    rows, tokenizer, over = selected_rows(inputs["pairs"], "preference pairs", inputs["model"], cfg.max_length,
+    rows, tokenizer, over = selected_rows(None, inputs["pairs"], "preference pairs", inputs["model"], cfg.max_length,
                                           "dpo.max_length", ("chosen", "rejected"))
     masked = masked_ids(tokenizer) if cfg.mask_formatting_tokens else []
 

@@ -10,11 +10,15 @@ LoRA/QLoRA adapters merged into a full model at the end, several seeds averaged,
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from alignment.config import InputError
+from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.training import load_for_training, loss_summary, peft_config, selected_rows, train_runs, trainer_fields
@@ -31,9 +35,50 @@ def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_d
                       peft_config=peft_config(cfg))
 
 
+def conversation_rows(path: Path) -> list[dict]:
+    """An extra source's rows as prompt and completion, checked: `prompt` and `completion` message lists, or
+    `messages` ending in the assistant's turn (the completion)."""
+    rows = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        if "messages" in row and "completion" not in row:
+            msgs = row["messages"]
+            if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) for m in msgs)
+                    and msgs[-1].get("role") == "assistant"):
+                raise InputError(f"{path}: row {i}: messages must be a list of messages ending in the assistant's")
+            row = {"prompt": msgs[:-1], "completion": msgs[-1:]}
+        for key in ("prompt", "completion"):
+            if not (isinstance(row.get(key), list) and row[key] and all(isinstance(m, dict) for m in row[key])):
+                raise InputError(f"{path}: row {i}: needs `prompt` and `completion` (message lists) or `messages`")
+        rows.append({"prompt": row["prompt"], "completion": row["completion"]})
+    return rows
+
+
+def assemble(cfg, inputs: dict, seed: int, round_n: int) -> tuple[list[dict], dict]:
+    """The round's SFT rows: this round's selection, the earlier rounds' that `sft.accumulate` adds (a row
+    repeated across rounds is kept once, the newest), then each extra source `epochs` times (whole repeats, and a
+    seeded share of its rows for the fraction). With the count per source, for the statistics."""
+    key = lambda r: json.dumps([r["prompt"], r["completion"]], sort_keys=True)  # noqa: E731
+    seen, rows, sources = set(), [], {}
+    earlier = inputs.get("earlier_sft", [])
+    rounds = [(f"round {round_n}", inputs["sft"])] + [(f"round {round_n - 1 - i}", p) for i, p in enumerate(earlier)]
+    for name, path in rounds:
+        new = [r for r in read_jsonl(Path(path)) if key(r) not in seen]
+        seen.update(key(r) for r in new)
+        sources[name] = {"rows": len(new)}
+        rows += new
+    for spec, path in zip(cfg.extra_sources, inputs.get("extra_sft", [])):
+        own = conversation_rows(Path(path))
+        whole, part = int(spec.epochs), spec.epochs - int(spec.epochs)
+        extra = own * whole + random.Random(f"{seed}-{round_n}-{spec.path}").sample(own, round(part * len(own)))
+        sources[str(spec.path)] = {"rows": len(own), "epochs": spec.epochs, "used": len(extra)}
+        rows += extra
+    return rows, sources
+
+
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.sft
-    rows, tokenizer, over = selected_rows(inputs["sft"], "SFT examples", inputs["model"], cfg.max_length,
+    rows, sources = assemble(cfg, inputs, recipe.seed, round_n)
+    rows, tokenizer, over = selected_rows(rows, inputs["sft"], "SFT examples", inputs["model"], cfg.max_length,
                                           "sft.max_length", ("completion",))
 
     def build(run_dir: Path, seed: int):
@@ -42,7 +87,7 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
 
     histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
     stats = {**loss_summary(histories[0]), **runs, "lora": cfg.lora is not None, "packing": cfg.packing,
-             "pad_token": tokenizer.pad_choice}
+             "pad_token": tokenizer.pad_choice, **({"sources": sources} if len(sources) > 1 else {})}
     if len(histories) > 1:
         stats["last_loss_per_run"] = [loss_summary(h).get("last_loss") for h in histories]
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},

@@ -1,0 +1,79 @@
+"""SFT data beyond this round's rejection sampling: rows of earlier rounds (`sft.accumulate`, deduplicated by
+content, the newest kept) and extra conversation files with epochs (`sft.extra_sources`). Expected rows are worked
+out by hand from the files written here."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from alignment.config import InputError, load_recipe
+from alignment.prompts import write_jsonl
+from alignment.round import identity
+from alignment.stage_table import STAGES, File, Upstream
+from alignment.stages.sft import assemble
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "recipes/tiny.yaml")
+
+
+def row(q: str, a: str) -> dict:
+    return {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}
+
+
+def test_earlier_rounds_are_added_once_and_extra_sources_by_their_epochs(tmp_path):
+    write_jsonl(tmp_path / "r3.jsonl", [row("1+1", "2"), row("2+2", "4")])
+    write_jsonl(tmp_path / "r2.jsonl", [{**row("2+2", "4"), "reward": 0.5}, row("3+3", "6")])  # 2+2 again
+    write_jsonl(tmp_path / "r1.jsonl", [row("1+1", "two")])  # same prompt, another answer: a different row
+    curated = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+               for i in range(4)]
+    write_jsonl(tmp_path / "curated.jsonl", curated)
+    write_jsonl(tmp_path / "pc.jsonl", [row("x", "y")])
+    cfg = load_recipe(TINY, ["sft.accumulate=all", f"sft.extra_sources=[{{path: {tmp_path / 'curated.jsonl'}, "
+                             f"epochs: 1.5}}, {{path: {tmp_path / 'pc.jsonl'}, epochs: 2}}]"]).sft
+    inputs = {"sft": tmp_path / "r3.jsonl", "earlier_sft": [tmp_path / "r2.jsonl", tmp_path / "r1.jsonl"],
+              "extra_sft": [tmp_path / "curated.jsonl", tmp_path / "pc.jsonl"]}
+    rows, sources = assemble(cfg, inputs, seed=0, round_n=3)
+    # by hand: round 3 both rows; round 2 only 3+3 (2+2 repeats round 3's); round 1 its row (another answer);
+    # curated: 4 rows once and round(0.5 * 4) = 2 of them again; pc: its row twice
+    texts = [(r["prompt"][-1]["content"], r["completion"][0]["content"]) for r in rows]
+    assert texts[:4] == [("1+1", "2"), ("2+2", "4"), ("3+3", "6"), ("1+1", "two")]
+    assert texts[4:8] == [(f"q{i}", f"a{i}") for i in range(4)]
+    assert len(set(texts[8:10])) == 2 and set(texts[8:10]) <= set(texts[4:8]) and texts[10:] == [("x", "y")] * 2
+    assert sources == {"round 3": {"rows": 2}, "round 2": {"rows": 1}, "round 1": {"rows": 1},
+                       str(tmp_path / "curated.jsonl"): {"rows": 4, "epochs": 1.5, "used": 6},
+                       str(tmp_path / "pc.jsonl"): {"rows": 1, "epochs": 2.0, "used": 2}}
+    # seeded: the same half again for the same seed and round
+    assert assemble(cfg, inputs, seed=0, round_n=3)[0] == rows
+
+
+def test_which_rounds_accumulate_and_that_the_default_reads_only_its_own():
+    def rounds(accumulate, n):
+        inputs = STAGES["sft"].inputs(load_recipe(TINY, [f"sft.accumulate={accumulate}"]), n)
+        return [u.round for u in inputs.get("earlier_sft", [])]
+    assert rounds(0, 4) == [] and rounds(2, 4) == [3, 2] and rounds(2, 2) == [1] and rounds("all", 4) == [3, 2, 1]
+    assert rounds("all", 1) == [] and rounds(9, 3) == [2, 1]
+    default = STAGES["sft"].inputs(load_recipe(TINY), 2)  # no new keys: older runs keep their fingerprints
+    assert set(default) == {"model", "sft"} and default["sft"] == Upstream("select", "sft", 2, "sft")
+    with pytest.raises(InputError, match="sft.accumulate"):
+        load_recipe(TINY, ["sft.accumulate=-1"])
+
+
+def test_an_extra_source_is_hashed_by_content_and_a_bad_row_is_named(tmp_path):
+    path = tmp_path / "extra.jsonl"
+    write_jsonl(path, [row("q", "a")])
+    recipe = load_recipe(TINY, [f"sft.extra_sources=[{{path: {path}}}]"])
+    (spec,) = STAGES["sft"].inputs(recipe, 1)["extra_sft"]
+    before = identity(recipe, spec)["hash"]
+    write_jsonl(path, [row("q", "b")])
+    assert identity(recipe, spec)["hash"] != before and spec == File(path, "sft.extra_sources")
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    cfg = recipe.sft
+    with pytest.raises(InputError, match=r"extra.jsonl: row 1: messages must be a list of messages ending in the "
+                                         r"assistant's"):
+        assemble(cfg, {"sft": _empty(tmp_path), "extra_sft": [path]}, 0, 1)
+
+
+def _empty(tmp_path: Path) -> Path:
+    write_jsonl(tmp_path / "none.jsonl", [])
+    return tmp_path / "none.jsonl"
