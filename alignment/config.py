@@ -612,8 +612,24 @@ class RewardTrainingConfig(TrainerConfig):
         return self
 
 
+class PreferenceSource(Strict):
+    """Preference pairs from outside the round's sampling (human annotations, another pipeline's judgements)."""
+
+    path: Path = Field(description="a JSONL file of rows with `prompt`, `chosen` and `rejected` (message lists), "
+                       "optionally `strength`, a number saying how clearly chosen beats rejected")
+    min_strength: float | None = Field(None, description="keep only rows whose `strength` reaches this (Llama 3 "
+                                       "dropped its annotators' 'slightly better' pairs); then every row needs one. "
+                                       "null: every row")
+
+
 class DPOTrainingConfig(TrainerConfig):
     """Direct preference optimization from the round's SFT model on its best-versus-worst pairs."""
+
+    accumulate: int = Field(0, ge=0, description="pairs of the last k earlier rounds added to this round's (Llama "
+                            "3 trained DPO on the latest batches); a pair repeated across rounds is kept once")
+    preference_sources: list[PreferenceSource] = Field(
+        [], description="preference files added to every round's pairs, each with an optional strength filter "
+        "(hashed by content)")
 
     beta: float = Field(0.1, gt=0.0, le=10.0, description="DPO temperature (Llama 3: 0.1)")
     loss_type: list[str] = Field(["sigmoid", "sft"], description="TRL loss terms; 'sft' is the NLL on chosen")

@@ -213,7 +213,12 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
         "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),
         **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path", r.dpo.ref_model_revision)}
-           if r.dpo.ref_model_name_or_path else {})}, ("model", "log_history", "logs"), trains="dpo", kind="train",
+           if r.dpo.ref_model_name_or_path else {}),
+        **({"earlier_pairs": [Upstream("select", "pairs", k, f"dpo.accumulate (round {k})")
+                              for k in range(n - 1, max(1, n - r.dpo.accumulate) - 1, -1)]}
+           if r.dpo.accumulate and n > 1 else {}),
+        **({"preferences": [File(s.path, "dpo.preference_sources") for s in r.dpo.preference_sources]}
+           if r.dpo.preference_sources else {})}, ("model", "log_history", "logs"), trains="dpo", kind="train",
         models=("model",)),
     # eval reads `teacher` for its default backend and engine, and for the judge (the teacher, on its backend)
     Stage("eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {

@@ -139,6 +139,22 @@ def average_models(paths: list[Path], out: Path) -> None:
     load_tokenizer(paths[0]).save_pretrained(out)
 
 
+def newest_first(rounds: list[tuple[str, Path]], fields: tuple[str, ...]) -> tuple[list[dict], dict]:
+    """Rows of several rounds' select outputs, newest round first; a row whose `fields` repeat one already taken
+    (the same prompt and answers in an earlier round) is kept once, the newest. With the rows taken per round."""
+    seen, rows, counts = set(), [], {}
+    for name, path in rounds:
+        new = []
+        for r in read_jsonl(Path(path)):
+            k = json.dumps([r[f] for f in fields], sort_keys=True)
+            if k not in seen:
+                seen.add(k)
+                new.append(r)
+        counts[name] = {"rows": len(new)}
+        rows += new
+    return rows, counts
+
+
 def selected_rows(rows: list[dict] | None, path: Path, what: str, model_path: Path, max_length: int, key: str,
                   keys: tuple[str, ...]):
     """The rows for SFT or DPO (the select stage's at `path` when `rows` is None), the input model's tokenizer (the

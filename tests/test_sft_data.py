@@ -77,3 +77,33 @@ def test_an_extra_source_is_hashed_by_content_and_a_bad_row_is_named(tmp_path):
 def _empty(tmp_path: Path) -> Path:
     write_jsonl(tmp_path / "none.jsonl", [])
     return tmp_path / "none.jsonl"
+
+
+def pair(q: str, good: str, bad: str, **extra) -> dict:
+    return {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": good}],
+            "rejected": [{"role": "assistant", "content": bad}], **extra}
+
+
+def test_dpo_adds_the_last_k_rounds_pairs_once_and_preference_files_by_strength(tmp_path):
+    from alignment.stages.dpo import assemble as dpo_assemble
+
+    write_jsonl(tmp_path / "p3.jsonl", [pair("a", "1", "2")])
+    write_jsonl(tmp_path / "p2.jsonl", [pair("a", "1", "2"), pair("b", "3", "4")])  # a repeats round 3's
+    write_jsonl(tmp_path / "human.jsonl", [pair("h1", "x", "y", strength=3), pair("h2", "x", "y", strength=1),
+                                           pair("h3", "x", "y", strength=2)])
+    cfg = load_recipe(TINY, ["dpo.accumulate=1", f"dpo.preference_sources=[{{path: {tmp_path / 'human.jsonl'}, "
+                             "min_strength: 2}]"]).dpo
+    rows, sources = dpo_assemble(cfg, {"pairs": tmp_path / "p3.jsonl", "earlier_pairs": [tmp_path / "p2.jsonl"],
+                                       "preferences": [tmp_path / "human.jsonl"]}, 3)
+    # by hand: round 3's a; round 2's b (a repeats); the human file's strengths 3 and 2 reach 2, 1 does not
+    assert [r["prompt"][0]["content"] for r in rows] == ["a", "b", "h1", "h3"]
+    assert sources == {"round 3": {"rows": 1}, "round 2": {"rows": 1},
+                       str(tmp_path / "human.jsonl"): {"rows": 3, "kept": 2}}
+    # the inputs: only the last k rounds, and none by default
+    recipe = load_recipe(TINY, ["dpo.accumulate=2"])
+    assert [u.round for u in STAGES["dpo"].inputs(recipe, 4)["earlier_pairs"]] == [3, 2]
+    assert set(STAGES["dpo"].inputs(load_recipe(TINY), 4)) == {"model", "pairs"}
+    # a filter on strength needs a strength in every row: named, not silently kept or dropped
+    write_jsonl(tmp_path / "human.jsonl", [pair("h1", "x", "y", strength=3), pair("h2", "x", "y")])
+    with pytest.raises(InputError, match=r"human.jsonl: row 2: no numeric `strength`"):
+        dpo_assemble(cfg, {"pairs": tmp_path / "p3.jsonl", "preferences": [tmp_path / "human.jsonl"]}, 1)

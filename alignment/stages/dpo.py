@@ -25,7 +25,8 @@ from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.stats import describe
 from alignment.template import formatting_token_ids
-from alignment.training import load_for_training, loss_summary, peft_config, selected_rows, train_runs, trainer_fields
+from alignment.training import (load_for_training, loss_summary, newest_first, peft_config, selected_rows, train_runs,
+                                trainer_fields)
 
 class MaskFormattingTokens:
     """TRL's preference collator, with formatting tokens removed from `completion_mask`, the mask every DPO loss
@@ -80,9 +81,32 @@ def log_probs(history: list[dict], beta: float) -> list[dict]:
             for h in history if "logps/chosen" in h and "rewards/chosen" in h and "step" in h]
 
 
+def assemble(cfg, inputs: dict, round_n: int) -> tuple[list[dict], dict]:
+    """The round's pairs: this round's, the last `dpo.accumulate` rounds' (a pair repeated across rounds kept once,
+    the newest), then each preference file's rows that reach its `min_strength`. With the count per source."""
+    from alignment.stages.reward_model import read_preferences  # the same checks as the reward model's files
+
+    earlier = inputs.get("earlier_pairs", [])
+    rounds = [(f"round {round_n}", inputs["pairs"])] + [(f"round {round_n - 1 - i}", p) for i, p in enumerate(earlier)]
+    rows, sources = newest_first(rounds, ("prompt", "chosen", "rejected"))
+    for spec, path in zip(cfg.preference_sources, inputs.get("preferences", [])):
+        own = read_preferences(Path(path))
+        if spec.min_strength is not None:
+            if missing := [i for i, r in enumerate(own, 1) if not isinstance(r.get("strength"), (int, float))]:
+                raise InputError(f"{path}: row {missing[0]}: no numeric `strength`, which dpo.preference_sources"
+                                 f"[{spec.path}].min_strength filters on ({len(missing)} rows lack one)")
+            kept = [r for r in own if r["strength"] >= spec.min_strength]
+        else:
+            kept = own
+        sources[str(spec.path)] = {"rows": len(own), "kept": len(kept)}
+        rows += [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in kept]
+    return rows, sources
+
+
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.dpo
-    rows, tokenizer, over = selected_rows(None, inputs["pairs"], "preference pairs", inputs["model"], cfg.max_length,
+    rows, sources = assemble(cfg, inputs, round_n)
+    rows, tokenizer, over = selected_rows(rows, inputs["pairs"], "preference pairs", inputs["model"], cfg.max_length,
                                           "dpo.max_length", ("chosen", "rejected"))
     masked = masked_ids(tokenizer) if cfg.mask_formatting_tokens else []
 
@@ -106,5 +130,7 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
     stats["log_probs"] = log_probs(history, cfg.beta)
+    if len(sources) > 1:
+        stats["sources"] = sources
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
                        rows={"pairs": len(rows), "truncated": over}, stats=stats)

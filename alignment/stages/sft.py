@@ -10,7 +10,6 @@ LoRA/QLoRA adapters merged into a full model at the end, several seeds averaged,
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -21,7 +20,8 @@ from alignment.config import InputError
 from alignment.prompts import read_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
-from alignment.training import load_for_training, loss_summary, peft_config, selected_rows, train_runs, trainer_fields
+from alignment.training import (load_for_training, loss_summary, newest_first, peft_config, selected_rows, train_runs,
+                                trainer_fields)
 
 
 def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, seed: int | None = None):
@@ -57,15 +57,9 @@ def assemble(cfg, inputs: dict, seed: int, round_n: int) -> tuple[list[dict], di
     """The round's SFT rows: this round's selection, the earlier rounds' that `sft.accumulate` adds (a row
     repeated across rounds is kept once, the newest), then each extra source `epochs` times (whole repeats, and a
     seeded share of its rows for the fraction). With the count per source, for the statistics."""
-    key = lambda r: json.dumps([r["prompt"], r["completion"]], sort_keys=True)  # noqa: E731
-    seen, rows, sources = set(), [], {}
     earlier = inputs.get("earlier_sft", [])
     rounds = [(f"round {round_n}", inputs["sft"])] + [(f"round {round_n - 1 - i}", p) for i, p in enumerate(earlier)]
-    for name, path in rounds:
-        new = [r for r in read_jsonl(Path(path)) if key(r) not in seen]
-        seen.update(key(r) for r in new)
-        sources[name] = {"rows": len(new)}
-        rows += new
+    rows, sources = newest_first(rounds, ("prompt", "completion"))
     for spec, path in zip(cfg.extra_sources, inputs.get("extra_sft", [])):
         own = conversation_rows(Path(path))
         whole, part = int(spec.epochs), spec.epochs - int(spec.epochs)
