@@ -181,3 +181,23 @@ def test_turning_revise_on_reruns_score_and_select_but_not_generate():
     assert hashed["score"][0][0] == hashed["score"][1][0]  # the same settings, other samples:
     assert hashed["score"][1][1]["samples"] == Upstream("revise", "samples", 1, "score")
     assert hashed["select"][0][0] != hashed["select"][1][0]  # reads revise's sft_format and rejected
+
+
+def test_a_dialog_that_outgrows_the_teachers_context_ends_counted_instead_of_failing_the_stage(tmp_path):
+    # a local teacher (transformers) whose engine allows 64 tokens: the prompt, the failing attempt (a ```python
+    # block of about 45 characters) and the feedback turn (over 100 characters) are far more than 64 - 16 tokens
+    # in the tiny character tokenizer, so neither unsolved prompt's dialog is sent
+    from alignment.chat import build_tokenizer
+    from alignment.tiny_models import random_llama, save
+
+    tok = build_tokenizer()
+    model = save(random_llama(tok, seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=1), tok, tmp_path / "teacher")
+    recipe, inputs = setup(tmp_path, "http://unused/v1", "sampling.max_new_tokens=16",
+                           f"teacher={{source: path, model_name_or_path: {model}, backend: transformers, "
+                           "engine: {max_model_len: 64}}")
+    inputs["teacher"] = model
+    (tmp_path / "revise").mkdir()
+    result = revise.run(stage(recipe, "revise"), inputs, tmp_path / "revise", 1)
+    assert result.stats["ended_at_context_limit"] == 2 and result.stats["requests_sent"] == 0
+    assert result.stats["failed_after_all_turns"] == 0 and result.rows["revisions"] == 0

@@ -7,6 +7,9 @@ error, up to `revise.max_turns` turns. Which samples: per prompt, the `revise.sa
 failing ones (most checks passed, then the lowest sample_index), by default only on prompts none of whose samples
 passed (`revise.only_unsolved`).
 
+A dialog grows by an attempt and a feedback turn each turn; one that would no longer fit the teacher's context
+(with the answer's max_new_tokens) ends there, counted as `ended_at_context_limit`, instead of failing the stage.
+
 Every revision is a generate request of its own (its conversation, teacher and settings hash to its id and seed;
 one sample each), saved to this stage's shards as it finishes, so a killed stage resumes where it stopped: turn t
 is rebuilt from the saved answers of turn t - 1. The output is the round's samples with the revisions appended
@@ -43,6 +46,25 @@ def pick(group: list[dict], results: dict, cfg) -> list[dict]:
     return sorted(failing, key=lambda s: (-results[s["sample_index"]][1], s["sample_index"]))[:cfg.samples_per_prompt]
 
 
+def context_check(recipe: StageConfig, teacher: str):
+    """A test of whether a revision conversation, with the answer's max_new_tokens, fits the teacher's context
+    (its max_position_embeddings, and the engine's max_model_len): a dialog grows by an attempt and a feedback turn
+    per turn, and a request over the context would fail the stage. Behind existing endpoints the server knows its
+    context; every conversation is sent."""
+    if recipe.teacher.endpoints:
+        return lambda conversation: True
+    from transformers import AutoConfig
+
+    from alignment.chat import token_ids
+    from alignment.template import load_tokenizer
+
+    tokenizer = load_tokenizer(teacher)
+    context = min(n for n in (getattr(AutoConfig.from_pretrained(teacher), "max_position_embeddings", None),
+                              recipe.teacher.engine.max_model_len, 1 << 40) if n)
+    budget = context - recipe.sampling.max_new_tokens
+    return lambda conversation: len(token_ids(tokenizer, conversation, add_generation_prompt=True)) <= budget
+
+
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     cfg, verifiers = recipe.revise, recipe.reward.verifiers
     samples = read_jsonl(inputs["samples"])
@@ -68,10 +90,12 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                                       {"role": "user", "content": cfg.feedback_template.format(error=error)}]})
 
     teacher, teacher_id = str(inputs["teacher"]), model_identity(str(inputs["teacher"]))
+    fits = context_check(recipe, teacher)
     settings = {**recipe.sampling.model_dump(), "num_samples": 1}
     base_seed = request_seed({"recipe_seed": recipe.seed, "round": round_n, "stage": "revise"})
     done = load_shards(out_dir / "shards")
     rows, passed_after, sent, resumed, generate_s, start_s = [], defaultdict(int), 0, 0, 0.0, 0.0
+    too_long = 0
     with ExitStack() as stack:
         backend = None
         active = chains
@@ -80,6 +104,12 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                 break
             conversations = [([{"role": "system", "content": c["system"]}] if c["system"] else [])
                              + prompts[c["prompt_id"]]["messages"] + c["dialog"] for c in active]
+            room = [fits(conv) for conv in conversations]  # a dialog that outgrew the context ends here, counted
+            too_long += sum(not r for r in room)
+            active = [c for c, r in zip(active, room) if r]
+            conversations = [conv for conv, r in zip(conversations, room) if r]
+            if not active:
+                break
             ids, requests = make_requests(conversations, teacher_id, settings,
                                           request_seed({"base_seed": base_seed, "turn": turn}))
             todo = [rid for rid in requests if rid not in done]
@@ -126,7 +156,8 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                           "samples": sum(len(groups[pid]) for pid in tested)},
             "revised_samples": len(chains),
             "passed_after_turn": {str(t): passed_after[str(t)] for t in range(1, cfg.max_turns + 1)},
-            "failed_after_all_turns": len(chains) - sum(passed_after.values()),
+            "failed_after_all_turns": len(chains) - sum(passed_after.values()) - too_long,
+            "ended_at_context_limit": too_long,
             "requests_sent": sent, "requests_resumed_from_shards": resumed,
             "backend_start_seconds": round(start_s, 2), "generate_seconds": round(generate_s, 2),
             "feedback_chars": describe([len(c["dialog"][1]["content"]) for c in chains]),
