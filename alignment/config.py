@@ -464,8 +464,15 @@ class ReviseConfig(Strict):
     @field_validator("feedback_template")
     @classmethod
     def _has_error(cls, v: str) -> str:
-        if "{error}" not in v:
-            raise ValueError("must hold {error}, where the failing check and the program's output go")
+        import string
+
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+        except ValueError as e:
+            raise ValueError(f"is not a format string ({e}); write a literal brace as {{{{ or }}}}") from None
+        if fields != {"error"}:
+            raise ValueError("must hold {error}, where the failing check and the program's output go, and no other "
+                             f"{{field}} (found {sorted(fields) or 'none'}; write a literal brace as {{{{ or }}}})")
         return v
 
 

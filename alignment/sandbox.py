@@ -310,7 +310,7 @@ class Process:
         folder.mkdir()
         (folder / "program.py").write_text(program)
         (folder / "harness.py").write_text(HARNESS)
-        argv = [PYTHON, "-I", "-S", "-B", "harness.py", str(max(1, int(deadline - time.monotonic()) + 1)),
+        argv = [PYTHON, "-I", "-S", "-B", "-u", "harness.py", str(max(1, int(deadline - time.monotonic()) + 1)),
                 str(memory_mb), str(FILE_LIMIT)]
         if isolated:
             argv = bwrap_args(str(folder)) + argv

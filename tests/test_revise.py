@@ -164,6 +164,11 @@ def test_a_feedback_template_without_the_error_is_refused(tmp_path):
 
     with pytest.raises(InputError, match=r"revise.feedback_template.*must hold \{error\}"):
         load_recipe(TINY, ["revise={feedback_template: 'try again'}", "reward.verifiers=[{name: c, kind: code}]"])
+    for template in ("{error} in {\"code\"}", "{{error}}", "{error} {extra}"):  # another field, or only a literal
+        with pytest.raises(InputError, match=r"revise.feedback_template.*no other"):
+            load_recipe(TINY, [f"revise={{feedback_template: '{template}'}}", "reward.verifiers=[{name: c, kind: code}]"])
+    assert load_recipe(TINY, ["revise={feedback_template: 'Failed: {error}. Use {{braces}}.'}",
+                              "reward.verifiers=[{name: c, kind: code}]"]).revise.feedback_template
     with pytest.raises(InputError, match="revise .* needs a code verifier"):
         load_recipe(TINY, ["revise={max_turns: 1}"])
 
@@ -201,3 +206,46 @@ def test_a_dialog_that_outgrows_the_teachers_context_ends_counted_instead_of_fai
     result = revise.run(stage(recipe, "revise"), inputs, tmp_path / "revise", 1)
     assert result.stats["ended_at_context_limit"] == 2 and result.stats["requests_sent"] == 0
     assert result.stats["failed_after_all_turns"] == 0 and result.rows["revisions"] == 0
+
+
+def test_a_rerun_reuses_the_decided_outcomes_even_where_the_code_prints_otherwise(server, tmp_path):
+    # add's failing attempts print a fresh random number each time they run: the error shown to the teacher (and
+    # so the request id) would change on a re-run if the outcome were decided again; a kill can also cut the last
+    # saved outcome mid-line
+    Scripted.text, Scripted.hits_limit = staticmethod(teacher_answer), staticmethod(lambda body, i: False)
+    recipe, inputs = setup(tmp_path, server)
+    noisy = "import random, sys\nprint(random.random(), object(), file=sys.stderr)\ndef add(a, b):\n    return a - b"
+    rows = read_jsonl(inputs["samples"])
+    for r in rows:
+        if r["prompt_id"] == "p-add":
+            r["response"] = block(noisy + ("  # again" if r["sample_index"] else ""))
+    write_jsonl(inputs["samples"], rows)
+    out = tmp_path / "revise"
+    out.mkdir()
+    revise.run(stage(recipe, "revise"), inputs, out, 1)
+    before, Scripted.seen = (out / "samples.jsonl").read_bytes(), []
+    saved = (out / "outcomes.jsonl").read_text()
+    (out / "outcomes.jsonl").write_text(saved[:-20])  # the last outcome torn: decided again, the rest reused
+    again = revise.run(stage(recipe, "revise"), inputs, out, 1)
+    assert Scripted.seen == [] and again.stats["requests_sent"] == 0
+    assert (out / "samples.jsonl").read_bytes() == before
+
+
+def test_a_first_attempt_the_filters_dropped_is_not_made_the_rejected_side(server, tmp_path):
+    # add's first attempt (index 0) hit the token limit: select drops it, so add's pair keeps the pair policy's
+    # rejected side (the worst-ranked kept sample: the crash, index 2) and counts why
+    Scripted.text, Scripted.hits_limit = staticmethod(teacher_answer), staticmethod(lambda body, i: False)
+    recipe, inputs = setup(tmp_path, server)
+    rows = read_jsonl(inputs["samples"])
+    rows[0]["finish_reason"] = "length"
+    write_jsonl(inputs["samples"], rows)
+    for name in ("revise", "score", "select"):
+        (tmp_path / name).mkdir()
+    revise.run(stage(recipe, "revise"), inputs, tmp_path / "revise", 1)
+    samples = tmp_path / "revise" / "samples.jsonl"
+    score.run(stage(recipe, "score"), {"samples": samples, "prompts": inputs["prompts"]}, tmp_path / "score", 1)
+    result = select.run(stage(recipe, "select"), {"samples": samples, "scores": tmp_path / "score" / "scores.jsonl",
+                                                  "prompts": inputs["prompts"]}, tmp_path / "select", 1)
+    pairs = {r["prompt_id"]: r for r in read_jsonl(tmp_path / "select" / "pairs.jsonl")}
+    assert (pairs["p-add"]["chosen_index"], pairs["p-add"]["rejected_index"]) == (3, 2)
+    assert result.stats["dropped"]["pair_first_attempt_filtered"] == 1

@@ -67,6 +67,12 @@ def test_an_extra_source_is_hashed_by_content_and_a_bad_row_is_named(tmp_path):
     before = identity(recipe, spec)["hash"]
     write_jsonl(path, [row("q", "b")])
     assert identity(recipe, spec)["hash"] != before and spec == File(path, "sft.extra_sources")
+    for bad, message in (([1, 2], "row 1: a JSON object"),
+                         ({"prompt": [{"role": "user"}], "completion": [{"role": "assistant", "content": "a"}]},
+                          "row 1: prompt: a message needs a role .* and a string content")):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(InputError, match=message):
+            assemble(recipe.sft, {"sft": _empty(tmp_path), "extra_sft": [path]}, 0, 1)
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
     cfg = recipe.sft
     with pytest.raises(InputError, match=r"extra.jsonl: row 1: messages must be a list of messages ending in the "

@@ -92,7 +92,8 @@ def assemble(cfg, inputs: dict, round_n: int) -> tuple[list[dict], dict]:
     for spec, path in zip(cfg.preference_sources, inputs.get("preferences", [])):
         own = read_preferences(Path(path))
         if spec.min_strength is not None:
-            if missing := [i for i, r in enumerate(own, 1) if not isinstance(r.get("strength"), (int, float))]:
+            if missing := [i for i, r in enumerate(own, 1) if isinstance(r.get("strength"), bool)
+                           or not isinstance(r.get("strength"), (int, float))]:
                 raise InputError(f"{path}: row {missing[0]}: no numeric `strength`, which dpo.preference_sources"
                                  f"[{spec.path}].min_strength filters on ({len(missing)} rows lack one)")
             kept = [r for r in own if r["strength"] >= spec.min_strength]

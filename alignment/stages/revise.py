@@ -22,6 +22,9 @@ the DPO rejected side (`revise.sft_format`, `revise.rejected`).
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import time
 from collections import defaultdict
 from contextlib import ExitStack
@@ -37,13 +40,48 @@ from alignment.stats import describe
 from alignment.verifiers import applies, code_feedback
 
 
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+
+
+class Outcomes:
+    """Each tested answer's outcome (passed, share of checks passed, the error to show), by (prompt_id,
+    sample_index), saved as it is decided and before any request carries it: a re-run rebuilds the same
+    conversations, so the same request ids, from it, even where running the code again would print or time out
+    otherwise (an object's address, a loop cut at another point). Addresses are masked for the same reason."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        lines = path.read_text().split("\n")[:-1] if path.exists() else []  # a line cut by a kill has no "\n"
+        self.saved = {(r["prompt_id"], r["sample_index"]): (r["passed"], r["share"], r["error"])
+                      for r in map(json.loads, lines)}
+
+    def decide(self, verifiers, items: list[tuple[dict, dict, str]], chars: int) -> list[tuple[bool, float, str]]:
+        """(prompt row, sample key {prompt_id, sample_index}, response) -> outcomes, deciding only the unsaved."""
+        key = lambda k: (k["prompt_id"], k["sample_index"])  # noqa: E731
+        todo = [it for it in items if key(it[1]) not in self.saved]
+        if todo:
+            with open(self.path, "a") as f:
+                for (_, k, _), (passed, share, error) in zip(todo, code_feedback(
+                        verifiers, [(p, r) for p, _, r in todo], chars)):
+                    self.saved[key(k)] = (passed, share, ADDRESS.sub("0x...", error))
+                    f.write(json.dumps({"prompt_id": k["prompt_id"], "sample_index": k["sample_index"],
+                                        "passed": passed, "share": share, "error": self.saved[key(k)][2]}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return [self.saved[key(k)] for _, k, _ in items]
+
+
 def pick(group: list[dict], results: dict, cfg) -> list[dict]:
     """The prompt's samples to revise: none when a sample passed and only unsolved prompts are revised; else the
     best-ranked failing ones."""
     if cfg.only_unsolved and any(results[s["sample_index"]][0] for s in group):
         return []
-    failing = [s for s in group if not results[s["sample_index"]][0]]
-    return sorted(failing, key=lambda s: (-results[s["sample_index"]][1], s["sample_index"]))[:cfg.samples_per_prompt]
+    failing, seen = [], set()
+    for s in sorted(group, key=lambda s: (-results[s["sample_index"]][1], s["sample_index"])):
+        if not results[s["sample_index"]][0] and s["response"] not in seen:  # a repeated answer: one revision
+            seen.add(s["response"])
+            failing.append(s)
+    return failing[:cfg.samples_per_prompt]
 
 
 def context_check(recipe: StageConfig, teacher: str):
@@ -69,7 +107,9 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
     cfg, verifiers = recipe.revise, recipe.reward.verifiers
     samples = read_jsonl(inputs["samples"])
     prompts = read_prompts(inputs["prompts"]).by_id(r["prompt_id"] for r in samples)
-    first = code_feedback(verifiers, [(prompts[s["prompt_id"]], s["response"]) for s in samples], cfg.feedback_chars)
+    outcomes = Outcomes(out_dir / "outcomes.jsonl")
+    first = outcomes.decide(verifiers, [(prompts[s["prompt_id"]], s, s["response"]) for s in samples],
+                            cfg.feedback_chars)
     groups: dict[str, list[dict]] = defaultdict(list)
     results: dict[str, dict[int, tuple]] = defaultdict(dict)
     for s, res in zip(samples, first):
@@ -126,8 +166,9 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                 generate_s += time.time() - t1
                 sent += len(todo)
             answers = [done[rid]["completions"][0] for rid in ids]
-            verdicts = code_feedback(verifiers, [(prompts[c["prompt_id"]], a[0]) for c, a in zip(active, answers)],
-                                     cfg.feedback_chars)
+            verdicts = outcomes.decide(verifiers, [(prompts[c["prompt_id"]], {"prompt_id": c["prompt_id"],
+                                                   "sample_index": c["first_index"] + turn - 1}, a[0])
+                                                   for c, a in zip(active, answers)], cfg.feedback_chars)
             still = []
             for c, rid, (text, num_tokens, finish), (passed, share, error) in zip(active, ids, answers, verdicts):
                 rows.append({"prompt_id": c["prompt_id"], "sample_index": c["first_index"] + turn - 1,

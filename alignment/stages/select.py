@@ -146,12 +146,18 @@ def sft_row(pid: str, prompt: list[dict], best: dict, revise) -> dict:
     return row
 
 
-def revised_pair(pair: tuple[dict, dict], candidates: list[dict], revise) -> tuple[dict, dict]:
+def revised_pair(pair: tuple[dict, dict], candidates: list[dict], cfg: SelectConfig, revise, drops: Counter
+                 ) -> tuple[dict, dict]:
     """A chosen revision's rejected side is its own failing first attempt under `revise.rejected: first_attempt`
-    (the pair then differs by exactly the repair); otherwise the pair as the pair policy chose it."""
+    (the pair then differs by exactly the repair), unless the sample filters dropped that attempt (cut at the token
+    limit, say): then the pair as the pair policy chose it, counted."""
     chosen, rejected = pair
     if "revision" in chosen and revise.rejected == "first_attempt":
-        rejected = next(c for c in candidates if c["sample_index"] == chosen["revision"]["of"])
+        first = next(c for c in candidates if c["sample_index"] == chosen["revision"]["of"])
+        if sample_drop_reason(first, cfg.filters) is None:
+            rejected = first
+        else:
+            drops["pair_first_attempt_filtered"] += 1
     return chosen, rejected
 
 
@@ -266,7 +272,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         if best is not None:
             sft_rows.append(sft_row(pid, prompt, best, recipe.revise))
         if pair is not None:
-            chosen, rejected = revised_pair(pair, candidates, recipe.revise)
+            chosen, rejected = revised_pair(pair, candidates, cfg, recipe.revise, drops)
             pair_rows.append({"prompt_id": pid, "chosen_index": chosen["sample_index"],
                               "rejected_index": rejected["sample_index"], "prompt": prompt,
                               "chosen": [{"role": "assistant", "content": chosen["response"]}],

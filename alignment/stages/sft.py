@@ -10,6 +10,7 @@ LoRA/QLoRA adapters merged into a full model at the end, several seeds averaged,
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def conversation_rows(path: Path) -> list[dict]:
     `messages` ending in the assistant's turn (the completion)."""
     rows = []
     for i, row in enumerate(read_jsonl(path), 1):
+        if not isinstance(row, dict):
+            raise InputError(f"{path}: row {i}: a JSON object with `prompt` and `completion`, or `messages`")
         if "messages" in row and "completion" not in row:
             msgs = row["messages"]
             if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) for m in msgs)
@@ -49,6 +52,10 @@ def conversation_rows(path: Path) -> list[dict]:
         for key in ("prompt", "completion"):
             if not (isinstance(row.get(key), list) and row[key] and all(isinstance(m, dict) for m in row[key])):
                 raise InputError(f"{path}: row {i}: needs `prompt` and `completion` (message lists) or `messages`")
+            if bad := next((m for m in row[key] if m.get("role") not in ("system", "user", "assistant", "tool")
+                            or not isinstance(m.get("content"), str)), None):
+                raise InputError(f"{path}: row {i}: {key}: a message needs a role (system, user, assistant or tool) "
+                                 f"and a string content, got {json.dumps(bad)[:80]}")
         rows.append({"prompt": row["prompt"], "completion": row["completion"]})
     return rows
 
@@ -63,7 +70,8 @@ def assemble(cfg, inputs: dict, seed: int, round_n: int) -> tuple[list[dict], di
     for spec, path in zip(cfg.extra_sources, inputs.get("extra_sft", [])):
         own = conversation_rows(Path(path))
         whole, part = int(spec.epochs), spec.epochs - int(spec.epochs)
-        extra = own * whole + random.Random(f"{seed}-{round_n}-{spec.path}").sample(own, round(part * len(own)))
+        share = int(part * len(own) + 0.5)  # half up: 1.5 epochs of one row is two rows
+        extra = own * whole + random.Random(f"{seed}-{round_n}-{spec.path}").sample(own, share)
         sources[str(spec.path)] = {"rows": len(own), "epochs": spec.epochs, "used": len(extra)}
         rows += extra
     return rows, sources
