@@ -145,11 +145,11 @@ def newest_first(rounds: list[tuple[str, Path]], fields: tuple[str, ...]) -> tup
     seen, rows, counts = set(), [], {}
     for name, path in rounds:
         new = []
-        for r in read_jsonl(Path(path)):
+        for i, r in enumerate(read_jsonl(Path(path)), 1):
             k = json.dumps([r[f] for f in fields], sort_keys=True)
             if k not in seen:
                 seen.add(k)
-                new.append(r)
+                new.append({**r, "_where": (str(path), i)})
         counts[name] = {"rows": len(new)}
         rows += new
     return rows, counts
@@ -175,8 +175,10 @@ def check_prompts_fit(tokenizer, rows: list[dict], max_length: int, key: str, pa
     lengths = [len(token_ids(tokenizer, r["prompt"], add_generation_prompt=True)) for r in rows]
     too_long = [i for i, n in enumerate(lengths) if n >= max_length]
     if too_long:
+        # rows assembled from several files (earlier rounds, extra sources) carry their own file and row
+        src, line = rows[too_long[0]].get("_where") or (path, too_long[0] + 1)
         raise InputError(f"{key}={max_length} is not longer than the prompt of {len(too_long)} of {len(rows)} rows "
-                         f"of {path} (row {too_long[0] + 1}: {lengths[too_long[0]]} tokens; longest "
+                         f"of {src} (row {line}: {lengths[too_long[0]]} tokens; longest "
                          f"{max(lengths)}); raise {key} above the longest prompt")
 
 

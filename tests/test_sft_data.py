@@ -113,3 +113,17 @@ def test_dpo_adds_the_last_k_rounds_pairs_once_and_preference_files_by_strength(
     write_jsonl(tmp_path / "human.jsonl", [pair("h1", "x", "y", strength=3), pair("h2", "x", "y")])
     with pytest.raises(InputError, match=r"human.jsonl: row 2: no numeric `strength`"):
         dpo_assemble(cfg, {"pairs": tmp_path / "p3.jsonl", "preferences": [tmp_path / "human.jsonl"]}, 1)
+
+
+def test_a_prompt_too_long_is_named_by_the_file_and_row_it_came_from(tmp_path):
+    # this round's one short row, then an extra source whose second row is far longer than max_length: the error
+    # names that file and its row 2, not this round's file or a position in the assembled list
+    from alignment.chat import build_tokenizer
+    from alignment.training import check_prompts_fit
+
+    write_jsonl(tmp_path / "r1.jsonl", [row("1+1", "2")])
+    write_jsonl(tmp_path / "extra.jsonl", [row("2+2", "4"), row("9" * 400, "9")])
+    cfg = load_recipe(TINY, [f"sft.extra_sources=[{{path: {tmp_path / 'extra.jsonl'}}}]"]).sft
+    rows, _ = assemble(cfg, {"sft": tmp_path / "r1.jsonl", "extra_sft": [tmp_path / "extra.jsonl"]}, 0, 1)
+    with pytest.raises(InputError, match=r"of 3 rows of .*extra.jsonl \(row 2: 4\d\d tokens"):
+        check_prompts_fit(build_tokenizer(), rows, 128, "sft.max_length", tmp_path / "r1.jsonl")

@@ -96,11 +96,9 @@ def assemble(cfg, inputs: dict, round_n: int) -> tuple[list[dict], dict]:
                            or not isinstance(r.get("strength"), (int, float))]:
                 raise InputError(f"{path}: row {missing[0]}: no numeric `strength`, which dpo.preference_sources"
                                  f"[{spec.path}].min_strength filters on ({len(missing)} rows lack one)")
-            kept = [r for r in own if r["strength"] >= spec.min_strength]
-        else:
-            kept = own
+        kept = [(i, r) for i, r in enumerate(own, 1) if spec.min_strength is None or r["strength"] >= spec.min_strength]
         sources[str(spec.path)] = {"rows": len(own), "kept": len(kept)}
-        rows += [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in kept]
+        rows += [{**{k: r[k] for k in ("prompt", "chosen", "rejected")}, "_where": (str(path), i)} for i, r in kept]
     return rows, sources
 
 

@@ -56,7 +56,7 @@ def conversation_rows(path: Path) -> list[dict]:
                             or not isinstance(m.get("content"), str)), None):
                 raise InputError(f"{path}: row {i}: {key}: a message needs a role (system, user, assistant or tool) "
                                  f"and a string content, got {json.dumps(bad)[:80]}")
-        rows.append({"prompt": row["prompt"], "completion": row["completion"]})
+        rows.append({"prompt": row["prompt"], "completion": row["completion"], "_where": (str(path), i)})
     return rows
 
 
