@@ -40,7 +40,8 @@ SFT = ["sft.report_to=[]", "sft.num_train_epochs=1", "sft.per_device_train_batch
 def test_each_stage_runs_with_the_resources_of_its_kind():
     plain = load_recipe(TINY, [])
     judged = load_recipe(TINY, ["reward.judge={template: 'Rate {prompt} {response}'}"])
-    expected = {"bootstrap": "train", "import_gguf": "train", "teacher_eval": "generate", "generate": "generate", "score": "eval",
+    expected = {"bootstrap": "train", "import_gguf": "train", "teacher_eval": "generate", "generate": "generate",
+                "revise": "generate", "score": "eval",
                 "select": None, "reward_model": "train", "sft": "train", "dpo": "train", "eval": "eval",
                 "promote": None}
     assert {s: job_kind(plain, s) for s in STAGES} == expected
@@ -181,6 +182,26 @@ def running_job(folder: Path, proc, known: int) -> str:
                          f"{proc.stderr.read() if proc.poll() is not None else 'still waiting after %d s' % HANG_S}")
 
 
+def hold(job: str, folder: Path) -> None:
+    """Suspend the job and make sure its stage process is stopped: a job suspended while slurmd is still launching
+    it can start its process running, and an orphan that finishes leaves a current manifest (the next run then
+    has nothing to cancel). So: until the process exists and is stopped (state T), resume and suspend again."""
+    subprocess.run(["scontrol", "suspend", job], check=True, capture_output=True)
+    start = time.time()
+    while time.time() - start < HANG_S:
+        pids = subprocess.run(["pgrep", "-f", f"alignment.runner {folder}/job.json"], capture_output=True,
+                              text=True).stdout.split()
+        states = [Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] for p in pids if Path(f"/proc/{p}").exists()]
+        if states and all(st == "T" for st in states):
+            return
+        if states:  # running although the job is suspended: suspend what is there now
+            subprocess.run(["scontrol", "resume", job], capture_output=True)
+            subprocess.run(["scontrol", "suspend", job], check=True, capture_output=True)
+        assert not (folder / "manifest.json").exists(), "the orphan finished before it could be held"
+        time.sleep(0.2)
+    raise AssertionError(f"job {job}'s stage process never appeared stopped")
+
+
 @pytest.mark.slow
 def test_sft_under_slurm_survives_a_stop_a_kill_and_a_cancel_and_matches_the_local_run(slurm, model, tmp_path):
     base, rows = model
@@ -202,7 +223,7 @@ def test_sft_under_slurm_survives_a_stop_a_kill_and_a_cancel_and_matches_the_loc
     assert job_state(orphan) == "RUNNING"
     # held still (SLURM stops its processes), so that it is alive when the next run starts however slow that start
     # is on a loaded machine: a finished orphan would leave a current manifest, and the next run nothing to cancel
-    subprocess.run(["scontrol", "suspend", orphan], check=True, capture_output=True)
+    hold(orphan, folder)
     lap("killed orchestrator")
     # a job that ends without finishing (cancelled, as a preempted or timed-out job is) fails the stage, no manifest
     proc = stage("sft", tmp_path / "slurm", base, *slurm_args, wait=False)
