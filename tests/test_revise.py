@@ -63,6 +63,17 @@ def setup(tmp_path: Path, endpoint: str, *extra: str):
                     "teacher": "teacher"}
 
 
+def revise_score_select(recipe, inputs: dict, tmp_path: Path):
+    """revise, score and select of round 1 in tmp_path/<stage>, as the round chains them; select's result."""
+    for name in ("revise", "score", "select"):
+        (tmp_path / name).mkdir()
+    revise.run(stage(recipe, "revise"), inputs, tmp_path / "revise", 1)
+    samples = tmp_path / "revise" / "samples.jsonl"
+    score.run(stage(recipe, "score"), {"samples": samples, "prompts": inputs["prompts"]}, tmp_path / "score", 1)
+    return select.run(stage(recipe, "select"), {"samples": samples, "scores": tmp_path / "score" / "scores.jsonl",
+                                                "prompts": inputs["prompts"]}, tmp_path / "select", 1)
+
+
 def stage(recipe, name: str):
     from alignment.round import stage_config
 
@@ -132,13 +143,7 @@ def test_a_sample_that_never_passes_is_counted_and_its_error_is_cut_to_its_tail(
 def test_a_passing_revision_becomes_the_sft_row_and_its_first_attempt_the_rejected_side(server, tmp_path, fmt):
     Scripted.text, Scripted.hits_limit = staticmethod(teacher_answer), staticmethod(lambda body, i: False)
     recipe, inputs = setup(tmp_path, server, f"revise.sft_format={fmt}")
-    for name in ("revise", "score", "select"):
-        (tmp_path / name).mkdir()
-    revise.run(stage(recipe, "revise"), inputs, tmp_path / "revise", 1)
-    samples = tmp_path / "revise" / "samples.jsonl"
-    score.run(stage(recipe, "score"), {"samples": samples, "prompts": inputs["prompts"]}, tmp_path / "score", 1)
-    result = select.run(stage(recipe, "select"), {"samples": samples, "scores": tmp_path / "score" / "scores.jsonl",
-                                                  "prompts": inputs["prompts"]}, tmp_path / "select", 1)
+    result = revise_score_select(recipe, inputs, tmp_path)
     sft = {r["prompt_id"]: r for r in read_jsonl(tmp_path / "select" / "sft.jsonl")}
     pairs = {r["prompt_id"]: r for r in read_jsonl(tmp_path / "select" / "pairs.jsonl")}
     # every prompt now has a passing sample: mul's own, add's and neg's revisions
@@ -239,13 +244,7 @@ def test_a_first_attempt_the_filters_dropped_is_not_made_the_rejected_side(serve
     rows = read_jsonl(inputs["samples"])
     rows[0]["finish_reason"] = "length"
     write_jsonl(inputs["samples"], rows)
-    for name in ("revise", "score", "select"):
-        (tmp_path / name).mkdir()
-    revise.run(stage(recipe, "revise"), inputs, tmp_path / "revise", 1)
-    samples = tmp_path / "revise" / "samples.jsonl"
-    score.run(stage(recipe, "score"), {"samples": samples, "prompts": inputs["prompts"]}, tmp_path / "score", 1)
-    result = select.run(stage(recipe, "select"), {"samples": samples, "scores": tmp_path / "score" / "scores.jsonl",
-                                                  "prompts": inputs["prompts"]}, tmp_path / "select", 1)
+    result = revise_score_select(recipe, inputs, tmp_path)
     pairs = {r["prompt_id"]: r for r in read_jsonl(tmp_path / "select" / "pairs.jsonl")}
     assert (pairs["p-add"]["chosen_index"], pairs["p-add"]["rejected_index"]) == (3, 2)
     assert result.stats["dropped"]["pair_first_attempt_filtered"] == 1
