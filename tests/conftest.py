@@ -2,7 +2,13 @@
 
 import os
 
-import pytest
+# libgomp's threads spin while they wait for work, which on 2 cores shared by two test workers (and by whatever
+# else runs here) starves the thread they wait for: the real-model recipe's eval took 71 s beside two busy
+# processes with the default policy, 19 s with PASSIVE, 11-14 s on an idle machine (measured here, 2026-12-04).
+# libgomp reads it when torch loads, so it is set before any test module imports torch; stages inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
 
 import slurm_cluster
 
