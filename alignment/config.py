@@ -795,6 +795,10 @@ class LauncherConfig(Strict):
                                             "slurm: each due stage is a SLURM job (a job step inside an allocation), "
                                             "except select and promote (seconds of file work, run in place); "
                                             "runs_dir must be on storage the nodes share")
+    prefork: bool = Field(True, description="start each local stage by forking it from one process that imported "
+                          "torch, transformers and trl once per run (milliseconds, not 6-10 s a stage); never with "
+                          "a CUDA device visible, for the teacher's stages when an API key is set, or for "
+                          "distributed trainers. false: every stage a fresh `python -m alignment.runner`")
     gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU, for the memory plan; "
                                          "null: read from the visible GPU (no plan without one)")
     generate: JobResources = Field(JobResources(), description="generate, teacher_eval, and score with a judge; "

@@ -102,6 +102,9 @@ def hash_model_dir(path: Path) -> str:
     return hash_json([[p.relative_to(path).as_posix(), digest] for p, (digest, _) in zip(files, results)])
 
 
+TORN = ".*.tmp-*"  # write_json_atomic's temporary files: one still there was cut short by a kill
+
+
 def write_json_atomic(path: Path, obj) -> None:
     """Write to a temporary file in the same folder, then rename: readers see the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -14,16 +14,16 @@ import fcntl
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from alignment import prefork
 from alignment.config import InputError, Recipe
 from alignment.consistency import check_chat_templates, check_prompt_lengths
 from alignment.launcher import cancel_recorded, run_stage_job
-from alignment.manifest import hash_json, read_manifest, write_json_atomic
+from alignment.manifest import TORN, hash_json, read_manifest, write_json_atomic
 from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
 from alignment.prompts import read_prompts, source_identity
 from alignment.seeding import model_identity
@@ -148,6 +148,15 @@ def stage_env(recipe: Recipe, stage: str) -> dict:
     return env
 
 
+def stage_server(recipe: Recipe):
+    """While inside, stages fork from one process that imported their libraries once (alignment/prefork.py). Its
+    environment is that of every stage that does not ask the teacher: without the teacher's API key."""
+    env = dict(os.environ)
+    if recipe.teacher.api_key_env:
+        env.pop(recipe.teacher.api_key_env, None)
+    return prefork.serving(env, recipe.launcher.prefork)
+
+
 def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, overrides: list[str],
               force: bool = False) -> bool:
     """Run the stage in a fresh process unless its manifest is current; True when it ran."""
@@ -173,6 +182,8 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
         shutil.rmtree(folder)
     elif resume:  # a job of an earlier run that finished while being cancelled: this run's manifest is the one
         (folder / "manifest.json").unlink(missing_ok=True)
+        for torn in folder.rglob(TORN):  # a write the kill cut short: never renamed into place, never to be read
+            torn.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     job = {"stage": stage, "round": round_n, "recipe_name": recipe.name, "recipe_file": recipe_file,
            "overrides": overrides, "config": config, "inputs": inputs, "fingerprint": fp}
@@ -181,7 +192,7 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
         code = run_stage_job(recipe, round_n, stage, folder, job, env)
     else:
         write_json_atomic(folder / "job.json", job)
-        code = subprocess.run(stage_command(recipe, stage, folder / "job.json"), env=env).returncode
+        code = prefork.run(stage_command(recipe, stage, folder / "job.json"), env)
     if code != 0:
         raise StageFailed(f"stage {stage} of round {round_n} failed (exit code {code}); {folder} has "
                           "no manifest, so the next run of this round starts that stage again")
@@ -235,7 +246,7 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
     if round_n > 1:
         identity(recipe, student(recipe, round_n))  # fail now, before any work, if round n-1 is missing
     checked = False
-    with run_lock(recipe):
+    with run_lock(recipe), stage_server(recipe):
         for stage in round_stages(recipe, round_n, EVAL_STAGES if eval_only else tuple(STAGES)):
             if stage.name not in MODEL_MAKERS and not eval_only and not checked:  # models exist now: check them
                 check_round_models(recipe, round_n)  # before any stage spends time on them

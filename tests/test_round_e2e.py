@@ -230,6 +230,18 @@ def test_a_changed_section_reruns_that_stage_and_what_depends_on_it(round1, tmp_
     assert manifest(run, "generate") == gen_before
 
 
+def test_a_resumed_stage_drops_the_writes_its_kill_cut_short(round1, tmp_path):
+    """A kill between write_json_atomic's write and its rename leaves a temporary file; the run that resumes the
+    stage (same fingerprint: its folder is kept) removes it, so the folder holds only what a complete run writes."""
+    recipe, run = copy_run(round1, tmp_path)
+    promote = run / "round-1/promote"
+    (promote / "manifest.json").unlink()
+    (promote / ".decision.json.tmp-12345").write_text('{"promoted": "sf')
+    proc = align("round", "1", "--recipe", str(recipe))
+    assert ran(proc) == ["promote"] and "promote: running (resuming an interrupted run)" in proc.stdout
+    assert sorted(p.name for p in promote.iterdir()) == sorted(p.name for p in (round1[1] / "round-1/promote").iterdir())
+
+
 def test_round_two_before_round_one_is_a_clear_error(round1, tmp_path):
     recipe, _, _ = round1
     proc = align("round", "2", "--recipe", str(recipe), f"runs_dir={tmp_path}", check=False)
@@ -357,17 +369,24 @@ def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1,
     leaves nothing that a later run takes for complete. The same round, from a copy of its inputs (the bootstrap)
     in another runs folder and working directory, killed with SIGKILL at KILLS random points across its stages
     (every stage at least once, inside it) and run again each time, writes the same bytes as the uninterrupted
-    run: every file of every stage, less NOT_COMPARED, and the sampled answers themselves. The points are kept in
-    kills.json."""
+    run: every file of every stage, less NOT_COMPARED, and the sampled answers themselves; three of the runs start
+    their stages fresh, the others fork them (alignment/prefork.py). The points are kept in kills.json."""
     recipe, run, _ = round1
     moved = tmp_path / "elsewhere" / "runs"
     shutil.copytree(run / "bootstrap", moved / "e2e" / "bootstrap")
     r = yaml.safe_load(recipe.read_text())
     r["runs_dir"] = str(moved)  # all else is the same configuration: every path in it is absolute
     (tmp_path / "moved.yaml").write_text(yaml.safe_dump(r))
+    # some runs start their stages as fresh processes, the others fork them from the stage server, as the
+    # uninterrupted run did: both must write the same bytes (a recipe file, not an override: the manifests record
+    # overrides, and launcher settings are no stage's configuration)
+    (tmp_path / "moved-fresh.yaml").write_text(yaml.safe_dump({**r, "launcher": {**r.get("launcher", {}),
+                                                                                "prefork": False}}))
     (tmp_path / "cwd").mkdir()
-    args = [sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(tmp_path / "moved.yaml")]
+    args = lambda fresh: [sys.executable, "-m", "alignment.cli", "round", "1", "--recipe",  # noqa: E731
+                          str(tmp_path / ("moved-fresh.yaml" if fresh else "moved.yaml"))]
     folder = lambda s: moved / "e2e" / (s if s in ONCE else f"round-1/{s}")  # noqa: E731
+    finished = lambda: {s for s in STAGES if (folder(s) / "manifest.json").exists()}  # noqa: E731
     running = lambda: [s for s in STAGES if (folder(s) / "job.json").exists()  # noqa: E731
                        and not (folder(s) / "manifest.json").exists()]
     # how long each stage took in the uninterrupted run, from its job file to its manifest (start-up included)
@@ -379,8 +398,10 @@ def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1,
     def kill_in(target: str, share: float) -> None:
         """Run the round until `target` is running (or done), wait up to `share` of its usual time, and SIGKILL the
         whole process group; record which stage the kill left incomplete."""
-        proc = subprocess.Popen(args, cwd=tmp_path / "cwd", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+        fresh = len(points) % 4 == 1  # runs 1, 5 and 9: a fresh start-up costs seconds a stage
+        before = finished()
+        proc = subprocess.Popen(args(fresh), cwd=tmp_path / "cwd", stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.time() + 300
         while (target not in running() and not (folder(target) / "manifest.json").exists() and proc.poll() is None
                and time.time() < deadline):
@@ -392,7 +413,8 @@ def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1,
         proc.wait()
         # what the kill cut short: the stage with a job but no manifest (one that ended first has its manifest)
         killed_in = running() or (["(finished)"] if proc.returncode == 0 else ["(between stages)"])
-        points.append({"target": target, "after_s": round(delay, 2), "killed_in": killed_in})
+        points.append({"target": target, "after_s": round(delay, 2), "killed_in": killed_in,
+                       "stages": "fresh" if fresh else "forked", "completed": sorted(finished() - before)})
 
     # every stage of the round once, early enough to land inside it even if it runs three times faster than it
     # did (a stage that ended first is done, and cannot be killed again: a load that drops between the two runs
@@ -404,10 +426,11 @@ def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1,
         for _ in range(extra.count(target)):
             kill_in(target, 1.2)
     (moved / "kills.json").write_text(json.dumps(points, indent=1))
-    proc = subprocess.run(args, cwd=tmp_path / "cwd", capture_output=True, text=True)
+    proc = subprocess.run(args(False), cwd=tmp_path / "cwd", capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hit = {p["killed_in"][0] for p in points}
     assert len(points) == KILLS and set(STAGES[1:]) <= hit, (sorted(set(STAGES[1:]) - hit), points)
+    assert {p["stages"] for p in points if p["completed"]} == {"fresh", "forked"}, points  # both kinds wrote some
 
     ours, theirs = stage_files(moved / "e2e"), stage_files(run)
     assert sorted(ours) == sorted(theirs)
