@@ -27,7 +27,7 @@ NOT_RUN = {
     "make test-fast": "runs this test suite inside itself",
     "make curve ROUNDS=6 SEEDS=3": "18 rounds, about 40 minutes; its figures are in bench/results/curve.json",
     "make round N=1 RECIPE=recipes/smollm2-135m.yaml": "about 10 minutes; tests/test_real_model.py runs this recipe "
-                                                      "shrunken to 40 prompts",
+                                                      "shrunken to 16 prompts",
     "make plan RECIPE=recipes/llama3.1-70b.yaml": "reads the 70B models' configs from the Hub, which this machine "
                                                  "cannot reach; tests/test_memory_plan.py plans this recipe on the "
                                                  "published configs laid out in a local Hub cache",

@@ -13,8 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/smollm2-135m.yaml"
-SHRINK = ["prompts.num_prompts=40", "sampling.num_samples=4", "sampling.max_new_tokens=64", "eval.num_prompts=4",
-          "eval.max_new_tokens=24", "sft.num_train_epochs=1", "dpo.num_train_epochs=1", "select.sft_min_reward=0.0"]
+NUM_PROMPTS = 16
+SHRINK = [f"prompts.num_prompts={NUM_PROMPTS}", "sampling.num_samples=4", "eval.num_prompts=4", "eval.max_new_tokens=24",
+          "sft.num_train_epochs=1", "dpo.num_train_epochs=1", "select.sft_min_reward=0.0"]
 
 
 def manifest(run: Path, stage: str) -> dict:
@@ -37,7 +38,7 @@ def test_a_shrunken_round_of_the_real_model_recipe(tmp_path):
 
     # generation stopped at ChatML's end of turn, which never shows in the text
     samples = [json.loads(x) for x in (run / "round-1/generate/samples.jsonl").read_text().splitlines()]
-    assert len(samples) == 40 * 4 and any(s["finish_reason"] == "stop" for s in samples)
+    assert len(samples) == NUM_PROMPTS * 4 and any(s["finish_reason"] == "stop" for s in samples)
     assert not any("<|im_end|>" in s["response"] for s in samples)
 
     # DPO masked ChatML's formatting tokens (not Llama 3's, which this vocabulary lacks), and counted them
