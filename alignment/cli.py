@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from alignment.config import InputError, load_recipe
-from alignment.prompts import content_key, read_prompts
+from alignment.prompts import content_key, draw_mixture, read_prompts
 from alignment.verifiers import check_counts, check_examples, check_isolation, check_prompt_fields
 from alignment.round import StageFailed, run_lock, run_round, run_stage, status_table
 from alignment.stage_table import STAGES
@@ -30,24 +30,29 @@ from alignment.stage_table import STAGES
 def validate(recipe_file: str, overrides: list[str]):
     """The recipe and the prompt files it names, checked without running anything."""
     recipe = load_recipe(recipe_file, overrides)
-    train = read_prompts(recipe.prompts.train_path)
-    held_out = read_prompts(recipe.prompts.eval_path)
-    for path, rows in ((recipe.prompts.train_path, train), (recipe.prompts.eval_path, held_out)):
+    p = recipe.prompts
+    train, train_name = read_prompts(p.train_sources), p.train_path or "prompts.sources"
+    held_out = read_prompts(p.eval_path)
+    for path, rows in ((train_name, train), (p.eval_path, held_out)):
         check_prompt_fields(recipe.reward.verifiers, rows, path)
+    if p.sources:  # every round's quotas fit their sources (the rounds the recipe plans, or those it names)
+        last = recipe.rounds or max([1, *(n for s in p.sources for n in s.rounds)])
+        for n in range(1, last + 1):
+            draw_mixture(train, p.quotas(n), recipe.seed, n)
     check_isolation(recipe.reward.verifiers)
     check_examples(recipe.reward.verifiers, recipe.teacher.system_prompts)
     if shared := {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}:
-        raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {recipe.prompts.train_path}, "
+        raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {train_name}, "
                          f"e.g. {sorted(shared)[:3]}; the evaluation split must be held out")
     trained_on = {content_key(p["messages"]): p["prompt_id"] for p in train}
     if leaked := [(p["prompt_id"], trained_on[k]) for p in held_out if (k := content_key(p["messages"])) in trained_on]:
         raise InputError(f"{recipe.prompts.eval_path}: {len(leaked)} held-out prompts ask what a training prompt asks "
                          f"(case and spacing aside), e.g. {leaked[0][0]!r} = {leaked[0][1]!r} in "
-                         f"{recipe.prompts.train_path}; the evaluation split must be held out")
+                         f"{train.where(train.ids[leaked[0][1]])}; the evaluation split must be held out")
     capabilities = {p.get("capability") or "default" for p in train}
     if unused := sorted(set(recipe.teacher.system_prompts) - capabilities - {"default"}):
         raise InputError(f"teacher.system_prompts: {unused} match no prompt's capability in "
-                         f"{recipe.prompts.train_path} (it has {sorted(capabilities)}); a misspelt key would "
+                         f"{train_name} (it has {sorted(capabilities)}); a misspelt key would "
                          "silently leave those prompts without their system prompt")
     return recipe, len(train), len(held_out)
 
@@ -56,7 +61,7 @@ def check_share(recipe) -> list[str]:
     """Per code verifier, the share of its prompts' asserts that the parent decides, outside the candidate."""
     if not any(v.kind == "code" for v in recipe.reward.verifiers):
         return []
-    rows = [*read_prompts(recipe.prompts.train_path), *read_prompts(recipe.prompts.eval_path)]
+    rows = [*read_prompts(recipe.prompts.train_sources), *read_prompts(recipe.prompts.eval_path)]
     return [f"code verifier {name!r}: {out} of {out + inside} asserts decided outside the candidate's process "
             f"({out / (out + inside):.1%}); {inside} inside" + (" (allow_inside_checks)" if inside else "")
             for name, (out, inside) in check_counts(recipe.reward.verifiers, rows).items() if out + inside]

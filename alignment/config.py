@@ -93,6 +93,9 @@ class PromptSource(Strict):
     split: str | None = Field(None, description="the split to read: required with `dataset`; for a `save_to_disk` "
                               "folder holding several splits, which one")
     columns: PromptColumns = Field(PromptColumns(), description="the columns holding each field of a prompt row")
+    capability: str | None = Field(None, min_length=1, description="the capability of the source's rows that name "
+                                   "none (their `columns.capability` is absent or empty): the system prompt, "
+                                   "verifiers and per-capability metrics they count under")
 
     @model_validator(mode="before")
     @classmethod
@@ -105,7 +108,7 @@ class PromptSource(Strict):
 
     @property
     def is_path(self) -> bool:
-        return self.dataset is None and self.split is None and self.columns == PromptColumns()
+        return self.dataset is None and self.split is None and self.columns == PromptColumns() and not self.capability
 
     @model_validator(mode="after")
     def _check(self):
@@ -128,14 +131,77 @@ PROMPT_SOURCE = ("a path (the project's JSONL, a Parquet or Arrow file, a folder
                  "or a section: {path or dataset, revision, split, name, columns}")
 
 
+class Quota(Strict):
+    weight: float | None = Field(None, gt=0, description="a share of what num_prompts leaves after the counts: "
+                                 "the weights are normalised over the sources that have one")
+    count: int | None = Field(None, ge=0, description="exactly this many prompts each round")
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.weight is None) == (self.count is None):
+            raise ValueError("give exactly one of `weight` and `count`")
+        return self
+
+
+class MixSource(Quota):
+    source: PromptSource = Field(description=f"where the prompts are: {PROMPT_SOURCE}")
+    rounds: dict[int, Quota] = Field({}, description="per-round quotas in place of this one, e.g. {3: {weight: "
+                                     "0.5}} (Llama 3 re-tuned its mix every round)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _round_keys(cls, value):  # YAML gives `3:` as an int, `--set` overrides as a string
+        if isinstance(value, dict) and isinstance(value.get("rounds"), dict):
+            value = {**value, "rounds": {int(k) if str(k).isdigit() else k: v for k, v in value["rounds"].items()}}
+        return value
+
+    def quota(self, round_n: int) -> Quota:
+        return self.rounds.get(round_n, self)
+
+
 class PromptsConfig(Strict):
-    train_path: PromptSource = Field(description=f"prompts the teacher answers: {PROMPT_SOURCE}; rows need "
-                                     "prompt_id and messages (or columns that give them)")
+    train_path: PromptSource | None = Field(None, description=f"prompts the teacher answers: {PROMPT_SOURCE}; rows "
+                                            "need prompt_id and messages (or columns that give them)")
+    sources: list[MixSource] = Field([], description="instead of train_path: a mixture, each source with a "
+                                     "`weight` or a `count` (and per-`rounds` ones); every round's seeded draw "
+                                     "takes exactly each source's quota of num_prompts (largest remainders for "
+                                     "the weights), as Llama 3 mixed its prompts by capability")
     eval_path: PromptSource = Field(description=f"held-out prompts for evaluation, never reaching training: "
-                                    f"{PROMPT_SOURCE}")
-    num_prompts: int = Field(gt=0, description="prompts drawn from train_path each round (seeded by seed and round)")
+                                    f"{PROMPT_SOURCE}; metrics are also given per capability")
+    num_prompts: int = Field(gt=0, description="prompts drawn each round (seeded by seed and round): from "
+                             "train_path, or split over `sources` by their quotas")
     retry_failed: bool = Field(False, description="add the prompts on which every sample of the previous round "
                                "failed its verifiers (select's failed_prompts.jsonl) to this round's draw")
+
+    @model_validator(mode="after")
+    def _one_training_source(self):
+        if (self.train_path is None) == (not self.sources):
+            raise ValueError("give exactly one of `train_path` (one source) and `sources` (a weighted mixture); "
+                             "with sources, set train_path: null")
+        return self
+
+    @property
+    def train_sources(self) -> list[PromptSource]:
+        return [s.source for s in self.sources] if self.sources else [self.train_path]
+
+    def quotas(self, round_n: int) -> list[int]:
+        """Prompts to draw from each source in round n: the counts, then what num_prompts leaves split by weight,
+        by largest remainders (ties to the earlier source), so the quotas sum to num_prompts exactly."""
+        plan = [s.quota(round_n) for s in self.sources]
+        counts = sum(q.count for q in plan if q.count is not None)
+        weights = [q.weight for q in plan if q.weight is not None]
+        left = self.num_prompts - counts
+        if left < 0 or (left > 0 and not weights):
+            raise InputError(f"prompts.sources: round {round_n}'s counts sum to {counts}, "
+                             f"{'more than' if left < 0 else 'less than, with no weighted source for the rest of'} "
+                             f"prompts.num_prompts ({self.num_prompts})")
+        exact = [left * w / sum(weights) for w in weights]
+        shares = [int(x) for x in exact]
+        by_remainder = sorted(range(len(exact)), key=lambda i: (-(exact[i] - shares[i]), i))
+        for i in by_remainder[:left - sum(shares)]:
+            shares[i] += 1
+        weighted = iter(shares)
+        return [q.count if q.count is not None else next(weighted) for q in plan]
 
 
 class StudentConfig(Strict):

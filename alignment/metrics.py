@@ -104,7 +104,8 @@ def metric_columns(metrics: list[dict]) -> list[str]:
     """The columns of an evaluation table, in reading order, for the `metrics.json` of one or more rounds.
     A metric's interval (`<metric>_ci`) is shown in its metric's cell, not as a column."""
     keys = {k for m in metrics for k in m["input"] if not k.endswith("_ci")}
-    return (["accuracy", "mean_reward"] + sorted(k for k in keys if k.startswith("pass@"))
+    return (["accuracy", *sorted(k for k in keys if k.startswith("accuracy/")), "mean_reward"]
+            + sorted(k for k in keys if k.startswith("pass@"))
             + ["win_rate_vs_input", "mean_response_tokens", "length_drift_vs_input", "hit_token_limit_share"]
             + sorted(k for k in keys if k.startswith("lm_eval/")))
 

@@ -21,6 +21,7 @@ dict only when asked for (`prompts.take(indices)`, `prompts.by_id(ids)`, iterati
 from __future__ import annotations
 
 import json
+import random
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -280,7 +281,11 @@ class Prompts(Sequence):
         return len(self.rows)
 
     def take(self, indices) -> list[dict]:
-        return [to_row(raw, self.cols) for raw in self.rows.raw(indices)]
+        rows = [to_row(raw, self.cols) for raw in self.rows.raw(indices)]
+        if self.source.capability:  # the source's own, for rows that name none (their ids are unchanged by it)
+            for row in rows:
+                row["capability"] = row.get("capability") or self.source.capability
+        return rows
 
     def __getitem__(self, i):
         return self.take(range(len(self))[i]) if isinstance(i, slice) else self.take([range(len(self))[i]])[0]
@@ -295,8 +300,53 @@ class Prompts(Sequence):
         return dict(zip(found, self.take([self.ids[pid] for pid in found])))
 
 
-def read_prompts(source: PromptSource | Path | str) -> Prompts:
+class PromptMix(Prompts):
+    """Several checked sources read as one (prompts.sources): rows in source order, ids unique across them."""
+
+    def __init__(self, sources: list[PromptSource]):
+        self.parts = [Prompts(s) for s in sources]
+        self.ids, self.offsets = {}, [0, *accumulate(len(p) for p in self.parts)]
+        for part, offset in zip(self.parts, self.offsets):
+            for pid, i in part.ids.items():
+                if (first := self.ids.setdefault(pid, offset + i)) != offset + i:
+                    raise InputError(f"{part.where(i)}: prompt_id {pid!r} is also in {self.where(first)}; ids must "
+                                     "be unique across prompts.sources (rows are joined by them)")
+
+    def where(self, i: int) -> str:
+        k = bisect_right(self.offsets, i) - 1
+        return self.parts[k].where(i - self.offsets[k])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def take(self, indices) -> list[dict]:
+        indices = list(indices)
+        by_part: dict[int, list[int]] = {}
+        for i in indices:
+            by_part.setdefault(bisect_right(self.offsets, i) - 1, []).append(i)
+        found = {i: row for k, ids in by_part.items()
+                 for i, row in zip(ids, self.parts[k].take([i - self.offsets[k] for i in ids]))}
+        return [found[i] for i in indices]
+
+
+def read_prompts(source: PromptSource | Path | str | list) -> Prompts:
+    """A checked prompt source; a list of them (a stage's `prompts` input under prompts.sources) as one."""
+    if isinstance(source, list):
+        return PromptMix([PromptSource.model_validate(s) for s in source])
     return Prompts(PromptSource.model_validate(source))
+
+
+def draw_mixture(prompts: PromptMix, quotas: list[int], seed: int, round_n: int) -> list[dict]:
+    """Each source's quota, a seeded draw without replacement from that source alone, in source order. Seeded by
+    the source's position, never its path (which differs between machines): a source added at the end leaves the
+    others' draws as they were."""
+    out = []
+    for i, (part, quota) in enumerate(zip(prompts.parts, quotas)):
+        if quota > len(part):
+            raise InputError(f"prompts.sources: {part.source} has {len(part)} prompts; round {round_n}'s quota "
+                             f"asks for {quota} (lower its weight or count, or raise the source)")
+        out += part.take(random.Random(f"{seed}-round-{round_n}-source-{i}").sample(range(len(part)), quota))
+    return out
 
 
 def content_key(messages: list[dict]) -> str:

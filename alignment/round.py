@@ -222,7 +222,7 @@ def check_round_models(recipe: Recipe, round_n: int) -> None:
         where = f"{role} ({found['path']}" + (f" at {found['revision']})" if "revision" in found else ")")
         tokenizers[role] = load_tokenizer(models[role], where)
         end_of_turn_id(tokenizers[role], where)
-    train, held_out = read_prompts(recipe.prompts.train_path), read_prompts(recipe.prompts.eval_path)  # read once
+    train, held_out = read_prompts(recipe.prompts.train_sources), read_prompts(recipe.prompts.eval_path)  # read once
     check_chat_templates(tokenizers, {r["prompt_id"]: r["messages"] for rows in (train, held_out) for r in rows[:4]})
     if "teacher" in models:  # (behind endpoints, the teacher's server knows its own context)
         check_prompt_lengths(train, models["teacher"], tokenizers["teacher"],

@@ -122,8 +122,10 @@ def gguf_file(recipe: Recipe) -> File:
     return File(Path(found[0].locate()), "gguf.file")
 
 
-def prompt_file(recipe: Recipe, key: str) -> File:
-    """`prompts.train_path` or `prompts.eval_path`."""
+def prompt_file(recipe: Recipe, key: str) -> File | list[File]:
+    """`prompts.eval_path`, or the training prompts: `prompts.train_path`, or one File per `prompts.sources`."""
+    if key == "train_path" and recipe.prompts.sources:
+        return [File(s.source, f"prompts.sources[{i}]") for i, s in enumerate(recipe.prompts.sources)]
     return File(getattr(recipe.prompts, key), f"prompts.{key}")
 
 

@@ -50,7 +50,7 @@ def test_leaf_types_and_defaults_read_as_yaml(capsys):
     assert explain("sft.gradient_checkpointing").splitlines()[1] == "  default: true"
     # a path or a section: the description says both, and the section's fields are listed
     train = explain("prompts.train_path")
-    assert train.startswith("prompts.train_path: section (required)\n") and "a path (the project's JSONL" in train
+    assert train.startswith("prompts.train_path: section | null = null\n") and "a path (the project's JSONL" in train
     assert "  revision: str | null = null" in train.splitlines()
 
 

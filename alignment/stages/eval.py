@@ -100,6 +100,13 @@ def model_metrics(recipe: StageConfig, prompts: list[dict], name: str, generated
         "hit_token_limit_share": sum(c.finish_reason == "length" for c, _ in greedy) / n,
         "num_prompts": n,
     }
+    capability = [p.get("capability") or "default" for p in prompts]
+    if len(set(capability)) > 1:  # a mix (Llama 3 tracked each capability): accuracy per capability as well
+        for cap in sorted(set(capability)):
+            ok = [s["verified"] for (_, s), c in zip(greedy, capability) if c == cap and s["verified"] is not None]
+            if ok:
+                metrics[f"accuracy/{cap}"] = sum(ok) / len(ok)
+                metrics[f"accuracy/{cap}_ci"] = wilson_interval(sum(ok), len(ok))
     correct = {}  # prompt_id -> correct sampled answers, for the prompts a verifier applies to
     if checked and sampled_answers is not None:
         sampled = scored(recipe, prompts, sampled_answers, reward_model)

@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from alignment.backends import make_requests, open_backend, send
-from alignment.prompts import Prompts, read_jsonl, read_prompts, write_jsonl
+from alignment.prompts import PromptMix, Prompts, draw_mixture, read_jsonl, read_prompts, write_jsonl
 from alignment.seeding import model_identity, request_seed
 from alignment.shards import load_shards
 from alignment.stage_table import StageConfig
@@ -62,7 +62,13 @@ def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, ba
 
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     t, s = recipe.teacher, recipe.sampling
-    prompts = draw_round_prompts(read_prompts(inputs["prompts"]), recipe.prompts.num_prompts, recipe.seed, round_n)
+    source = read_prompts(inputs["prompts"])
+    if isinstance(source, PromptMix):  # prompts.sources: each source's quota exactly
+        prompts = draw_mixture(source, recipe.prompts.quotas(round_n), recipe.seed, round_n)
+        by_source = dict(zip(map(str, recipe.prompts.train_sources), recipe.prompts.quotas(round_n)))
+    else:
+        prompts = draw_round_prompts(source, recipe.prompts.num_prompts, recipe.seed, round_n)
+        by_source = {str(recipe.prompts.train_path): len(prompts)}
     retried = 0
     if "failed_prompts" in inputs:  # last round's prompts where every sample failed: another chance
         drawn = {p["prompt_id"] for p in prompts}
@@ -114,6 +120,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                                        if done[rid]["prompt_tokens"] is not None]),
             "hit_token_limit": hit_limit, "hit_token_limit_share": hit_limit / max(1, len(rows)),
             "prompts_by_capability": dict(Counter(p.get("capability") or "default" for p in prompts)),
+            "prompts_by_source": by_source,  # drawn this round, before retried ones
             "prompts_with_system_prompt": sum(v is not None for v in systems.values()),
             "distinct_responses_per_prompt": describe([len({c[0] for c in done[rid]["completions"]}) for rid in ids]),
         },
