@@ -104,7 +104,12 @@ class PromptSource(Strict):
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):  # a plain path stays a path: in manifests, and in the fingerprints that hash them
-        return str(self.path) if self.is_path else handler(self)
+        if self.is_path:
+            return str(self.path)
+        out = handler(self)
+        if self.capability is None:  # (a key added later: sources written before it keep their fingerprints)
+            out.pop("capability", None)
+        return out
 
     @property
     def is_path(self) -> bool:
@@ -179,6 +184,13 @@ class PromptsConfig(Strict):
             raise ValueError("give exactly one of `train_path` (one source) and `sources` (a weighted mixture); "
                              "with sources, set train_path: null")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):  # a recipe without a mixture hashes as it did before `sources` existed
+        out = handler(self)
+        if not self.sources:
+            out.pop("sources", None)
+        return out
 
     @property
     def train_sources(self) -> list[PromptSource]:
@@ -700,6 +712,10 @@ class DPOTrainingConfig(TrainerConfig):
 
     accumulate: int = Field(0, ge=0, description="pairs of the last k earlier rounds added to this round's (Llama "
                             "3 trained DPO on the latest batches); a pair repeated across rounds is kept once")
+    pairs_from: Literal["samples", "policy"] = Field(
+        "samples", description="samples: pairs from the teacher's samples, beside the SFT rows (select); policy: "
+        "pairs from the round's SFT model's own samples of the round's prompts, scored and paired the same way "
+        "(the policy_pairs stage), as Llama 3 matched its DPO data to the policy")
     preference_sources: list[PreferenceSource] = Field(
         [], description="preference files added to every round's pairs, each with an optional strength filter "
         "(hashed by content)")
@@ -721,6 +737,13 @@ class DPOTrainingConfig(TrainerConfig):
         if len(self.loss_type) != len(self.loss_weights):
             raise ValueError("loss_type and loss_weights must have the same length")
         return self
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):  # a recipe that leaves pairs_from alone hashes as it did before the key existed
+        out = handler(self)
+        if self.pairs_from == "samples":
+            out.pop("pairs_from", None)
+        return out
 
 
 class PairJudgeConfig(Strict):

@@ -171,6 +171,11 @@ def round_samples(r: Recipe, n: int, why: str) -> Upstream:
     return Upstream("revise" if r.revise is not None else "generate", "samples", n, why)
 
 
+def pair_stage(r: Recipe) -> str:
+    """Where DPO's pairs come from: select (the teacher's samples) or policy_pairs (the SFT model's)."""
+    return "policy_pairs" if r.dpo.pairs_from == "policy" else "select"
+
+
 def sft_models(r: Recipe, n: int, why: str) -> dict:
     return {"sft": Upstream("sft", "model", n, why), "dpo": Upstream("dpo", "model", n, why)}
 
@@ -212,11 +217,20 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         when=lambda r, n: r.reward_training is not None),
     Stage("sft", ("sft", "seed"), sft_inputs,
           ("model", "log_history", "logs"), trains="sft", kind="train", models=("model",)),
+    # on-policy pairs (dpo.pairs_from: policy): the SFT model samples the round's prompts; scored and paired as
+    # select pairs the teacher's, served as eval serves the round's checkpoints
+    Stage("policy_pairs", ("teacher", "sampling", "prompts", "seed", "reward", "select", "revise", "eval"),
+          lambda r, n: {
+        "policy": Upstream("sft", "model", n, "dpo.pairs_from"), "prompts": prompt_file(r, "train_path"),
+        **({"failed_prompts": Upstream("select", "failed_prompts", n - 1, "prompts.retry_failed")}
+           if r.prompts.retry_failed and n > 1 else {}),
+        **reward_model(r, n - 1), **({"teacher": teacher(r, n)} if r.reward.judge else {})},
+        ("pairs", "samples", "scores"), kind="generate", when=lambda r, n: r.dpo.pairs_from == "policy"),
     Stage("dpo", ("dpo", "seed"), lambda r, n: {
-        "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream("select", "pairs", n, "dpo"),
+        "model": Upstream("sft", "model", n, "dpo"), "pairs": Upstream(pair_stage(r), "pairs", n, "dpo"),
         **({"ref_model": Model(r.dpo.ref_model_name_or_path, "dpo.ref_model_name_or_path", r.dpo.ref_model_revision)}
            if r.dpo.ref_model_name_or_path else {}),
-        **({"earlier_pairs": [Upstream("select", "pairs", k, f"dpo.accumulate (round {k})")
+        **({"earlier_pairs": [Upstream(pair_stage(r), "pairs", k, f"dpo.accumulate (round {k})")
                               for k in range(n - 1, max(1, n - r.dpo.accumulate) - 1, -1)]}
            if r.dpo.accumulate and n > 1 else {}),
         **({"preferences": [File(s.path, "dpo.preference_sources") for s in r.dpo.preference_sources]}
@@ -236,7 +250,7 @@ MODEL_MAKERS = ("bootstrap", "import_gguf")  # they make the models a round star
 def asks_teacher(recipe: Recipe, stage: str) -> bool:
     """Does the stage send requests to the teacher: generate, revise, and score with a judge (the judge is the
     teacher)."""
-    return stage in ("generate", "revise") or (stage == "score" and recipe.reward.judge is not None)
+    return stage in ("generate", "revise") or (stage in ("score", "policy_pairs") and recipe.reward.judge is not None)
 
 
 def job_kind(recipe: Recipe, stage: str) -> str | None:

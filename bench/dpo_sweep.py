@@ -4,8 +4,8 @@ Each variant trains DPO from the round's SFT model through the dpo stage's own c
 the held-out prompts exactly as the eval stage does. Held-out accuracy is compared with the SFT model's on the
 same prompts (McNemar's exact test), and the DPO statistics show where probability went: the change of the
 chosen and rejected responses' log-probabilities under the policy against the reference (the SFT model).
-"own pairs" variants draw the pairs from the SFT model's own samples (generate, score, select with the SFT model
-as teacher) instead of the teacher's.
+"own pairs" variants draw the pairs from the SFT model's own samples (the policy_pairs stage, as `dpo.pairs_from:
+policy` does) instead of the teacher's.
 
     make round N=3 ARGS="runs_dir=runs/sweep"      # the rounds to sweep on
     .venv/bin/python bench/dpo_sweep.py --runs runs/sweep --round 3 [--out runs/sweep/dpo-sweep]
@@ -26,7 +26,7 @@ from alignment.config import load_recipe  # noqa: E402
 from alignment.manifest import read_manifest  # noqa: E402
 from alignment.prompts import read_prompts  # noqa: E402
 from alignment.stage_table import StageConfig, stage_config  # noqa: E402
-from alignment.stages import dpo, generate, score, select  # noqa: E402
+from alignment.stages import dpo, policy_pairs  # noqa: E402
 from alignment.stages.eval import evaluate  # noqa: E402
 from alignment.stages.promote import compare  # noqa: E402
 
@@ -57,17 +57,13 @@ def cfg(recipe, stage: str) -> StageConfig:
 
 
 def own_pairs(recipe, sft_model: Path, out: Path, round_n: int) -> Path:
-    """Pairs from the SFT model's own samples on the round's prompts, selected as the round selected its pairs."""
-    train = recipe.prompts.train_path
-    for stage, inputs in (("generate", {"teacher": sft_model, "prompts": train}),
-                          ("score", {"samples": out / "generate/samples.jsonl", "prompts": train}),
-                          ("select", {"samples": out / "generate/samples.jsonl", "scores": out / "score/scores.jsonl",
-                                      "prompts": train})):
-        (out / stage).mkdir(parents=True, exist_ok=True)
-        if not (out / stage / "done").exists():
-            {"generate": generate, "score": score, "select": select}[stage].run(cfg(recipe, stage), inputs,
-                                                                                out / stage, round_n)
-            (out / stage / "done").touch()
+    """Pairs from the SFT model's own samples on the round's prompts: the policy_pairs stage's (dpo.pairs_from:
+    policy), sampled, scored and selected as the round selected its pairs."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "done").exists():
+        policy_pairs.run(cfg(recipe, "policy_pairs"), {"policy": sft_model, "prompts": recipe.prompts.train_path},
+                         out, round_n)
+        (out / "done").touch()
     return out / "select/pairs.jsonl"
 
 

@@ -172,3 +172,18 @@ def test_eval_gives_accuracy_per_capability_with_its_interval_when_the_held_out_
     one, _ = eval_stage.model_metrics(recipe, [{**r, "capability": "math"} for r in rows], "m", (greedy, None, {}),
                                       None)
     assert not any(k.startswith("accuracy/") for k in one)  # one capability: the overall figure says it all
+
+
+def test_a_recipe_without_a_mixture_keeps_the_fingerprints_it_had():
+    """The new keys (prompts.sources, a source's capability) stay out of the hashed configuration until used, so a
+    run made before them is not stale after an upgrade: the prompts section hashes as these four keys did."""
+    from alignment.manifest import hash_json
+
+    section = load_recipe(TINY, ["prompts.eval_path={path: data/arithmetic/eval.jsonl, columns: {answer: solution}}"])
+    dumped = stage_config(section, "generate")["prompts"]
+    assert dumped == {"train_path": "data/arithmetic/train.jsonl", "num_prompts": 3000, "retry_failed": False,
+                      "eval_path": {"path": "data/arithmetic/eval.jsonl", "dataset": None, "revision": None,
+                                    "name": None, "split": None, "columns": dumped["eval_path"]["columns"]}}
+    assert hash_json(stage_config(load_recipe(TINY), "generate")["prompts"]) == hash_json({
+        "train_path": "data/arithmetic/train.jsonl", "eval_path": "data/arithmetic/eval.jsonl", "num_prompts": 3000,
+        "retry_failed": False})

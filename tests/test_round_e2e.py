@@ -224,10 +224,15 @@ def test_a_changed_section_reruns_that_stage_and_what_depends_on_it(round1, tmp_
     recipe, run = copy_run(round1, tmp_path)
     gen_before = manifest(run, "generate")
     # (which keys make which stages stale, key by key: tests/test_stage_table.py, without running anything)
-    proc = align("round", "1", "--recipe", str(recipe), "dpo.beta=0.2", "sft.learning_rate=5e-4")
-    assert ran(proc) == ["sft", "dpo", "eval", "promote"]
-    assert manifest(run, "dpo")["overrides"] == ["dpo.beta=0.2", "sft.learning_rate=5e-4"]
+    # (and DPO on the SFT model's own samples: the policy_pairs stage joins the round, between sft and dpo)
+    changes = ["dpo.beta=0.2", "sft.learning_rate=5e-4", "dpo.pairs_from=policy"]
+    proc = align("round", "1", "--recipe", str(recipe), *changes)
+    assert ran(proc) == ["sft", "policy_pairs", "dpo", "eval", "promote"]
+    assert manifest(run, "dpo")["overrides"] == changes
     assert manifest(run, "generate") == gen_before
+    policy = manifest(run, "policy_pairs")
+    assert manifest(run, "dpo")["inputs"]["pairs"]["path"] == str(run / "round-1/policy_pairs/select/pairs.jsonl")
+    assert policy["rows"]["samples"] == NUM_PROMPTS * 3 and policy["rows"]["pairs"] > 0
 
 
 def test_a_resumed_stage_drops_the_writes_its_kill_cut_short(round1, tmp_path):
