@@ -42,8 +42,8 @@ def test_each_stage_runs_with_the_resources_of_its_kind():
     judged = load_recipe(TINY, ["reward.judge={template: 'Rate {prompt} {response}'}"])
     expected = {"bootstrap": "train", "import_gguf": "train", "teacher_eval": "generate", "generate": "generate",
                 "revise": "generate", "score": "eval",
-                "select": None, "reward_model": "train", "sft": "train", "dpo": "train", "eval": "eval",
-                "promote": None}
+                "select": None, "reward_model": "train", "sft": "train", "policy_pairs": "generate", "dpo": "train",
+                "eval": "eval", "promote": None}
     assert {s: job_kind(plain, s) for s in STAGES} == expected
     assert job_kind(judged, "score") == "generate"  # the judge is the teacher
 
