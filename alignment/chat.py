@@ -17,14 +17,17 @@ SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                   "<|eom_id|>", "<|python_tag|>", "<|finetune_right_pad_id|>"]
 ROLES = ("system", "user", "assistant", "ipython")
 
-# Llama 3's template, without the tool-calling preamble that the tiny task never uses. The `{% generation %}`
-# markers let TRL compute assistant-only masks when a dataset is given as whole conversations.
+# Llama 3's template, without the tool-calling preamble that the tiny task never uses. An assistant message with
+# `stop_reason: end_of_message` (a tool-call step, opened by <|python_tag|> in its content) ends with <|eom_id|>,
+# as in Meta's reference format (llama-models' ChatFormat); any other ends its turn with <|eot_id|>. The
+# `{% generation %}` markers let TRL compute assistant-only masks when a dataset is given as whole conversations.
 LLAMA3_CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- for message in messages %}"
     "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
     "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{- message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+    "{% generation %}{{- message['content'] | trim }}"
+    "{{- '<|eom_id|>' if message.get('stop_reason') == 'end_of_message' else '<|eot_id|>' }}{% endgeneration %}"
     "{%- else %}"
     "{{- message['content'] | trim + '<|eot_id|>' }}"
     "{%- endif %}"

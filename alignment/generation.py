@@ -15,7 +15,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from alignment.chat import render
 from alignment.seeding import sample_seed
-from alignment.template import load_tokenizer, stop_token_ids
+from alignment.template import decode_response, load_tokenizer, stop_reason_of, stop_token_ids
 
 
 @dataclass
@@ -23,6 +23,7 @@ class Completion:
     text: str
     num_tokens: int
     finish_reason: str  # "stop" or "length"
+    stop_reason: str | None = None  # "end_of_message": it ended a tool-call step with <|eom_id|> (template.py)
 
 
 def device() -> str:
@@ -81,7 +82,8 @@ def sample(model, tokenizer, conversations: list[list[dict]], *, num_samples: in
         )
         new = gen[:, enc["input_ids"].shape[1]:].tolist()
         ends = [next((j for j, t in enumerate(ids) if t in stop_ids), len(ids)) for ids in new]  # first stop token
-        samples = [Completion(tokenizer.decode(ids[:end], skip_special_tokens=True), end,
-                              "stop" if end < len(ids) else "length") for ids, end in zip(new, ends)]
+        samples = [Completion(decode_response(tokenizer, ids[:end]), end, "stop" if end < len(ids) else "length",
+                              stop_reason_of(tokenizer, ids[end] if end < len(ids) else None))
+                   for ids, end in zip(new, ends)]
         out += [samples[i * num_samples:(i + 1) * num_samples] for i in range(len(batch))]
     return out

@@ -69,6 +69,50 @@ def stop_token_ids(tokenizer) -> set[int]:
     return {end_of_turn_id(tokenizer, tokenizer.name_or_path), tokenizer.eos_token_id, eom} - {None}
 
 
+# A tool-call step (Llama 3.1): the assistant opens it with <|python_tag|> and ends it with <|eom_id|> ("end of
+# message": the tool runs, its output comes back as an `ipython` message, and the assistant's turn goes on) instead
+# of <|eot_id|>. Meta's reference format (llama-models' ChatFormat) records the ending on the message as
+# `stop_reason: end_of_message`; we use the same key, so a sample, an SFT row and a prompt file say it alike.
+CONTENT_SPECIAL_TOKENS = ("<|python_tag|>",)  # special tokens that are part of a message's content
+END_OF_MESSAGE_TOKEN = "<|eom_id|>"
+END_OF_MESSAGE = "end_of_message"  # a message's `stop_reason` when it ends a tool-call step
+
+
+def decode_response(tokenizer, ids: list[int]) -> str:
+    """A response's text as every backend records it: special tokens dropped (a stray header token is not text),
+    except those that belong to the content (<|python_tag|>), which the template must write back when the message
+    is rendered again. `ids` stop before the token that ended the response."""
+    vocab = tokenizer.get_vocab()
+    keep = {vocab[t] for t in CONTENT_SPECIAL_TOKENS if t in vocab}
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return tokenizer.decode([i for i in ids if i in keep or i not in special], skip_special_tokens=False)
+
+
+def stop_reason_of(tokenizer, token_id: int | None) -> str | None:
+    """`end_of_message` when a response ended on <|eom_id|> (a tool-call step); None for an ordinary end of turn
+    or a response cut at the token limit, so rows of templates without tool calls carry no new key."""
+    if token_id is None:
+        return None
+    return END_OF_MESSAGE if tokenizer.get_vocab().get(END_OF_MESSAGE_TOKEN) == token_id else None
+
+
+def check_end_of_message(tokenizer, where: str) -> None:
+    """A model trained on tool-call steps must have a template that ends a message with `stop_reason:
+    end_of_message` in <|eom_id|>, or those steps would be trained as finished turns. Raises InputError naming the
+    model when it does not (Llama 3.1's Hub template decides <|eom_id|> by `builtin_tools`, not per message)."""
+    probe = "Zq9xJ"
+    messages = [{"role": "user", "content": SENTINEL.format(1)},
+                {"role": "assistant", "content": probe, "stop_reason": END_OF_MESSAGE}]
+    text = render_or_refuse(tokenizer, messages, where)
+    after = special_ids(tokenizer, text.rpartition(probe)[2])
+    eom = tokenizer.get_vocab().get(END_OF_MESSAGE_TOKEN)
+    if eom is None or not after or after[0] != eom:
+        raise InputError(f"{where}: rows hold tool-call steps (a message with stop_reason: end_of_message, which "
+                         f"the model ended with {END_OF_MESSAGE_TOKEN}), but this chat template does not end such a "
+                         f"message with {END_OF_MESSAGE_TOKEN}; training them would teach a finished turn instead. "
+                         "Use a template that honours a message's stop_reason (as Meta's reference format does)")
+
+
 PAD_CANDIDATES = ("<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "[PAD]")  # reserved pads of common families
 
 

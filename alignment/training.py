@@ -20,7 +20,7 @@ from alignment.config import InputError
 from alignment.model_folder import check_model_folder
 from alignment.prompts import read_jsonl
 from alignment.stats import describe
-from alignment.template import load_tokenizer
+from alignment.template import END_OF_MESSAGE, check_end_of_message, load_tokenizer
 
 
 def load_for_training(path: Path, cfg=None):
@@ -164,6 +164,8 @@ def selected_rows(rows: list[dict] | None, path: Path, what: str, model_path: Pa
     if not rows:
         raise InputError(f"{path}: no {what} were selected; see the select stage's drop counts")
     tokenizer = load_tokenizer(model_path)
+    if any(m.get("stop_reason") == END_OF_MESSAGE for r in rows for k in ("prompt", *keys) for m in r[k]):
+        check_end_of_message(tokenizer, str(model_path))  # tool-call steps: trained with the ending they had
     check_prompts_fit(tokenizer, rows, max_length, key, path)
     over = sum(max(len(token_ids(tokenizer, r["prompt"] + r[k])) for k in keys) > max_length for r in rows)
     return rows, tokenizer, over

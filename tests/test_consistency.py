@@ -53,8 +53,8 @@ def test_templates_differing_only_in_their_default_system_prompt_are_caught():
 
 
 def test_a_different_end_of_turn_is_caught_on_the_answer():
-    other = tok().chat_template.replace("| trim + '<|eot_id|>' }}{% endgeneration %}",
-                                        "| trim + '<|end_of_text|>' }}{% endgeneration %}")
+    other = tok().chat_template.replace("else '<|eot_id|>' }}{% endgeneration %}",
+                                        "else '<|end_of_text|>' }}{% endgeneration %}")
     assert other != tok().chat_template
     with pytest.raises(InputError, match="teacher has '<\\|end_of_text\\|>', student has '<\\|eot_id\\|>'"):
         check_chat_templates({"student": tok(), "teacher": tok(template=other)}, PROMPTS)

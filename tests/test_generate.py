@@ -134,6 +134,7 @@ class Scripted(BaseHTTPRequestHandler):
     seen: list = []
     text = staticmethod(lambda body, i: f"s{i}")  # the i-th choice's content for a request body
     hits_limit = staticmethod(lambda body, i: i == 0)  # whether the i-th choice ran to max_tokens
+    token_ids = None  # (body, i) -> the i-th choice's token ids, as vLLM returns them; None: placeholder ids
 
     def log_message(self, *a):
         pass
@@ -158,7 +159,8 @@ class Scripted(BaseHTTPRequestHandler):
             self.reply(200, {"choices": [
                 {"index": i, "message": {"content": self.text(body, i)},
                  "finish_reason": "length" if self.hits_limit(body, i) else "stop", "stop_reason": None,
-                 "token_ids": [1] * (body["max_tokens"] if self.hits_limit(body, i) else 3)} for i in range(n)],
+                 "token_ids": self.token_ids(body, i) if self.token_ids else
+                 [1] * (body["max_tokens"] if self.hits_limit(body, i) else 3)} for i in range(n)],
                 "prompt_token_ids": [5, 6, 7]})
         elif step == "bad":
             self.reply(200, {"choices": []})
@@ -173,6 +175,7 @@ def server():
     Scripted.script, Scripted.models, Scripted.seen = [], ["teacher"], []
     Scripted.text = staticmethod(lambda body, i: f"s{i}")
     Scripted.hits_limit = staticmethod(lambda body, i: i == 0)
+    Scripted.token_ids = None
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"

@@ -73,6 +73,12 @@ def make_requests(conversations: list[list[dict]], model_id: str, sampling: dict
                  for rid, m in zip(ids, conversations)}  # a repeated conversation: one request
 
 
+def completion_record(c: Completion) -> list:
+    """A completion as shards keep it: [text, tokens, finish_reason], and its stop_reason only where it has one
+    (a tool-call step), so shards written before stop_reasons existed read the same."""
+    return [c.text, c.num_tokens, c.finish_reason] + ([c.stop_reason] if c.stop_reason else [])
+
+
 def send(backend: GenerationBackend, requests: dict[str, Request], done: dict[str, dict], shards: Path) -> None:
     """Send the requests not in `done` (records loaded by alignment.shards.load_shards), saving each record to
     the shards folder and into `done` as it finishes, so a killed or failed stage resumes from them."""
@@ -83,7 +89,7 @@ def send(backend: GenerationBackend, requests: dict[str, Request], done: dict[st
         with ShardWriter(shards) as shard:
             for i, result in backend.generate([requests[rid] for rid in todo]):
                 record = {"request_id": todo[i], "prompt_tokens": result.prompt_tokens,
-                          "completions": [[c.text, c.num_tokens, c.finish_reason] for c in result.completions]}
+                          "completions": [completion_record(c) for c in result.completions]}
                 shard.write(record)
                 done[todo[i]] = record
     except GenerationError as e:
@@ -110,11 +116,16 @@ def open_backend(cfg: TeacherConfig, model: str, log_dir: Path) -> Iterator[Gene
         from alignment.template import load_tokenizer, stop_token_ids
 
         # where the other backends stop: a model's generation_config may list only its end of turn as EOS
-        stops = sorted(stop_token_ids(load_tokenizer(model)))  # the model is a local folder here
+        tokenizer = load_tokenizer(model)  # the model is a local folder here
         with VLLMServer(model, cfg.engine, port=cfg.server_port, api_key_env=cfg.api_key_env,
                         startup_timeout_s=cfg.server_startup_timeout_s, log_path=log_dir / "server.log") as server:
-            yield OpenAIBackend([server.base_url], model, cfg, stop_token_ids=stops)
+            yield OpenAIBackend([server.base_url], model, cfg, stop_token_ids=sorted(stop_token_ids(tokenizer)),
+                                tokenizer=tokenizer)
     else:
         from alignment.backends.openai_client import OpenAIBackend
+        from alignment.template import load_tokenizer
 
-        yield OpenAIBackend(cfg.endpoints, model, cfg)
+        # existing endpoints: decode their token ids with the model's tokenizer where the model is a local folder
+        # (elsewhere, their text is taken as it comes, and no tool-call ending can be told from an end of turn)
+        tokenizer = load_tokenizer(model) if Path(model, "tokenizer_config.json").is_file() else None
+        yield OpenAIBackend(cfg.endpoints, model, cfg, tokenizer=tokenizer)

@@ -29,9 +29,13 @@ class Retryable(Exception):
 
 
 class OpenAIBackend:
-    def __init__(self, endpoints: list[str], model: str, cfg: TeacherConfig, stop_token_ids: list[int] | None = None):
+    def __init__(self, endpoints: list[str], model: str, cfg: TeacherConfig, stop_token_ids: list[int] | None = None,
+                 tokenizer=None):
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.stop_token_ids = stop_token_ids  # a vLLM server the stage started: stop where the other backends do
+        # the served model's tokenizer, where it is a local folder: answers with token ids are decoded from them as
+        # the other backends decode (a server's text drops <|python_tag|>; its <|eom_id|> ending is an id)
+        self.tokenizer = tokenizer
         self.model = model
         self.cfg = cfg
         self.key = api_key(cfg.api_key_env)
@@ -118,7 +122,7 @@ class OpenAIBackend:
             i = c.get("index") if isinstance(c, dict) else None
             if not isinstance(text, str) or not isinstance(i, int) or not 0 <= i < q.n or out[i] is not None:
                 raise Retryable(f"malformed choice: {str(c)[:200]}")
-            out[i] = choice_completion(text, c)
+            out[i] = choice_completion(text, c, self.tokenizer)
         prompt_ids = answer.get("prompt_token_ids")
         usage = answer.get("usage") or {}
         return Result(out, len(prompt_ids) if isinstance(prompt_ids, list) else usage.get("prompt_tokens"))
@@ -155,10 +159,10 @@ class OpenAIBackend:
             raise error
 
 
-def choice_completion(text: str, choice: dict) -> Completion:
+def choice_completion(text: str, choice: dict, tokenizer=None) -> Completion:
     """One choice as a Completion. vLLM's `token_ids` end with the stop token when the model stopped on one
     (stop_reason null: its end-of-sequence token; an integer: a stop token id); it is not counted, as in the
     other backends. Servers that return no token ids leave the count unknown (None)."""
     ids, finish, stop = choice.get("token_ids"), choice.get("finish_reason"), choice.get("stop_reason")
     return completion(text, ids if isinstance(ids, list) else None, finish,
-                      finish != "length" and (stop is None or isinstance(stop, int)))
+                      finish != "length" and (stop is None or isinstance(stop, int)), tokenizer)

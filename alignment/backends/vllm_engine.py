@@ -6,7 +6,7 @@ from __future__ import annotations
 from alignment.backends import Request, Result
 from alignment.config import EngineConfig
 from alignment.generation import Completion
-from alignment.template import stop_token_ids
+from alignment.template import decode_response, stop_reason_of, stop_token_ids
 
 
 def engine_kwargs(cfg: EngineConfig) -> dict:
@@ -22,7 +22,8 @@ class VLLMBackend:
         from vllm import LLM  # imported here: machines without vLLM still run the other backends
 
         self.llm = LLM(model=model_path, **engine_kwargs(cfg))
-        self.stop_ids = sorted(stop_token_ids(self.llm.get_tokenizer()))  # as every backend stops
+        self.tokenizer = self.llm.get_tokenizer()
+        self.stop_ids = sorted(stop_token_ids(self.tokenizer))  # as every backend stops
         self.shard_size = shard_size
 
     def generate(self, requests: list[Request]):
@@ -35,8 +36,8 @@ class VLLMBackend:
             outputs = self.llm.chat([q.messages for q in shard], params, use_tqdm=False)
             for i, out in enumerate(outputs):
                 cs = [completion(c.text, list(c.token_ids), c.finish_reason,
-                                 c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in self.stop_ids)
-                      for c in out.outputs]
+                                 c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in self.stop_ids,
+                                 self.tokenizer) for c in out.outputs]
                 yield start + i, Result(cs, len(out.prompt_token_ids))
 
     def close(self) -> None:
@@ -50,8 +51,15 @@ def shutdown(llm) -> None:
         core.shutdown()
 
 
-def completion(text: str, token_ids: list[int] | None, finish_reason: str | None, stopped_on_token) -> Completion:
+def completion(text: str, token_ids: list[int] | None, finish_reason: str | None, stopped_on_token,
+               tokenizer=None) -> Completion:
     """A vLLM choice in our terms: the stop token it ended on is not counted, as in the transformers backend;
-    without token ids the count is unknown (None)."""
+    without token ids the count is unknown (None). With the model's tokenizer and the token ids, the text is
+    decoded from the ids as the transformers backend decodes it (vLLM's own text drops <|python_tag|>), and an
+    <|eom_id|> ending is recorded as the sample's stop_reason."""
     n = None if token_ids is None else len(token_ids) - (1 if stopped_on_token and token_ids else 0)
-    return Completion(text, n, "length" if finish_reason == "length" else "stop")
+    stop_reason = None
+    if tokenizer is not None and token_ids is not None:
+        text = decode_response(tokenizer, token_ids[:n])
+        stop_reason = stop_reason_of(tokenizer, token_ids[-1] if stopped_on_token and token_ids else None)
+    return Completion(text, n, "length" if finish_reason == "length" else "stop", stop_reason)

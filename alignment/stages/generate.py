@@ -60,6 +60,11 @@ def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, ba
     return *make_requests(conversations, teacher_id, recipe.sampling.model_dump(), base_seed), systems
 
 
+def stop_reason(record: list) -> dict:
+    """A sample's `stop_reason` key, present only for a tool-call step (alignment.backends.completion_record)."""
+    return {"stop_reason": record[3]} if len(record) > 3 else {}
+
+
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
     t, s = recipe.teacher, recipe.sampling
     source = read_prompts(inputs["prompts"])
@@ -96,11 +101,11 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         stop_s = time.time() - t1 - generate_s  # stopping the engine or server frees its memory: not generation
 
     settings = s.model_dump()
-    rows = [{"prompt_id": p["prompt_id"], "sample_index": k, "response": text, "num_tokens": num_tokens,
-             "prompt_tokens": done[rid]["prompt_tokens"], "finish_reason": finish, "teacher": teacher_id,
-             "backend": t.backend.value, "sampling": settings, "seed": requests[rid].seed,
+    rows = [{"prompt_id": p["prompt_id"], "sample_index": k, "response": c[0], "num_tokens": c[1],
+             "prompt_tokens": done[rid]["prompt_tokens"], "finish_reason": c[2], **stop_reason(c),
+             "teacher": teacher_id, "backend": t.backend.value, "sampling": settings, "seed": requests[rid].seed,
              "system_prompt": systems[p["prompt_id"]], "request_id": rid}
-            for p, rid in zip(prompts, ids) for k, (text, num_tokens, finish) in enumerate(done[rid]["completions"])]
+            for p, rid in zip(prompts, ids) for k, c in enumerate(done[rid]["completions"])]
     write_jsonl(out_dir / "samples.jsonl", rows)
 
     new_tokens = sum(c[1] or 0 for rid in todo for c in done[rid]["completions"])
@@ -119,6 +124,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             "prompt_tokens": describe([done[rid]["prompt_tokens"] for rid in requests
                                        if done[rid]["prompt_tokens"] is not None]),
             "hit_token_limit": hit_limit, "hit_token_limit_share": hit_limit / max(1, len(rows)),
+            "tool_call_steps": sum("stop_reason" in r for r in rows),  # ended with <|eom_id|>, kept as such
             "prompts_by_capability": dict(Counter(p.get("capability") or "default" for p in prompts)),
             "prompts_by_source": by_source,  # drawn this round, before retried ones
             "prompts_with_system_prompt": sum(v is not None for v in systems.values()),

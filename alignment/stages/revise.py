@@ -170,7 +170,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                                                    "sample_index": c["first_index"] + turn - 1}, a[0])
                                                    for c, a in zip(active, answers)], cfg.feedback_chars)
             still = []
-            for c, rid, (text, num_tokens, finish), (passed, share, error) in zip(active, ids, answers, verdicts):
+            for c, rid, (text, num_tokens, finish, *_), (passed, share, error) in zip(active, ids, answers, verdicts):
                 rows.append({"prompt_id": c["prompt_id"], "sample_index": c["first_index"] + turn - 1,
                              "response": text, "num_tokens": num_tokens, "prompt_tokens": done[rid]["prompt_tokens"],
                              "finish_reason": finish, "teacher": teacher_id, "backend": recipe.teacher.backend.value,

@@ -92,8 +92,9 @@ def pair_for(best: dict, ranked: list[dict], cfg: SelectConfig, rng: random.Rand
     def eligible(c):  # the best passes here: a failing sample is always a fair rejected response
         return not passes(c) or best["reward"] - c["reward"] >= cfg.pair_min_margin
 
-    def same(c):
-        return c["response"].strip() == best["response"].strip()
+    def same(c):  # the same words ending a tool-call step and ending the turn are different answers
+        return assistant_message(c)["content"].strip() == assistant_message(best)["content"].strip() and \
+            c.get("stop_reason") == best.get("stop_reason")
 
     if cfg.pair_policy == "best_vs_worst":
         worst = ranked[-1]
@@ -132,12 +133,23 @@ def choose(candidates: list[dict], cfg: SelectConfig, rng: random.Random, drops:
     return sft, pair_for(best, ranked, cfg, rng, drops)
 
 
+def assistant_message(sample: dict) -> dict:
+    """A sample as the assistant's message, with its stop_reason where it ended a tool-call step (<|eom_id|>), so
+    the template renders it back with the ending the model wrote, not as a finished turn."""
+    return {"role": "assistant", "content": sample["response"],
+            **({"stop_reason": sample["stop_reason"]} if sample.get("stop_reason") else {})}
+
+
+def ends_a_step(messages: list[dict]) -> bool:
+    return any(m.get("stop_reason") for m in messages)
+
+
 def sft_row(pid: str, prompt: list[dict], best: dict, revise) -> dict:
     """The prompt's SFT row. A revision (execution feedback) trains its corrected answer: after the prompt alone
     (`revise.sft_format: final`), or after the repair dialog that led to it, failed attempts and feedback in the
     prompt so that only the final answer is trained on (`dialog`)."""
     row = {"prompt_id": pid, "sample_index": best["sample_index"], "prompt": prompt,
-           "completion": [{"role": "assistant", "content": best["response"]}], "reward": best["reward"],
+           "completion": [assistant_message(best)], "reward": best["reward"],
            "scores": best["scores"]}
     if "revision" in best:
         row["revision_turn"] = best["revision"]["turn"]
@@ -275,8 +287,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             chosen, rejected = revised_pair(pair, candidates, cfg, recipe.revise, drops)
             pair_rows.append({"prompt_id": pid, "chosen_index": chosen["sample_index"],
                               "rejected_index": rejected["sample_index"], "prompt": prompt,
-                              "chosen": [{"role": "assistant", "content": chosen["response"]}],
-                              "rejected": [{"role": "assistant", "content": rejected["response"]}],
+                              "chosen": [assistant_message(chosen)], "rejected": [assistant_message(rejected)],
                               "chosen_reward": chosen["reward"], "rejected_reward": rejected["reward"],
                               "chosen_num_tokens": chosen.get("num_tokens"),
                               "rejected_num_tokens": rejected.get("num_tokens"),
@@ -298,6 +309,8 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
               "failed_prompts": len(failed)},
         stats={"dropped": dict(sorted((k, v) for k, v in drops.items() if v)),
                "sft_before_row_filters": selected, "pair_policy": cfg.pair_policy, **stats,
+               "tool_call_steps": {"sft": sum(ends_a_step(r["completion"]) for r in sft_rows),
+                                   "pairs": sum(ends_a_step(r["chosen"] + r["rejected"]) for r in pair_rows)},
                "acceptance_per_prompt": describe(acceptance),
                "sft_reward": describe([r["reward"] for r in sft_rows]),
                "pair_margin": describe([r["chosen_reward"] - r["rejected_reward"] for r in pair_rows]),

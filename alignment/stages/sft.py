@@ -36,27 +36,39 @@ def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_d
                       peft_config=peft_config(cfg))
 
 
+ROLES = ("system", "user", "assistant", "ipython", "tool")
+
+
 def conversation_rows(path: Path) -> list[dict]:
-    """An extra source's rows as prompt and completion, checked: `prompt` and `completion` message lists, or
-    `messages` ending in the assistant's turn (the completion)."""
+    """An extra source's rows as prompt-completion examples, checked: `prompt` and `completion` message lists (the
+    completion all assistant messages), or a `messages` dialog ending in the assistant's turn. A dialog gives one
+    example per assistant message, everything before it as the prompt, so every assistant message of a multi-turn
+    or tool-call dialog is trained (a tool-call step ending with its stop_reason) and no tool output or user turn
+    is."""
     rows = []
     for i, row in enumerate(read_jsonl(path), 1):
         if not isinstance(row, dict):
             raise InputError(f"{path}: row {i}: a JSON object with `prompt` and `completion`, or `messages`")
-        if "messages" in row and "completion" not in row:
-            msgs = row["messages"]
-            if not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) for m in msgs)
-                    and msgs[-1].get("role") == "assistant"):
-                raise InputError(f"{path}: row {i}: messages must be a list of messages ending in the assistant's")
-            row = {"prompt": msgs[:-1], "completion": msgs[-1:]}
-        for key in ("prompt", "completion"):
+        dialog = "messages" in row and "completion" not in row
+        msgs = row["messages"] if dialog else (row.get("prompt") or []) + (row.get("completion") or [])
+        if dialog and not (isinstance(msgs, list) and len(msgs) >= 2 and all(isinstance(m, dict) for m in msgs)
+                           and msgs[-1].get("role") == "assistant"):
+            raise InputError(f"{path}: row {i}: messages must be a list of messages ending in the assistant's")
+        for key in ("messages",) if dialog else ("prompt", "completion"):
             if not (isinstance(row.get(key), list) and row[key] and all(isinstance(m, dict) for m in row[key])):
                 raise InputError(f"{path}: row {i}: needs `prompt` and `completion` (message lists) or `messages`")
-            if bad := next((m for m in row[key] if m.get("role") not in ("system", "user", "assistant", "tool")
+            if bad := next((m for m in row[key] if m.get("role") not in ROLES
                             or not isinstance(m.get("content"), str)), None):
-                raise InputError(f"{path}: row {i}: {key}: a message needs a role (system, user, assistant or tool) "
-                                 f"and a string content, got {json.dumps(bad)[:80]}")
-        rows.append({"prompt": row["prompt"], "completion": row["completion"], "_where": (str(path), i)})
+                raise InputError(f"{path}: row {i}: {key}: a message needs a role ({', '.join(ROLES)}) and a "
+                                 f"string content, got {json.dumps(bad)[:80]}")
+        if not dialog and (bad := next((m for m in row["completion"] if m["role"] != "assistant"), None)):
+            raise InputError(f"{path}: row {i}: completion: every message is trained on, so all must be the "
+                             f"assistant's, got a {bad['role']} message (give a tool-call dialog as `messages`)")
+        if dialog:
+            rows += [{"prompt": msgs[:j], "completion": [m], "_where": (str(path), i)}
+                     for j, m in enumerate(msgs) if m["role"] == "assistant" and j > 0]
+        else:
+            rows.append({"prompt": row["prompt"], "completion": row["completion"], "_where": (str(path), i)})
     return rows
 
 
