@@ -76,3 +76,4 @@ data: $(STAMP)  ## regenerate the committed prompt files (arithmetic, word probl
 	$(PY) -m alignment.tasks.arithmetic --out data/arithmetic --train 8000 --eval 300 --seed 0
 	$(PY) -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 200 --seed 0
 	$(PY) -m alignment.tasks.code --out data/code --train 200 --eval 60 --seed 0
+	$(PY) -m alignment.tasks.arithmetic --followups 2 --out data/arithmetic_dialogs --train 2000 --eval 100 --seed 0

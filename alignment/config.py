@@ -73,6 +73,16 @@ class PromptColumns(Strict):
     prompt_tests: bool = Field(False, description="append the tests (not their setup) to the `prompt` text, as "
                                "MBPP's published prompt does: its text does not name the function they call")
     capability: str = Field("capability", description="picks the teacher's system prompt and the verifiers")
+    followups: str = Field("followups", description="the next user turns of a multi-turn dialog (the dialogs "
+                           "stage, `dialogs.user: followups`): a list of strings, or of {content, answer, tests} "
+                           "objects whose answer and tests the verifiers check on that turn")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):  # columns written before `followups` existed keep their fingerprints
+        out = handler(self)
+        if self.followups == "followups":
+            out.pop("followups", None)
+        return out
 
     @model_validator(mode="after")
     def _prompt_tests_need_a_prompt(self):
@@ -514,6 +524,46 @@ FEEDBACK_TEMPLATE = ("Your code failed its tests.\n\n{error}\n\nFix the code. Re
                      "solution in one ```python block.")
 
 
+def holds_one_field(template: str, field: str, what: str) -> str:
+    """A user-message template must hold {field} and no other {name}, or str.format would fail mid-stage."""
+    import string
+
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"is not a format string ({e}); write a literal brace as {{{{ or }}}}") from None
+    if fields != {field}:
+        raise ValueError(f"must hold {{{field}}}, {what}, and no other {{field}} (found "
+                         f"{sorted(fields) or 'none'}; write a literal brace as {{{{ or }}}})")
+    return template
+
+
+SIMULATOR_PROMPT = ("Here is a conversation between a user and an assistant.\n\n{dialog}\n\nWrite the user's "
+                    "next message, as the user would write it, and nothing else.")
+
+
+class DialogsConfig(Strict):
+    """Multi-turn rollouts (the dialogs stage; Llama 3's dialogs average 4.7 turns): each prompt's chosen response
+    is appended to its conversation, a next user turn comes from the prompt row (`followups`) or from a user
+    simulator (the teacher, asked to write the user's next message), and the teacher answers again with K samples,
+    scored and selected as in the round's first turn. Every turn is its own SFT row and DPO pair, with the whole
+    dialog before it as the prompt. A dialog ends where its turn had no chosen response or no next user turn."""
+
+    turns: int = Field(3, ge=2, le=16, description="assistant turns per dialog, the first (the round's own "
+                       "generate, score and select) included")
+    user: Literal["followups", "simulator"] = Field(
+        "followups", description="where the next user turn comes from: the prompt row's `followups` list (scripted; "
+        "each may carry the answer or tests its turn is verified against), or the teacher, asked with "
+        "`simulator_prompt` (its turns carry no reference answer: only a reward model or judge scores them)")
+    simulator_prompt: str = Field(SIMULATOR_PROMPT, description="the user simulator's request, one user message; "
+                                  "must hold {dialog}, the conversation so far as `role: content` lines")
+
+    @field_validator("simulator_prompt")
+    @classmethod
+    def _has_dialog(cls, v: str) -> str:
+        return holds_one_field(v, "dialog", "where the conversation so far goes")
+
+
 class ReviseConfig(Strict):
     """Execution feedback (Llama 3 section 4.3.1): a code sample that fails its tests goes back to the teacher with
     the problem, its code and the tail of the error, for up to `max_turns` revision turns. Each revision is a
@@ -542,16 +592,7 @@ class ReviseConfig(Strict):
     @field_validator("feedback_template")
     @classmethod
     def _has_error(cls, v: str) -> str:
-        import string
-
-        try:
-            fields = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
-        except ValueError as e:
-            raise ValueError(f"is not a format string ({e}); write a literal brace as {{{{ or }}}}") from None
-        if fields != {"error"}:
-            raise ValueError("must hold {error}, where the failing check and the program's output go, and no other "
-                             f"{{field}} (found {sorted(fields) or 'none'}; write a literal brace as {{{{ or }}}})")
-        return v
+        return holds_one_field(v, "error", "where the failing check and the program's output go")
 
 
 class LoraConfig(Strict):
@@ -652,6 +693,35 @@ class SFTSource(Strict):
                        "trained on)")
     epochs: float = Field(1.0, gt=0.0, le=100.0, description="how many times its rows are seen per SFT epoch: 2 "
                           "repeats each row; 0.5 keeps a seeded half")
+    capability: str | None = Field(None, min_length=1, description="the capability its rows count under for "
+                                   "`sft.balance` (rows of select carry their prompt's); null: default")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):  # sources written before `capability` existed keep their fingerprints
+        out = handler(self)
+        if self.capability is None:
+            out.pop("capability", None)
+        return out
+
+
+class BalanceConfig(Strict):
+    """The final SFT rows per capability, after every filter, brought to a mix (Llama 3 Table 7: general English
+    52.7%, code 14.9%, reasoning and tools 21.2%, ...): each capability keeps a seeded draw of its rows, as many as
+    the scarcest capability allows at its share, so no capability is over-represented because its prompts passed
+    the filters more often."""
+
+    shares: dict[str, float] = Field(description="target share of each capability (normalised to sum to 1); rows "
+                                     "without one count as `default`. A capability with rows but no share is an "
+                                     "error, and so is one with a share but no rows")
+    tolerance: float = Field(0.02, gt=0.0, le=0.5, description="largest allowed difference between a "
+                             "capability's share of the kept rows and its target; the stage fails past it")
+
+    @field_validator("shares")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        if not v or any(not isinstance(s, (int, float)) or s <= 0 for s in v.values()):
+            raise ValueError("a share above 0 for each capability, e.g. {math: 0.6, chat: 0.4}")
+        return v
 
 
 class SFTTrainingConfig(TrainerConfig):
@@ -666,6 +736,8 @@ class SFTTrainingConfig(TrainerConfig):
         "(the same prompt and completion) are kept once, the newest")
     extra_sources: list[SFTSource] = Field([], description="conversation files added to every round's SFT data, "
                                            "each with its epochs (hashed by content)")
+    balance: BalanceConfig | None = Field(None, description="bring the final SFT rows to a share per capability "
+                                          "(after filtering and accumulation); null: keep every row")
 
     @field_validator("accumulate")
     @classmethod
@@ -677,6 +749,13 @@ class SFTTrainingConfig(TrainerConfig):
         "previous", description="where SFT starts: previous, the model the round starts from (the last promoted "
         "one); base, round 1's student in every round, as Llama 3 trained each round's SFT model from the "
         "pre-trained one. DPO follows from the SFT model either way; the gate still compares with the round's input")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):  # a recipe without `balance` hashes as it did before the key existed
+        out = handler(self)
+        if self.balance is None:
+            out.pop("balance", None)
+        return out
 
 
 class RewardTrainingConfig(TrainerConfig):
@@ -923,6 +1002,9 @@ class Recipe(Strict):
     revise: ReviseConfig | None = Field(
         None, description="execution feedback for code (the revise stage). Failing code samples go back to the "
         "teacher with their error for revision turns. null: no such stage")
+    dialogs: DialogsConfig | None = Field(
+        None, description="multi-turn rollouts (the dialogs stage). Later turns of each selected answer's dialog, "
+        "each trained as its own example with the dialog before it. null: single-turn, no such stage")
     reward_training: RewardTrainingConfig | None = Field(
         None, description="train a reward model each round (the reward_model stage); `reward.reward_model: "
         "{source: trained}` scores the next round with it. null: no such stage")

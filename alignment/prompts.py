@@ -208,7 +208,11 @@ def to_row(raw: dict, cols: PromptColumns) -> dict:
     if isinstance(row["messages"], list):  # Arrow gives every message every struct field: drop the null ones
         row["messages"] = [{k: v for k, v in m.items() if v is not None} if isinstance(m, dict) else m
                            for m in row["messages"]]
-    row.update((key, raw[getattr(cols, key)]) for key in ("answer", "tests", "capability") if getattr(cols, key) in raw)
+    row.update((key, raw[getattr(cols, key)]) for key in ("answer", "tests", "capability", "followups")
+               if getattr(cols, key) in raw)
+    if isinstance(row.get("followups"), list):  # as for messages: Arrow's null struct fields go
+        row["followups"] = [{k: v for k, v in f.items() if v is not None} if isinstance(f, dict) else f
+                            for f in row["followups"]]
     if isinstance(tests, str):  # setup first, HumanEval's call of its check last (check_columns checked both)
         setup = raw.get(cols.tests_setup) if cols.tests_setup else None
         row["tests"] = "\n".join(p for p in (setup, tests, cols.entry_point and f"check({raw[cols.entry_point]})")
@@ -257,6 +261,23 @@ def check_row(row: dict, where: str, cols: PromptColumns) -> None:
         if key in row and not isinstance(row[key], str):
             raise InputError(f"{where}: prompt {pid!r}: {name(key)} must be a string, got "
                              f"{type(row[key]).__name__} {json.dumps(row[key], default=str)[:40]}")
+    if "followups" in row:
+        check_followups(row["followups"], f"{where}: prompt {pid!r}: {name('followups')}")
+
+
+def check_followups(followups, where: str) -> None:
+    """A dialog's next user turns: strings, or {content, answer?, tests?} objects (strings all)."""
+    if not isinstance(followups, list):
+        raise InputError(f"{where} must be a list of next user turns, got {type(followups).__name__}")
+    for i, f in enumerate(followups):
+        turn = f if isinstance(f, dict) else {"content": f}
+        if not isinstance(turn.get("content"), str) or not turn["content"].strip():
+            raise InputError(f"{where}[{i}]: a non-empty string, or an object with a non-empty `content`")
+        if extra := set(turn) - {"content", "answer", "tests"}:
+            raise InputError(f"{where}[{i}]: unknown keys {sorted(extra)} (content, answer, tests)")
+        for key in ("answer", "tests"):
+            if key in turn and not isinstance(turn[key], str):
+                raise InputError(f"{where}[{i}].{key} must be a string, got {type(turn[key]).__name__}")
 
 
 class Prompts(Sequence):

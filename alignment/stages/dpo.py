@@ -88,6 +88,7 @@ def assemble(cfg, inputs: dict, round_n: int) -> tuple[list[dict], dict]:
 
     earlier = inputs.get("earlier_pairs", [])
     rounds = [(f"round {round_n}", inputs["pairs"])] + [(f"round {round_n - 1 - i}", p) for i, p in enumerate(earlier)]
+    rounds += [(f"round {round_n - i} dialogs", p) for i, p in enumerate(inputs.get("dialogs_pairs", []))]
     rows, sources = newest_first(rounds, ("prompt", "chosen", "rejected"))
     for spec, path in zip(cfg.preference_sources, inputs.get("preferences", [])):
         own = read_preferences(Path(path))

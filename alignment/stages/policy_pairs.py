@@ -15,19 +15,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alignment.stage_table import STAGES, StageConfig
+from alignment.stage_table import StageConfig, view
 from alignment.stages import generate, score, select
 from alignment.stages.eval import serving
 from alignment.stages.result import StageResult
-
-
-def view(recipe: StageConfig, stage: str, **replace) -> StageConfig:
-    """This stage's configuration as `stage` declares it (its sections are a subset of ours), with `replace`."""
-    cfg = object.__new__(StageConfig)
-    cfg._stage = stage
-    for key in STAGES[stage].sections:
-        setattr(cfg, key, replace.get(key, getattr(recipe, key)))
-    return cfg
 
 
 def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:

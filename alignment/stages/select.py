@@ -281,8 +281,9 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             failed.append({**prompts[pid], "failed_round": round_n})
         best, pair = choose(candidates, cfg, random.Random(f"{recipe.seed}-{round_n}-{pid}"), drops)
         prompt = prompts[pid]["messages"]
-        if best is not None:
-            sft_rows.append(sft_row(pid, prompt, best, recipe.revise))
+        if best is not None:  # (a capability goes with the row: sft.balance counts by it)
+            sft_rows.append(sft_row(pid, prompt, best, recipe.revise)
+                            | ({"capability": prompts[pid]["capability"]} if "capability" in prompts[pid] else {}))
         if pair is not None:
             chosen, rejected = revised_pair(pair, candidates, cfg, recipe.revise, drops)
             pair_rows.append({"prompt_id": pid, "chosen_index": chosen["sample_index"],

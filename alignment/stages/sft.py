@@ -72,12 +72,46 @@ def conversation_rows(path: Path) -> list[dict]:
     return rows
 
 
+def balance(rows: list[dict], cfg, seed: int, round_n: int) -> tuple[list[dict], dict]:
+    """`sft.balance`: each capability keeps a seeded draw of its rows, k_c = floor(share_c * N) with N the largest
+    total every capability can fill at its share (N = min over c of rows_c / share_c). Refused, naming the
+    capability, when a capability has rows but no share, a share but no rows, or ends past the tolerance."""
+    total = sum(cfg.shares.values())
+    target = {c: s / total for c, s in cfg.shares.items()}
+    by_cap: dict[str, list[dict]] = {}
+    for r in rows:
+        by_cap.setdefault(r.get("capability") or "default", []).append(r)
+    if unknown := sorted(set(by_cap) - set(target)):
+        raise InputError(f"sft.balance.shares: SFT rows of capability {unknown[0]!r} ({len(by_cap[unknown[0]])} rows) "
+                         f"have no share; give it one (shares: {sorted(target)})")
+    if empty := sorted(c for c in target if c not in by_cap):
+        raise InputError(f"sft.balance.shares: capability {empty[0]!r} has a share but no SFT rows this round (after "
+                         "filtering); it cannot be brought to its share")
+    n = min(len(by_cap[c]) / target[c] for c in target)
+    kept = {c: random.Random(f"{seed}-{round_n}-balance-{c}").sample(by_cap[c], min(len(by_cap[c]),
+                                                                                   int(target[c] * n + 1e-9)))
+            for c in target}
+    out = [r for c in target for r in kept[c]]
+    shares = {c: len(kept[c]) / max(1, len(out)) for c in target}
+    stats = {c: {"rows": len(by_cap[c]), "kept": len(kept[c]), "target": round(target[c], 4),
+                 "share": round(shares[c], 4)} for c in target}
+    worst = max(target, key=lambda c: abs(shares[c] - target[c]))
+    if abs(shares[worst] - target[worst]) > cfg.tolerance:
+        raise InputError(f"sft.balance: capability {worst!r} ends at {shares[worst]:.3f} of the {len(out)} kept rows, "
+                         f"{abs(shares[worst] - target[worst]):.3f} from its share {target[worst]:.3f} (tolerance "
+                         f"{cfg.tolerance}); too few rows to balance: raise the tolerance or draw more prompts")
+    return out, {"per_capability": stats, "max_deviation": round(abs(shares[worst] - target[worst]), 4),
+                 "tolerance": cfg.tolerance, "rows_before": len(rows), "rows_after": len(out)}
+
+
 def assemble(cfg, inputs: dict, seed: int, round_n: int) -> tuple[list[dict], dict]:
     """The round's SFT rows: this round's selection, the earlier rounds' that `sft.accumulate` adds (a row
     repeated across rounds is kept once, the newest), then each extra source `epochs` times (whole repeats, and a
     seeded share of its rows for the fraction). With the count per source, for the statistics."""
     earlier = inputs.get("earlier_sft", [])
     rounds = [(f"round {round_n}", inputs["sft"])] + [(f"round {round_n - 1 - i}", p) for i, p in enumerate(earlier)]
+    # later dialog turns (the dialogs stage), this round's first: each turn a row with the dialog before it
+    rounds += [(f"round {round_n - i} dialogs", p) for i, p in enumerate(inputs.get("dialogs_sft", []))]
     rows, sources = newest_first(rounds, ("prompt", "completion"))
     for spec, path in zip(cfg.extra_sources, inputs.get("extra_sft", [])):
         own = conversation_rows(Path(path))
@@ -85,13 +119,16 @@ def assemble(cfg, inputs: dict, seed: int, round_n: int) -> tuple[list[dict], di
         share = int(part * len(own) + 0.5)  # half up: 1.5 epochs of one row is two rows
         extra = own * whole + random.Random(f"{seed}-{round_n}-{spec.path}").sample(own, share)
         sources[str(spec.path)] = {"rows": len(own), "epochs": spec.epochs, "used": len(extra)}
-        rows += extra
+        rows += [{**r, "capability": spec.capability} for r in extra] if spec.capability else extra
     return rows, sources
 
 
 def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     cfg = recipe.sft
     rows, sources = assemble(cfg, inputs, recipe.seed, round_n)
+    balanced = None
+    if cfg.balance is not None:
+        rows, balanced = balance(rows, cfg.balance, recipe.seed, round_n)
     rows, tokenizer, over = selected_rows(rows, inputs["sft"], "SFT examples", inputs["model"], cfg.max_length,
                                           "sft.max_length", ("completion",))
 
@@ -101,7 +138,8 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
 
     histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
     stats = {**loss_summary(histories[0]), **runs, "lora": cfg.lora is not None, "packing": cfg.packing,
-             "pad_token": tokenizer.pad_choice, **({"sources": sources} if len(sources) > 1 else {})}
+             "pad_token": tokenizer.pad_choice, **({"sources": sources} if len(sources) > 1 else {}),
+             **({"balance": balanced} if balanced else {})}
     if len(histories) > 1:
         stats["last_loss_per_run"] = [loss_summary(h).get("last_loss") for h in histories]
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},

@@ -8,6 +8,11 @@ and, with `--style word`, word problems that ask for an explicit final line, for
 
     python -m alignment.tasks.arithmetic --style word --out data/word_problems --train 2000 --eval 200 --seed 0
 
+and, with `--followups K`, dialogs: each row also carries K next user turns ("Add 7 to that.") with the running
+answer each turn is verified against, for multi-turn rollouts (the dialogs stage):
+
+    python -m alignment.tasks.arithmetic --followups 2 --out data/arithmetic_dialogs --train 2000 --eval 100 --seed 0
+
 The evaluation split is drawn first and every later draw (training prompts, the bootstrap's pretraining corpus)
 excludes its questions, so held-out accuracy never measures memorisation.
 """
@@ -96,15 +101,32 @@ def prompt_row(split: str, i: int, p: tuple, style: str = "plain") -> dict:
     }
 
 
-def write_prompt_files(out: Path, n_train: int, n_eval: int, seed: int, style: str = "plain") -> None:
+def followups(rng: random.Random, start: int, k: int) -> list[dict]:
+    """k next user turns that each change the previous answer, with the running answer to verify each turn by."""
+    turns, value = [], start
+    for _ in range(k):
+        op, c = rng.choice(OPS), rng.randint(1, 20)
+        value = solve(value, op, c)
+        turns.append({"content": f"Add {c} to that." if op == "+" else f"Subtract {c} from that.",
+                      "answer": str(value)})
+    return turns
+
+
+def write_prompt_files(out: Path, n_train: int, n_eval: int, seed: int, style: str = "plain",
+                       n_followups: int = 0) -> None:
     rng = random.Random(seed)
+    turns = random.Random(f"{seed}-followups")  # its own draw: the problems are those of the same seed without
     seen: set[str] = set()
     splits = (word_problems(rng, n_train, n_eval) if style == "word" else
               {"eval": draw_problems(rng, n_eval, seen), "train": draw_problems(rng, n_train, seen)})
     out.mkdir(parents=True, exist_ok=True)
     for split, problems in splits.items():
         with open(out / f"{split}.jsonl", "w") as f:  # not prompts.write_jsonl: this module imports no ML library
-            f.writelines(json.dumps(prompt_row(split, i, p, style)) + "\n" for i, p in enumerate(problems))
+            for i, p in enumerate(problems):
+                row = prompt_row(split, i, p, style)
+                if n_followups:
+                    row["followups"] = followups(turns, int(row["answer"]), n_followups)
+                f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -114,8 +136,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--style", choices=("plain", "word"), default="plain")
+    ap.add_argument("--followups", type=int, default=0, help="next user turns per row, for multi-turn dialogs")
     args = ap.parse_args()
-    write_prompt_files(args.out, args.train, args.eval, args.seed, args.style)
+    write_prompt_files(args.out, args.train, args.eval, args.seed, args.style, args.followups)
 
 
 if __name__ == "__main__":
