@@ -181,9 +181,16 @@ def task_answered_by(tmp: Path, prompts: list[dict], texts: list[str]) -> tuple[
     return rows, tmp, hits / len(rows)
 
 
+def as_lm_eval_decodes(text: str) -> str:
+    """An answer as lm-eval's decoders write it: without any special token. Ours keep <|python_tag|>, which opens a
+    tool call (alignment.template.decode_response), and a random model writes now and then."""
+    return text.replace("<|python_tag|>", "")
+
+
 def lm_eval_against_eval(recipe_overrides, backend, path: Path, prompts, tmp: Path):
-    """Eval's greedy answers and accuracy, and lm-eval's answers and exact match, on one open backend, on a task
-    whose expected accuracy is known: (ours, lm-eval's, our accuracy, lm-eval's, expected)."""
+    """Eval's greedy answers (as lm-eval decodes them) and accuracy, and lm-eval's answers and exact match, on one
+    open backend, on a task whose expected accuracy is known: (ours, lm-eval's, our accuracy, lm-eval's,
+    expected)."""
     recipe = stage(*recipe_overrides, VERIFIER, "eval.max_new_tokens=16", "eval.num_samples=0")
     with mock.patch.object(eval_stage, "open_backend", lambda *a: nullcontext(backend)):
         first, _, _ = eval_stage.answers(recipe, path, prompts, tmp / "first")
@@ -194,7 +201,8 @@ def lm_eval_against_eval(recipe_overrides, backend, path: Path, prompts, tmp: Pa
         greedy, _, lm = eval_stage.answers(recipe, path, rows, tmp / "second")
         logged = run_lm_eval(recipe, backend, path, log_samples=True)["samples"]["arithmetic_local"]
     ours, _ = eval_stage.model_metrics(recipe, rows, "m", (greedy, None, {}), None)
-    return ([c.text for c in greedy], [s["resps"][0][0] for s in sorted(logged, key=lambda s: s["doc_id"])],
+    return ([as_lm_eval_decodes(c.text) for c in greedy],
+            [s["resps"][0][0] for s in sorted(logged, key=lambda s: s["doc_id"])],
             ours["accuracy"], lm["lm_eval/arithmetic_local/exact_match,final_answer"], expected)
 
 

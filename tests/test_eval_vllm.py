@@ -19,10 +19,10 @@ from alignment.backends.vllm_server import VLLMServer
 from alignment.chat import build_tokenizer
 from alignment.config import EngineConfig, TeacherConfig, load_recipe
 from alignment.prompts import read_prompts
-from alignment.template import stop_token_ids
+from alignment.template import load_tokenizer, stop_token_ids
 from alignment.tiny_models import save
 
-from test_eval_stage import lm_eval_against_eval, varied_llama
+from test_eval_stage import as_lm_eval_decodes, lm_eval_against_eval, varied_llama
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -57,7 +57,9 @@ def server(setup):
     cfg = TeacherConfig(source="path", model_name_or_path=str(model), backend="openai", serve=True, engine=ENGINE)
     with VLLMServer(str(model), ENGINE, port=0, api_key_env=None, startup_timeout_s=300,
                     log_path=tmp / "server.log") as srv:
-        yield OpenAIBackend([srv.base_url], str(model), cfg, stop_token_ids=sorted(stop_token_ids(build_tokenizer())))
+        # as open_backend serves a local model: its tokenizer decodes the answers' token ids
+        yield OpenAIBackend([srv.base_url], str(model), cfg, stop_token_ids=sorted(stop_token_ids(build_tokenizer())),
+                            tokenizer=load_tokenizer(model))
 
 
 def samples(backend, requests) -> dict[int, list[str]]:
@@ -109,7 +111,8 @@ def test_lm_eval_on_the_server_writes_and_scores_eval_answers(setup, server, eng
     assert lm_answers == ours and expected > 0 and accuracy == lm_accuracy == expected
     greedy = make_requests([p["messages"] for p in prompts], "x", {**SAMPLING, "num_samples": 1, "temperature": 0.0,
                                                                    "max_new_tokens": 16}, 0)[1]
-    assert ours == [r.completions[0].text for _, r in sorted(engine.generate(list(greedy.values())))]
+    in_process = sorted(engine.generate(list(greedy.values())))
+    assert ours == [as_lm_eval_decodes(r.completions[0].text) for _, r in in_process]
 
 
 def test_vllm_pooling_reward_model_scores_as_transformers(setup, tmp_path):

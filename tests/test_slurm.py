@@ -41,7 +41,7 @@ def test_each_stage_runs_with_the_resources_of_its_kind():
     plain = load_recipe(TINY, [])
     judged = load_recipe(TINY, ["reward.judge={template: 'Rate {prompt} {response}'}"])
     expected = {"bootstrap": "train", "import_gguf": "train", "teacher_eval": "generate", "generate": "generate",
-                "revise": "generate", "score": "eval",
+                "revise": "generate", "score": "eval", "dialogs": "generate",
                 "select": None, "reward_model": "train", "sft": "train", "policy_pairs": "generate", "dpo": "train",
                 "eval": "eval", "promote": None}
     assert {s: job_kind(plain, s) for s in STAGES} == expected
