@@ -7,6 +7,10 @@ import os
 # processes with the default policy, 19 s with PASSIVE, 11-14 s on an idle machine (measured here, 2026-12-04).
 # libgomp reads it when torch loads, so it is set before any test module imports torch; stages inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One intra-op thread per process: two test workers already fill the 2 cores, and a second torch thread per process
+# only waits for a core. The round-1 fixture of the e2e file took 68 s beside a CPU-bound busy loop with torch's
+# default, 53 s with one thread (measured here, 2026-12-06).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
