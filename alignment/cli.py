@@ -49,6 +49,10 @@ def validate(recipe_file: str, overrides: list[str]):
         raise InputError(f"{recipe.prompts.eval_path}: {len(leaked)} held-out prompts ask what a training prompt asks "
                          f"(case and spacing aside), e.g. {leaked[0][0]!r} = {leaked[0][1]!r} in "
                          f"{train.where(train.ids[leaked[0][1]])}; the evaluation split must be held out")
+    if recipe.dialogs is not None and recipe.dialogs.user == "followups" and not any("followups" in p for p in train):
+        raise InputError(f"dialogs.user is followups, but no prompt of {train_name} has `followups` (the next user "
+                         "turns); add them to the rows, map their column (columns.followups), or use "
+                         "dialogs.user: simulator")
     capabilities = {p.get("capability") or "default" for p in train}
     if unused := sorted(set(recipe.teacher.system_prompts) - capabilities - {"default"}):
         raise InputError(f"teacher.system_prompts: {unused} match no prompt's capability in "

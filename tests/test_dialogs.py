@@ -178,3 +178,16 @@ def test_the_dialog_prompt_files_regenerate_and_each_turn_s_answer_follows_from_
     # the problems are new draws of the same generator: the held-out split shares no question with training
     train = {r["messages"][0]["content"] for r in rows}
     assert not train & {r["messages"][0]["content"] for r in read_jsonl(ROOT / "data/arithmetic_dialogs/eval.jsonl")}
+
+
+def test_dialogs_over_prompts_without_followups_is_refused_before_any_work(tmp_path, capsys):
+    from alignment.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["round", "1", "--recipe", TINY, f"runs_dir={tmp_path}", "dialogs={turns: 2}"])
+    err = capsys.readouterr().err
+    assert "dialogs.user is followups, but no prompt of data/arithmetic/train.jsonl has `followups`" in err
+    assert list(tmp_path.iterdir()) == []  # nothing was started
+    main(["validate", TINY, "dialogs={turns: 2}", "prompts.train_path=data/arithmetic_dialogs/train.jsonl",
+          "prompts.eval_path=data/arithmetic_dialogs/eval.jsonl"])
+    assert ": ok (recipe" in capsys.readouterr().out
