@@ -191,3 +191,29 @@ def test_dialogs_over_prompts_without_followups_is_refused_before_any_work(tmp_p
     main(["validate", TINY, "dialogs={turns: 2}", "prompts.train_path=data/arithmetic_dialogs/train.jsonl",
           "prompts.eval_path=data/arithmetic_dialogs/eval.jsonl"])
     assert ": ok (recipe" in capsys.readouterr().out
+
+
+def test_a_dialog_that_would_outgrow_the_teacher_s_context_ends_there(server, tmp_path):
+    """The teacher's context, from its own config: a tiny model of 100 positions holds turn 2 of p1 (83 prompt
+    tokens) and of p2 (75) with 16 new tokens, and not p1's turn 3 (129); counted by the template here."""
+    from alignment.chat import build_tokenizer, token_ids
+    from alignment.tiny_models import random_llama, save
+
+    tok = build_tokenizer()
+    turn3 = [PROMPTS[0]["messages"][0], {"role": "assistant", "content": "2 + 3 = 5"},
+             {"role": "user", "content": "Add 4 to that."}, {"role": "assistant", "content": "5 + 4 = 9"},
+             {"role": "user", "content": "Now double it."}]
+    assert len(token_ids(tok, turn3[:3], add_generation_prompt=True)) + 16 <= 100 < \
+        len(token_ids(tok, turn3, add_generation_prompt=True)) + 16
+    folder = save(random_llama(tok, seed=0, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, max_position_embeddings=100), tok, tmp_path / "teacher")
+    recipe, inputs = setup(tmp_path, server, f"teacher.model_name_or_path={folder}", "sampling.max_new_tokens=16")
+    Scripted.models = [str(folder)]
+    # a local teacher folder: the backend decodes the answers' token ids, which must then be the text's (and the end)
+    Scripted.token_ids = staticmethod(lambda body, i: tok(Scripted.text(body, i) + "<|eot_id|>",
+                                                           add_special_tokens=False).input_ids)
+    out = tmp_path / "dialogs"
+    out.mkdir()
+    result = dialogs.run(stage(recipe, "dialogs"), {**inputs, "teacher": folder}, out, 1)
+    assert result.stats["dialog_ended"] == {"no_chosen_response": 1, "at_context_limit": 1}
+    assert [r["prompt_id"] for r in read_jsonl(out / "sft.jsonl")] == ["p1#turn-2"]

@@ -6,7 +6,8 @@ response and a next user turn, then has the teacher answer with K samples that a
 the first turn's were (the generate, score and select stages run on the turn's prompts, in `turn-<t>/`). The next
 user turn is the prompt row's `followups[t-2]` (with the answer or tests its verifiers check), or, with
 `dialogs.user: simulator`, what the teacher writes when asked for the user's next message. A dialog ends where a
-turn had no chosen response (nothing passed select) or no next user turn.
+turn had no chosen response (nothing passed select), no next user turn, or would no longer fit the teacher's
+context with the answer's max_new_tokens (each counted).
 
 Each turn's requests are generate requests with their own seeds, saved in shards, so a killed stage resumes: the
 turn prompts are rebuilt from the previous turn's selection, which is the same, and only unsent requests go out.
@@ -27,6 +28,7 @@ from alignment.config import PromptSource
 from alignment.stage_table import StageConfig, view
 from alignment.stages import generate, score, select
 from alignment.stages.result import StageResult
+from alignment.stages.revise import context_check
 from alignment.stats import describe
 
 TURN = "#turn-"  # a later turn's prompt_id: the dialog's first prompt_id, then this, then the turn's number
@@ -80,6 +82,10 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
     models = {k: inputs[k] for k in ("reward_model", "teacher") if k in inputs}
     sft_rows, pair_rows, per_turn, ended = [], [], {}, Counter()
     lengths = Counter({r["prompt_id"]: 1 for r in chosen})  # assistant turns each dialog reached
+    fits = context_check(recipe, str(inputs["teacher"]))
+    with_system = lambda row: ([{"role": "system", "content": s}]  # noqa: E731  (as generate sends it)
+                               if (s := generate.system_prompt_for(row, recipe.teacher.system_prompts)) else []) \
+        + row["messages"]
     for turn in range(2, cfg.turns + 1):
         folder = out_dir / f"turn-{turn}"
         for name in ("generate", "score", "select"):
@@ -92,6 +98,10 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             users = simulated_users(recipe, dialogs, str(inputs["teacher"]), folder / "simulator", round_n)
         ended["no_next_user_turn"] += sum(r["prompt_id"].split(TURN)[0] not in users for r in chosen)
         rows = next_prompts(chosen, origins, turn, users)
+        # a dialog that would outgrow the teacher's context (with the answer's max_new_tokens) ends here, counted
+        room = [fits(with_system(r)) for r in rows]
+        ended["at_context_limit"] += room.count(False)
+        rows = [r for r, ok in zip(rows, room) if ok]
         if not rows:
             break
         prompts = folder / "prompts.jsonl"

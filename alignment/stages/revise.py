@@ -85,11 +85,13 @@ def pick(group: list[dict], results: dict, cfg) -> list[dict]:
 
 
 def context_check(recipe: StageConfig, teacher: str):
-    """A test of whether a revision conversation, with the answer's max_new_tokens, fits the teacher's context
-    (its max_position_embeddings, and the engine's max_model_len): a dialog grows by an attempt and a feedback turn
-    per turn, and a request over the context would fail the stage. Behind existing endpoints the server knows its
-    context; every conversation is sent."""
-    if recipe.teacher.endpoints:
+    """A test of whether a conversation (a revision or a later dialog turn), with the answer's max_new_tokens, fits
+    the teacher's context (its max_position_embeddings, and the engine's max_model_len where this stage starts the
+    engine): a dialog grows every turn, and a request over the context would fail the stage. Behind existing
+    endpoints serving a model that is not a local folder, the server alone knows its context: every conversation
+    is sent."""
+    local = Path(teacher, "config.json").is_file()
+    if recipe.teacher.endpoints and not local:
         return lambda conversation: True
     from transformers import AutoConfig
 
@@ -97,8 +99,9 @@ def context_check(recipe: StageConfig, teacher: str):
     from alignment.template import load_tokenizer
 
     tokenizer = load_tokenizer(teacher)
+    engine_limit = None if recipe.teacher.endpoints else recipe.teacher.engine.max_model_len  # theirs, not ours
     context = min(n for n in (getattr(AutoConfig.from_pretrained(teacher), "max_position_embeddings", None),
-                              recipe.teacher.engine.max_model_len, 1 << 40) if n)
+                              engine_limit, 1 << 40) if n)
     budget = context - recipe.sampling.max_new_tokens
     return lambda conversation: len(token_ids(tokenizer, conversation, add_generation_prompt=True)) <= budget
 
