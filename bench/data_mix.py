@@ -49,7 +49,9 @@ def inputs(out: Path) -> list[str]:
             "prompts.sources=[{source: {path: data/arithmetic/train.jsonl, capability: math}, weight: 0.6}, "
             "{source: {path: data/word_problems/train.jsonl, capability: word}, weight: 0.4, rounds: {3: {weight: 0.2}}}]",
             f"prompts.eval_path={out / 'eval-mix.jsonl'}", "sft.accumulate=all",
-            f"sft.extra_sources=[{{path: {out / 'curated.jsonl'}, capability: curated}}]"]
+            f"sft.extra_sources=[{{path: {out / 'curated.jsonl'}, capability: curated}}]",
+            # a word problem's prompt is up to ~100 tokens of the tiny character tokenizer; arithmetic's ~30
+            "sft.max_length=256", "dpo.max_length=256", "reward_training.max_length=256"]
 
 
 def run_round(n: int, runs: Path, overrides: list[str]) -> None:
