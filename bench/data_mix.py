@@ -106,17 +106,20 @@ def main() -> None:
     path.write_text(json.dumps(result, indent=1) + "\n")
     for init, rows in result["runs"].items():
         print(f"\nsft.init: {init}\n")
-        print("| round | drawn (quota) per source | SFT examples (this round + earlier + curated) | SFT: math | SFT: word "
-              "| DPO: math | DPO: word | promoted |\n|---|---|---|---|---|---|---|---|")
+        print("| round | drawn (quota) per source | SFT starts from | SFT examples: kept per source | repeats dropped "
+              "| SFT: math | SFT: word | DPO: math | DPO: word | promoted |\n|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             drawn = ", ".join(f"{Path(s).parent.name} {d} ({r['quota_per_source'][s]})"
                               for s, d in r["drawn_per_source"].items())
-            parts = " + ".join(str(v.get("rows", v.get("used"))) for v in (r["sft_rows_per_source"] or {}).values())
+            sources = r["sft_rows_per_source"] or {}
+            parts = ", ".join(f"{Path(k).stem if '/' in k else k} {v.get('used', v['rows'])}"
+                              for k, v in sorted(sources.items()))
+            kept = sum(v["rows"] for k, v in sources.items() if k.startswith("round"))
+            start = Path(r["sft_started_from"])
             acc = lambda m, c: fmt_ci(r["accuracy"][m][f"accuracy/{c}"], r["accuracy"][m][f"accuracy/{c}_ci"])  # noqa
-            kept = sum(v["rows"] for k, v in (r["sft_rows_per_source"] or {}).items() if k.startswith("round"))
-            parts += f"; {r['selected_so_far'] - kept} repeats dropped"
-            print(f"| {r['round']} | {drawn} | {r['sft_examples']} ({parts}) | {acc('sft', 'math')} | "
-                  f"{acc('sft', 'word')} | {acc('dpo', 'math')} | {acc('dpo', 'word')} | {r['promoted']} |")
+            print(f"| {r['round']} | {drawn} | {start.parent.name}/{start.name} | {r['sft_examples']}: {parts} | "
+                  f"{r['selected_so_far'] - kept} | {acc('sft', 'math')} | {acc('sft', 'word')} | "
+                  f"{acc('dpo', 'math')} | {acc('dpo', 'word')} | {r['promoted']} |")
     print(f"\nwrote {path}")
 
 
