@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from alignment.config import InputError, load_recipe
+from alignment.config import Backend, InputError, load_recipe
 from alignment.prompts import content_key, draw_mixture, read_prompts
 from alignment.verifiers import check_counts, check_examples, check_isolation, check_prompt_fields
 from alignment.round import StageFailed, run_lock, run_round, run_stage, status_table
 from alignment.stage_table import STAGES
+from alignment.template import holds_tool_call_step
 
 
 def validate(recipe_file: str, overrides: list[str]):
@@ -49,6 +50,14 @@ def validate(recipe_file: str, overrides: list[str]):
         raise InputError(f"{recipe.prompts.eval_path}: {len(leaked)} held-out prompts ask what a training prompt asks "
                          f"(case and spacing aside), e.g. {leaked[0][0]!r} = {leaked[0][1]!r} in "
                          f"{train.where(train.ids[leaked[0][1]])}; the evaluation split must be held out")
+    t = recipe.teacher  # (eval's servers serve this run's checkpoints: local folders, whose template renders)
+    if t.backend == Backend.openai and t.endpoints and not Path(str(t.model_name_or_path), "tokenizer_config.json"
+                                                                 ).is_file():
+        if row := next((r for r in train if holds_tool_call_step(r["messages"])), None):
+            raise InputError(f"{train_name}: prompt {row['prompt_id']!r} holds a tool-call step (a message with "
+                             "stop_reason: end_of_message), which OpenAI's chat API cannot carry, and the teacher's "
+                             "endpoints serve a model that is not a local folder whose template could render it. Use "
+                             "teacher.backend transformers or vllm, or name the model's local folder")
     if recipe.dialogs is not None and recipe.dialogs.user == "followups" and not any("followups" in p for p in train):
         raise InputError(f"dialogs.user is followups, but no prompt of {train_name} has `followups` (the next user "
                          "turns); add them to the rows, map their column (columns.followups), or use "

@@ -78,6 +78,12 @@ END_OF_MESSAGE_TOKEN = "<|eom_id|>"
 END_OF_MESSAGE = "end_of_message"  # a message's `stop_reason` when it ends a tool-call step
 
 
+def holds_tool_call_step(messages: list[dict]) -> bool:
+    """Does the conversation hold a message that ended a tool-call step? OpenAI's chat API has no field for it, and
+    vLLM's chat parsing keeps only the fields it knows: such a conversation must be rendered by us."""
+    return any(m.get("stop_reason") == END_OF_MESSAGE for m in messages)
+
+
 def decode_response(tokenizer, ids: list[int]) -> str:
     """A response's text as every backend records it: special tokens dropped (a stray header token is not text),
     except those that belong to the content (<|python_tag|>), which the template must write back when the message

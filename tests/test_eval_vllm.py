@@ -132,3 +132,20 @@ def test_vllm_pooling_reward_model_scores_as_transformers(setup, tmp_path):
     with rewards.open_reward_model(cfg, str(tmp_path / "rm"), ENGINE) as rm:
         got = rm(convs)
     assert len(set(expected)) == N and got == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_tool_call_step_reaches_the_in_process_engine_as_its_template_renders_it(setup, engine):
+    """vLLM's chat parsing drops a message's stop_reason; the engine gets such a conversation as the token ids of
+    the template's rendering (<|eom_id|> after the step), so its greedy answers are transformers' on the same
+    conversation, and differ from those to the conversation with the step ended as a finished turn."""
+    _, model, prompts = setup
+    step = {"role": "assistant", "content": "<|python_tag|>print(6 * 7)", "stop_reason": "end_of_message"}
+    stepped = [[p["messages"][0], step, {"role": "ipython", "content": "42"}] for p in prompts]
+    as_turn = [[c[0], {k: v for k, v in step.items() if k != "stop_reason"}, c[2]] for c in stepped]
+    greedy = {**SAMPLING, "num_samples": 1, "temperature": 0.0, "max_new_tokens": 8}
+    texts = lambda backend, convs: [r.completions[0].text for _, r in sorted(  # noqa: E731
+        backend.generate(list(make_requests(convs, "m", greedy, 0)[1].values())))]
+    hf = TransformersBackend(str(model), batch_size=N, shard_size=N)
+    ours = texts(engine, stepped)
+    assert ours == texts(hf, stepped)
+    assert ours != texts(engine, as_turn)

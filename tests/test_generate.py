@@ -156,8 +156,10 @@ class Scripted(BaseHTTPRequestHandler):
         step = type(self).script.pop(0) if type(self).script else "ok"
         if step == "ok":
             n = body["n"]
+            completions = not self.path.endswith("/chat/completions")  # vLLM's completions API: a prompt, a text
             self.reply(200, {"choices": [
-                {"index": i, "message": {"content": self.text(body, i)},
+                {"index": i, **({"text": self.text(body, i)} if completions else
+                                {"message": {"content": self.text(body, i)}}),
                  "finish_reason": "length" if self.hits_limit(body, i) else "stop", "stop_reason": None,
                  "token_ids": self.token_ids(body, i) if self.token_ids else
                  [1] * (body["max_tokens"] if self.hits_limit(body, i) else 3)} for i in range(n)],
@@ -299,3 +301,13 @@ def test_only_the_stages_that_call_the_teacher_get_its_key(monkeypatch):
     judged = load_recipe(TINY, ["teacher={source: path, model_name_or_path: m, backend: openai, serve: true, "
                                 "api_key_env: TEACHER_KEY}", "reward.judge={template: '{prompt} {response}'}"])
     assert stage_env(judged, "score")["TEACHER_KEY"] == "s3cret"  # the judge is the teacher
+
+
+def test_a_tool_call_step_is_refused_by_the_openai_api_before_anything_is_sent(server):
+    step = {"role": "assistant", "content": "<|python_tag|>x", "stop_reason": "end_of_message"}
+    stepped = Request([{"role": "user", "content": "hi"}, step, {"role": "ipython", "content": "1"}], n=1,
+                      temperature=1.0, top_p=1.0, max_tokens=8, seed=1)
+    with pytest.raises(GenerationError, match="1 of 2 conversations hold a tool-call step .* OpenAI's chat API has "
+                                              "no field for it"):
+        list(client([server]).generate([REQ, stepped]))
+    assert Scripted.seen == []

@@ -58,9 +58,10 @@ def teacher(tmp_path: Path) -> Path:
 
 
 def answers(body: dict, i: int) -> tuple[str, str]:
-    """The scripted teacher's i-th sample and how it ends: after the interpreter's output, the answer; before it,
-    sample 0 calls the tool and sample 1 answers without it."""
-    if body["messages"][-1]["role"] == "ipython":
+    """The scripted teacher's i-th sample and how it ends: after the interpreter's output (a conversation holding
+    a tool-call step, which comes as token ids to the completions API), the answer; before it, sample 0 calls the
+    tool and sample 1 answers without it."""
+    if "prompt" in body:
         return (FINAL, "<|eot_id|>") if i == 0 else ("I think 41.", "<|eot_id|>")
     return (CALL, "<|eom_id|>") if i == 0 else ("It is 42.", "<|eot_id|>")
 
@@ -91,9 +92,12 @@ def test_a_tool_call_step_round_trips_from_teacher_tokens_to_training_tokens(ser
     assert got == {("call", 0): (CALL, "end_of_message"), ("call", 1): ("It is 42.", None),
                    ("after", 0): (FINAL, None), ("after", 1): ("I think 41.", None)}
     assert result.stats["tool_call_steps"] == 1
-    # what the teacher was sent for the second prompt: the tool-call step with its ending, and the tool's output
-    sent = next(b for _, b in Scripted.seen if len(b["messages"]) == 3)
-    assert sent["messages"] == [ASK, STEP, OUTPUT]
+    # what the teacher was sent for the second prompt: the template's tokens of the tool-call step with its ending
+    # and the tool's output (the chat API has no field for the ending), then the assistant's header
+    sent = next(b for _, b in Scripted.seen if "prompt" in b)
+    assert sent["prompt"] == ids(tok, tok.apply_chat_template([ASK, STEP, OUTPUT], tokenize=False,
+                                                              add_generation_prompt=True))
+    assert tok.convert_tokens_to_ids("<|eom_id|>") in sent["prompt"] and "messages" not in sent
 
     # scores by hand: the tool call is the better answer to "call", the right final answer to "after"
     write_jsonl(tmp_path / "scores.jsonl", [
@@ -199,3 +203,18 @@ def test_the_transformers_sampler_records_an_end_of_message_ending():
                        batch_size=1, seeds=[0], desc="test")
         got[end] = (c.text, c.num_tokens, c.finish_reason, c.stop_reason)
     assert got == {"<|eom_id|>": ("", 0, "stop", "end_of_message"), "<|eot_id|>": ("", 0, "stop", None)}
+
+
+def test_validate_refuses_tool_call_prompts_for_endpoints_that_nothing_here_can_render_for(tmp_path):
+    from alignment.cli import validate
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt_id": "after", "messages": [ASK, STEP, OUTPUT], "answer": "42"}])
+    base = [f"prompts.train_path={tmp_path / 'prompts.jsonl'}"]
+    remote = lambda model: [f"teacher={{source: path, model_name_or_path: {model}, backend: openai, "  # noqa: E731
+                            "endpoints: ['http://127.0.0.1:9/v1']}"]
+    with pytest.raises(InputError, match=r"prompts.jsonl: prompt 'after' holds a tool-call step .* which OpenAI's chat "
+                                         r"API cannot carry, and the teacher's endpoints serve a model that is not a "
+                                         r"local folder"):
+        validate(str(ROOT / "recipes/tiny.yaml"), [*base, *remote("org/remote-model")])
+    assert validate(str(ROOT / "recipes/tiny.yaml"), [*base, *remote(teacher(tmp_path))])[1] == 1  # renders here
+    assert validate(str(ROOT / "recipes/tiny.yaml"), base)[1] == 1  # the transformers teacher renders it

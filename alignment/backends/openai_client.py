@@ -20,6 +20,8 @@ from alignment.backends import GenerationError, Request, Result, api_key
 from alignment.backends.vllm_engine import completion
 from alignment.config import TeacherConfig
 from alignment.generation import Completion
+from alignment.chat import token_ids
+from alignment.template import holds_tool_call_step
 
 RETRYABLE = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -111,14 +113,20 @@ class OpenAIBackend:
                 "return_token_ids": True}  # vLLM: per-sample token counts (other servers ignore or omit it)
         if self.stop_token_ids:
             body["stop_token_ids"] = self.stop_token_ids
-        answer = self._call(endpoint, "POST", "/chat/completions", body)
+        # a tool-call step has no field in the chat API: the conversation goes as its template's token ids, to the
+        # completions API (vLLM takes a prompt of token ids there)
+        stepped = self.tokenizer is not None and holds_tool_call_step(q.messages)
+        if stepped:
+            body["prompt"] = token_ids(self.tokenizer, body.pop("messages"), add_generation_prompt=True)
+        answer = self._call(endpoint, "POST", "/completions" if stepped else "/chat/completions", body)
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not isinstance(choices, list) or len(choices) != q.n:
             raise Retryable(f"malformed answer: expected {q.n} choices, got "
                             f"{len(choices) if isinstance(choices, list) else type(choices).__name__}")
         out = [None] * q.n
         for c in choices:
-            text = (c.get("message") or {}).get("content") if isinstance(c, dict) else None
+            text = (c.get("text") if stepped else (c.get("message") or {}).get("content")) if isinstance(c, dict) \
+                else None
             i = c.get("index") if isinstance(c, dict) else None
             if not isinstance(text, str) or not isinstance(i, int) or not 0 <= i < q.n or out[i] is not None:
                 raise Retryable(f"malformed choice: {str(c)[:200]}")
@@ -140,6 +148,11 @@ class OpenAIBackend:
     def generate(self, requests: list[Request]):
         """Yield (index, Result) as requests finish. On a failure, requests not yet sent are cancelled, those in
         flight are awaited and yielded if they succeed, then the first error is raised."""
+        if self.tokenizer is None and (stepped := sum(holds_tool_call_step(q.messages) for q in requests)):
+            raise GenerationError(f"{stepped} of {len(requests)} conversations hold a tool-call step (a message with "
+                                  "stop_reason: end_of_message); OpenAI's chat API has no field for it, and the served "
+                                  "model is not a local folder whose template could render it. Use teacher.backend "
+                                  "transformers or vllm, or serve a local model folder")
         error = None
         with ThreadPoolExecutor(max_workers=self.cfg.max_concurrency) as pool:
             pending = {pool.submit(self._one, q): i for i, q in enumerate(requests)}

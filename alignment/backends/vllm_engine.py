@@ -4,9 +4,10 @@ shares the prompt's KV-cache pages across them, as Llama 3 did for rejection sam
 from __future__ import annotations
 
 from alignment.backends import Request, Result
+from alignment.chat import token_ids
 from alignment.config import EngineConfig
 from alignment.generation import Completion
-from alignment.template import decode_response, stop_reason_of, stop_token_ids
+from alignment.template import decode_response, holds_tool_call_step, stop_reason_of, stop_token_ids
 
 
 def engine_kwargs(cfg: EngineConfig) -> dict:
@@ -33,8 +34,17 @@ class VLLMBackend:
             shard = requests[start:start + self.shard_size]
             params = [SamplingParams(n=q.n, temperature=q.temperature, top_p=q.top_p, max_tokens=q.max_tokens,
                                      seed=q.seed, stop_token_ids=self.stop_ids) for q in shard]
-            outputs = self.llm.chat([q.messages for q in shard], params, use_tqdm=False)
-            for i, out in enumerate(outputs):
+            # vLLM's chat parsing drops a message's stop_reason: a conversation holding a tool-call step goes in as
+            # the token ids of its own template's rendering (which ends that step with <|eom_id|>)
+            stepped = [i for i, q in enumerate(shard) if holds_tool_call_step(q.messages)]
+            chat = [i for i in range(len(shard)) if i not in stepped]
+            outputs = dict(zip(chat, self.llm.chat([shard[i].messages for i in chat], [params[i] for i in chat],
+                                                   use_tqdm=False) if chat else []))
+            if stepped:
+                prompts = [{"prompt_token_ids": token_ids(self.tokenizer, shard[i].messages, add_generation_prompt=True)}
+                           for i in stepped]
+                outputs |= dict(zip(stepped, self.llm.generate(prompts, [params[i] for i in stepped], use_tqdm=False)))
+            for i, out in sorted(outputs.items()):
                 cs = [completion(c.text, list(c.token_ids), c.finish_reason,
                                  c.finish_reason == "stop" and c.token_ids and c.token_ids[-1] in self.stop_ids,
                                  self.tokenizer) for c in out.outputs]
