@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # `make test` RUNS times in a row beside BUSY CPU-bound processes (a Python busy loop each), as on a machine that
 # other work shares. Prints one line per run (wall seconds, exit code, pytest's closing line) and writes them to
-# bench/results/suite-loaded-<busy>busy.json. Issue 23 asks for under 15 minutes, twice in a row, beside one.
+# bench/results/suite-loaded-<busy>busy-<commit>.json. Issue 23 asks for under 15 minutes, twice in a row, beside one.
 #
 #     bash bench/loaded_suite.sh [RUNS=2] [BUSY=1]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-2}
 BUSY=${2:-1}
-OUT=bench/results/suite-loaded-${BUSY}busy.json
+OUT=bench/results/suite-loaded-${BUSY}busy-$(git rev-parse --short HEAD).json
 LOGS=$(mktemp -d)
 
 busy_pids=()
@@ -27,6 +27,7 @@ for i in $(seq "$RUNS"); do
 done
 
 commit=$(git rev-parse --short HEAD)
+cp "$LOGS"/run-*.log bench/results/ 2>/dev/null && for f in bench/results/run-*.log; do mv "$f" "${OUT%.json}-${f##*/}"; done
 {
   echo "{\"commit\": \"$commit\", \"busy_processes\": $BUSY, \"cores\": $(nproc), \"date\": \"$(date -u +%FT%TZ)\","
   echo " \"runs\": [$(IFS=,; echo "${rows[*]}")]}"
