@@ -178,8 +178,10 @@ def running_job(folder: Path, proc, known: int) -> str:
                 return ids[-1]
             assert state in ("", "PENDING", "CONFIGURING"), f"job {ids[-1]} went {state} before it ran"
         time.sleep(0.2)
-    raise AssertionError(f"no running job (stage exit {proc.poll()}, last job state {state!r}): "
-                         f"{proc.stderr.read() if proc.poll() is not None else 'still waiting after %d s' % HANG_S}")
+    # the stage's own lines say why it ran ("resuming an interrupted run" or not) and what it did with its jobs
+    said = f"{proc.stdout.read()}{proc.stderr.read()}" if proc.poll() is not None else f"still waiting after {HANG_S} s"
+    raise AssertionError(f"no running job after the {known} known (stage exit {proc.poll()}, last job state "
+                         f"{state!r}, jobs recorded now: {(folder / 'slurm_jobs').read_text().split() if (folder / 'slurm_jobs').exists() else []}): {said}")
 
 
 def hold(job: str, folder: Path) -> None:
