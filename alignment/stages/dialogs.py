@@ -107,7 +107,8 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         prompts = folder / "prompts.jsonl"
         write_jsonl(prompts, rows)
         # every row of the turn's file, in its order: the stages' own draw takes all when asked for no fewer
-        drawn = recipe.prompts.model_copy(update={"num_prompts": len(rows), "sources": [], "train_path": PromptSource(path=prompts)})
+        drawn = recipe.prompts.model_copy(update={"num_prompts": len(rows), "sources": [],
+                                                  "train_path": PromptSource(path=prompts)})
         sampled = generate.run(view(recipe, "generate", prompts=drawn), {"teacher": inputs["teacher"],
                                                                          "prompts": prompts},
                                folder / "generate", round_n)
