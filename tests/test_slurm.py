@@ -29,7 +29,8 @@ from slurm_cluster import job_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "recipes/tiny.yaml"
-SFT = ["sft.report_to=[]", "sft.num_train_epochs=1", "sft.per_device_train_batch_size=4", "sft.logging_steps=1",
+EPOCHS = 1
+SFT = ["sft.report_to=[]", f"sft.num_train_epochs={EPOCHS}", "sft.per_device_train_batch_size=4", "sft.logging_steps=1",
        "sft.learning_rate=1e-3", "sft.lr_scheduler_type=constant", "sft.warmup_steps=0", "sft.distributed=ddp",
        "sft.num_processes=2"]
 
@@ -195,6 +196,7 @@ def hold(job: str, folder: Path) -> None:
                               text=True).stdout.split()
         states = [Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] for p in pids if Path(f"/proc/{p}").exists()]
         if states and all(st == "T" for st in states):
+            assert not (folder / "manifest.json").exists(), "the orphan finished before it could be held"
             return
         if states:  # running although the job is suspended: suspend what is there now
             subprocess.run(["scontrol", "resume", job], capture_output=True)
@@ -256,7 +258,7 @@ def test_sft_under_slurm_survives_a_stop_a_kill_and_a_cancel_and_matches_the_loc
     lap("local run")
     history = [json.loads((f / "log_history.json").read_text()) for f in (folder, local_folder)]
     losses = [[h["loss"] for h in hist if "loss" in h] for hist in history]
-    assert len(losses[0]) == 8 and losses[0] == pytest.approx(losses[1], rel=1e-4)  # 64 rows / (2 x 4) = 8 steps
+    assert len(losses[0]) == 8 * EPOCHS and losses[0] == pytest.approx(losses[1], rel=1e-4)  # 64 / (2 x 4) = 8 a epoch
     weights = [load_file(f / "model" / "model.safetensors") for f in (folder, local_folder)]
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
