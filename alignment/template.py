@@ -84,22 +84,32 @@ def holds_tool_call_step(messages: list[dict]) -> bool:
     return any(m.get("stop_reason") == END_OF_MESSAGE for m in messages)
 
 
+def decoding_ids(tokenizer) -> tuple[set[int], set[int], int | None]:
+    """(special ids to drop, content special ids to keep, <|eom_id|>'s id), read once per tokenizer: get_vocab()
+    builds a dict of the whole vocabulary (128K entries for Llama 3), far too slow to repeat for every sample."""
+    cached = getattr(tokenizer, "_decoding_ids", None)
+    if cached is None:
+        vocab = tokenizer.get_vocab()
+        keep = {vocab[t] for t in CONTENT_SPECIAL_TOKENS if t in vocab}
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+        cached = (special - keep, keep, vocab.get(END_OF_MESSAGE_TOKEN))
+        tokenizer._decoding_ids = cached
+    return cached
+
+
 def decode_response(tokenizer, ids: list[int]) -> str:
     """A response's text as every backend records it: special tokens dropped (a stray header token is not text),
     except those that belong to the content (<|python_tag|>), which the template must write back when the message
     is rendered again. `ids` stop before the token that ended the response."""
-    vocab = tokenizer.get_vocab()
-    keep = {vocab[t] for t in CONTENT_SPECIAL_TOKENS if t in vocab}
-    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-    return tokenizer.decode([i for i in ids if i in keep or i not in special], skip_special_tokens=False)
+    drop = decoding_ids(tokenizer)[0]
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False)
 
 
 def stop_reason_of(tokenizer, token_id: int | None) -> str | None:
     """`end_of_message` when a response ended on <|eom_id|> (a tool-call step); None for an ordinary end of turn
     or a response cut at the token limit, so rows of templates without tool calls carry no new key."""
-    if token_id is None:
-        return None
-    return END_OF_MESSAGE if tokenizer.get_vocab().get(END_OF_MESSAGE_TOKEN) == token_id else None
+    eom = decoding_ids(tokenizer)[2]
+    return END_OF_MESSAGE if token_id is not None and token_id == eom else None
 
 
 def check_end_of_message(tokenizer, where: str) -> None:
