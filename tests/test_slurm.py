@@ -185,25 +185,55 @@ def running_job(folder: Path, proc, known: int) -> str:
                          f"{state!r}, jobs recorded now: {(folder / 'slurm_jobs').read_text().split() if (folder / 'slurm_jobs').exists() else []}): {said}")
 
 
-def hold(job: str, folder: Path) -> None:
-    """Suspend the job and make sure its stage process is stopped: a job suspended while slurmd is still launching
-    it can start its process running, and an orphan that finishes leaves a current manifest (the next run then
-    has nothing to cancel). So: until the process exists and is stopped (state T), resume and suspend again."""
-    subprocess.run(["scontrol", "suspend", job], check=True, capture_output=True)
+def job_processes(job: str) -> dict[int, tuple[list[str], str, str]]:
+    """Every process of a SLURM job on this node (its environment names the job): pid -> (argv, step id, state)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace")
+                       .split("\0") if "=" in kv)
+            if env.get("SLURM_JOB_ID") != job:
+                continue
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            found[int(proc.name)] = (argv, env.get("SLURM_STEP_ID", ""), (proc / "stat").read_text().split(") ")[1][0])
+        except (OSError, ValueError):  # not a pid folder, or the process ended while read
+            continue
+    return found
+
+
+def hold(job: str, folder: Path, workers: int = 2) -> None:
+    """Suspend the job once its step's `workers` training processes exist (rank 0 writes the manifest), and make
+    sure they are stopped. Suspending earlier races the step's launch: tasks that slurmd starts while the suspend
+    is delivered run on unstopped (seen here, with the step's launch reply timing out a minute later). The
+    trainers import for seconds before they train, so a suspend as they appear stops them long before a manifest.
+    `scontrol suspend` returns before slurmd has signalled anything, so a trainer counts as escaped only when it
+    still runs seconds later; then the job is resumed and suspended again (a second suspend alone does nothing)."""
+    def trainers() -> list[str]:  # their states: T stopped, Z ended, R/S/D running
+        return [state for argv, step, state in job_processes(job).values() if step == "0"
+                and "alignment.runner" in argv and "accelerate.commands.launch" not in argv
+                and Path(argv[0]).name.startswith("python")]
+
     start = time.time()
-    while time.time() - start < HANG_S:
-        pids = subprocess.run(["pgrep", "-f", f"alignment.runner {folder}/job.json"], capture_output=True,
-                              text=True).stdout.split()
-        states = [Path(f"/proc/{p}/stat").read_text().split(") ")[1][0] for p in pids if Path(f"/proc/{p}").exists()]
-        if states and all(st == "T" for st in states):
-            assert not (folder / "manifest.json").exists(), "the orphan finished before it could be held"
-            return
-        if states:  # running although the job is suspended: suspend what is there now
-            subprocess.run(["scontrol", "resume", job], capture_output=True)
-            subprocess.run(["scontrol", "suspend", job], check=True, capture_output=True)
+    while len(trainers()) < workers:
+        assert time.time() - start < HANG_S, f"job {job}'s {workers} training processes never started"
         assert not (folder / "manifest.json").exists(), "the orphan finished before it could be held"
+        time.sleep(0.1)
+    subprocess.run(["scontrol", "suspend", job], check=True, capture_output=True)
+    last, stopped_since = time.time(), None
+    while time.time() - start < HANG_S:
+        assert not (folder / "manifest.json").exists(), "the orphan finished before it could be held"
+        if all(state in "TZ" for state in trainers()):
+            stopped_since = stopped_since or time.time()
+            if time.time() - stopped_since > 1.0:  # on looks a second apart
+                return
+        else:
+            stopped_since = None
+            if time.time() - last > 3.0:  # the suspend has had time to take effect, and missed some
+                subprocess.run(["scontrol", "resume", job], capture_output=True)
+                subprocess.run(["scontrol", "suspend", job], check=True, capture_output=True)
+                last = time.time()
         time.sleep(0.2)
-    raise AssertionError(f"job {job}'s stage process never appeared stopped")
+    raise AssertionError(f"job {job}'s training processes never appeared stopped: {job_processes(job)}")
 
 
 @pytest.mark.slow
