@@ -34,7 +34,8 @@ def validate(recipe_file: str, overrides: list[str]):
     p = recipe.prompts
     train, train_name = read_prompts(p.train_sources), p.train_path or "prompts.sources"
     held_out = read_prompts(p.eval_path)
-    for path, rows in ((train_name, train), (p.eval_path, held_out)):
+    eval_name = "prompts.eval_path" if isinstance(p.eval_path, list) else p.eval_path
+    for path, rows in ((train_name, train), (eval_name, held_out)):
         check_prompt_fields(recipe.reward.verifiers, rows, path)
     if p.sources:  # every round's quotas fit their sources (the rounds the recipe plans, or those it names)
         last = recipe.rounds or max([1, *(n for s in p.sources for n in s.rounds)])
@@ -43,11 +44,11 @@ def validate(recipe_file: str, overrides: list[str]):
     check_isolation(recipe.reward.verifiers)
     check_examples(recipe.reward.verifiers, recipe.teacher.system_prompts)
     if shared := {p["prompt_id"] for p in train} & {p["prompt_id"] for p in held_out}:
-        raise InputError(f"{recipe.prompts.eval_path}: {len(shared)} prompt ids also in {train_name}, "
+        raise InputError(f"{eval_name}: {len(shared)} prompt ids also in {train_name}, "
                          f"e.g. {sorted(shared)[:3]}; the evaluation split must be held out")
     trained_on = {content_key(p["messages"]): p["prompt_id"] for p in train}
     if leaked := [(p["prompt_id"], trained_on[k]) for p in held_out if (k := content_key(p["messages"])) in trained_on]:
-        raise InputError(f"{recipe.prompts.eval_path}: {len(leaked)} held-out prompts ask what a training prompt asks "
+        raise InputError(f"{eval_name}: {len(leaked)} held-out prompts ask what a training prompt asks "
                          f"(case and spacing aside), e.g. {leaked[0][0]!r} = {leaked[0][1]!r} in "
                          f"{train.where(train.ids[leaked[0][1]])}; the evaluation split must be held out")
     t = recipe.teacher  # (eval's servers serve this run's checkpoints: local folders, whose template renders)

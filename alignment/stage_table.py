@@ -123,10 +123,13 @@ def gguf_file(recipe: Recipe) -> File:
 
 
 def prompt_file(recipe: Recipe, key: str) -> File | list[File]:
-    """`prompts.eval_path`, or the training prompts: `prompts.train_path`, or one File per `prompts.sources`."""
+    """`prompts.eval_path` (one File per source when it lists several), or the training prompts:
+    `prompts.train_path`, or one File per `prompts.sources`."""
     if key == "train_path" and recipe.prompts.sources:
         return [File(s.source, f"prompts.sources[{i}]") for i, s in enumerate(recipe.prompts.sources)]
-    return File(getattr(recipe.prompts, key), f"prompts.{key}")
+    if isinstance(sources := getattr(recipe.prompts, key), list):  # eval_path: several held-out sets
+        return [File(s, f"prompts.{key}[{i}]") for i, s in enumerate(sources)]
+    return File(sources, f"prompts.{key}")
 
 
 def needs(stage: str):

