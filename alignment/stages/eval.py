@@ -117,10 +117,11 @@ def model_metrics(recipe: StageConfig, prompts: list[dict], name: str, generated
             metrics[f"pass@{k}"] = sum(per_prompt) / len(per_prompt)
             metrics[f"pass@{k}_ci"] = bootstrap_interval(per_prompt)
     metrics.update(lm_eval)
-    rows = [{"model": name, "prompt_id": p["prompt_id"], "response": c.text, "finish_reason": c.finish_reason, **s,
+    rows = [{"model": name, "prompt_id": p["prompt_id"], "capability": cap, "response": c.text,
+             "finish_reason": c.finish_reason, **s,
              **({"num_correct": correct[p["prompt_id"]], "num_samples": recipe.eval.num_samples}
                 if p["prompt_id"] in correct else {})}
-            for p, (c, s) in zip(prompts, greedy)]
+            for p, cap, (c, s) in zip(prompts, capability, greedy)]
     return metrics, rows
 
 

@@ -28,7 +28,7 @@ import math
 import os
 from pathlib import Path
 
-from alignment.config import PAIRED_METRICS, GateConfig, InputError
+from alignment.config import GateConfig, InputError, is_paired
 from alignment.manifest import write_json_atomic
 from alignment.metrics import mcnemar_exact, mcnemar_interval, paired_bootstrap, pass_at_k
 from alignment.prompts import read_jsonl
@@ -46,8 +46,12 @@ def index(answers: list[dict]) -> dict[tuple[str, str], dict]:
 
 def outcomes(rows: dict[tuple[str, str], dict], model: str, metric: str) -> dict[str, float]:
     """prompt_id -> the model's outcome on one prompt: 1/0 for accuracy (prompts no verifier applies to are left
-    out), the reward, or the prompt's unbiased pass@k from its sampled answers."""
+    out; `accuracy/<capability>`: that capability's prompts only), the reward, or the prompt's unbiased pass@k from
+    its sampled answers."""
     mine = [r for (m, _), r in rows.items() if m == model]
+    if metric.startswith("accuracy/"):  # one capability's prompts of a mixed held-out set
+        mine = [r for r in mine if r.get("capability") == metric.removeprefix("accuracy/")]
+        metric = "accuracy"
     if metric == "accuracy":
         return {r["prompt_id"]: float(r["verified"]) for r in mine if r["verified"] is not None}
     if metric == "mean_reward":
@@ -68,7 +72,7 @@ def compare(ours: dict[str, float], theirs: dict[str, float], metric: str,
         raise InputError(f"gate: {metric} of prompt {bad[0]} is not a finite number ({names[0]} {ours[bad[0]]}, "
                          f"{names[1]} {theirs[bad[0]]}; {len(bad)} such prompts); see the eval's answers.jsonl")
     diffs = [ours[i] - theirs[i] for i in sorted(ours)]
-    if metric == "accuracy":  # exact where an exact test exists, and the interval that inverts it
+    if metric.split("/")[0] == "accuracy":  # exact where an exact test exists, and the interval that inverts it
         better, worse = diffs.count(1.0), diffs.count(-1.0)
         ci, p = mcnemar_interval(better, worse, len(diffs), 1 - alpha), mcnemar_exact(better, worse)
         test, interval = "McNemar exact", "exact (Clopper-Pearson on the discordant prompts)"
@@ -111,7 +115,7 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
             raise InputError(f"gate.{key}: the eval did not report {metric!r} "
                              f"(e.g. pass@k needs eval.num_samples, accuracy needs a verifier)")
         c = {"model": model, "against": against, "metric": metric, "value": value, "baseline": base}
-        if metric in PAIRED_METRICS:
+        if is_paired(metric):
             c |= compare(outcomes(rows, model, metric), outcomes(rows, against, metric), metric, (model, against),
                          gate.alpha)
         return c
