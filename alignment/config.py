@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -415,13 +414,13 @@ class VerifierConfig(Strict):
 
 class RewardModelSource(str, Enum):
     path = "path"  # `model_name_or_path`: a fixed checkpoint
-    trained = "trained"  # the reward model the previous round's reward_model stage trained (none in round 1)
+    trained = "trained"  # the reward model the previous round's reward_training stage trained (none in round 1)
 
 
 class RewardModelConfig(Strict):
     source: RewardModelSource = Field(RewardModelSource.path, description="path: the checkpoint in "
                                       "model_name_or_path; trained: the reward model the previous round's "
-                                      "reward_model stage trained (the verifier-only reward is used in round 1)")
+                                      "reward_training stage trained (the verifier-only reward is used in round 1)")
     model_name_or_path: str | None = Field(None, description="a sequence-classification reward model (one label) "
                                            "with a chat template, when source is path")
     revision: HubRevision = None
@@ -657,8 +656,6 @@ class TrainerConfig(Strict):
 
     @model_validator(mode="after")
     def _check_report_to(self):
-        if missing := [r for r in self.report_to if find_spec(r) is None]:
-            raise ValueError(f"report_to {missing}: not installed in this environment (pip install {missing[0]})")
         if len(self.average_seeds) == 1 or len(set(self.average_seeds)) != len(self.average_seeds):
             raise ValueError("average_seeds needs two or more distinct seeds (or none)")
         if self.num_processes > 1 and not self.distributed:
@@ -666,32 +663,6 @@ class TrainerConfig(Strict):
         if self.cpu_offload and self.distributed not in ("fsdp", "zero3"):
             raise ValueError("cpu_offload moves sharded states to host memory: it needs distributed fsdp or zero3")
         return self
-
-    def machine_problems(self, key: str, gpus: int | None = None) -> list[str]:
-        """What this machine (or nodes of `gpus` GPUs) lacks to train as configured (a recipe written for a GPU
-        cluster still validates here; running it is what fails, before any work)."""
-        import torch
-
-        gpus, out = torch.cuda.device_count() if gpus is None else gpus, []
-        if self.distributed in ("fsdp", "zero3") and gpus == 0:
-            out.append(f"{key}.distributed: {self.distributed} shards weights over GPUs and this machine has none "
-                       "(on CPUs accelerate 1.15 would train it as DDP, unsharded); use ddp (gloo) or no distributed")
-        if self.distributed == "zero3" and find_spec("deepspeed") is None:
-            out.append(f"{key}.distributed: zero3 needs DeepSpeed (pip install deepspeed)")
-        if gpus and self.num_processes > gpus:
-            out.append(f"{key}.num_processes: {self.num_processes} is more than this machine's {gpus} GPUs")
-        if self.attn_implementation in ("flex_attention", "flash_attention_2") and gpus == 0:
-            out.append(f"{key}.attn_implementation: {self.attn_implementation} trains on CUDA GPUs only and this "
-                       "machine has none; use sdpa")
-        elif self.attn_implementation == "flash_attention_2" and find_spec("flash_attn") is None:
-            out.append(f"{key}.attn_implementation: flash_attention_2 needs the flash-attn package "
-                       "(pip install flash-attn); or use flex_attention")
-        if self.lora and self.lora.quantize_base_4bit:
-            if gpus == 0:
-                out.append(f"{key}.lora.quantize_base_4bit (QLoRA) needs a CUDA GPU; this machine has none")
-            elif find_spec("bitsandbytes") is None:
-                out.append(f"{key}.lora.quantize_base_4bit (QLoRA) needs bitsandbytes (pip install bitsandbytes)")
-        return out
 
 
 class SFTSource(Strict):
@@ -769,7 +740,7 @@ class SFTTrainingConfig(TrainerConfig):
 
 
 class RewardTrainingConfig(TrainerConfig):
-    """The reward_model stage: a Bradley-Terry reward model (TRL RewardTrainer, no margin term) trained each round
+    """The reward_training stage: a Bradley-Terry reward model (TRL RewardTrainer, no margin term) trained each round
     on every preference pair selected so far, initialised from the round's input model with a scalar head."""
 
     held_out_share: float = Field(0.1, ge=0.0, lt=1.0, description="share of prompts whose pairs are held out to "
@@ -873,10 +844,6 @@ class EvalConfig(Strict):
         bad = [k for k in self.pass_k if not 0 < k <= self.num_samples]
         if self.num_samples and bad:
             raise ValueError(f"pass_k values {bad} must be between 1 and num_samples ({self.num_samples})")
-        if self.lm_eval_include_path is not None and not self.lm_eval_include_path.is_dir():
-            raise ValueError(f"lm_eval_include_path: {self.lm_eval_include_path} is not a folder")
-        if self.lm_eval_tasks and find_spec("lm_eval") is None:
-            raise ValueError("lm_eval_tasks needs the lm-eval package (pip install lm-eval)")
         return self
 
 
@@ -1025,7 +992,7 @@ class Recipe(Strict):
         None, description="multi-turn rollouts (the dialogs stage). Later turns of each selected answer's dialog, "
         "each trained as its own example with the dialog before it. null: single-turn, no such stage")
     reward_training: RewardTrainingConfig | None = Field(
-        None, description="train a reward model each round (the reward_model stage); `reward.reward_model: "
+        None, description="train a reward model each round (the reward_training stage); `reward.reward_model: "
         "{source: trained}` scores the next round with it. null: no such stage")
     eval: EvalConfig = Field(description="held-out evaluation of the input, SFT and DPO models")
     gate: GateConfig = Field(GateConfig(), description="promotion of the round's best checkpoint")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from alignment.chat import token_ids
 from alignment.config import InputError
+from alignment.prompts import system_prompt_for
 from alignment.template import render_or_refuse
 
 SAMPLE_ANSWER = "The answer is 19."
@@ -47,8 +48,6 @@ def check_prompt_lengths(prompts, model: str, tokenizer, max_new_tokens: int, ke
     the model's context; else the file and line (or row) of the first that does not. (A 1 MB prompt once reached
     the engine and took 6 GB before failing.)"""
     from transformers import AutoConfig
-
-    from alignment.stages.generate import system_prompt_for
 
     context = min(n for n in (getattr(AutoConfig.from_pretrained(model), "max_position_embeddings", None),
                               max_model_len, 1 << 40) if n)

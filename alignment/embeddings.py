@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from alignment.generation import device
+from alignment.backends.hf import device
 
 
 def embed(texts: list[str], batch_size: int = 64) -> torch.Tensor:

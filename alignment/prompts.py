@@ -199,7 +199,7 @@ def open_rows(source: PromptSource):
         return TableRows(parts, optional | {c: k for k, c in required.items() if c})
 
     if source.dataset:
-        from alignment.cli import hub_offline
+        from alignment.hub import hub_offline
 
         if why := hub_offline():
             raise InputError(f"prompt source {source}: a Hub dataset, and this machine is offline ({why}); where "
@@ -395,6 +395,14 @@ def draw_mixture(prompts: PromptMix, quotas: list[int], seed: int, round_n: int)
                              f"asks for {quota} (lower its weight or count, or raise the source)")
         out += part.take(random.Random(f"{seed}-round-{round_n}-source-{i}").sample(range(len(part)), quota))
     return out
+
+
+def system_prompt_for(prompt: dict, system_prompts: dict[str, str]) -> str | None:
+    """The recipe's system prompt for the prompt's capability (or `default`); none when the conversation
+    already opens with its own system message."""
+    if prompt["messages"][0]["role"] == "system":
+        return None
+    return system_prompts.get(prompt.get("capability") or "default", system_prompts.get("default"))
 
 
 def content_key(messages: list[dict]) -> str:

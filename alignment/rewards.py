@@ -100,7 +100,7 @@ def open_reward_model(cfg: RewardModelConfig, path: str | None, engine: EngineCo
 
 def reward_model_scores(path: str, conversations: list[list[dict]], batch_size: int,
                         sort_by_length: bool = True) -> list[float]:
-    """Scores from a reward model loaded for this one call (the reward_model stage's held-out pairs)."""
+    """Scores from a reward model loaded for this one call (the reward_training stage's held-out pairs)."""
     return RewardModel(path, batch_size, sort_by_length)(conversations)
 
 

@@ -19,18 +19,13 @@ import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from alignment import prefork
 from alignment.config import InputError, Recipe
-from alignment.consistency import check_chat_templates, check_prompt_lengths
-from alignment.launcher import cancel_recorded, run_stage_job
-from alignment.manifest import TORN, hash_json, read_manifest, write_json_atomic
+from alignment.launcher import cancel_recorded, launch, stage_server
+from alignment.preflight import check_round_models
+from alignment.inputs import fingerprint, identity, round_dir, stage_dir, stage_inputs
+from alignment.manifest import TORN, read_manifest
 from alignment.metrics import fmt, fmt_ci, fmt_evidence, metric_columns, metrics_table
-from alignment.prompts import read_prompts, source_identity
-from alignment.seeding import model_identity
-from alignment.template import end_of_turn_id, load_tokenizer
-from alignment.stage_table import (EVAL_STAGES, MODEL_MAKERS, STAGES, File, Upstream, asks_teacher,
-                                   hashed_config, job_kind, reward_model, round_stages, stage_config, student,
-                                   teacher, upstreams)
+from alignment.stage_table import EVAL_STAGES, MODEL_MAKERS, STAGES, round_stages, stage_config, student, upstreams
 
 
 class StageFailed(Exception):
@@ -57,104 +52,7 @@ def run_lock(recipe: Recipe):
         yield
 
 
-def round_dir(recipe: Recipe, round_n: int) -> Path:
-    return recipe.runs_dir / recipe.name / f"round-{round_n}"
-
-
-def stage_dir(recipe: Recipe, round_n: int, stage: str) -> Path:
-    if STAGES[stage].once:  # built once per recipe, shared by every round
-        return recipe.runs_dir / recipe.name / stage
-    return round_dir(recipe, round_n) / stage
-
-
-# --- input identities: {"path": ..., "hash": ...} ------------------------------------------------------------
-
-
-def identity(recipe: Recipe, spec) -> dict:
-    """Where an input is and what identifies it: an upstream output by its stage's fingerprint, a file by its
-    content, a model folder by its files (a hub id by its name)."""
-    if isinstance(spec, list):
-        return [identity(recipe, s) for s in spec]
-    if isinstance(spec, Upstream):
-        folder = stage_dir(recipe, spec.round, spec.stage)
-        if (m := read_manifest(folder)) is None:
-            raise InputError(f"{spec.why}: {folder} has no manifest.json (that stage has not completed)")
-        out = m["outputs"][spec.output]
-        return {"path": os.path.normpath(folder / out), "hash": f"{m['fingerprint']}:{spec.output}"}
-    if isinstance(spec, File):  # a prompt source (a file, a folder, a Hub dataset) or a preference file
-        return source_identity(spec.path, spec.key)
-    if spec.revision and not Path(spec.name).expanduser().is_dir():  # a pinned hub model: the stage loads that
-        # commit's snapshot (runner.input_value); a local folder is what it is, whatever revision it names
-        return {"path": spec.name, "revision": spec.revision, "hash": hash_json([spec.name, spec.revision])}
-    return {"path": spec.name, "hash": model_identity(spec.name)}
-
-
-def stage_inputs(recipe: Recipe, round_n: int, stage: str) -> dict:
-    return {name: identity(recipe, spec) for name, spec in STAGES[stage].inputs(recipe, round_n).items()}
-
-
 # --- running -------------------------------------------------------------------------------------------------
-
-
-def fingerprint(stage: str, config: dict, inputs: dict) -> str:
-    """What the stage's outputs are a function of: the recipe sections it reads (less transport settings) and
-    its inputs' identities."""
-    hashes = {k: [x["hash"] for x in v] if isinstance(v, list) else v["hash"] for k, v in inputs.items()}
-    return hash_json({"stage": stage, "config": hashed_config(config), "inputs": hashes})
-
-
-ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
-
-
-def trainer_config(recipe: Recipe, stage: str):
-    """The TrainerConfig of a training stage, None for the others."""
-    section = STAGES[stage].trains
-    return getattr(recipe, section) if section else None
-
-
-def stage_command(recipe: Recipe, stage: str, job: Path, launch_args: list[str] = ()) -> list[str]:
-    """`python -m alignment.runner job.json`, or the same under `accelerate launch` for a distributed trainer
-    (`launch_args`: a SLURM job's processes, machines and rendezvous, in place of the recipe's process count)."""
-    cfg = trainer_config(recipe, stage)
-    if cfg is None or cfg.distributed is None:
-        return [sys.executable, "-m", "alignment.runner", str(job)]
-    # cpu_offload overrides the config file's offload settings (flags given on the command line win over it)
-    offload = {"fsdp": ["--fsdp_offload_params", "true"], "zero3": ["--offload_param_device", "cpu",
-               "--offload_optimizer_device", "cpu"]}.get(cfg.distributed, []) if cfg.cpu_offload else []
-    # Under FSDP the recipe's gradient_checkpointing is FSDP's activation checkpointing (the config file leaves it
-    # out, so this flag alone decides); training.trainer_fields turns the Trainer's own off, which transformers
-    # requires.
-    recompute = (["--fsdp_activation_checkpointing", str(cfg.gradient_checkpointing).lower()]
-                 if cfg.distributed == "fsdp" else [])
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"),
-            *(launch_args or ["--num_processes", str(cfg.num_processes)]), *offload, *recompute,
-            "-m", "alignment.runner", str(job)]
-
-
-def stage_env(recipe: Recipe, stage: str) -> dict:
-    """The stage's environment: the teacher's API key only where requests go to the teacher (generate, and score
-    with a judge), so no other stage, nor the code it runs, can read it (from its own or its parent's /proc)."""
-    env = dict(os.environ)
-    if recipe.teacher.api_key_env and not asks_teacher(recipe, stage):
-        env.pop(recipe.teacher.api_key_env, None)
-    cfg = trainer_config(recipe, stage)
-    if cfg is not None and cfg.distributed:
-        import torch
-
-        slurm = recipe.launcher.kind == "slurm"  # the job's GPUs are the recipe's, not this (login) machine's
-        if not (recipe.launcher.train.gpus_per_node if slurm else torch.cuda.is_available()):
-            env["ACCELERATE_USE_CPU"] = "true"  # DDP over gloo: accelerate's config alone would run one process
-    return env
-
-
-def stage_server(recipe: Recipe):
-    """While inside, stages fork from one process that imported their libraries once (alignment/prefork.py). Its
-    environment is that of every stage that does not ask the teacher: without the teacher's API key."""
-    env = dict(os.environ)
-    if recipe.teacher.api_key_env:
-        env.pop(recipe.teacher.api_key_env, None)
-    return prefork.serving(env, recipe.launcher.prefork)
 
 
 def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, overrides: list[str],
@@ -187,49 +85,13 @@ def run_stage(recipe: Recipe, round_n: int, stage: str, *, recipe_file: str, ove
     folder.mkdir(parents=True, exist_ok=True)
     job = {"stage": stage, "round": round_n, "recipe_name": recipe.name, "recipe_file": recipe_file,
            "overrides": overrides, "config": config, "inputs": inputs, "fingerprint": fp}
-    start, env = time.time(), stage_env(recipe, stage)
-    if recipe.launcher.kind == "slurm" and job_kind(recipe, stage):
-        code = run_stage_job(recipe, round_n, stage, folder, job, env)
-    else:
-        write_json_atomic(folder / "job.json", job)
-        code = prefork.run(stage_command(recipe, stage, folder / "job.json"), env)
+    start = time.time()
+    code = launch(recipe, round_n, stage, folder, job)
     if code != 0:
         raise StageFailed(f"stage {stage} of round {round_n} failed (exit code {code}); {folder} has "
                           "no manifest, so the next run of this round starts that stage again")
     print(f"[round {round_n}] {stage}: done in {time.time() - start:.0f}s", flush=True)
     return True
-
-
-def check_round_models(recipe: Recipe, round_n: int) -> None:
-    """The round's models that render conversations (the student first) each have a pad token and an end of turn,
-    render the recipe's prompts alike, and every prompt fits the context of the model that reads it with the tokens
-    it may add."""
-    from alignment.runner import pinned_snapshot  # (the runner's fetch; imported here, where it is used)
-
-    specs = {"student": student(recipe, round_n)}
-    if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
-        specs["teacher"] = teacher(recipe, round_n)
-    rm = reward_model(recipe, round_n - 1).get("reward_model")
-    if rm:  # a trained one was made from the student: its template is the student's by construction
-        specs["reward model"] = rm
-    models, tokenizers = {}, {}
-    for role, spec in specs.items():
-        found = identity(recipe, spec)
-        # a pinned Hub model: that commit's config and tokenizer, as its stages load it (runner.input_value), never
-        # `main`, which may have moved on or (offline, only the pinned snapshot cached) not be there at all
-        models[role] = (str(pinned_snapshot(found["path"], found["revision"], weights=False)) if "revision" in found
-                        else found["path"])
-        where = f"{role} ({found['path']}" + (f" at {found['revision']})" if "revision" in found else ")")
-        tokenizers[role] = load_tokenizer(models[role], where)
-        end_of_turn_id(tokenizers[role], where)
-    train, held_out = read_prompts(recipe.prompts.train_sources), read_prompts(recipe.prompts.eval_path)  # read once
-    check_chat_templates(tokenizers, {r["prompt_id"]: r["messages"] for rows in (train, held_out) for r in rows[:4]})
-    if "teacher" in models:  # (behind endpoints, the teacher's server knows its own context)
-        check_prompt_lengths(train, models["teacher"], tokenizers["teacher"],
-                             recipe.sampling.max_new_tokens, "sampling.max_new_tokens", recipe.teacher.system_prompts,
-                             recipe.teacher.engine.max_model_len)
-    check_prompt_lengths(held_out, models["student"], tokenizers["student"], recipe.eval.max_new_tokens,
-                         "eval.max_new_tokens", {})
 
 
 def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list[str], eval_only: bool = False
@@ -249,7 +111,7 @@ def run_round(recipe: Recipe, round_n: int, *, recipe_file: str, overrides: list
     with run_lock(recipe), stage_server(recipe):
         for stage in round_stages(recipe, round_n, EVAL_STAGES if eval_only else tuple(STAGES)):
             if stage.name not in MODEL_MAKERS and not eval_only and not checked:  # models exist now: check them
-                check_round_models(recipe, round_n)  # before any stage spends time on them
+                check_round_models(recipe, round_n)  # (preflight) before any stage spends time on them
                 checked = True
             run_stage(recipe, round_n, stage.name, recipe_file=recipe_file, overrides=overrides)
     metrics, decision, best = (json.loads((stage_dir(recipe, round_n, s) / f"{f}.json").read_text())

@@ -12,43 +12,16 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 import time
-from contextlib import suppress
 from datetime import datetime, timezone
 from pathlib import Path
 
 from alignment.backends import GenerationError
 from alignment.config import InputError, PromptSource
+from alignment.hub import pinned_snapshot
 from alignment.manifest import MANIFEST, git_commit, hash_json, library_versions, write_json_atomic
 from alignment.model_folder import IncompleteModel, check_model_folder
 from alignment.stage_table import STAGES, StageConfig
-
-
-# What transformers reads of a Hub model: config and generation config, the tokenizer's files (tokenizer.json and
-# its config, a sentencepiece tokenizer.model, BPE vocab and merges, a chat_template.jinja), the safetensors and
-# their index. Meta's repos also hold `original/`, the consolidated checkpoint for Meta's own code (the 405B's is as
-# large as the model), which nothing here reads.
-CONFIG_FILES = ["*.json", "*.jinja", "*.model", "*.tiktoken", "*.txt"]
-WEIGHT_FILES = ["*.safetensors"]
-NEVER_LOADED = ["original/*"]
-
-
-def pinned_snapshot(name: str, revision: str, weights: bool = True) -> Path:
-    """The commit's snapshot folder in the Hub cache, holding what transformers loads (`weights` False: config and
-    tokenizer only, what the pre-round checks read), fetched if missing. Under `accelerate launch` every rank asks
-    for it: a file lock in the cache lets one fetch while the others wait, and then find every file cached."""
-    from filelock import FileLock
-    from huggingface_hub import constants, snapshot_download
-
-    locks = Path(constants.HF_HUB_CACHE) / ".locks"
-    with suppress(OSError):
-        locks.mkdir(parents=True, exist_ok=True)
-    if not os.access(locks, os.W_OK):  # a read-only shared cache: the ranks of this machine still take turns
-        locks = Path(tempfile.gettempdir())
-    with FileLock(str(locks / f"alignment--{name.replace('/', '--')}--{revision}.lock")):
-        return Path(snapshot_download(name, revision=revision, ignore_patterns=NEVER_LOADED,
-                                      allow_patterns=CONFIG_FILES + (WEIGHT_FILES if weights else [])))
 
 
 def input_value(x: dict) -> Path | PromptSource:

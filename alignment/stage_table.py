@@ -102,7 +102,7 @@ def reward_model(recipe: Recipe, trained_in: int) -> dict[str, Input]:
         return {}
     if rm.source == RewardModelSource.path:
         return {"reward_model": Model(rm.model_name_or_path, "reward.reward_model.model_name_or_path", rm.revision)}
-    return {"reward_model": Upstream("reward_model", "model", trained_in, f"the reward model round {trained_in} trained")}
+    return {"reward_model": Upstream("reward_training", "model", trained_in, f"the reward model round {trained_in} trained")}
 
 
 def gguf_file(recipe: Recipe) -> File:
@@ -221,7 +221,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
         ("sft", "pairs"), kind="generate", when=lambda r, n: r.dialogs is not None),
     # every pair selected so far, this round's included, and the recipe's preference files (by content, so that
     # editing one makes the stage stale; a key only when there are some, so older runs keep their fingerprints)
-    Stage("reward_model", ("reward_training", "seed"), lambda r, n: {
+    Stage("reward_training", ("reward_training", "seed"), lambda r, n: {
         "model": student(r, n),
         "pairs": [Upstream("select", "pairs", k, f"reward_model (round {k})") for k in range(1, n + 1)],
         **({"preferences": [File(p, "reward_training.preference_paths") for p in r.reward_training.preference_paths]}
@@ -321,11 +321,17 @@ class StageConfig:
                              "alignment/stage_table.py does not declare")
 
 
-def view(recipe: StageConfig, stage: str, **replace) -> StageConfig:
+def view(config: StageConfig, stage: str, **replace) -> StageConfig:
     """A composite stage's configuration as the stage it runs (`stage`, whose sections are a subset of its own)
     declares it, with `replace`d sections: policy_pairs and dialogs run generate, score and select this way."""
-    cfg = object.__new__(StageConfig)
-    cfg._stage = stage
+    out = object.__new__(StageConfig)
+    out._stage = stage
     for key in STAGES[stage].sections:
-        setattr(cfg, key, replace.get(key, getattr(recipe, key)))
-    return cfg
+        setattr(out, key, replace.get(key, getattr(config, key)))
+    return out
+
+
+def trainer_config(recipe: Recipe, stage: str):
+    """The TrainerConfig of a training stage, None for the others."""
+    section = STAGES[stage].trains
+    return getattr(recipe, section) if section else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from alignment.config import InputError, Recipe
 from alignment.manifest import read_manifest
 from alignment.metrics import fmt
-from alignment.round import round_dir, stage_dir
+from alignment.inputs import round_dir, stage_dir
 from alignment.stage_table import round_stages
 
 
@@ -33,14 +33,14 @@ def select_lines(m: dict) -> list[str]:
             + [f"  dropped {reason:<34} {n}" for reason, n in st["dropped"].items()])
 
 
-def reward_model_lines(m: dict) -> list[str]:
+def reward_training_lines(m: dict) -> list[str]:
     st = m["stats"]  # an accuracy is None without held-out pairs: fmt writes "-"
     return [f"  held-out pair accuracy {fmt(st['held_out_pair_accuracy_before'])} -> "
             f"{fmt(st['held_out_pair_accuracy'])} on {m['rows']['held_out_pairs']} pairs"]
 
 
 DETAILS = {"generate": lambda m: [f"  {m['stats']['hit_token_limit']} samples hit the token limit"],
-           "score": score_lines, "select": select_lines, "reward_model": reward_model_lines}
+           "score": score_lines, "select": select_lines, "reward_training": reward_training_lines}
 
 
 def round_summary(recipe: Recipe, round_n: int) -> str:

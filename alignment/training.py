@@ -19,7 +19,7 @@ from alignment.chat import token_ids
 from alignment.config import InputError
 from alignment.model_folder import check_model_folder
 from alignment.prompts import read_jsonl
-from alignment.stats import describe
+from alignment.distribution import distribution
 from alignment.template import END_OF_MESSAGE, check_end_of_message, load_tokenizer
 
 
@@ -186,7 +186,7 @@ def check_prompts_fit(tokenizer, rows: list[dict], max_length: int, key: str, pa
 
 def loss_summary(log_history: list[dict], key: str = "loss") -> dict:
     losses = [h[key] for h in log_history if key in h]
-    out = {"steps": max([h.get("step", 0) for h in log_history], default=0), key: describe(losses)}
+    out = {"steps": max([h.get("step", 0) for h in log_history], default=0), key: distribution(losses)}
     if losses:
         out[f"first_{key}"], out[f"last_{key}"] = losses[0], losses[-1]
     return out

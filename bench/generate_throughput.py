@@ -56,7 +56,7 @@ def conversations(n: int, long: bool = False) -> list[list[dict]]:
 
 
 def raw_transformers(model: Path, convs, k: int, tokens: int) -> dict:
-    from alignment.generation import load_policy, sample
+    from alignment.backends.hf import load_policy, sample
 
     m, tok = load_policy(str(model))
     start = time.time()

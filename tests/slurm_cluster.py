@@ -15,7 +15,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from alignment.launcher import free_port
+from alignment.backends.vllm_server import free_port
 
 PACKAGES = ["slurm-wlm", "munge"]
 DAEMONS = ["munged", "slurmctld", "slurmd"]

@@ -186,7 +186,7 @@ def test_a_hub_id_must_be_pinned_and_an_uncached_one_offline_fails_at_once(overr
 
 def test_a_pinned_hub_model_loads_from_its_commits_snapshot_and_the_manifest_records_the_revision(tmp_path, monkeypatch):
     """A hub cache laid out as huggingface_hub writes it, offline: the stage reads that commit's folder."""
-    from alignment.round import identity
+    from alignment.inputs import identity
     from alignment.runner import input_value
     from alignment.stage_table import Model
 

@@ -104,7 +104,8 @@ def test_promote_carries_a_hub_model_forward_when_it_stays_the_best(tmp_path):
 
     from alignment.manifest import write_json_atomic
     from alignment.prompts import write_jsonl
-    from alignment.round import identity, stage_config, stage_dir
+    from alignment.inputs import identity, stage_dir
+    from alignment.round import stage_config
     from alignment.runner import run_job
 
     recipe = load_recipe(TINY, [f"runs_dir={tmp_path / 'runs'}", "student={source: path, model_name_or_path: org/student}",
@@ -151,7 +152,8 @@ def test_a_moved_run_folder_resolves_a_promoted_model_inside_it_and_a_best_model
 
     from alignment.manifest import write_json_atomic
     from alignment.prompts import write_jsonl
-    from alignment.round import identity, stage_config, stage_dir
+    from alignment.inputs import identity, stage_dir
+    from alignment.round import stage_config
     from alignment.runner import run_job
 
     teacher_dir = tmp_path / "models" / "teacher"

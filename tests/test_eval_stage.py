@@ -256,7 +256,7 @@ def test_teacher_eval_serves_the_teacher_on_the_teachers_engine(models, tmp_path
     engine each stage opens, recorded at open_backend; the reward model stays on eval's engine in both stages, so
     the teacher's scores and the rounds' compare."""
     from alignment.backends import Result
-    from alignment.generation import Completion
+    from alignment.backends.base import Completion
     from alignment.stages import teacher_eval
 
     tmp, paths, _, prompts = models

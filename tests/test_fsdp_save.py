@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from alignment.chat import build_tokenizer
 from alignment.config import load_recipe
 from alignment.model_folder import IncompleteModel
-from alignment.round import stage_command
+from alignment.launcher import stage_command
 from alignment.runner import run_job
 from alignment.stage_table import stage_config
 from alignment.tiny_models import random_llama, save

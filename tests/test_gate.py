@@ -9,7 +9,7 @@ from math import comb
 import pytest
 
 from alignment.config import GateConfig, InputError
-from alignment.stages.promote import decide, describe
+from alignment.stages.promote import decide, in_words
 
 
 def mcnemar_by_hand(b: int, c: int) -> float:
@@ -241,7 +241,7 @@ def test_the_accuracy_interval_is_the_exact_one_that_inverts_mcnemar():
     low, high = clopper_pearson_by_hand(9, 11, 0.95)
     assert e["ci"] == pytest.approx([11 / 40 * (2 * low - 1), 11 / 40 * (2 * high - 1)], abs=1e-9)
     assert e["ci"][0] < 0 < e["ci"][1] and e["confidence"] == 0.95
-    assert "within noise" in describe(e, 0.05)
+    assert "within noise" in in_words(e, 0.05)
 
 
 @pytest.mark.parametrize("alpha", [0.05, 0.1, 0.2])

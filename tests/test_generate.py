@@ -13,7 +13,8 @@ from alignment.backends.openai_client import OpenAIBackend
 from alignment.config import InputError, TeacherConfig, load_recipe
 from alignment.stage_table import hashed_config, stage_config
 from alignment.shards import ShardWriter, load_shards
-from alignment.stages.generate import build_requests, system_prompt_for
+from alignment.prompts import system_prompt_for
+from alignment.stages.generate import build_requests
 
 TINY = Path("recipes/tiny.yaml")
 
@@ -290,13 +291,13 @@ def test_an_endpoint_url_carrying_a_key_is_refused_without_echoing_it(url):
 
 
 def test_only_the_stages_that_call_the_teacher_get_its_key(monkeypatch):
-    from alignment.round import stage_env
+    from alignment.launcher import stage_env
 
     monkeypatch.setenv("TEACHER_KEY", "s3cret")
     recipe = load_recipe(TINY, ["teacher={source: path, model_name_or_path: m, backend: openai, serve: true, "
                                 "api_key_env: TEACHER_KEY}"])
     assert stage_env(recipe, "generate")["TEACHER_KEY"] == "s3cret"
-    for stage in ("score", "select", "sft", "dpo", "eval", "promote", "reward_model"):
+    for stage in ("score", "select", "sft", "dpo", "eval", "promote", "reward_training"):
         assert "TEACHER_KEY" not in stage_env(recipe, stage), stage
     judged = load_recipe(TINY, ["teacher={source: path, model_name_or_path: m, backend: openai, serve: true, "
                                 "api_key_env: TEACHER_KEY}", "reward.judge={template: '{prompt} {response}'}"])

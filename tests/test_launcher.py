@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from alignment import launcher
+from alignment.launcher import slurm as launcher
 from alignment.config import JobResources, load_recipe
-from alignment.launcher import SlurmJob
+from alignment.launcher.slurm import SlurmJob
 
 ROOT = Path(__file__).resolve().parents[1]
 SCONTROL = """#!/bin/bash

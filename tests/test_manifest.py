@@ -15,7 +15,7 @@ from alignment import manifest
 from alignment.chat import build_tokenizer
 from alignment.config import InputError
 from alignment.manifest import git_commit, hash_json, hash_model_dir, write_json_atomic
-from alignment.round import fingerprint
+from alignment.inputs import fingerprint
 from alignment.seeding import model_identity
 from alignment.tiny_models import random_llama
 from alignment.tiny_models import save as save_model

@@ -335,7 +335,7 @@ def test_cpu_offload_reaches_accelerate():
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    from alignment.round import stage_command
+    from alignment.launcher import stage_command
 
     def launched(*overrides):
         cmd = stage_command(load_recipe(ROOT / "recipes/tiny.yaml", overrides), "sft", Path("job.json"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from huggingface_hub.utils import filter_repo_objects
 
-from alignment import runner
+from alignment import hub, runner
 from alignment.chat import build_tokenizer
 from alignment.tiny_models import random_llama
 
@@ -36,7 +36,7 @@ def hub_cache_with_only_the_pinned_snapshot(home: Path, names: list[str]) -> Pat
 CHECK = """
 import sys
 from alignment.config import load_recipe
-from alignment.round import check_round_models
+from alignment.preflight import check_round_models
 pinned = sys.argv[1]
 check_round_models(load_recipe("recipes/tiny.yaml", [
     "student.source=path", "student.model_name_or_path=org/student", f"student.revision={pinned}",
@@ -79,7 +79,7 @@ def fetched(monkeypatch, x: dict, weights: bool = True) -> list[str]:
     if weights:
         assert runner.input_value(x) == Path("/cache/snapshot")
     else:
-        runner.pinned_snapshot(x["path"], x["revision"], weights=False)
+        hub.pinned_snapshot(x["path"], x["revision"], weights=False)
     assert (asked["repo_id"], asked["revision"]) == (x["path"], x["revision"])
     return list(filter_repo_objects(META_REPO, allow_patterns=asked.get("allow_patterns"),
                                     ignore_patterns=asked.get("ignore_patterns")))
@@ -101,8 +101,8 @@ def test_a_pinned_model_is_fetched_without_metas_original_checkpoint(monkeypatch
                  num_attention_heads=2).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     written = [str(p.relative_to(tmp_path / "m")) for p in (tmp_path / "m").rglob("*") if p.is_file()]
-    kept = filter_repo_objects(written, allow_patterns=runner.CONFIG_FILES + runner.WEIGHT_FILES,
-                               ignore_patterns=runner.NEVER_LOADED)
+    kept = filter_repo_objects(written, allow_patterns=hub.CONFIG_FILES + hub.WEIGHT_FILES,
+                               ignore_patterns=hub.NEVER_LOADED)
     assert sorted(kept) == sorted(written), written
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from alignment import prefork
 from alignment.config import load_recipe
-from alignment.round import stage_env, stage_server
+from alignment.launcher import stage_env, stage_server
 
 RUNNER = [sys.executable, "-m", "alignment.runner"]
 

@@ -12,7 +12,8 @@ from test_generate import server  # noqa: F401  (the scripted teacher server)
 from alignment.cli import main as align
 from alignment.config import InputError, load_recipe
 from alignment.prompts import read_prompts, write_jsonl
-from alignment.round import stage_config, stage_inputs
+from alignment.inputs import stage_inputs
+from alignment.round import stage_config
 from alignment.runner import input_value
 from alignment.stage_table import StageConfig
 from alignment.stages import generate
@@ -151,7 +152,7 @@ def test_a_sources_capability_fills_only_rows_without_one_and_keeps_ids(tmp_path
 
 
 def test_eval_gives_accuracy_per_capability_with_its_interval_when_the_held_out_set_mixes_them():
-    from alignment.generation import Completion
+    from alignment.backends.base import Completion
     from alignment.stages import eval as eval_stage
 
     recipe = StageConfig("eval", stage_config(load_recipe(TINY), "eval"))

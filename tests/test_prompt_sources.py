@@ -16,7 +16,7 @@ import pytest
 from alignment.cli import main as align
 from alignment.config import InputError, PromptSource, load_recipe
 from alignment.prompts import read_prompts, source_identity
-from alignment.round import identity
+from alignment.inputs import identity
 from alignment.runner import input_value
 from alignment.stage_table import STAGES
 from alignment.stages.generate import draw_round_prompts
@@ -316,7 +316,7 @@ def test_a_source_without_rows_is_refused(tmp_path):
 def test_a_hub_dataset_is_loaded_at_its_revision_split_and_name(monkeypatch):
     """Online (no network here): `datasets.load_dataset` receives the pinned id, configuration, revision and split,
     and its rows go through the same mapping and checks, named by the source."""
-    import alignment.cli
+    import alignment.hub
 
     calls, questions = [], [["What is 2 + 3?", ""], ["What is 2 + 3?"]]
 
@@ -325,7 +325,7 @@ def test_a_hub_dataset_is_loaded_at_its_revision_split_and_name(monkeypatch):
         q = questions.pop(0)
         return datasets.Dataset(pa.table({"question": q, "answer": ["5"] * len(q)}))
 
-    monkeypatch.setattr(alignment.cli, "hub_offline", lambda: None)
+    monkeypatch.setattr(alignment.hub, "hub_offline", lambda: None)
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     sha = "0123456789abcdef0123456789abcdef01234567"
     source = PromptSource(dataset="org/gsm", name="main", revision=sha, split="test",

@@ -160,7 +160,7 @@ def test_a_verifier_that_matches_no_prompt_is_named():
 def test_a_reward_model_that_is_not_a_one_label_classifier_is_rejected_at_validation(tmp_path):
     from transformers import LlamaConfig
 
-    from alignment.cli import check_reward_model
+    from alignment.preflight import check_reward_model
 
     small = dict(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=1)
     LlamaConfig(architectures=["LlamaForCausalLM"], **small).save_pretrained(tmp_path / "lm")

@@ -32,7 +32,7 @@ from alignment.tiny_models import random_llama, save
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 10  # SIGKILL points in the killed-anywhere test: every stage once (more at random when raised)
-STAGES = ["bootstrap", "teacher_eval", "generate", "score", "select", "dialogs", "reward_model", "sft", "dpo", "eval",
+STAGES = ["bootstrap", "teacher_eval", "generate", "score", "select", "dialogs", "reward_training", "sft", "dpo", "eval",
           "promote"]
 ONCE = ("bootstrap", "teacher_eval")  # once per recipe: runs/<recipe>/<stage>/
 NUM_PROMPTS, EVAL_PROMPTS = 24, 16
@@ -145,7 +145,7 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
             folder = run / stage if stage in ONCE else run / "round-1" / stage
             assert (folder / out).exists()
     # a completed training stage keeps its final model only: no checkpoints with optimizer states
-    for stage in ("sft", "dpo", "reward_model"):
+    for stage in ("sft", "dpo", "reward_training"):
         folder = run / "round-1" / stage
         assert (folder / "model" / "model.safetensors").is_file() and not (folder / "trainer").exists()
         assert manifest(run, stage)["stats"]["checkpoints_kept"] is False
@@ -180,7 +180,7 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     later = [json.loads(x) for x in (run / "round-1/dialogs/sft.jsonl").read_text().splitlines()]
     assert all(len(r["prompt"]) == 2 * r["turn"] - 1 and r["prompt_id"].endswith(f"#turn-{r['turn']}") for r in later)
     assert manifest(run, "sft")["stats"]["sources"]["round 1 dialogs"]["rows"] == d["rows"]["sft"]
-    rm = manifest(run, "reward_model")
+    rm = manifest(run, "reward_training")
     rm_line = stats.split("\nreward_model: ")[1].split("\n")[0]
     assert f"train_pairs {rm['rows']['train_pairs']}" in rm_line and f"held_out_pairs {rm['rows']['held_out_pairs']}" \
         in rm_line
@@ -466,6 +466,6 @@ def test_a_round_moved_elsewhere_and_killed_anywhere_makes_the_same_data(round1,
     assert 0 < teacher["accuracy"] < 1 and teacher["pass@4"] > 0
     eval_samples = theirs["eval/shards"]
     assert any(len({c[0] for c in rec["completions"]}) > 1 for rec in eval_samples.values())
-    for model in ("sft", "dpo", "reward_model"):  # training is deterministic on CPU (and so are the bytes above)
+    for model in ("sft", "dpo", "reward_training"):  # training is deterministic on CPU (and so are the bytes above)
         a, b = (load_file(r / f"round-1/{model}/model/model.safetensors") for r in (run, moved / "e2e"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), model

@@ -10,7 +10,7 @@ from alignment.backends import Request
 from alignment.backends.hf import TransformersBackend
 from alignment.chat import build_tokenizer
 from alignment.config import load_recipe
-from alignment.generation import sample
+from alignment.backends.hf import sample
 from alignment.seeding import model_identity
 from alignment.stages.generate import build_requests
 from alignment.tiny_models import random_llama, save

@@ -203,8 +203,8 @@ def test_the_stage_keeps_failed_prompts_aside_and_draws_its_histograms(tmp_path)
 
 
 def test_summaries_keep_their_quartiles_between_the_min_and_the_max():
-    from alignment.stats import describe
+    from alignment.distribution import distribution
 
     # two values 157 and 159: by hand, p25 = 157.5, median 158, p75 = 158.5 (linear between the two)
-    assert describe([157, 159]) == {"count": 2, "min": 157, "p25": 157.5, "median": 158.0, "p75": 158.5, "max": 159,
+    assert distribution([157, 159]) == {"count": 2, "min": 157, "p25": 157.5, "median": 158.0, "p75": 158.5, "max": 159,
                                     "mean": 158.0}

@@ -9,7 +9,7 @@ import pytest
 
 from alignment.config import InputError, load_recipe
 from alignment.prompts import write_jsonl
-from alignment.round import identity
+from alignment.inputs import identity
 from alignment.stage_table import STAGES, File, Upstream
 from alignment.stages.sft import assemble
 

@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 
 from alignment.chat import build_tokenizer
 from alignment.config import InputError, JobResources, load_recipe
-from alignment.launcher import SlurmJob, batch_flags
+from alignment.launcher.slurm import SlurmJob, batch_flags
 from alignment.stage_table import job_kind
 from alignment.manifest import write_json_atomic
-from alignment.round import run_stage, stage_dir
+from alignment.inputs import stage_dir
+from alignment.round import run_stage
 from alignment.stage_table import STAGES, round_stages
 from alignment.tiny_models import random_llama, save
 from slurm_cluster import job_state
@@ -43,7 +44,7 @@ def test_each_stage_runs_with_the_resources_of_its_kind():
     judged = load_recipe(TINY, ["reward.judge={template: 'Rate {prompt} {response}'}"])
     expected = {"bootstrap": "train", "import_gguf": "train", "teacher_eval": "generate", "generate": "generate",
                 "revise": "generate", "score": "eval", "dialogs": "generate",
-                "select": None, "reward_model": "train", "sft": "train", "policy_pairs": "generate", "dpo": "train",
+                "select": None, "reward_training": "train", "sft": "train", "policy_pairs": "generate", "dpo": "train",
                 "eval": "eval", "promote": None}
     assert {s: job_kind(plain, s) for s in STAGES} == expected
     assert job_kind(judged, "score") == "generate"  # the judge is the teacher
@@ -75,7 +76,7 @@ def test_more_nodes_where_a_stage_spans_them_is_accepted():
 
 
 def test_under_slurm_the_training_nodes_gpus_count_not_the_login_nodes():
-    from alignment.cli import machine_problems
+    from alignment.preflight import machine_problems
 
     fsdp = ["sft.distributed=fsdp", "sft.num_processes=8", "launcher.train.gpus_per_node=8"]
     assert machine_problems(load_recipe(TINY, [*fsdp, "launcher.kind=slurm"])) == []

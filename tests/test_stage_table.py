@@ -7,18 +7,19 @@ import pytest
 
 from alignment.config import Recipe, load_recipe
 from alignment.manifest import write_json_atomic
-from alignment.round import fingerprint, round_status, stage_dir, stage_inputs
+from alignment.inputs import fingerprint, stage_dir, stage_inputs
+from alignment.round import round_status
 from alignment.stage_table import STAGES, StageConfig, Upstream, round_stages, stage_config
 
 TINY = "recipes/tiny.yaml"
-ROUND = ["generate", "score", "select", "reward_model", "sft", "dpo", "eval", "promote"]
+ROUND = ["generate", "score", "select", "reward_training", "sft", "dpo", "eval", "promote"]
 ONCE = {(0, "bootstrap"), (0, "teacher_eval")}  # once per recipe
 ALL = ONCE | {(n, s) for n in (1, 2) for s in ROUND}
 # With a fixed teacher (the bootstrap's), round 2's generate, score and select depend on round 1
-# only through the bootstrap; reward_model, sft, eval and promote start from the model round 1 promoted, and
-# round 2's reward_model also reads round 1's pairs. The teacher is evaluated once, the way eval evaluates (its
+# only through the bootstrap; reward_training, sft, eval and promote start from the model round 1 promoted, and
+# round 2's reward_training also reads round 1's pairs. The teacher is evaluated once, the way eval evaluates (its
 # sections), and round 1's promote compares the best student with it.
-STUDENT_2 = {(2, s) for s in ("reward_model", "sft", "dpo", "eval", "promote")}
+STUDENT_2 = {(2, s) for s in ("reward_training", "sft", "dpo", "eval", "promote")}
 EXPECTED_STALE = {
     "name": set(), "runs_dir": set(), "rounds": set(),  # name and runs_dir move the folder: see below
     "launcher": set(),  # where a stage runs does not change what it writes
@@ -29,18 +30,18 @@ EXPECTED_STALE = {
     "sampling": ALL - ONCE,
     "prompts": ALL - ONCE,
     "reward": ALL - {(0, "bootstrap"), (1, "generate"), (2, "generate")},
-    "select": {(n, s) for n in (1, 2) for s in ("select", "reward_model", "sft", "dpo", "eval", "promote")},
-    "reward_training": {(1, "reward_model"), (2, "reward_model")},
+    "select": {(n, s) for n in (1, 2) for s in ("select", "reward_training", "sft", "dpo", "eval", "promote")},
+    "reward_training": {(1, "reward_training"), (2, "reward_training")},
     # turned on (over a recipe with a code verifier): score reads revise's samples, select its settings; the revise
     # stages themselves are new (missing), and generate is untouched
-    "revise": {(n, s) for n in (1, 2) for s in ("score", "select", "reward_model", "sft", "dpo", "eval", "promote")},
+    "revise": {(n, s) for n in (1, 2) for s in ("score", "select", "reward_training", "sft", "dpo", "eval", "promote")},
     # turned on: the dialogs stages are new (missing); SFT and DPO read their later turns, and what follows
     "dialogs": {(n, s) for n in (1, 2) for s in ("sft", "dpo", "eval", "promote")} | STUDENT_2,
     "sft": {(1, "sft"), (1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "dpo": {(1, "dpo"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "eval": {(0, "teacher_eval"), (1, "eval"), (1, "promote")} | STUDENT_2,
     "gate": {(1, "promote")} | STUDENT_2,
-    "student": {(1, s) for s in ("reward_model", "sft", "dpo", "eval", "promote")} | STUDENT_2,
+    "student": {(1, s) for s in ("reward_training", "sft", "dpo", "eval", "promote")} | STUDENT_2,
 }
 CHANGE = {  # one edit per top-level key, as a user would make it
     "name": "name=other", "runs_dir": "runs_dir=elsewhere", "rounds": "rounds=9", "seed": "seed=1",
@@ -128,9 +129,9 @@ def test_every_stage_module_exists_and_every_upstream_output_is_declared():
 
 
 def test_editing_a_preference_file_makes_the_reward_model_stale(tmp_path):
-    # reward_model reads every file in reward_training.preference_paths (human annotations, say). Fixing a row of
+    # reward_training reads every file in reward_training.preference_paths (human annotations, say). Fixing a row of
     # one of them changes what it trains on, as much as a new pair from select does: the stage and everything it
-    # feeds must be stale, not "done". By hand: round 1's and round 2's reward_model read the file; nothing
+    # feeds must be stale, not "done". By hand: round 1's and round 2's reward_training read the file; nothing
     # downstream reads the trained reward model in the tiny recipe (reward.reward_model is unset).
     prefs = tmp_path / "prefs.jsonl"
     row = {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
@@ -141,12 +142,12 @@ def test_editing_a_preference_file_makes_the_reward_model_stale(tmp_path):
     assert set(round_status(recipe, [1, 2]).values()) == {"done"}
     prefs.write_text(json.dumps({**row, "chosen": row["rejected"], "rejected": row["chosen"]}) + "\n")
     status = round_status(recipe, [1, 2])
-    assert {k for k, c in status.items() if c == "stale"} == {(1, "reward_model"), (2, "reward_model")}
+    assert {k for k, c in status.items() if c == "stale"} == {(1, "reward_training"), (2, "reward_training")}
     # the stage reads the files the runner hands it, like every other input
-    inputs = STAGES["reward_model"].inputs(recipe, 1)
+    inputs = STAGES["reward_training"].inputs(recipe, 1)
     assert [x.path for x in inputs["preferences"]] == [prefs]
     # recipes without preference files keep the fingerprints their runs already have
-    assert "preferences" not in STAGES["reward_model"].inputs(load_recipe(TINY), 1)
+    assert "preferences" not in STAGES["reward_training"].inputs(load_recipe(TINY), 1)
 
 
 def test_with_the_best_model_as_teacher_round_two_samples_from_what_round_one_made(tmp_path):
@@ -189,7 +190,7 @@ def test_sft_from_the_base_model_trains_round_two_from_round_ones_student(tmp_pa
     # reaches round 2 only through the stages that read the round's input model (the reward model's start, the
     # eval's input row and the gate), not through sft and dpo. By hand, for a gate edit (round 1's promote):
     # previous -> promote 1 and everything round 2 starts from; base -> the same less round 2's sft and dpo.
-    from alignment.round import identity
+    from alignment.inputs import identity
 
     base = recipe_with(tmp_path, "sft.init=base")
     assert STAGES["sft"].inputs(base, 2)["model"] == STAGES["sft"].inputs(base, 1)["model"]
@@ -197,7 +198,7 @@ def test_sft_from_the_base_model_trains_round_two_from_round_ones_student(tmp_pa
     assert identity(base, STAGES["sft"].inputs(base, 2)["model"]) == identity(base, STAGES["sft"].inputs(base, 1)["model"])
     status = round_status(recipe_with(tmp_path, "sft.init=base", "gate.candidates=[sft]"), [1, 2])
     stale = {k for k, c in status.items() if c == "stale"}
-    assert stale == {(1, "promote"), (2, "reward_model"), (2, "eval"), (2, "promote")}
+    assert stale == {(1, "promote"), (2, "reward_training"), (2, "eval"), (2, "promote")}
     previous = recipe_with(tmp_path / "p")
     assert STAGES["sft"].inputs(previous, 2)["model"] == Upstream("promote", "model", 1, STAGES["sft"].inputs(
         previous, 2)["model"].why)

@@ -66,7 +66,7 @@ def test_a_tokenizer_without_a_pad_token_generates_scores_and_trains(tmp_path):
     the reward model and the trainers. Every stage loads tokenizers through load_tokenizer, which picks one."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from alignment.generation import load_policy, sample
+    from alignment.backends.hf import load_policy, sample
     from alignment.rewards import RewardModel
     from alignment.tiny_models import save
     from alignment.training import load_for_training

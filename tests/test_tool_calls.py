@@ -187,7 +187,7 @@ def test_the_transformers_sampler_records_an_end_of_message_ending():
     step, `stop`, with stop_reason end_of_message; the same model pointed at <|eot_id|> records no stop_reason."""
     import torch
 
-    from alignment.generation import sample
+    from alignment.backends.hf import sample
 
     tok = build_tokenizer()
     model = random_llama(tok, **TINY)
@@ -206,7 +206,10 @@ def test_the_transformers_sampler_records_an_end_of_message_ending():
 
 
 def test_validate_refuses_tool_call_prompts_for_endpoints_that_nothing_here_can_render_for(tmp_path):
-    from alignment.cli import validate
+    from alignment import preflight
+
+    def validate(recipe, overrides):  # the prompt checks, as validate, round, eval and stage run them
+        return preflight.run(recipe, overrides, "status")
 
     write_jsonl(tmp_path / "prompts.jsonl", [{"prompt_id": "after", "messages": [ASK, STEP, OUTPUT], "answer": "42"}])
     base = [f"prompts.train_path={tmp_path / 'prompts.jsonl'}"]
@@ -216,5 +219,5 @@ def test_validate_refuses_tool_call_prompts_for_endpoints_that_nothing_here_can_
                                          r"API cannot carry, and the teacher's endpoints serve a model that is not a "
                                          r"local folder"):
         validate(str(ROOT / "recipes/tiny.yaml"), [*base, *remote("org/remote-model")])
-    assert validate(str(ROOT / "recipes/tiny.yaml"), [*base, *remote(teacher(tmp_path))])[1] == 1  # renders here
-    assert validate(str(ROOT / "recipes/tiny.yaml"), base)[1] == 1  # the transformers teacher renders it
+    assert validate(str(ROOT / "recipes/tiny.yaml"), [*base, *remote(teacher(tmp_path))]).train == 1  # renders here
+    assert validate(str(ROOT / "recipes/tiny.yaml"), base).train == 1  # the transformers teacher renders it

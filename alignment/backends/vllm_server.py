@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,10 +19,15 @@ from pathlib import Path
 
 import httpx
 
-from alignment.backends import GenerationError, api_key
+from alignment.backends.base import GenerationError, api_key
 from alignment.backends.vllm_engine import engine_kwargs
-from alignment.config import EngineConfig, JobResources, TeacherConfig
-from alignment.launcher import SlurmJob, free_port, shell
+from alignment.config import EngineConfig
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def server_command(model: str, cfg: EngineConfig, port: int, host: str = "127.0.0.1") -> list[str]:
@@ -95,26 +101,3 @@ class VLLMServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         self.log.close()
-
-
-class SlurmVLLMServer(VLLMServer):
-    """The teacher's vLLM server as a SLURM job on one node: its endpoint is that node's host name and the port
-    chosen here; the job is cancelled when the stage ends or fails (`stopped_on_exit`)."""
-
-    def __init__(self, t: TeacherConfig, model: str, res: JobResources, folder: Path, jobs: list, *,
-                 node: str | None, name: str):
-        super().__init__(model, t.engine, port=t.server_port, api_key_env=t.api_key_env,
-                         startup_timeout_s=t.server_startup_timeout_s, log_path=folder / f"{name.split(':')[-1]}.log")
-        self.cmd = server_command(model, t.engine, self.port, host="0.0.0.0")  # reached from other nodes
-        self.res, self.folder, self.name, self.jobs, self.node = res.model_copy(update={"nodes": 1}), folder, name, \
-            jobs, node
-
-    def start(self) -> str:
-        self.log = open(self.log_path, "ab")
-        self.proc = SlurmJob(self.name, self.res, "exec " + shell(self.cmd), self.folder, self.log_path, self.env,
-                             node=self.node)
-        self.jobs.append(self.proc)
-        self.base_url = f"http://{self.proc.host()}:{self.port}/v1"
-        print(f"vLLM server {self.proc.id or 'step'} at {self.base_url}", flush=True)
-        self._wait_healthy()  # (fails at once, with the log's tail, if the job ended before it was healthy)
-        return self.base_url

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from alignment.chat import build_tokenizer, render
 from alignment.config import InputError
-from alignment.generation import sample
+from alignment.backends.hf import sample
 from alignment.prompts import read_prompts
 from alignment.verifiers import final_answer
 from alignment.stage_table import StageConfig
@@ -37,13 +37,13 @@ def dev_accuracy(model, tokenizer, dev: list[tuple[int, str, int]]) -> float:
     return sum(final_answer(a[0].text, r"-?\d+") == str(arithmetic.solve(*p)) for a, p in zip(answers, dev)) / len(dev)
 
 
-def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    cfg = recipe.bootstrap
+def run(config: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+    cfg = config.bootstrap
     tokenizer = build_tokenizer()
-    model = random_llama(tokenizer, seed=recipe.seed, **cfg.llama_shape())
+    model = random_llama(tokenizer, seed=config.seed, **cfg.llama_shape())
     held_out = {r["messages"][0]["content"] for r in read_prompts(inputs["eval_prompts"])}
-    rng = random.Random(recipe.seed)
-    dev = arithmetic.draw_problems(random.Random(f"{recipe.seed}-dev"), cfg.dev_size, held_out, unique=False)
+    rng = random.Random(config.seed)
+    dev = arithmetic.draw_problems(random.Random(f"{config.seed}-dev"), cfg.dev_size, held_out, unique=False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                             betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))

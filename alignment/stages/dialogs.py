@@ -21,7 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from alignment.backends import make_requests, open_backend, send
-from alignment.prompts import read_jsonl, read_prompts, write_jsonl
+from alignment.prompts import read_jsonl, read_prompts, system_prompt_for, write_jsonl
 from alignment.seeding import model_identity
 from alignment.shards import load_shards
 from alignment.config import PromptSource
@@ -29,7 +29,7 @@ from alignment.stage_table import StageConfig, view
 from alignment.stages import generate, score, select
 from alignment.stages.result import StageResult
 from alignment.stages.revise import context_check
-from alignment.stats import describe
+from alignment.distribution import distribution
 
 TURN = "#turn-"  # a later turn's prompt_id: the dialog's first prompt_id, then this, then the turn's number
 
@@ -45,17 +45,17 @@ def as_text(messages: list[dict]) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
-def simulated_users(recipe: StageConfig, dialogs: dict[str, list[dict]], teacher: str, folder: Path,
+def simulated_users(config: StageConfig, dialogs: dict[str, list[dict]], teacher: str, folder: Path,
                     round_n: int) -> dict[str, dict]:
     """The teacher's next user message for each dialog, one sample each, saved in shards like any request."""
-    conversations = [[{"role": "user", "content": recipe.dialogs.simulator_prompt.format(dialog=as_text(d))}]
+    conversations = [[{"role": "user", "content": config.dialogs.simulator_prompt.format(dialog=as_text(d))}]
                      for d in dialogs.values()]
-    sampling = {**recipe.sampling.model_dump(), "num_samples": 1}
+    sampling = {**config.sampling.model_dump(), "num_samples": 1}
     ids, requests = make_requests(conversations, model_identity(teacher), sampling,
-                                  generate.round_seed(recipe.seed, round_n))
+                                  generate.round_seed(config.seed, round_n))
     done = load_shards(folder / "shards")
     if any(rid not in done for rid in requests):
-        with open_backend(recipe.teacher, teacher, folder) as backend:
+        with open_backend(config.teacher, teacher, folder) as backend:
             send(backend, requests, done, folder / "shards")
     texts = {pid: done[rid]["completions"][0][0].strip() for pid, rid in zip(dialogs, ids)}
     return {pid: {"message": {"role": "user", "content": t}} for pid, t in texts.items() if t}
@@ -75,16 +75,16 @@ def next_prompts(chosen: list[dict], origins: dict[str, dict], turn: int, users:
     return rows
 
 
-def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    cfg = recipe.dialogs
+def run(config: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+    cfg = config.dialogs
     chosen = read_jsonl(inputs["sft"])  # turn 1: select's rows, each a prompt and its chosen answer
     origins = read_prompts(inputs["prompts"]).by_id({r["prompt_id"] for r in chosen})
     models = {k: inputs[k] for k in ("reward_model", "teacher") if k in inputs}
     sft_rows, pair_rows, per_turn, ended = [], [], {}, Counter()
     lengths = Counter({r["prompt_id"]: 1 for r in chosen})  # assistant turns each dialog reached
-    fits = context_check(recipe, str(inputs["teacher"]))
+    fits = context_check(config, str(inputs["teacher"]))
     with_system = lambda row: ([{"role": "system", "content": s}]  # noqa: E731  (as generate sends it)
-                               if (s := generate.system_prompt_for(row, recipe.teacher.system_prompts)) else []) \
+                               if (s := system_prompt_for(row, config.teacher.system_prompts)) else []) \
         + row["messages"]
     for turn in range(2, cfg.turns + 1):
         folder = out_dir / f"turn-{turn}"
@@ -95,7 +95,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                      if len(o.get("followups", [])) > turn - 2}
         else:
             dialogs = {r["prompt_id"].split(TURN)[0]: r["prompt"] + r["completion"] for r in chosen}
-            users = simulated_users(recipe, dialogs, str(inputs["teacher"]), folder / "simulator", round_n)
+            users = simulated_users(config, dialogs, str(inputs["teacher"]), folder / "simulator", round_n)
         ended["no_next_user_turn"] += sum(r["prompt_id"].split(TURN)[0] not in users for r in chosen)
         rows = next_prompts(chosen, origins, turn, users)
         # a dialog that would outgrow the teacher's context (with the answer's max_new_tokens) ends here, counted
@@ -107,15 +107,15 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         prompts = folder / "prompts.jsonl"
         write_jsonl(prompts, rows)
         # every row of the turn's file, in its order: the stages' own draw takes all when asked for no fewer
-        drawn = recipe.prompts.model_copy(update={"num_prompts": len(rows), "sources": [],
+        drawn = config.prompts.model_copy(update={"num_prompts": len(rows), "sources": [],
                                                   "train_path": PromptSource(path=prompts)})
-        sampled = generate.run(view(recipe, "generate", prompts=drawn), {"teacher": inputs["teacher"],
+        sampled = generate.run(view(config, "generate", prompts=drawn), {"teacher": inputs["teacher"],
                                                                          "prompts": prompts},
                                folder / "generate", round_n)
         samples = folder / "generate" / sampled.outputs["samples"]
-        scored = score.run(view(recipe, "score"), {"samples": samples, "prompts": prompts, **models},
+        scored = score.run(view(config, "score"), {"samples": samples, "prompts": prompts, **models},
                            folder / "score", round_n)
-        picked = select.run(view(recipe, "select"), {"samples": samples, "prompts": prompts,
+        picked = select.run(view(config, "select"), {"samples": samples, "prompts": prompts,
                                                      "scores": folder / "score" / scored.outputs["scores"]},
                             folder / "select", round_n)
         new_chosen = read_jsonl(folder / "select" / picked.outputs["sft"])
@@ -141,5 +141,5 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         stats={"user": cfg.user, "turns_planned": cfg.turns, "per_turn": per_turn,
                "dialog_ended": {k: v for k, v in ended.items() if v},
                # assistant turns each dialog reached, the first included (Llama 3's SFT dialogs: 4.7 on average)
-               "assistant_turns_per_dialog": describe(list(lengths.values()))},
+               "assistant_turns_per_dialog": distribution(list(lengths.values()))},
     )

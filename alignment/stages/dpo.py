@@ -23,7 +23,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from alignment.config import InputError
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
-from alignment.stats import describe
+from alignment.distribution import distribution
 from alignment.template import formatting_token_ids
 from alignment.training import (load_for_training, loss_summary, newest_first, peft_config, selected_rows, train_runs,
                                 trainer_fields)
@@ -45,11 +45,11 @@ class MaskFormattingTokens:
         return batch
 
 
-def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None,
+def build_trainer(config: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None,
                   seed: int | None = None) -> DPOTrainer:
-    cfg = recipe.dpo
+    cfg = config.dpo
     data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
-    args = DPOConfig(**trainer_fields(cfg, out_dir, recipe.seed if seed is None else seed), beta=cfg.beta,
+    args = DPOConfig(**trainer_fields(cfg, out_dir, config.seed if seed is None else seed), beta=cfg.beta,
                      loss_type=list(cfg.loss_type), loss_weights=list(cfg.loss_weights),
                      precompute_ref_log_probs=cfg.precompute_ref_log_probs)
     model.config.pad_token_id = tokenizer.pad_token_id  # what TRL does when it builds the collator itself
@@ -84,7 +84,7 @@ def log_probs(history: list[dict], beta: float) -> list[dict]:
 def assemble(cfg, inputs: dict, round_n: int) -> tuple[list[dict], dict]:
     """The round's pairs: this round's, the last `dpo.accumulate` rounds' (a pair repeated across rounds kept once,
     the newest), then each preference file's rows that reach its `min_strength`. With the count per source."""
-    from alignment.stages.reward_model import read_preferences  # the same checks as the reward model's files
+    from alignment.stages.reward_training import read_preferences  # the same checks as the reward model's files
 
     earlier = inputs.get("earlier_pairs", [])
     rounds = [(f"round {round_n}", inputs["pairs"])] + [(f"round {round_n - 1 - i}", p) for i, p in enumerate(earlier)]
@@ -103,8 +103,8 @@ def assemble(cfg, inputs: dict, round_n: int) -> tuple[list[dict], dict]:
     return rows, sources
 
 
-def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
-    cfg = recipe.dpo
+def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
+    cfg = config.dpo
     rows, sources = assemble(cfg, inputs, round_n)
     rows, tokenizer, over = selected_rows(rows, inputs["pairs"], "preference pairs", inputs["model"], cfg.max_length,
                                           "dpo.max_length", ("chosen", "rejected"))
@@ -115,18 +115,18 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     def build(run_dir: Path, seed: int):
         model, tok = load_for_training(inputs["model"], cfg)
         ref_model = load_for_training(inputs["ref_model"])[0] if "ref_model" in inputs else None
-        trainer = build_trainer(recipe, model, tok, rows, run_dir, ref_model, seed)
+        trainer = build_trainer(config, model, tok, rows, run_dir, ref_model, seed)
         if isinstance(trainer.data_collator, MaskFormattingTokens):
             trainer.data_collator.masked_per_batch.clear()  # the reference pass (precompute) drew batches already
             counts.append(trainer.data_collator.masked_per_batch)  # filled as training draws batches
         return trainer
 
-    histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
+    histories, runs = train_runs(cfg, config.seed, out_dir, inputs["model"], build)
     history = histories[0]
     stats = {**loss_summary(history), **runs, "lora": cfg.lora is not None, "pad_token": tokenizer.pad_choice,
              "formatting_tokens": {"masked": cfg.mask_formatting_tokens,
                                    "ids": {i: tokenizer.convert_ids_to_tokens(i) for i in masked},
-                                   "masked_per_batch": describe([n for c in counts for n in c])}}
+                                   "masked_per_batch": distribution([n for c in counts for n in c])}}
     for key in ("rewards/margins", "rewards/accuracies"):
         stats.update({k: v for k, v in loss_summary(history, key).items() if k != "steps"})
     stats["log_probs"] = log_probs(history, cfg.beta)

@@ -21,12 +21,13 @@ from collections import Counter
 from pathlib import Path
 
 from alignment.backends import make_requests, open_backend, send
-from alignment.prompts import PromptMix, Prompts, draw_mixture, read_jsonl, read_prompts, write_jsonl
+from alignment.prompts import (PromptMix, Prompts, draw_mixture, read_jsonl, read_prompts, system_prompt_for,
+                               write_jsonl)
 from alignment.seeding import model_identity, request_seed
 from alignment.shards import load_shards
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
-from alignment.stats import describe
+from alignment.distribution import distribution
 
 
 def draw_round_prompts(prompts: Prompts, num_prompts: int, seed: int, round_n: int) -> list[dict]:
@@ -37,27 +38,19 @@ def draw_round_prompts(prompts: Prompts, num_prompts: int, seed: int, round_n: i
     return prompts.take(random.Random(f"{seed}-round-{round_n}").sample(range(len(prompts)), num_prompts))
 
 
-def system_prompt_for(prompt: dict, system_prompts: dict[str, str]) -> str | None:
-    """The recipe's system prompt for the prompt's capability (or `default`); none when the conversation
-    already opens with its own system message."""
-    if prompt["messages"][0]["role"] == "system":
-        return None
-    return system_prompts.get(prompt.get("capability") or "default", system_prompts.get("default"))
-
-
 def round_seed(seed: int, round_n: int) -> int:
     """The base seed of a round's requests: a hash of both, so no two (seed, round) pairs share one (with
     `seed + 1000 * round`, seed 0's round 2 resent seed 1000's round 1)."""
     return request_seed({"recipe_seed": seed, "round": round_n})
 
 
-def build_requests(prompts: list[dict], recipe: StageConfig, teacher_id: str, base_seed: int):
+def build_requests(prompts: list[dict], config: StageConfig, teacher_id: str, base_seed: int):
     """One request per distinct conversation (alignment.backends.make_requests), the recipe's system prompt
     first: (request_id per prompt, {request_id: Request}, system prompt per prompt_id)."""
-    systems = {p["prompt_id"]: system_prompt_for(p, recipe.teacher.system_prompts) for p in prompts}
+    systems = {p["prompt_id"]: system_prompt_for(p, config.teacher.system_prompts) for p in prompts}
     conversations = [([{"role": "system", "content": systems[p["prompt_id"]]}] if systems[p["prompt_id"]] else [])
                      + p["messages"] for p in prompts]
-    return *make_requests(conversations, teacher_id, recipe.sampling.model_dump(), base_seed), systems
+    return *make_requests(conversations, teacher_id, config.sampling.model_dump(), base_seed), systems
 
 
 def stop_reason(record: list) -> dict:
@@ -65,15 +58,15 @@ def stop_reason(record: list) -> dict:
     return {"stop_reason": record[3]} if len(record) > 3 else {}
 
 
-def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    t, s = recipe.teacher, recipe.sampling
+def run(config: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+    t, s = config.teacher, config.sampling
     source = read_prompts(inputs["prompts"])
     if isinstance(source, PromptMix):  # prompts.sources: each source's quota exactly
-        prompts = draw_mixture(source, recipe.prompts.quotas(round_n), recipe.seed, round_n)
-        by_source = dict(zip(map(str, recipe.prompts.train_sources), recipe.prompts.quotas(round_n)))
+        prompts = draw_mixture(source, config.prompts.quotas(round_n), config.seed, round_n)
+        by_source = dict(zip(map(str, config.prompts.train_sources), config.prompts.quotas(round_n)))
     else:
-        prompts = draw_round_prompts(source, recipe.prompts.num_prompts, recipe.seed, round_n)
-        by_source = {str(recipe.prompts.train_path): len(prompts)}
+        prompts = draw_round_prompts(source, config.prompts.num_prompts, config.seed, round_n)
+        by_source = {str(config.prompts.train_path): len(prompts)}
     retried = 0
     if "failed_prompts" in inputs:  # last round's prompts where every sample failed: another chance
         drawn = {p["prompt_id"] for p in prompts}
@@ -81,7 +74,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                  if p["prompt_id"] not in drawn]
         prompts, retried = prompts + again, len(again)
     teacher, teacher_id = str(inputs["teacher"]), model_identity(str(inputs["teacher"]))
-    ids, requests, systems = build_requests(prompts, recipe, teacher_id, round_seed(recipe.seed, round_n))
+    ids, requests, systems = build_requests(prompts, config, teacher_id, round_seed(config.seed, round_n))
 
     done = load_shards(out_dir / "shards")
     resumed = sum(rid in done for rid in requests)
@@ -120,14 +113,14 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             "backend_start_seconds": round(start_s, 2), "generate_seconds": round(generate_s, 2),
             "backend_stop_seconds": round(stop_s, 2),
             "output_tokens_per_second": round(new_tokens / generate_s, 1) if generate_s > 0 else None,
-            "response_tokens": describe([r["num_tokens"] for r in rows if r["num_tokens"] is not None]),
-            "prompt_tokens": describe([done[rid]["prompt_tokens"] for rid in requests
+            "response_tokens": distribution([r["num_tokens"] for r in rows if r["num_tokens"] is not None]),
+            "prompt_tokens": distribution([done[rid]["prompt_tokens"] for rid in requests
                                        if done[rid]["prompt_tokens"] is not None]),
             "hit_token_limit": hit_limit, "hit_token_limit_share": hit_limit / max(1, len(rows)),
             "tool_call_steps": sum("stop_reason" in r for r in rows),  # ended with <|eom_id|>, kept as such
             "prompts_by_capability": dict(Counter(p.get("capability") or "default" for p in prompts)),
             "prompts_by_source": by_source,  # drawn this round, before retried ones
             "prompts_with_system_prompt": sum(v is not None for v in systems.values()),
-            "distinct_responses_per_prompt": describe([len({c[0] for c in done[rid]["completions"]}) for rid in ids]),
+            "distinct_responses_per_prompt": distribution([len({c[0] for c in done[rid]["completions"]}) for rid in ids]),
         },
     )

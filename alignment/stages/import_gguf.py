@@ -23,7 +23,7 @@ from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 
 
-def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
+def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     path = inputs["gguf"]  # found in the installed package by the stage table
     folder, name = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)  # without the quantization_config the model gets
@@ -37,6 +37,6 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
         raise InputError(f"gguf.file: {name} has no chat template in its metadata; a chat model needs one")
     tokenizer.save_pretrained(out_dir / "model")
     return StageResult(outputs={"model": "model"}, rows={"parameters": model.num_parameters()},
-                       stats={"package": recipe.gguf.package, "version": metadata.version(recipe.gguf.package),
+                       stats={"package": config.gguf.package, "version": metadata.version(config.gguf.package),
                               "file": name, "sha256": hash_file(path), "architecture": config.architectures,
                               "saved_dtype": "float32"})

@@ -21,20 +21,21 @@ from alignment.stages.eval import serving
 from alignment.stages.result import StageResult
 
 
-def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    policy = serving(recipe).model_copy(update={"system_prompts": {}})
+def run(config: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+    # the SFT model sampled by generate's code as its teacher, served as eval serves the round's checkpoints
+    policy = config.teacher.model_copy(update={**serving(config).settings(), "system_prompts": {}})
     folders = {name: out_dir / name for name in ("generate", "score", "select")}
     for folder in folders.values():
         folder.mkdir(exist_ok=True)
     drawn = {"teacher": inputs["policy"], "prompts": inputs["prompts"],
              **({"failed_prompts": inputs["failed_prompts"]} if "failed_prompts" in inputs else {})}
-    sampled = generate.run(view(recipe, "generate", teacher=policy), drawn, folders["generate"], round_n)
+    sampled = generate.run(view(config, "generate", teacher=policy), drawn, folders["generate"], round_n)
     samples = folders["generate"] / sampled.outputs["samples"]
-    scored = score.run(view(recipe, "score"), {"samples": samples, "prompts": inputs["prompts"],
+    scored = score.run(view(config, "score"), {"samples": samples, "prompts": inputs["prompts"],
                                                **{k: inputs[k] for k in ("reward_model", "teacher") if k in inputs}},
                        folders["score"], round_n)
     scores = folders["score"] / scored.outputs["scores"]
-    paired = select.run(view(recipe, "select"), {"samples": samples, "scores": scores, "prompts": inputs["prompts"]},
+    paired = select.run(view(config, "select"), {"samples": samples, "scores": scores, "prompts": inputs["prompts"]},
                         folders["select"], round_n)
     return StageResult(
         outputs={"pairs": f"select/{paired.outputs['pairs']}", "samples": f"generate/{sampled.outputs['samples']}",

@@ -88,7 +88,7 @@ def verdict(c: dict, alpha: float) -> str:
     return "significantly better" if c["difference"] > 0 else "significantly worse"
 
 
-def describe(c: dict, alpha: float) -> str:
+def in_words(c: dict, alpha: float) -> str:
     """One comparison in words: `dpo accuracy 0.4667 vs input 0.4333: +0.0333 [-0.0100, +0.0767], McNemar exact
     p=0.16, within noise; tolerance 0.0: pass`."""
     text = f"{c['model']} {c['metric']} {c['value']:.4f} vs {c['against']} {c['baseline']:.4f}: "
@@ -133,7 +133,7 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
                 if not c["within_tolerance"]:
                     refused.append(f"{metric} below the input model by more than its tolerance")
             comparisons.append(c)
-            reasons.append(describe(c, gate.alpha))
+            reasons.append(in_words(c, gate.alpha))
         if refused:
             reasons.append(f"{name} refused: {'; '.join(refused)}")
         else:
@@ -145,7 +145,7 @@ def decide(gate: GateConfig, metrics: dict, answers: list[dict]) -> dict:
         for name in eligible[:eligible.index(best)]:  # earlier in the recipe's order than the best
             c = comparison(best, name, primary)
             comparisons.append(c)
-            reasons.append(describe(c, gate.alpha))
+            reasons.append(in_words(c, gate.alpha))
             if verdict(c, gate.alpha) == "within noise":
                 promoted = name
                 reasons.append(f"{best} is within noise of {name} on {primary}: the recipe's order prefers {name}")
@@ -204,16 +204,16 @@ def recorded_path(model: Path, out_dir: Path) -> str:
     return os.path.relpath(model, out_dir.resolve()) if model.is_relative_to(run_folder) else str(model)
 
 
-def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
+def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     metrics, answers = json.loads(Path(inputs["metrics"]).read_text()), read_jsonl(Path(inputs["answers"]))
-    decision = decide(recipe.gate, metrics, answers)
+    decision = decide(config.gate, metrics, answers)
     model = inputs[decision["promoted"]]  # from the upstream manifests: right even if the run folder moved
     decision["model_path"] = str(model)
     write_json_atomic(out_dir / "decision.json", decision)
-    best, record = best_so_far(recipe.gate, inputs, metrics, answers, decision["promoted"], round_n)
+    best, record = best_so_far(config.gate, inputs, metrics, answers, decision["promoted"], round_n)
     write_json_atomic(out_dir / "best.json", record)
     return StageResult(outputs={"decision": "decision.json", "model": recorded_path(model, out_dir),
                                 "best": recorded_path(best, out_dir), "best_record": "best.json"},
-                       rows={"candidates": len(recipe.gate.candidates)},
+                       rows={"candidates": len(config.gate.candidates)},
                        stats={"promoted": decision["promoted"], "forced": decision["forced"],
                               "best_so_far": {k: v for k, v in record.items() if k != "outcomes"}})

@@ -36,7 +36,7 @@ from alignment.seeding import model_identity, request_seed
 from alignment.shards import load_shards
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
-from alignment.stats import describe
+from alignment.distribution import distribution
 from alignment.verifiers import applies, code_feedback
 
 
@@ -84,14 +84,14 @@ def pick(group: list[dict], results: dict, cfg) -> list[dict]:
     return failing[:cfg.samples_per_prompt]
 
 
-def context_check(recipe: StageConfig, teacher: str):
+def context_check(config: StageConfig, teacher: str):
     """A test of whether a conversation (a revision or a later dialog turn), with the answer's max_new_tokens, fits
     the teacher's context (its max_position_embeddings, and the engine's max_model_len where this stage starts the
     engine): a dialog grows every turn, and a request over the context would fail the stage. Behind existing
     endpoints serving a model that is not a local folder, the server alone knows its context: every conversation
     is sent."""
     local = Path(teacher, "config.json").is_file()
-    if recipe.teacher.endpoints and not local:
+    if config.teacher.endpoints and not local:
         return lambda conversation: True
     from transformers import AutoConfig
 
@@ -99,15 +99,15 @@ def context_check(recipe: StageConfig, teacher: str):
     from alignment.template import load_tokenizer
 
     tokenizer = load_tokenizer(teacher)
-    engine_limit = None if recipe.teacher.endpoints else recipe.teacher.engine.max_model_len  # theirs, not ours
+    engine_limit = None if config.teacher.endpoints else config.teacher.engine.max_model_len  # theirs, not ours
     context = min(n for n in (getattr(AutoConfig.from_pretrained(teacher), "max_position_embeddings", None),
                               engine_limit, 1 << 40) if n)
-    budget = context - recipe.sampling.max_new_tokens
+    budget = context - config.sampling.max_new_tokens
     return lambda conversation: len(token_ids(tokenizer, conversation, add_generation_prompt=True)) <= budget
 
 
-def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    cfg, verifiers = recipe.revise, recipe.reward.verifiers
+def run(config: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+    cfg, verifiers = config.revise, config.reward.verifiers
     samples = read_jsonl(inputs["samples"])
     prompts = read_prompts(inputs["prompts"]).by_id(r["prompt_id"] for r in samples)
     outcomes = Outcomes(out_dir / "outcomes.jsonl")
@@ -133,9 +133,9 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                                       {"role": "user", "content": cfg.feedback_template.format(error=error)}]})
 
     teacher, teacher_id = str(inputs["teacher"]), model_identity(str(inputs["teacher"]))
-    fits = context_check(recipe, teacher)
-    settings = {**recipe.sampling.model_dump(), "num_samples": 1}
-    base_seed = request_seed({"recipe_seed": recipe.seed, "round": round_n, "stage": "revise"})
+    fits = context_check(config, teacher)
+    settings = {**config.sampling.model_dump(), "num_samples": 1}
+    base_seed = request_seed({"recipe_seed": config.seed, "round": round_n, "stage": "revise"})
     done = load_shards(out_dir / "shards")
     rows, passed_after, sent, resumed, generate_s, start_s = [], defaultdict(int), 0, 0, 0.0, 0.0
     too_long = 0
@@ -160,7 +160,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             if todo:
                 if backend is None:  # started only when a turn has something to send: a finished stage needs none
                     t0 = time.time()
-                    backend = stack.enter_context(open_backend(recipe.teacher, teacher, out_dir))
+                    backend = stack.enter_context(open_backend(config.teacher, teacher, out_dir))
                     start_s = time.time() - t0
                 print(f"revise: turn {turn}: {len(todo)} revisions to ask for ({len(requests) - len(todo)} "
                       f"already saved)", flush=True)
@@ -176,7 +176,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             for c, rid, (text, num_tokens, finish, *_), (passed, share, error) in zip(active, ids, answers, verdicts):
                 rows.append({"prompt_id": c["prompt_id"], "sample_index": c["first_index"] + turn - 1,
                              "response": text, "num_tokens": num_tokens, "prompt_tokens": done[rid]["prompt_tokens"],
-                             "finish_reason": finish, "teacher": teacher_id, "backend": recipe.teacher.backend.value,
+                             "finish_reason": finish, "teacher": teacher_id, "backend": config.teacher.backend.value,
                              "sampling": settings, "seed": requests[rid].seed, "system_prompt": c["system"],
                              "request_id": rid, "revision": {"of": c["of"], "turn": turn, "dialog": list(c["dialog"]),
                                                              "passed_tests": passed, "tests_share": share}})
@@ -204,6 +204,6 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
             "ended_at_context_limit": too_long,
             "requests_sent": sent, "requests_resumed_from_shards": resumed,
             "backend_start_seconds": round(start_s, 2), "generate_seconds": round(generate_s, 2),
-            "feedback_chars": describe([len(c["dialog"][1]["content"]) for c in chains]),
+            "feedback_chars": distribution([len(c["dialog"][1]["content"]) for c in chains]),
         },
     )

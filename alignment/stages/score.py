@@ -18,11 +18,11 @@ from alignment.config import InputError
 from alignment.prompts import read_jsonl, read_prompts, write_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
-from alignment.stats import describe
+from alignment.distribution import distribution
 
 
-def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    cfg = recipe.reward
+def run(config: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+    cfg = config.reward
     samples = read_jsonl(inputs["samples"])
     prompts = read_prompts(inputs["prompts"]).by_id(r["prompt_id"] for r in samples)
     missing = {r["prompt_id"] for r in samples} - prompts.keys()
@@ -35,10 +35,10 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
     if cfg.judge is not None:
         from alignment.judge import judge
 
-        verdicts = judge(cfg.judge, recipe.teacher, str(inputs["teacher"]),
+        verdicts = judge(cfg.judge, config.teacher, str(inputs["teacher"]),
                          [(p["messages"], r) for p, r in zip(rows_prompts, responses)], out_dir)
     rm = str(inputs["reward_model"]) if "reward_model" in inputs else None
-    with rewards.open_reward_model(cfg.reward_model, rm, recipe.teacher.engine) as reward_model:
+    with rewards.open_reward_model(cfg.reward_model, rm, config.teacher.engine) as reward_model:
         checks: dict[str, dict] = {}
         scored = rewards.score(cfg, rows_prompts, responses, reward_model=reward_model, judge_verdicts=verdicts,
                                checks=checks)
@@ -47,8 +47,8 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
 
     names = sorted({name for r in rows for name in r["scores"]})
     verified = Counter({True: "passed", False: "failed", None: "no_verifier"}[r["verified"]] for r in rows)
-    stats = {"reward": describe([r["reward"] for r in rows]),
-             "scorers": {n: describe([r["scores"][n] for r in rows if n in r["scores"]]) for n in names},
+    stats = {"reward": distribution([r["reward"] for r in rows]),
+             "scorers": {n: distribution([r["scores"][n] for r in rows if n in r["scores"]]) for n in names},
              "verified": dict(verified), "combine": cfg.combine,
              "code_isolation": verifiers.isolation_stats(cfg.verifiers),
              "code_checks": checks,  # per code verifier: checks decided outside / inside the candidate's process

@@ -29,7 +29,7 @@ from alignment.config import FiltersConfig, InputError, SelectConfig
 from alignment.prompts import read_jsonl, read_prompts, write_jsonl
 from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
-from alignment.stats import describe
+from alignment.distribution import distribution
 
 EMOJI = re.compile("[\U0001F000-\U0001FAFF\u2600-\u27BF\u2B00-\u2BFF\uFE0F]")
 APOLOGY = re.compile(r"^\W*(i'?m sorry|i am sorry|i apologi[sz]e|sorry|my apologies|apologies)\b", re.IGNORECASE)
@@ -264,8 +264,8 @@ def plot(out: Path, pairs: list[dict], acceptance: list[float]) -> list[str]:
     return files + [save(fig, "acceptance_per_prompt.png")]
 
 
-def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
-    cfg = recipe.select
+def run(config: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: int) -> StageResult:
+    cfg = config.select
     rows = join_by_key(read_jsonl(inputs["samples"]), read_jsonl(inputs["scores"]))
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
@@ -279,13 +279,13 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
         acceptance.append(sum(passes(c) and c["reward"] >= cfg.sft_min_reward for c in candidates) / len(candidates))
         if all(c.get("verified") is False for c in candidates):
             failed.append({**prompts[pid], "failed_round": round_n})
-        best, pair = choose(candidates, cfg, random.Random(f"{recipe.seed}-{round_n}-{pid}"), drops)
+        best, pair = choose(candidates, cfg, random.Random(f"{config.seed}-{round_n}-{pid}"), drops)
         prompt = prompts[pid]["messages"]
         if best is not None:  # (a capability goes with the row: sft.balance counts by it)
-            sft_rows.append(sft_row(pid, prompt, best, recipe.revise)
+            sft_rows.append(sft_row(pid, prompt, best, config.revise)
                             | ({"capability": prompts[pid]["capability"]} if "capability" in prompts[pid] else {}))
         if pair is not None:
-            chosen, rejected = revised_pair(pair, candidates, cfg, recipe.revise, drops)
+            chosen, rejected = revised_pair(pair, candidates, cfg, config.revise, drops)
             pair_rows.append({"prompt_id": pid, "chosen_index": chosen["sample_index"],
                               "rejected_index": rejected["sample_index"], "prompt": prompt,
                               "chosen": [assistant_message(chosen)], "rejected": [assistant_message(rejected)],
@@ -295,7 +295,7 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                               **({"revision_turn": chosen["revision"]["turn"]} if "revision" in chosen else {})})
     selected = len(sft_rows)
     sft_rows = filter_sft_rows(sft_rows, rows, cfg.filters, drops, stats)
-    if recipe.revise is not None:
+    if config.revise is not None:
         stats["from_revisions"] = {"sft_rows": sum("revision_turn" in r for r in sft_rows),
                                    "pairs_with_a_revised_chosen": sum("revision_turn" in r for r in pair_rows)}
 
@@ -312,9 +312,9 @@ def run(recipe: StageConfig, inputs: dict[str, Path], out_dir: Path, round_n: in
                "sft_before_row_filters": selected, "pair_policy": cfg.pair_policy, **stats,
                "tool_call_steps": {"sft": sum(ends_a_step(r["completion"]) for r in sft_rows),
                                    "pairs": sum(ends_a_step(r["chosen"] + r["rejected"]) for r in pair_rows)},
-               "acceptance_per_prompt": describe(acceptance),
-               "sft_reward": describe([r["reward"] for r in sft_rows]),
-               "pair_margin": describe([r["chosen_reward"] - r["rejected_reward"] for r in pair_rows]),
+               "acceptance_per_prompt": distribution(acceptance),
+               "sft_reward": distribution([r["reward"] for r in sft_rows]),
+               "pair_margin": distribution([r["chosen_reward"] - r["rejected_reward"] for r in pair_rows]),
                "plots": plots},
     )
 

@@ -25,12 +25,12 @@ from alignment.training import (load_for_training, loss_summary, newest_first, p
                                 trainer_fields)
 
 
-def build_trainer(recipe: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, seed: int | None = None):
-    cfg = recipe.sft
+def build_trainer(config: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, seed: int | None = None):
+    cfg = config.sft
     data = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     # Packing uses TRL's best-fit decreasing: whole examples per row (none cut), padding-free. transformers reads
     # the restarting position ids as example boundaries and masks attention per example, with SDPA too.
-    args = SFTConfig(**trainer_fields(cfg, out_dir, recipe.seed if seed is None else seed),
+    args = SFTConfig(**trainer_fields(cfg, out_dir, config.seed if seed is None else seed),
                      completion_only_loss=True, packing=cfg.packing, packing_strategy="bfd")
     return SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                       peft_config=peft_config(cfg))
@@ -123,20 +123,20 @@ def assemble(cfg, inputs: dict, seed: int, round_n: int) -> tuple[list[dict], di
     return rows, sources
 
 
-def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
-    cfg = recipe.sft
-    rows, sources = assemble(cfg, inputs, recipe.seed, round_n)
+def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
+    cfg = config.sft
+    rows, sources = assemble(cfg, inputs, config.seed, round_n)
     balanced = None
     if cfg.balance is not None:
-        rows, balanced = balance(rows, cfg.balance, recipe.seed, round_n)
+        rows, balanced = balance(rows, cfg.balance, config.seed, round_n)
     rows, tokenizer, over = selected_rows(rows, inputs["sft"], "SFT examples", inputs["model"], cfg.max_length,
                                           "sft.max_length", ("completion",))
 
     def build(run_dir: Path, seed: int):
         model, tok = load_for_training(inputs["model"], cfg)  # each run starts from the same weights
-        return build_trainer(recipe, model, tok, rows, run_dir, seed)
+        return build_trainer(config, model, tok, rows, run_dir, seed)
 
-    histories, runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build)
+    histories, runs = train_runs(cfg, config.seed, out_dir, inputs["model"], build)
     stats = {**loss_summary(histories[0]), **runs, "lora": cfg.lora is not None, "packing": cfg.packing,
              "pad_token": tokenizer.pad_choice, **({"sources": sources} if len(sources) > 1 else {}),
              **({"balance": balanced} if balanced else {})}

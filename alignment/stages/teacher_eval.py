@@ -16,12 +16,12 @@ from alignment.stages.eval import evaluate, serving
 from alignment.stages.result import StageResult
 
 
-def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
-    prompts = read_prompts(inputs["eval_prompts"])[:recipe.eval.num_prompts]  # the rounds' prompts (None: all)
+def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
+    prompts = read_prompts(inputs["eval_prompts"])[:config.eval.num_prompts]  # the rounds' prompts (None: all)
     reward_model = str(inputs["reward_model"]) if "reward_model" in inputs else None
     # served on the teacher's own engine (its tensor parallel split, its FP8), as generate serves it
-    metrics, answers = evaluate(recipe, {"teacher": inputs["teacher"]}, prompts, out_dir, reward_model,
-                                serving(recipe, teacher=True))
+    metrics, answers = evaluate(config, {"teacher": inputs["teacher"]}, prompts, out_dir, reward_model,
+                                serving(config, teacher=True))
     metrics, answers = metrics["teacher"], answers["teacher"]
     write_jsonl(out_dir / "answers.jsonl", answers)
     write_json_atomic(out_dir / "metrics.json", {"teacher": metrics})

@@ -17,15 +17,17 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from alignment.config import Backend, InputError, JobResources, Recipe
-from alignment.stage_table import asks_teacher, job_kind
+from alignment.backends.vllm_server import VLLMServer, free_port, server_command
+from alignment.config import Backend, InputError, JobResources, Recipe, TeacherConfig
+from alignment.launcher.local import stage_command
+from alignment.manifest import write_json_atomic
+from alignment.stage_table import asks_teacher, job_kind, trainer_config
 
 JOBS = "slurm_jobs"  # in a stage's folder: the ids of the SLURM jobs its runs submitted, one a line
 # SLURM's job state codes (squeue(1), JOB STATE CODES) that a job never leaves; GONE: purged before we saw it end.
@@ -48,12 +50,6 @@ def job_state(job_id: str) -> tuple[str, str, bool]:
         return "GONE", "", False
     fields = dict(w.split("=", 1) for w in proc.stdout.split() if "=" in w)  # (none: slurmctld busy, retry)
     return fields.get("JobState", "UNKNOWN"), fields.get("NodeList", ""), fields.get("Requeue") == "1"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def rendezvous_port(folder: Path, wait_s: float = 300.0) -> int:
@@ -115,7 +111,7 @@ class SlurmJob:
                                          env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
             return
         script = folder / f"{name.split(':')[-1]}.sbatch"
-        script.write_text(f"#!/bin/bash\n# submitted by alignment/launcher.py\nexec srun {shell(step_flags(res))} "
+        script.write_text(f"#!/bin/bash\n# submitted by alignment/launcher/slurm.py\nexec srun {shell(step_flags(res))} "
                           f"bash -c {shlex.quote(command)}\n")
         proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}",
                                f"--chdir={os.getcwd()}", *batch_flags(res), str(script)], env=env, capture_output=True,
@@ -213,8 +209,6 @@ def cancel_recorded(folder: Path) -> None:
 def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: dict, env: dict) -> int:
     """Write job.json and run the stage as a SLURM job, after starting its teacher servers where it serves one;
     the stage's exit code."""
-    from alignment.manifest import write_json_atomic
-    from alignment.round import stage_command, trainer_config  # (round imports this module)
 
     kind = job_kind(recipe, stage)
     res = getattr(recipe.launcher, kind)
@@ -222,7 +216,6 @@ def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: d
     with stopped_on_exit(jobs):
         t = recipe.teacher
         if asks_teacher(recipe, stage) and t.backend == Backend.openai and t.serve:
-            from alignment.backends.vllm_server import SlurmVLLMServer  # (imports torch: only when needed)
             from alignment.runner import input_value
 
             model = str(input_value(job["inputs"]["teacher"]))  # the path the stage names it by, as a local server
@@ -243,7 +236,7 @@ def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: d
                           "--main_process_ip", "$MAIN_HOST", "--main_process_port", "$MAIN_PORT"]
         # the first node and a port free there, both found on the nodes (rendezvous_port)
         line = ('MAIN_HOST=$(scontrol show hostnames "$SLURM_STEP_NODELIST" | head -n1); ' + (
-            f"MAIN_PORT=$({shell([sys.executable, '-m', 'alignment.launcher', 'rendezvous-port', str(folder)])})"
+            f"MAIN_PORT=$({shell([sys.executable, '-m', 'alignment.launcher.slurm', 'rendezvous-port', str(folder)])})"
             " || exit 1; " if rendezvous else "") + "exec " + shell(stage_command(recipe, stage, folder / "job.json",
                                                                                  rendezvous)))
         jobs.append(SlurmJob(job_name(recipe, round_n, stage, kind, stage), res, line, folder,
@@ -254,7 +247,30 @@ def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: d
     return code
 
 
-if __name__ == "__main__":  # on each node of a training step: python -m alignment.launcher rendezvous-port <folder>
+class SlurmVLLMServer(VLLMServer):
+    """The teacher's vLLM server as a SLURM job on one node: its endpoint is that node's host name and the port
+    chosen here; the job is cancelled when the stage ends or fails (`stopped_on_exit`)."""
+
+    def __init__(self, t: TeacherConfig, model: str, res: JobResources, folder: Path, jobs: list, *,
+                 node: str | None, name: str):
+        super().__init__(model, t.engine, port=t.server_port, api_key_env=t.api_key_env,
+                         startup_timeout_s=t.server_startup_timeout_s, log_path=folder / f"{name.split(':')[-1]}.log")
+        self.cmd = server_command(model, t.engine, self.port, host="0.0.0.0")  # reached from other nodes
+        self.res, self.folder, self.name, self.jobs, self.node = res.model_copy(update={"nodes": 1}), folder, name, \
+            jobs, node
+
+    def start(self) -> str:
+        self.log = open(self.log_path, "ab")
+        self.proc = SlurmJob(self.name, self.res, "exec " + shell(self.cmd), self.folder, self.log_path, self.env,
+                             node=self.node)
+        self.jobs.append(self.proc)
+        self.base_url = f"http://{self.proc.host()}:{self.port}/v1"
+        print(f"vLLM server {self.proc.id or 'step'} at {self.base_url}", flush=True)
+        self._wait_healthy()  # (fails at once, with the log's tail, if the job ended before it was healthy)
+        return self.base_url
+
+
+if __name__ == "__main__":  # on each node of a training step: python -m alignment.launcher.slurm rendezvous-port
     if sys.argv[1:2] != ["rendezvous-port"] or len(sys.argv) != 3:
-        sys.exit("usage: python -m alignment.launcher rendezvous-port <stage folder>")
+        sys.exit("usage: python -m alignment.launcher.slurm rendezvous-port <stage folder>")
     print(rendezvous_port(Path(sys.argv[2])))

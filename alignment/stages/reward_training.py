@@ -7,7 +7,7 @@ A row with an `edited` response gives the ranking edited > chosen > rejected, i.
 held-out share of prompts (split by prompt id) are never trained on; pair accuracy on them is reported before
 and after training. The next round scores with this model when the recipe says `reward_model: trained`.
 
-    align stage reward_model --recipe recipes/tiny.yaml --round 1
+    align stage reward_training --recipe recipes/tiny.yaml --round 1
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def pair_accuracy(model_path: str, pairs: list[dict], batch_size: int) -> float 
     return sum(s[2 * i] > s[2 * i + 1] for i in range(len(pairs))) / len(pairs)
 
 
-def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
-    cfg = recipe.reward_training
+def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
+    cfg = config.reward_training
     rows = [r for path in inputs["pairs"] for r in read_jsonl(path)]  # one pairs file per round so far
     rows += [r for p in inputs.get("preferences", []) for r in read_preferences(Path(p))]  # declared inputs
     pairs = [p for r in rows for p in ranked_pairs(r)]
@@ -77,7 +77,7 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     tokenizer = load_tokenizer(inputs["model"])
     check_prompts_fit(tokenizer, train, cfg.max_length, "reward_training.max_length", "the preference pairs")
     init = out_dir / "init"  # the input model with a fresh scalar head: also the "before" of the accuracy
-    torch.manual_seed(recipe.seed)
+    torch.manual_seed(config.seed)
     model = AutoModelForSequenceClassification.from_pretrained(inputs["model"], num_labels=1, dtype=torch.float32,
                                                                attn_implementation=cfg.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -90,7 +90,7 @@ def run(recipe: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
         return RewardTrainer(model=model, args=RewardConfig(**trainer_fields(cfg, run_dir, seed)),
                              train_dataset=data, processing_class=tokenizer)
 
-    (history,), runs = train_runs(cfg, recipe.seed, out_dir, inputs["model"], build, padding_side="right")
+    (history,), runs = train_runs(cfg, config.seed, out_dir, inputs["model"], build, padding_side="right")
     after = pair_accuracy(str(out_dir / "model"), test, cfg.per_device_train_batch_size)
     print(f"reward model: held-out pair accuracy {before} -> {after} on {len(test)} pairs", flush=True)
     return StageResult(

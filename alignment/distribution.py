@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 
 
-def describe(values: list[float]) -> dict:
+def distribution(values: list[float]) -> dict:
     """min / mean / quartiles / max of a list; empty lists say so instead of failing."""
     if not values:
         return {"count": 0}

@@ -1,4 +1,4 @@
-"""The reward_model stage: ranked triples, a stable held-out split, and a reward model that learns a preference
+"""The reward_training stage: ranked triples, a stable held-out split, and a reward model that learns a preference
 it can then be checked on, through the stage's own `run`."""
 
 import json
@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 from alignment.chat import build_tokenizer
 from alignment.config import InputError, load_recipe
-from alignment.stages import reward_model
+from alignment.stages import reward_training
 from alignment.tiny_models import random_llama, save
 
 P = [{"role": "user", "content": "Is 2 + 2 = 4?"}]
@@ -18,24 +18,24 @@ A = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
 
 def test_an_edited_response_ranks_above_chosen_above_rejected():
     row = {"prompt_id": "x", "prompt": P, "chosen": A("yes"), "rejected": A("no"), "edited": A("Yes, it is.")}
-    pairs = [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in reward_model.ranked_pairs(row)]
+    pairs = [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in reward_training.ranked_pairs(row)]
     assert pairs == [("Yes, it is.", "yes"), ("Yes, it is.", "no"), ("yes", "no")]
-    assert len(reward_model.ranked_pairs({**row, "edited": None})) == 1
+    assert len(reward_training.ranked_pairs({**row, "edited": None})) == 1
 
 
 def test_the_held_out_split_is_by_prompt_and_stable():
     ids = [f"prompt-{i}" for i in range(5000)]
-    held = [reward_model.held_out(i, 0.1) for i in ids]
-    assert held == [reward_model.held_out(i, 0.1) for i in ids]  # the same prompts every round
+    held = [reward_training.held_out(i, 0.1) for i in ids]
+    assert held == [reward_training.held_out(i, 0.1) for i in ids]  # the same prompts every round
     assert 0.08 < sum(held) / len(held) < 0.12
-    assert not any(reward_model.held_out(i, 0.0) for i in ids)
+    assert not any(reward_training.held_out(i, 0.0) for i in ids)
 
 
 def test_a_bad_preference_file_is_named(tmp_path):
     f = tmp_path / "human.jsonl"
     f.write_text(json.dumps({"prompt": P, "chosen": A("a"), "rejected": "b"}) + "\n")
     with pytest.raises(InputError, match=r"human.jsonl: row 1: rejected must be a non-empty list of messages"):
-        reward_model.read_preferences(f)
+        reward_training.read_preferences(f)
 
 
 @pytest.mark.slow
@@ -63,7 +63,7 @@ def test_the_stage_trains_a_reward_model_that_ranks_held_out_pairs(tmp_path):
             path.write_text("".join(json.dumps(r) + "\n" for r in rows[200 * k:200 * (k + 1)]))
         out = tmp_path / name
         out.mkdir()
-        return reward_model.run(recipe, {"model": model, "pairs": pairs, "preferences": [human]}, out, 2), out
+        return reward_training.run(recipe, {"model": model, "pairs": pairs, "preferences": [human]}, out, 2), out
 
     # An untrained head ranks every pair by the closing word, so it gets all of them right or all wrong. The words
     # are set against the untrained preference (the head starts from the recipe's seed either way), so a held-out
