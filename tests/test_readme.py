@@ -42,8 +42,8 @@ def test_links_resolve(page):
             assert (page.parent / path).exists(), f"{page.name}: broken link {target}"
 
 
-def test_the_recipe_keys_the_readme_names_exist():
-    text = (ROOT / "README.md").read_text()
+def test_the_recipe_keys_the_docs_name_exist():
+    text = (ROOT / "docs" / "details.md").read_text()
     table = text.split("The keys that matter most:")[1].split("\n\n")[1]
     keys = [k for row in table.splitlines()[2:] for k in re.findall(r"`([a-z_.]+)`", row.split("|")[1])]
     assert len(keys) >= 15
