@@ -181,7 +181,7 @@ def test_round_writes_every_artifact_with_a_manifest(round1):
     assert all(len(r["prompt"]) == 2 * r["turn"] - 1 and r["prompt_id"].endswith(f"#turn-{r['turn']}") for r in later)
     assert manifest(run, "sft")["stats"]["sources"]["round 1 dialogs"]["rows"] == d["rows"]["sft"]
     rm = manifest(run, "reward_training")
-    rm_line = stats.split("\nreward_model: ")[1].split("\n")[0]
+    rm_line = stats.split("\nreward_training: ")[1].split("\n")[0]
     assert f"train_pairs {rm['rows']['train_pairs']}" in rm_line and f"held_out_pairs {rm['rows']['held_out_pairs']}" \
         in rm_line
     for stage in STAGES[2:]:  # every stage of the round, from the table, with its rows

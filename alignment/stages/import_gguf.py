@@ -26,9 +26,9 @@ from alignment.stages.result import StageResult
 def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     path = inputs["gguf"]  # found in the installed package by the stage table
     folder, name = str(path.parent), path.name
-    config = AutoConfig.from_pretrained(folder, gguf_file=name)  # without the quantization_config the model gets
+    model_config = AutoConfig.from_pretrained(folder, gguf_file=name)  # without the quantization_config the model gets
     quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
     model.save_pretrained(out_dir / "model")
@@ -38,5 +38,5 @@ def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     tokenizer.save_pretrained(out_dir / "model")
     return StageResult(outputs={"model": "model"}, rows={"parameters": model.num_parameters()},
                        stats={"package": config.gguf.package, "version": metadata.version(config.gguf.package),
-                              "file": name, "sha256": hash_file(path), "architecture": config.architectures,
+                              "file": name, "sha256": hash_file(path), "architecture": model_config.architectures,
                               "saved_dtype": "float32"})
