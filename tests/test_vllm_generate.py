@@ -100,6 +100,59 @@ def test_in_process_engine(setup):
     assert {r["backend"] for r in rows} == {"vllm"}
 
 
+class Gate:
+    """A loopback proxy in front of a server that lets `answers` chat completions through and holds every later one
+    unanswered until `close()`, which drops the held connections and stops listening, as a host that died does.
+    It makes "the server died mid-stage" certain: without it a fast server could finish all requests before the
+    test killed it (it did once, on a loaded CI machine)."""
+
+    def __init__(self, upstream: str, answers: int):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import httpx
+
+        gate, self.closed, self.lock, self.passed = self, threading.Event(), threading.Lock(), 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def _forward(self, method):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if method == "POST":
+                    with gate.lock:
+                        gate.passed += 1
+                        held = gate.passed > answers
+                    if held:
+                        gate.closed.wait()
+                        self.close_connection = True
+                        return  # no answer at all: the connection drops
+                r = httpx.request(method, upstream + self.path, content=body, timeout=120,
+                                  headers={"content-type": "application/json"})
+                self.send_response(r.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(r.content)))
+                self.end_headers()
+                self.wfile.write(r.content)
+
+            def do_GET(self):
+                self._forward("GET")
+
+            def do_POST(self):
+                self._forward("POST")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()  # new connections are refused from here on
+        self.closed.set()
+
+
 def test_killed_server_then_resume_on_a_server_the_stage_starts(setup, monkeypatch):
     """A dead server mid-stage: the stage fails naming the endpoint and keeps what finished; the re-run (through a
     server the stage starts itself, on another port) sends only the rest, and the result is complete."""
@@ -107,22 +160,25 @@ def test_killed_server_then_resume_on_a_server_the_stage_starts(setup, monkeypat
     port = free_port()
     server = VLLMServer(str(model), EngineConfig(**ENGINE), port=port, api_key_env=None, startup_timeout_s=300,
                         log_path=tmp / "external-server.log")
-    path = recipe(tmp, model, "served", backend="openai", endpoints=[server.base_url], max_concurrency=2,
-                  max_retries=2, retry_backoff_s=0.2)
+    answers = 30
     folder = stage_dir(tmp, "served")
     with server:
+        gate = Gate(server.base_url.removesuffix("/v1"), answers)
+        endpoint = gate.url + "/v1"
+        path = recipe(tmp, model, "served", backend="openai", endpoints=[endpoint], max_concurrency=2,
+                      max_retries=2, retry_backoff_s=0.2)
         proc = generate(path, wait=False)
         deadline = time.time() + 300
-        saved = lambda: sum(p.read_text().count("\n") for p in (folder / "shards").glob("part-*.jsonl"))  # noqa
-        while time.time() < deadline and proc.poll() is None and saved() < 20:
-            time.sleep(0.05)
+        while time.time() < deadline and proc.poll() is None and gate.passed < answers + 2:
+            time.sleep(0.05)  # both of the stage's connections are held: nothing more can finish
         os.killpg(server.proc.pid, signal.SIGKILL)  # the server dies, not politely
+        gate.close()
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0
-    assert server.base_url in err and "resumes" in err
+    assert proc.returncode != 0, out[-2000:]
+    assert endpoint in err and "resumes" in err
     assert not (folder / "manifest.json").exists()
-    first = saved()
-    assert 20 <= first < 200
+    first = sum(p.read_text().count("\n") for p in (folder / "shards").glob("part-*.jsonl"))
+    assert first == answers  # every answer that came back was saved; none that did not
 
     monkeypatch.setenv("TEACHER_KEY", "k-3f9a-secret")
     proc = generate(path, "teacher.endpoints=[]", "teacher.serve=true", "teacher.api_key_env=TEACHER_KEY")
