@@ -69,7 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if getattr(args, "force", None):
                 args.overrides.append(f"gate.force={args.force}")  # recorded with the other overrides
-            recipe = preflight.run(args.recipe, args.overrides, args.cmd, getattr(args, "stage", None)).recipe
+            checked = preflight.run(args.recipe, args.overrides, args.cmd, getattr(args, "stage", None))
+            recipe = checked.recipe
+            for note in checked.notes:  # the Hub commits pinned for the run
+                print(note)
             if args.cmd in ("round", "eval"):
                 run_round(recipe, args.n, recipe_file=args.recipe, overrides=args.overrides,
                           eval_only=args.cmd == "eval")

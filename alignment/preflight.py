@@ -4,6 +4,8 @@ and never half-way through a round. The schema (alignment/config.py) decides onl
 that looks at files, packages, models or this machine is here:
 
     recipe        the YAML against the schema (load_recipe): file, line and key of the first problem
+    pins          each Hub id without a revision gets the run's pinned commit (alignment/pins.py); the commands that
+                  start work resolve `main` and record it the first time
     prompts       every prompt source read and checked, held out from training, their fields what the verifiers read
     environment   packages and folders the recipe's settings need (report_to, lm-eval, its include folder)
     models        every model the recipe names: a folder with a config, or a pinned Hub id that is cached or reachable
@@ -27,6 +29,7 @@ from alignment.config import Backend, InputError, Recipe, TrainerConfig, load_re
 from alignment.consistency import check_chat_templates, check_prompt_lengths
 from alignment.hub import hub_offline, pinned_snapshot
 from alignment.inputs import identity
+from alignment.pins import pin
 from alignment.prompts import content_key, draw_mixture, read_prompts
 from alignment.stage_table import STAGES, reward_model, student, teacher
 from alignment.template import end_of_turn_id, holds_tool_call_step, load_tokenizer
@@ -45,7 +48,8 @@ class Checked:
 
 def run(recipe_file: str, overrides: list[str], command: str, stage: str | None = None) -> Checked:
     """The checks of `command` (validate, round, eval, stage, status, stats, report), in CHECKS' order."""
-    checked = Checked(load_recipe(recipe_file, overrides))
+    recipe, notes = pin(load_recipe(recipe_file, overrides), resolve=command in RUNS)
+    checked = Checked(recipe, notes=notes)
     for _, commands, check in CHECKS:
         if command in commands:
             check(checked, command, stage)
@@ -168,11 +172,9 @@ def check_model(name: str, key: str, revision: str | None = None, rev_key: str =
         return
     if path.exists() or name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise InputError(f"{key}: {name} does not exist; expected a model folder (or a Hub id such as org/name)")
-    if not revision:  # a Hub repo moves: without a pinned commit, a rerun may train on other weights
-        raise InputError(f"{key}: {name!r} is a Hub id without a pinned revision; set {rev_key} to its commit hash "
-                         "(the Hub page's 'Files' tab shows it)")
     from huggingface_hub import try_to_load_from_cache
 
+    # (without a revision, only under `validate`: the commands that start work pinned one, alignment/pins.py)
     if isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
         return
     if offline := hub_offline():

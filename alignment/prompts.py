@@ -23,6 +23,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 from array import array
 from bisect import bisect_right
 from collections.abc import Sequence
@@ -198,16 +199,19 @@ def open_rows(source: PromptSource):
                     parts[0][1].column_names}
         return TableRows(parts, optional | {c: k for k, c in required.items() if c})
 
-    if source.dataset:
-        from alignment.hub import hub_offline
+    if source.dataset:  # the commit's files, fetched once into the Hub cache (offline: found there), then read as
+        # a local dataset folder: `datasets` maps its files to configs and splits by the repo's own README
+        from alignment.hub import pinned_snapshot
 
-        if why := hub_offline():
-            raise InputError(f"prompt source {source}: a Hub dataset, and this machine is offline ({why}); where "
-                             "there is a network, `datasets.load_dataset(...).save_to_disk(DIR)` and give `path: DIR`")
+        try:
+            path = pinned_snapshot(source.dataset, source.revision, repo_type="dataset")
+        except Exception as e:  # (the Hub's own errors: no such repo or commit, gated, offline and not cached)
+            raise InputError(f"prompt source {source}: cannot fetch the Hub dataset: {str(e).splitlines()[0]}; "
+                             "where there is a network, `huggingface-cli download --repo-type dataset` fills the "
+                             "cache") from None
     try:
         if kind == "hub":
-            return table([(str(source), datasets.load_dataset(source.dataset, source.name, revision=source.revision,
-                                                              split=source.split))])
+            return table([(str(source), datasets.load_dataset(str(path), source.name, split=source.split))])
         if kind != "save_to_disk":
             return table([(str(f), datasets.load_dataset(kind, data_files=[str(f)], split="train")) for f in files])
         ds = datasets.load_from_disk(str(path))
@@ -237,6 +241,8 @@ def to_row(raw: dict, cols: PromptColumns) -> dict:
                            for m in row["messages"]]
     row.update((key, raw[getattr(cols, key)]) for key in ("answer", "tests", "capability", "followups")
                if getattr(cols, key) in raw)
+    if cols.answer_pattern and isinstance(row.get("answer"), str):  # (check_columns: every such row matches)
+        row["answer"] = re.search(cols.answer_pattern, row["answer"]).group(1)
     if isinstance(row.get("followups"), list):  # as for messages: Arrow's null struct fields go
         row["followups"] = [{k: v for k, v in f.items() if v is not None} if isinstance(f, dict) else f
                             for f in row["followups"]]
@@ -252,7 +258,12 @@ def to_row(raw: dict, cols: PromptColumns) -> dict:
 
 
 def check_columns(raw: dict, where: str, cols: PromptColumns) -> None:
-    """The columns that build a row's tests, before they are joined: a setup of code, a function's name."""
+    """The columns that build a row's answer and tests, before they are cut or joined: the answer's pattern, a setup
+    of code, a function's name."""
+    answer = raw.get(cols.answer)
+    if cols.answer_pattern and isinstance(answer, str) and not re.search(cols.answer_pattern, answer):
+        raise InputError(f"{where}: answer (column {cols.answer!r}) does not match columns.answer_pattern "
+                         f"`{cols.answer_pattern}`; it ends {answer[-80:]!r}")
     if raw.get(cols.tests) is None:  # a prompt without tests (another task in the same file)
         return
     if cols.tests_setup and not isinstance(raw.get(cols.tests_setup, ""), str):

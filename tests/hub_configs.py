@@ -37,3 +37,18 @@ def write_hub_cache(cache: Path) -> Path:
         (folder / "refs").mkdir(exist_ok=True)
         (folder / "refs" / "main").write_text("0" * 40)
     return cache
+
+
+def write_snapshot(cache: Path, repo_type: str, repo_id: str, commit: str, files: dict[str, bytes | str],
+                   main: bool = True) -> Path:
+    """One commit of a repo in a Hub cache laid out as huggingface_hub writes it ({models,datasets}--org--name/
+    snapshots/<commit>/..., refs/main naming the commit when `main`); returns the snapshot folder."""
+    repo = cache / f"{repo_type}s--{repo_id.replace('/', '--')}"
+    snap = repo / "snapshots" / commit
+    for name, content in files.items():
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    if main:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+    return snap

