@@ -1067,13 +1067,14 @@ class Recipe(Strict):
 # --- loading -------------------------------------------------------------------------------------------------
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`sft.learning_rate=1e-4` -> (["sft", "learning_rate"], 1e-4); the value is read as YAML."""
+def parse_override(text: str) -> tuple[list[str | int], Any]:
+    """`sft.learning_rate=1e-4` -> (["sft", "learning_rate"], 1e-4); the value is read as YAML. A number in the
+    path is a list's index: `prompts.sources.1.count=8` (key lines and errors name list items the same way)."""
     key, sep, value = text.partition("=")
     if not sep or not key or not all(key.split(".")):
         raise InputError(f"override {text!r}: expected key.path=value")
     try:
-        return key.split("."), yaml.safe_load(value)
+        return [int(k) if k.isdigit() else k for k in key.split(".")], yaml.safe_load(value)
     except yaml.YAMLError as e:  # also tags such as !!python/object, which safe_load refuses
         raise InputError(f"override {text!r}: the value is not plain YAML: {getattr(e, 'problem', None) or e}") from None
 
@@ -1082,11 +1083,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
         path, value = parse_override(text)
         node = data
-        for i, k in enumerate(path[:-1]):
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise InputError(f"override {text!r}: {'.'.join(path[: i + 1])} is not a section")
-        node[path[-1]] = value
+        for i, k in enumerate(path):
+            where = ".".join(map(str, path[: i + 1]))
+            if isinstance(node, list):
+                if not isinstance(k, int) or k >= len(node):
+                    raise InputError(f"override {text!r}: {where}: the list has {len(node)} items (0 to "
+                                     f"{len(node) - 1}); index one of them")
+            elif not isinstance(node, dict):
+                raise InputError(f"override {text!r}: {'.'.join(map(str, path[:i]))} is not a section")
+            if i == len(path) - 1:
+                node[k] = value
+            elif isinstance(node, list):
+                node = node[k]
+            else:
+                node = node.setdefault(k, {})
     return data
 
 

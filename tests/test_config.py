@@ -82,6 +82,18 @@ def test_overrides_apply_and_errors_point_at_the_command_line():
         load_recipe("recipes/tiny.yaml", ["sft.learning_rate"])
 
 
+def test_an_override_indexes_a_list_by_number():
+    r = load_recipe("recipes/llama3.1-8b.yaml", ["prompts.sources.1.count=2", "prompts.num_prompts=10",
+                                                 "prompts.eval_path.0.split=validation"])
+    # weights 0.3 and 0.7 share the 8 left after the count: 2.4 and 5.6, by largest remainders 2 and 6
+    assert r.prompts.quotas(1) == [2, 2, 6] and r.prompts.eval_path[0].split == "validation"
+    assert r.prompts.eval_path[1].split == "test"  # the other item untouched
+    with pytest.raises(InputError, match=r"prompts.sources.3: the list has 3 items \(0 to 2\)"):
+        load_recipe("recipes/llama3.1-8b.yaml", ["prompts.sources.3.count=2"])
+    with pytest.raises(InputError, match=r"^command-line override: prompts.sources.0.cuont: unknown key$"):
+        load_recipe("recipes/llama3.1-8b.yaml", ["prompts.sources.0.cuont=2"])
+
+
 def test_cli_prints_one_clear_message_without_traceback(tmp_path, capsys):
     p = tiny_with(tmp_path, "  num_samples: 4", "  num_samples: four")
     with pytest.raises(SystemExit) as e:
