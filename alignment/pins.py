@@ -11,6 +11,7 @@ a pin only fills a blank. To share a run, copy the pins into the recipe.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,6 +53,39 @@ def pins_file(recipe: Recipe) -> Path:
     return Path(recipe.runs_dir) / recipe.name / PINS
 
 
+def pins_file_of(stage_folder: Path) -> Path:
+    """The run's pins file, seen from a stage's folder: runs/<name>/round-<n>/<stage>, or runs/<name>/<stage> for
+    the stages built once per run (alignment.inputs.stage_dir)."""
+    run = stage_folder.parent
+    return (run.parent if re.fullmatch(r"round-\d+", run.name) else run) / PINS
+
+
+def read_pins(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the run's pinned Hub commits: {e}; remove it to resolve them again"
+                         ) from None
+
+
+def record(path: Path, pins: dict, repo_type: str, name: str) -> str:
+    """`main`'s commit of the repo, now, added to the run's pins (in `pins` and on disk)."""
+    commit = main_commit(name, repo_type)
+    pins.setdefault(repo_type, {})[name] = {"commit": commit,
+                                            "resolved": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, pins)
+    return commit
+
+
+def commit_of(path: Path, repo_type: str, name: str) -> str:
+    """The run's commit of a repo that the recipe cannot name (an lm-eval task's dataset): the pinned one, else
+    `main`'s now, pinned from here on."""
+    pins = read_pins(path)
+    pinned = pins.get(repo_type, {}).get(name)
+    return pinned["commit"] if pinned else record(path, pins, repo_type, name)
+
+
 def pin(recipe: Recipe, resolve: bool) -> tuple[Recipe, list[str]]:
     """The recipe with the run's pinned commit in each blank revision, and what to tell the user. `resolve`: ask
     the Hub (or the local cache, offline) for the commits not yet pinned, and record them; otherwise a blank
@@ -61,24 +95,18 @@ def pin(recipe: Recipe, resolve: bool) -> tuple[Recipe, list[str]]:
     if not refs:
         return recipe, []
     path = pins_file(recipe)
-    try:
-        pins = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read the run's pinned Hub commits: {e}; remove it to resolve them again"
-                         ) from None
-    notes, added = [], False
+    pins = read_pins(path)
+    notes = []
     for where, rev_key, repo_type, name in refs:
         key = ".".join(map(str, where + [rev_key]))
         pinned = pins.get(repo_type, {}).get(name)
         if pinned is None and resolve:
             try:
-                commit = main_commit(name, repo_type)
+                commit = record(path, pins, repo_type, name)
             except Exception as e:  # (the Hub's own errors: no such repo, gated, no network)
                 raise InputError(f"{key}: {name!r} has no pinned revision, and its `main` cannot be resolved: "
                                  f"{str(e).splitlines()[0]}") from None
-            pinned = {"commit": commit, "resolved": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-            pins.setdefault(repo_type, {})[name] = pinned
-            added = True
+            pinned = pins[repo_type][name]
             notes.append(f"notice: {key}: {name} ({repo_type}) has no revision in the recipe; this run reads `main` "
                          f"as of now, commit {commit}, recorded in {path}: every later stage and round of the run "
                          "reads that commit. Set the revision in the recipe to pin it yourself.")
@@ -90,7 +118,4 @@ def pin(recipe: Recipe, resolve: bool) -> tuple[Recipe, list[str]]:
         for k in where:
             node = node[k]
         node[rev_key] = pinned["commit"]
-    if added:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, pins)
     return Recipe.model_validate(d), notes

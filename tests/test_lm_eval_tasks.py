@@ -3,6 +3,7 @@ import (ifeval without langdetect and immutabledict, the `lm_eval[ifeval]` extra
 naming the task and the missing module, rather than failing in eval after every model has been served."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,34 +51,48 @@ class Hide(MetaPathFinder):  # as if the package were not installed
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 runs = []
-for hidden in ("langdetect", "immutabledict", None):  # one process: lm-eval's task index is built once
-    if hidden:
+for hidden in ("langdetect", "immutabledict", "punkt_tab", None):  # one process: lm-eval's task index is built once
+    if hidden in ("langdetect", "immutabledict"):
         sys.meta_path.insert(0, Hide(hidden))
+    if hidden is None:  # nltk's data path with the folder that holds it (NLTK_DATA is an empty one until here)
+        import nltk
+        nltk.data.path.append(sys.argv[1])
     err, out, code = io.StringIO(), io.StringIO(), 0
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             main(["validate", "recipes/tiny.yaml", "eval.lm_eval_tasks=[ifeval]"])
         except SystemExit as e:
             code = e.code
-    if hidden:
+    if hidden in ("langdetect", "immutabledict"):
         sys.meta_path.pop(0)
     runs.append({"hidden": hidden, "code": code, "err": err.getvalue(), "out": out.getvalue()})
 print("RUNS " + json.dumps(runs))
 """
 
 
-def test_ifeval_needs_its_extra_and_validates_with_the_lock_installed():
+def test_ifeval_needs_its_extra_and_its_nltk_data_and_validates_with_both(tmp_path):
     """lm-eval's bundled ifeval: utils.py imports instructions.py (langdetect) and instructions_util.py
-    (immutabledict). With either hidden, validate names the task and the module; with requirements.lock installed,
-    it passes. (A subprocess: the hidden modules must not be imported already.)"""
-    proc = subprocess.run([sys.executable, "-c", HIDE], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    (immutabledict), which downloads nltk's punkt_tab on import and goes on when it cannot (offline), leaving its
+    checks to fail after the models were served. With either module hidden, validate names the task and the
+    module; without punkt_tab, the data and how to get it; with requirements.lock installed and the data (a
+    stand-in, trained here: tests/standins.py), it passes. (A subprocess: the hidden modules must not be imported
+    already.)"""
+    from standins import write_punkt_tab
+
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "NLTK_DATA": str(tmp_path / "empty")}
+    proc = subprocess.run([sys.executable, "-c", HIDE, str(write_punkt_tab(tmp_path / "nltk_data"))], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = json.loads(proc.stdout.split("RUNS ", 1)[1])
     for run in runs[:2]:
         assert run["code"] != 0, run
         assert "eval.lm_eval_tasks: task 'ifeval' cannot be loaded" in run["err"], run
         assert f"imports the module '{run['hidden']}', which is not installed" in run["err"], run
-    assert runs[2]["code"] == 0 and "recipes/tiny.yaml: ok" in runs[2]["out"], runs[2]
+    assert runs[2]["code"] != 0 and ("error: eval.lm_eval_tasks: task 'ifeval' needs nltk's punkt_tab data, which "
+                                     "lm-eval could not download here; run `python -m nltk.downloader punkt_tab`"
+                                     ) in runs[2]["err"], runs[2]
+    assert runs[3]["code"] == 0 and "recipes/tiny.yaml: ok" in runs[3]["out"], runs[3]
 
 
 def test_the_lock_pins_ifevals_extra():

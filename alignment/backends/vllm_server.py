@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from alignment.backends.base import GenerationError, api_key
-from alignment.backends.vllm_engine import engine_kwargs
+from alignment.backends.vllm_engine import engine_kwargs, on_this_machine
 from alignment.config import EngineConfig
 
 
@@ -49,7 +49,7 @@ class VLLMServer:
                  startup_timeout_s: float, log_path: Path):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.cmd = server_command(model, cfg, self.port)
+        self.cmd = server_command(model, on_this_machine(cfg, f"vLLM server for {model}"), self.port)
         self.env = dict(os.environ)
         if api_key_env:
             self.env["VLLM_API_KEY"] = api_key(api_key_env)  # vLLM then requires it on every request

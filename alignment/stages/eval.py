@@ -27,6 +27,7 @@ from alignment.judge import pair_requests, pair_wins
 from alignment.manifest import write_json_atomic
 from alignment.metrics import bootstrap_interval, pass_at_k, wilson_interval, win_rate, wins
 from alignment.lm_eval_tasks import lm_eval_metrics
+from alignment.pins import pins_file_of
 from alignment.prompts import read_prompts, write_jsonl
 from alignment.seeding import model_identity
 from alignment.shards import load_shards
@@ -71,7 +72,7 @@ def answers(config: StageConfig, path: Path, prompts: list[dict], out_dir: Path,
         with open_backend(served or serving(config), str(path), out_dir) as backend:
             send(backend, greedy, done, out_dir / "shards")
             send(backend, sampled, done, out_dir / "shards")
-            lm_eval = lm_eval_metrics(config, backend, path)
+            lm_eval = lm_eval_metrics(config, backend, path, pins=pins_file_of(out_dir))
     completions = lambda rid: [Completion(*c) for c in done[rid]["completions"]]  # noqa: E731
     return ([completions(rid)[0] for rid in greedy_ids],
             [completions(rid) for rid in sampled_ids] if sampled else None, lm_eval)
