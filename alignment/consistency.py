@@ -1,9 +1,10 @@
-"""Before a round: every model that reads or writes conversations must render them identically.
+"""Before a round: every model that writes what the student learns from must render conversations identically.
 
-Teacher, student and reward model each carry their own tokenizer and chat template. If the teacher's template
-writes what the student's does not (another end of turn, another default system prompt, another header), training
-silently learns the wrong format. So each renders a sample of the recipe's own prompts, with and without an
-answer, and must produce the student's token ids exactly. EOS tokens are not compared: a Llama 3.1 base tokenizer
+Teacher and student each carry their own tokenizer and chat template. If the teacher's template writes what the
+student's does not (another end of turn, another default system prompt, another header), training silently learns
+the wrong format. So each renders a sample of the recipe's own prompts, with and without an answer, and must
+produce the student's token ids exactly. A reward model reads conversations as messages and renders them with
+its own template (Skywork's Llama 3.1 reward model has no date header): it must render them, not alike. EOS tokens are not compared: a Llama 3.1 base tokenizer
 (EOS `<|end_of_text|>`) and the Instruct one (`<|eot_id|>`) render conversations identically.
 """
 

@@ -261,7 +261,7 @@ def check_round_models(recipe: Recipe, round_n: int) -> None:
     if not recipe.teacher.endpoints:  # a remote teacher applies its server's template; we cannot load it here
         specs["teacher"] = teacher(recipe, round_n)
     rm = reward_model(recipe, round_n - 1).get("reward_model")
-    if rm:  # a trained one was made from the student: its template is the student's by construction
+    if rm:  # renders what it scores with its own template (Skywork's has no date header): checked, not compared
         specs["reward model"] = rm
     models, tokenizers = {}, {}
     for role, spec in specs.items():
@@ -274,7 +274,12 @@ def check_round_models(recipe: Recipe, round_n: int) -> None:
         tokenizers[role] = load_tokenizer(models[role], where)
         end_of_turn_id(tokenizers[role], where)
     train, held_out = read_prompts(recipe.prompts.train_sources), read_prompts(recipe.prompts.eval_path)  # read once
-    check_chat_templates(tokenizers, {r["prompt_id"]: r["messages"] for rows in (train, held_out) for r in rows[:4]})
+    sample = {r["prompt_id"]: r["messages"] for rows in (train, held_out) for r in rows[:4]}
+    # the models that write what the student learns from render alike; the reward model only reads conversations
+    # as messages (rewards.RewardModel renders them with its own template), so it must render them, not alike
+    check_chat_templates({k: v for k, v in tokenizers.items() if k != "reward model"}, sample)
+    if "reward model" in tokenizers:
+        check_chat_templates({"reward model": tokenizers["reward model"]}, sample)
     if "teacher" in models:  # (behind endpoints, the teacher's server knows its own context)
         check_prompt_lengths(train, models["teacher"], tokenizers["teacher"],
                              recipe.sampling.max_new_tokens, "sampling.max_new_tokens", recipe.teacher.system_prompts,

@@ -158,17 +158,32 @@ def newest_first(rounds: list[tuple[str, Path]], fields: tuple[str, ...]) -> tup
 def selected_rows(rows: list[dict] | None, path: Path, what: str, model_path: Path, max_length: int, key: str,
                   keys: tuple[str, ...]):
     """The rows for SFT or DPO (the select stage's at `path` when `rows` is None), the input model's tokenizer (the
-    model itself loads per run), and how many rows would be truncated: prompt plus the longest of `keys` rendered,
-    over max_length tokens."""
+    model itself loads per run), how many rows would be truncated (prompt plus the longest of `keys` rendered, over
+    max_length tokens), and how many rows holding a tool-call step were left out because the model's template
+    cannot end one with <|eom_id|>.
+
+    Such a step is trained with the ending the teacher wrote, or not at all: Llama 3.1's Hub template ends a
+    message with <|eom_id|> by its `builtin_tools` argument, never per message, so a teacher sample that happens to
+    end on <|eom_id|> (a 405B calling a tool nobody offered it) is left out, counted and named, rather than
+    trained as a finished turn or stopping the round. Every row of that kind left out is an error: the recipe is
+    meant to train tool calls, and this template cannot."""
     rows = read_jsonl(path) if rows is None else rows
     if not rows:
         raise InputError(f"{path}: no {what} were selected; see the select stage's drop counts")
     tokenizer = load_tokenizer(model_path)
-    if any(m.get("stop_reason") == END_OF_MESSAGE for r in rows for k in ("prompt", *keys) for m in r[k]):
-        check_end_of_message(tokenizer, str(model_path))  # tool-call steps: trained with the ending they had
+    steps = [any(m.get("stop_reason") == END_OF_MESSAGE for k in ("prompt", *keys) for m in r[k]) for r in rows]
+    dropped = 0
+    if any(steps):
+        try:
+            check_end_of_message(tokenizer, str(model_path))  # tool-call steps: trained with the ending they had
+        except InputError as e:
+            if all(steps):
+                raise
+            rows, dropped = [r for r, step in zip(rows, steps) if not step], sum(steps)
+            print(f"warning: {dropped} of {len(steps)} {what} hold a tool-call step and are left out: {e}", flush=True)
     check_prompts_fit(tokenizer, rows, max_length, key, path)
     over = sum(max(len(token_ids(tokenizer, r["prompt"] + r[k])) for k in keys) > max_length for r in rows)
-    return rows, tokenizer, over
+    return rows, tokenizer, over, dropped
 
 
 def check_prompts_fit(tokenizer, rows: list[dict], max_length: int, key: str, path: Path) -> None:

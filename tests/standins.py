@@ -39,7 +39,8 @@ SKYWORK = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 
 COMMIT = "5" * 40  # every stand-in's commit: `main` in the cache
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)  # (vLLM CPU: head 32)
+SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,  # (vLLM CPU: head 32)
+             max_position_embeddings=8192)  # the context the recipes ask of their engines
 
 
 def llama_tokenizer(template: str):

@@ -169,7 +169,10 @@ def test_a_template_that_ends_every_message_alike_is_refused_for_tool_call_steps
             check_end_of_message(tok, family)
 
 
-def test_sft_refuses_tool_call_rows_for_a_student_whose_template_would_end_them_as_turns(tmp_path):
+def test_tool_call_rows_a_students_template_would_end_as_turns_are_left_out_and_counted(tmp_path, capsys):
+    """Llama 3.1's Hub template cannot end a message with <|eom_id|>: a teacher sample that ended on it is left out
+    of SFT (counted, with a warning that says why) instead of being trained as a finished turn; when every row is
+    such a step, the recipe means to train tool calls, and this template cannot: an error."""
     from alignment.tiny_models import save
     from alignment.training import selected_rows
 
@@ -177,9 +180,15 @@ def test_sft_refuses_tool_call_rows_for_a_student_whose_template_would_end_them_
     rows = [{"prompt": [ASK], "completion": [STEP]}]
     with pytest.raises(InputError, match="rows hold tool-call steps"):
         selected_rows(rows, tmp_path / "sft.jsonl", "SFT examples", folder, 512, "sft.max_length", ("completion",))
-    plain = [{"prompt": [ASK], "completion": [{"role": "assistant", "content": FINAL}]}]  # no step: no objection
-    assert selected_rows(plain, tmp_path / "sft.jsonl", "SFT examples", folder, 512, "sft.max_length",
-                         ("completion",))[2] == 0
+    plain = {"prompt": [ASK], "completion": [{"role": "assistant", "content": FINAL}]}
+    kept, _, over, left_out = selected_rows([plain, *rows, plain], tmp_path / "sft.jsonl", "SFT examples", folder,
+                                            512, "sft.max_length", ("completion",))
+    assert kept == [plain, plain] and (over, left_out) == (0, 1)
+    assert "warning: 1 of 3 SFT examples hold a tool-call step and are left out" in capsys.readouterr().out
+    # a template that ends the step as it was written keeps every row
+    good = save(random_llama(build_tokenizer(), **TINY), build_tokenizer(), tmp_path / "good")
+    assert selected_rows([plain, *rows], tmp_path / "sft.jsonl", "SFT examples", good, 512, "sft.max_length",
+                         ("completion",))[3] == 0
 
 
 def test_the_transformers_sampler_records_an_end_of_message_ending():

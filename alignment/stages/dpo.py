@@ -106,7 +106,7 @@ def assemble(cfg, inputs: dict, round_n: int) -> tuple[list[dict], dict]:
 def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> StageResult:
     cfg = config.dpo
     rows, sources = assemble(cfg, inputs, round_n)
-    rows, tokenizer, over = selected_rows(rows, inputs["pairs"], "preference pairs", inputs["model"], cfg.max_length,
+    rows, tokenizer, over, left_out = selected_rows(rows, inputs["pairs"], "preference pairs", inputs["model"], cfg.max_length,
                                           "dpo.max_length", ("chosen", "rejected"))
     masked = masked_ids(tokenizer) if cfg.mask_formatting_tokens else []
 
@@ -133,4 +133,5 @@ def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     if len(sources) > 1:
         stats["sources"] = sources
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
-                       rows={"pairs": len(rows), "truncated": over}, stats=stats)
+                       rows={"pairs": len(rows), "truncated": over, "tool_call_steps_left_out": left_out},
+                       stats=stats)

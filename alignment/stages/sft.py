@@ -129,7 +129,7 @@ def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     balanced = None
     if cfg.balance is not None:
         rows, balanced = balance(rows, cfg.balance, config.seed, round_n)
-    rows, tokenizer, over = selected_rows(rows, inputs["sft"], "SFT examples", inputs["model"], cfg.max_length,
+    rows, tokenizer, over, left_out = selected_rows(rows, inputs["sft"], "SFT examples", inputs["model"], cfg.max_length,
                                           "sft.max_length", ("completion",))
 
     def build(run_dir: Path, seed: int):
@@ -143,4 +143,5 @@ def run(config: StageConfig, inputs: dict, out_dir: Path, round_n: int) -> Stage
     if len(histories) > 1:
         stats["last_loss_per_run"] = [loss_summary(h).get("last_loss") for h in histories]
     return StageResult(outputs={"model": "model", "log_history": "log_history.json", "logs": "logs"},
-                       rows={"examples": len(rows), "truncated": over}, stats=stats)
+                       rows={"examples": len(rows), "truncated": over, "tool_call_steps_left_out": left_out},
+                       stats=stats)
