@@ -186,6 +186,21 @@ def selected_rows(rows: list[dict] | None, path: Path, what: str, model_path: Pa
     return rows, tokenizer, over, dropped
 
 
+def shared_dataset(rows: list[dict], folder: Path):
+    """The rows as a Dataset saved in `folder` by the main process and read from there by every rank. TRL's DPO
+    reference pass writes its log-probs next to the dataset's files, on the main process, and every rank then reads
+    that file; a dataset built in memory keeps such files in a temporary folder of each process's own, which the
+    other ranks cannot see (TRL 1.16 with precompute_ref_log_probs under 2 or more processes: FileNotFoundError)."""
+    from datasets import Dataset, load_from_disk
+
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process:
+            shutil.rmtree(folder, ignore_errors=True)  # (a killed run's)
+            Dataset.from_list(rows).save_to_disk(str(folder))
+    return load_from_disk(str(folder))
+
+
 def check_prompts_fit(tokenizer, rows: list[dict], max_length: int, key: str, path: Path) -> None:
     """TRL silently drops rows whose prompt alone fills max_length; a recipe that would lose rows that way is
     bad input, named before any training."""

@@ -313,7 +313,7 @@ def test_the_teacher_server_runs_as_a_slurm_job_and_is_cancelled_with_the_stage(
     lap("generate with a served teacher: " + "; ".join(x for x in proc.stdout.splitlines() if "vLLM" in x))
     folder = tmp_path / "tiny" / "round-1" / "generate"
     server, client = (folder / "slurm_jobs").read_text().split()
-    endpoint = f"http://{slurm.host}:"
+    endpoint = "http://127.0.0.1:"  # the node's NodeAddr (slurm.conf), not its name: what the client can reach
     job = json.loads((folder / "job.json").read_text())
     assert [e.startswith(endpoint) for e in job["config"]["teacher"]["endpoints"]] == [True]
     assert job["config"]["teacher"]["serve"] is False and f"vLLM server {server} at {endpoint}" in proc.stdout

