@@ -39,8 +39,8 @@ def slurm(tmp_path_factory):
 # the real model 9, vLLM generation 6, SLURM 5, training scale 4.5, vLLM eval 3). `make test` hands whole files to
 # two workers in this order (--no-loadscope-reorder: xdist would otherwise re-sort files by their number of tests,
 # and the real-model file, one test, came last and ran alone for 9 minutes).
-LONGEST_FIRST = ["test_round_e2e.py", "test_real_model.py", "test_code_recipe.py", "test_vllm_generate.py",
-                 "test_slurm.py", "test_training_scale.py", "test_eval_vllm.py", "test_fsdp_save.py", "test_code_verifier.py",
+LONGEST_FIRST = ["test_rehearsal.py", "test_round_e2e.py", "test_real_model.py", "test_code_recipe.py",
+                 "test_vllm_generate.py", "test_slurm.py", "test_slurm_nodes.py", "test_training_scale.py", "test_eval_vllm.py", "test_fsdp_save.py", "test_code_verifier.py",
                  "test_bad_input.py", "test_lm_eval_tasks.py", "test_pinned_revisions.py", "test_memory_plan.py",
                  "test_revise.py", "test_eval_stage.py"]
 
