@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignment.backends.vllm_server import free_port
@@ -220,3 +221,20 @@ def namespaces_work() -> str | None:
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None if made.returncode == 0 else f"`ip netns add` failed: {made.stderr.strip()}"
+
+
+@contextmanager
+def running(cluster: Cluster, why: str | None):
+    """The cluster started for a fixture, and stopped after; where it cannot be made (`why`), the tests that use it
+    skip and say why, and in CI (CI=true) fail instead."""
+    import pytest
+
+    if why:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and the SLURM test cluster cannot be made: {why}")
+        pytest.skip(why)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -83,7 +83,8 @@ def test_every_shipped_recipe_runs_one_shrunken_round(name, hub, tmp_path):
     cmd = [sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", f"recipes/{name}",
            f"runs_dir={tmp_path}", *shrink(recipe)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=hub, timeout=1500)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (tmp_path / "round.log").write_text(proc.stdout + proc.stderr)  # the whole of it, for a failure's cause
+    assert proc.returncode == 0, f"{tmp_path / 'round.log'}:\n" + proc.stdout[-2000:] + proc.stderr[-4000:]
     run = tmp_path / recipe["name"]
 
     # every stage of the round finished with its manifest, teacher_eval (the fixed teacher's record) among them

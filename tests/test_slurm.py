@@ -297,18 +297,23 @@ def test_sft_under_slurm_survives_a_stop_a_kill_and_a_cancel_and_matches_the_loc
     assert json.loads((folder / "manifest.json").read_text())["stage"] == "sft"
 
 
+def served_generate(runs: Path, base: Path, *overrides) -> subprocess.CompletedProcess:
+    """The generate stage under SLURM with the teacher served by vLLM server jobs the stage starts."""
+    # the KV cache by size: a share of host memory is checked against what is free when the server starts
+    engine = {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256, "enforce_eager": True,
+              "enable_chunked_prefill": False}
+    return stage("generate", runs, base, "launcher.kind=slurm", "launcher.generate.cpus_per_task=1",
+                 "teacher.source=path", f"teacher.model_name_or_path={base}", "teacher.backend=openai",
+                 "teacher.serve=true", f"teacher.engine={json.dumps(engine)}", "sampling.num_samples=2",
+                 "sampling.max_new_tokens=8", *overrides)
+
+
 @pytest.mark.slow
 def test_the_teacher_server_runs_as_a_slurm_job_and_is_cancelled_with_the_stage(slurm, model, tmp_path):
     pytest.importorskip("vllm")
     base, _ = model
     lap = stopwatch()
-    # the KV cache by size: a share of host memory is checked against what is free when the server starts
-    engine = {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256, "enforce_eager": True,
-              "enable_chunked_prefill": False}
-    proc = stage("generate", tmp_path, base, "launcher.kind=slurm", "launcher.generate.cpus_per_task=1",
-                 "teacher.source=path", f"teacher.model_name_or_path={base}", "teacher.backend=openai",
-                 "teacher.serve=true", f"teacher.engine={json.dumps(engine)}", "prompts.num_prompts=8",
-                 "sampling.num_samples=2", "sampling.max_new_tokens=8")
+    proc = served_generate(tmp_path, base, "prompts.num_prompts=8")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lap("generate with a served teacher: " + "; ".join(x for x in proc.stdout.splitlines() if "vLLM" in x))
     folder = tmp_path / "tiny" / "round-1" / "generate"

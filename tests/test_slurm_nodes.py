@@ -4,7 +4,6 @@ meet at a rendezvous on the first node, against the same stage as one node's two
 one vLLM server job per node, both answering the stage's requests."""
 
 import json
-import os
 import subprocess
 
 import pytest
@@ -12,24 +11,16 @@ import torch
 from safetensors.torch import load_file
 
 import slurm_cluster
-from test_slurm import SFT, model, selected, stage, stopwatch  # noqa: F401  (model: the module's fixture)
+from test_slurm import SFT, model, selected, served_generate, stage, stopwatch  # noqa: F401  (model: a fixture)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    why = slurm_cluster.install() or slurm_cluster.namespaces_work()
-    if why:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true and the two-node SLURM cluster cannot be made: {why}")
-        pytest.skip(why)
     cluster = slurm_cluster.Nodes(tmp_path_factory.mktemp("slurm-nodes"))
-    try:
-        cluster.start()
+    with slurm_cluster.running(cluster, slurm_cluster.install() or slurm_cluster.namespaces_work()):
         yield cluster
-    finally:
-        cluster.stop()
     # what the fixture made is gone: no namespace, no bridge
     assert not set(cluster.namespaces) & set(subprocess.run(["ip", "netns", "list"], capture_output=True,
                                                             text=True).stdout.split())
@@ -70,13 +61,8 @@ def test_a_served_teacher_runs_one_server_job_per_node_and_both_answer(nodes, mo
     pytest.importorskip("vllm")
     base, _ = model
     lap = stopwatch()
-    engine = {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256, "enforce_eager": True,
-              "enable_chunked_prefill": False}
-    proc = stage("generate", tmp_path, base, "launcher.kind=slurm", "launcher.generate.nodes=2",
-                 "launcher.generate.cpus_per_task=1", "teacher.source=path", f"teacher.model_name_or_path={base}",
-                 "teacher.backend=openai", "teacher.serve=true", f"teacher.engine={json.dumps(engine)}",
-                 "teacher.max_concurrency=4", "prompts.num_prompts=16", "sampling.num_samples=2",
-                 "sampling.max_new_tokens=8")
+    proc = served_generate(tmp_path, base, "launcher.generate.nodes=2", "teacher.max_concurrency=4",
+                           "prompts.num_prompts=16")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lap("generate with two served teachers")
     folder = tmp_path / "tiny" / "round-1" / "generate"
