@@ -155,3 +155,51 @@ def test_a_node_waits_for_the_first_nodes_port_only_so_long(tmp_path, monkeypatc
         launcher.rendezvous_port(tmp_path)
     (tmp_path / "rendezvous-78.0").write_text("29555")
     assert launcher.rendezvous_port(tmp_path) == 29555
+
+
+def test_a_local_distributed_stage_rendezvouses_on_a_port_free_at_launch():
+    """torchrun's default port (29500) is shared by every distributed stage on the machine: a second run's launch
+    then fails to bind it, or joins the first's store (seen: a rehearsal's DPO failing beside another test's SFT)."""
+    import socket
+
+    from alignment.launcher.local import stage_command
+
+    recipe = load_recipe("recipes/tiny.yaml", ["sft.distributed=ddp", "sft.num_processes=2"])
+    with socket.socket() as taken:
+        if port_free(29500):
+            taken.bind(("127.0.0.1", 29500))  # as another run's rendezvous holds it
+        cmd = stage_command(recipe, "sft", Path("job.json"))
+    port = int(cmd[cmd.index("--main_process_port") + 1])
+    assert port != 29500 and port_free(port) and cmd[cmd.index("--num_processes") + 1] == "2"
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_a_served_teacher_never_takes_a_busy_port_for_its_own(tmp_path):
+    """A fixed teacher.server_port (the Llama recipes say 8000) already answered by another run's server: the stage
+    fails naming the port and the key, before starting vLLM, rather than send its requests to a stranger."""
+    import socket
+
+    from alignment.backends import GenerationError
+    from alignment.backends.vllm_server import VLLMServer
+    from alignment.config import EngineConfig
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        server = VLLMServer("some/model", EngineConfig(), port=other.getsockname()[1], api_key_env=None,
+                            startup_timeout_s=5, log_path=tmp_path / "log")
+        with pytest.raises(GenerationError, match=rf"port {other.getsockname()[1]} \(teacher.server_port\) is in "
+                                                  "use on this machine"):
+            with server:
+                pass
+    assert server.proc is None  # vLLM was never started

@@ -57,6 +57,14 @@ class VLLMServer:
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "VLLMServer":
+        with socket.socket() as s:  # a port in use: another server answers there, and would be taken for ours
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a closed one's is free
+            try:
+                s.bind(("127.0.0.1", self.port))
+            except OSError:
+                raise GenerationError(f"port {self.port} (teacher.server_port) is in use on this machine, by a "
+                                      "server this stage did not start (another run's?); set teacher.server_port "
+                                      "to a free port, or 0 for any") from None
         print(f"starting vLLM server on {self.base_url} (log: {self.log_path})", flush=True)
         self.log = open(self.log_path, "ab")
         # A session of its own, so stopping it reaches the engine and worker processes it spawns.

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from alignment import prefork
+from alignment.backends.vllm_server import free_port
 from alignment.config import Recipe
 from alignment.stage_table import asks_teacher, trainer_config
 
@@ -29,9 +30,11 @@ def stage_command(recipe: Recipe, stage: str, job: Path, launch_args: list[str] 
     # requires.
     recompute = (["--fsdp_activation_checkpointing", str(cfg.gradient_checkpointing).lower()]
                  if cfg.distributed == "fsdp" else [])
+    # here, a rendezvous port free now: torchrun's default (29500) is taken by any other distributed stage running
+    # on this machine (another run, another user), whose store the second launch then fails to bind or joins
+    local = ["--num_processes", str(cfg.num_processes), "--main_process_port", str(free_port())]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"),
-            *(launch_args or ["--num_processes", str(cfg.num_processes)]), *offload, *recompute,
+            str(ACCELERATE_CONFIGS / f"{cfg.distributed}.yaml"), *(launch_args or local), *offload, *recompute,
             "-m", "alignment.runner", str(job)]
 
 
