@@ -1,9 +1,9 @@
 """Stages under `launcher.kind: slurm`, on a real one-node SLURM cluster (the `slurm` fixture, tests/conftest.py):
 SFT submitted with sbatch, a stopped orchestrator, a killed one (whose job the next run cancels) and a cancelled
 job each leaving no manifest, then a rerun from inside an allocation (a job step) with two processes that
-rendezvous over gloo, against the same stage run locally; the teacher's vLLM server as a SLURM job, generation
-through it (the stage itself a batch job that completes), and the server job cancelled afterwards. The unit tests
-above them need no cluster: which resources each stage gets, the flags they become, and the recipe checks."""
+rendezvous over gloo, against the same stage run locally. (The teacher's vLLM server jobs, one per node, run on the
+two-node cluster of tests/test_slurm_nodes.py.) The unit tests above them need no cluster: which resources each
+stage gets, the flags they become, and the recipe checks."""
 
 import json
 import shlex
@@ -298,7 +298,8 @@ def test_sft_under_slurm_survives_a_stop_a_kill_and_a_cancel_and_matches_the_loc
 
 
 def served_generate(runs: Path, base: Path, *overrides) -> subprocess.CompletedProcess:
-    """The generate stage under SLURM with the teacher served by vLLM server jobs the stage starts."""
+    """The generate stage under SLURM with the teacher served by vLLM server jobs the stage starts (run on two
+    nodes by tests/test_slurm_nodes.py)."""
     # the KV cache by size: a share of host memory is checked against what is free when the server starts
     engine = {"kv_cache_memory_bytes": 64 << 20, "max_model_len": 256, "enforce_eager": True,
               "enable_chunked_prefill": False}
@@ -306,27 +307,3 @@ def served_generate(runs: Path, base: Path, *overrides) -> subprocess.CompletedP
                  "teacher.source=path", f"teacher.model_name_or_path={base}", "teacher.backend=openai",
                  "teacher.serve=true", f"teacher.engine={json.dumps(engine)}", "sampling.num_samples=2",
                  "sampling.max_new_tokens=8", *overrides)
-
-
-@pytest.mark.slow
-def test_the_teacher_server_runs_as_a_slurm_job_and_is_cancelled_with_the_stage(slurm, model, tmp_path):
-    pytest.importorskip("vllm")
-    base, _ = model
-    lap = stopwatch()
-    proc = served_generate(tmp_path, base, "prompts.num_prompts=8")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    lap("generate with a served teacher: " + "; ".join(x for x in proc.stdout.splitlines() if "vLLM" in x))
-    folder = tmp_path / "tiny" / "round-1" / "generate"
-    server, client = (folder / "slurm_jobs").read_text().split()
-    endpoint = "http://127.0.0.1:"  # the node's NodeAddr (slurm.conf), not its name: what the client can reach
-    job = json.loads((folder / "job.json").read_text())
-    assert [e.startswith(endpoint) for e in job["config"]["teacher"]["endpoints"]] == [True]
-    assert job["config"]["teacher"]["serve"] is False and f"vLLM server {server} at {endpoint}" in proc.stdout
-    manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["rows"]["requests"] == 8 and manifest["rows"]["samples"] == 16
-    assert job_state(server) == "CANCELLED" and job_state(client) == "COMPLETED"
-    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""  # nothing left
-    # a job SLURM no longer knows (purged after it ended) counts as failed rather than being waited for forever
-    gone = SlurmJob.__new__(SlurmJob)
-    gone.id, gone.proc, gone.returncode = "987654", None, None
-    assert gone.poll() == 1 and gone.ended == "GONE"

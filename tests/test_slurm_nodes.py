@@ -1,7 +1,7 @@
 """Two SLURM nodes on this one machine (tests/slurm_cluster.Nodes: each node a network namespace behind a bridge,
 with its own address, host name and slurmd): SFT with `launcher.train.nodes=2`, one gloo process per node that
 meet at a rendezvous on the first node, against the same stage as one node's two processes; and a served teacher,
-one vLLM server job per node, both answering the stage's requests."""
+one vLLM server job per node, both answering the stage's requests, both cancelled when it ends."""
 
 import json
 import subprocess
@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import slurm_cluster
+from alignment.launcher.slurm import SlurmJob
+from slurm_cluster import job_state
 from test_slurm import SFT, model, selected, served_generate, stage, stopwatch  # noqa: F401  (model: a fixture)
 
 pytestmark = pytest.mark.slow
@@ -66,11 +68,21 @@ def test_a_served_teacher_runs_one_server_job_per_node_and_both_answer(nodes, mo
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lap("generate with two served teachers")
     folder = tmp_path / "tiny" / "round-1" / "generate"
-    servers = (folder / "slurm_jobs").read_text().split()[:2]
+    *servers, client = (folder / "slurm_jobs").read_text().split()
     endpoints = json.loads((folder / "job.json").read_text())["config"]["teacher"]["endpoints"]
     # one server job on each node, reached at its node's address (NodeAddr), both given to the stage
     assert sorted(e.split("//")[1].split(":")[0] for e in endpoints) == sorted(nodes.addresses)
     assert all(f"vLLM server {j} at {e}" in proc.stdout for j, e in zip(servers, endpoints)), proc.stdout
+    job = json.loads((folder / "job.json").read_text())
+    assert job["config"]["teacher"]["serve"] is False  # the stage's own process sends to the servers it started
     answered = [(folder / f"teacher-{i}.log").read_text().count("POST /v1/chat/completions") for i in range(2)]
     assert all(n > 0 for n in answered) and sum(answered) >= 16, answered  # both took requests
-    assert json.loads((folder / "manifest.json").read_text())["rows"]["samples"] == 32
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["rows"]["requests"] == 16 and manifest["rows"]["samples"] == 32
+    # the servers are cancelled with the stage, whose own job completed; nothing is left on the cluster
+    assert [job_state(j) for j in servers] == ["CANCELLED"] * 2 and job_state(client) == "COMPLETED"
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip() == ""
+    # a job SLURM no longer knows (purged after it ended) counts as failed rather than being waited for forever
+    gone = SlurmJob.__new__(SlurmJob)
+    gone.id, gone.proc, gone.returncode = "987654", None, None
+    assert gone.poll() == 1 and gone.ended == "GONE"
