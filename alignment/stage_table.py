@@ -56,7 +56,6 @@ class Stage:
     when: Callable[[Recipe, int], bool] = lambda recipe, round_n: True  # does round n of this recipe have it?
     once: bool = False  # once per recipe (runs/<recipe>/<stage>/, round 0), shared by every round
     models: tuple[str, ...] = ()  # outputs that are model folders it writes: no manifest unless each loads
-    unread: tuple[str, ...] = ()  # `section.key`s of its sections it never reads: left out of its config and hash
 
 
 # --- how inputs are found ---------------------------------------------------------------------------------------
@@ -196,10 +195,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           kind="train", when=needs("import_gguf"), once=True, models=("model",)),
     Stage("teacher_eval", ("eval", "reward", "seed", "teacher"), lambda r, n: {
         "teacher": fixed_teacher(r), "eval_prompts": prompt_file(r, "eval_path"), **reward_model(r, 0)},
-        ("metrics", "answers", "record"), kind="generate", when=evaluates_teacher, once=True,
-        # the teacher is served as generate serves it: eval's engine and backend size the round's checkpoints only,
-        # so changing them (8B: data parallel 8; 70B: tensor parallel 8) does not evaluate the 405B again
-        unread=("eval.backend", "eval.engine")),
+        ("metrics", "answers", "record"), kind="generate", when=evaluates_teacher, once=True),
     Stage("generate", ("teacher", "sampling", "prompts", "seed"), lambda r, n: {
         "teacher": teacher(r, n), "prompts": prompt_file(r, "train_path"),
         **({"failed_prompts": Upstream("select", "failed_prompts", n - 1, "prompts.retry_failed")}
@@ -298,12 +294,8 @@ TEACHER_TRANSPORT = {name for name, f in TeacherConfig.model_fields.items() if f
 
 
 def stage_config(recipe: Recipe, stage: str) -> dict:
-    """The recipe sections the stage declares, as JSON, less the keys it never reads: what its `run` receives."""
-    config = recipe.model_dump(mode="json", include=set(STAGES[stage].sections))
-    for key in STAGES[stage].unread:
-        section, field = key.split(".")
-        config[section].pop(field, None)
-    return config
+    """The recipe sections the stage declares, as JSON: what its `run` receives."""
+    return recipe.model_dump(mode="json", include=set(STAGES[stage].sections))
 
 
 def hashed_config(config: dict) -> dict:

@@ -186,16 +186,17 @@ def selected_rows(rows: list[dict] | None, path: Path, what: str, model_path: Pa
     return rows, tokenizer, over, dropped
 
 
-def shared_dataset(rows: list[dict], folder: Path):
+def shared_dataset(rows: list[dict], folder: Path, args):
     """The rows as a Dataset saved in `folder` by the main process and read from there by every rank. TRL's DPO
     reference pass writes its log-probs next to the dataset's files, on the main process, and every rank then reads
     that file; a dataset built in memory keeps such files in a temporary folder of each process's own, which the
-    other ranks cannot see (TRL 1.16 with precompute_ref_log_probs under 2 or more processes: FileNotFoundError)."""
+    other ranks cannot see (TRL 1.16 with precompute_ref_log_probs under 2 or more processes: FileNotFoundError).
+    Ranks are told apart by the stage's TrainingArguments (`args`), which set up the process group: accelerate's
+    state read before them takes every process on CPUs for the main one, and both would write the folder."""
     from datasets import Dataset, load_from_disk
 
-    state = PartialState()
-    with state.main_process_first():
-        if state.is_main_process:
+    with args.main_process_first(local=False, desc="the preference pairs"):
+        if args.process_index == 0:
             shutil.rmtree(folder, ignore_errors=True)  # (a killed run's)
             Dataset.from_list(rows).save_to_disk(str(folder))
     return load_from_disk(str(folder))

@@ -159,7 +159,7 @@ def test_a_node_waits_for_the_first_nodes_port_only_so_long(tmp_path, monkeypatc
 
 def test_a_local_distributed_stage_rendezvouses_on_a_port_free_at_launch():
     """torchrun's default port (29500) is shared by every distributed stage on the machine: a second run's launch
-    then fails to bind it, or joins the first's store (seen: a rehearsal's DPO failing beside another test's SFT)."""
+    started while the first's store holds it fails to bind it, or joins that store."""
     import socket
 
     from alignment.launcher.local import stage_command

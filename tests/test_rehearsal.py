@@ -75,9 +75,9 @@ REHEARSED: list[Path] = []  # the runs rehearsed so far in this process (a file'
 
 def reuse(earlier: list[Path], run: Path) -> None:
     """Copy in the stage folders of the last run rehearsed before: where a stage of this recipe reads exactly what
-    that one's did (the 70B recipe's teacher, prompts, samples, reward model and teacher evaluation are the 8B's),
-    its fingerprint is the same and `align` skips it, as it would for a user; any other stage runs, its copied
-    folder replaced."""
+    that one's did (the 70B recipe's teacher, prompts, samples and reward model are the 8B's), its fingerprint is
+    the same and `align` skips it, as it would for a user; any other stage runs, its copied folder replaced
+    (teacher_eval among them: its reward model is served on eval's engine, which the two recipes size apart)."""
     if earlier:
         for stage in [earlier[-1] / "teacher_eval", *(earlier[-1] / "round-1").iterdir()]:
             shutil.copytree(stage, run / stage.relative_to(earlier[-1]))

@@ -9,7 +9,7 @@ from alignment.config import Recipe, load_recipe
 from alignment.manifest import write_json_atomic
 from alignment.inputs import fingerprint, stage_dir, stage_inputs
 from alignment.round import round_status
-from alignment.stage_table import STAGES, StageConfig, Upstream, hashed_config, round_stages, stage_config
+from alignment.stage_table import STAGES, StageConfig, Upstream, round_stages, stage_config
 
 TINY = "recipes/tiny.yaml"
 ROUND = ["generate", "score", "select", "reward_training", "sft", "dpo", "eval", "promote"]
@@ -104,20 +104,6 @@ def test_transport_settings_of_the_teacher_leave_everything_done(tmp_path):
     finish_rounds(recipe_with(tmp_path))
     status = round_status(recipe_with(tmp_path, "teacher.max_concurrency=3", "teacher.request_timeout_s=5"), [1, 2])
     assert set(status.values()) == {"done"}
-
-
-def test_eval_engine_changes_rerun_eval_but_not_the_teachers_evaluation():
-    """teacher_eval serves the teacher as generate does: eval's engine and backend (how the round's checkpoints are
-    served) are no part of its config or fingerprint; its other eval settings are. By hand: the 8B and 70B recipes
-    differ in eval.engine (data parallel 8 against tensor parallel 8) and in nothing teacher_eval reads."""
-    def hashes(path, *overrides):
-        r = load_recipe(path, list(overrides))
-        return {s: fingerprint(s, hashed_config(stage_config(r, s)), {}) for s in ("teacher_eval", "eval")}
-
-    small, big = hashes("recipes/llama3.1-8b.yaml"), hashes("recipes/llama3.1-70b.yaml")
-    assert small["teacher_eval"] == big["teacher_eval"] and small["eval"] != big["eval"]
-    assert "engine" not in stage_config(load_recipe(TINY), "teacher_eval")["eval"]
-    assert hashes("recipes/llama3.1-8b.yaml", "eval.max_new_tokens=64")["teacher_eval"] != small["teacher_eval"]
 
 
 def test_a_stage_reads_only_the_sections_it_declares():

@@ -48,11 +48,11 @@ class MaskFormattingTokens:
 def build_trainer(config: StageConfig, model, tokenizer, rows: list[dict], out_dir: Path, ref_model=None,
                   seed: int | None = None) -> DPOTrainer:
     cfg = config.dpo
-    data = shared_dataset([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows],
-                          out_dir / "trainer" / "dataset")  # (with the checkpoints: kept or removed with them)
     args = DPOConfig(**trainer_fields(cfg, out_dir, config.seed if seed is None else seed), beta=cfg.beta,
                      loss_type=list(cfg.loss_type), loss_weights=list(cfg.loss_weights),
                      precompute_ref_log_probs=cfg.precompute_ref_log_probs)
+    data = shared_dataset([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows],
+                          out_dir / "trainer" / "dataset", args)  # (with the checkpoints: kept or removed with them)
     model.config.pad_token_id = tokenizer.pad_token_id  # what TRL does when it builds the collator itself
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length,
                                          truncation_mode=args.truncation_mode,
