@@ -49,7 +49,8 @@ class VLLMServer:
                  startup_timeout_s: float, log_path: Path):
         self.port = port or free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.cmd = server_command(model, on_this_machine(cfg, f"vLLM server for {model}"), self.port)
+        self.model, self.cfg = model, cfg
+        self.cmd = server_command(model, cfg, self.port)  # (a SLURM server job runs it on its node, unchanged)
         self.env = dict(os.environ)
         if api_key_env:
             self.env["VLLM_API_KEY"] = api_key(api_key_env)  # vLLM then requires it on every request
@@ -65,6 +66,8 @@ class VLLMServer:
                 raise GenerationError(f"port {self.port} (teacher.server_port) is in use on this machine, by a "
                                       "server this stage did not start (another run's?); set teacher.server_port "
                                       "to a free port, or 0 for any") from None
+        # started here: run on this machine as it can (without a GPU, one CPU process: on_this_machine)
+        self.cmd = server_command(self.model, on_this_machine(self.cfg, f"vLLM server for {self.model}"), self.port)
         print(f"starting vLLM server on {self.base_url} (log: {self.log_path})", flush=True)
         self.log = open(self.log_path, "ab")
         # A session of its own, so stopping it reaches the engine and worker processes it spawns.
