@@ -163,6 +163,10 @@ def test_killed_server_then_resume_on_a_server_the_stage_starts(setup, monkeypat
     answers = 30
     folder = stage_dir(tmp, "served")
     with server:
+        # without a GPU the server's worker runs inside its engine core (one_server_process): no third process
+        in_session = lambda name: subprocess.run(["pgrep", "-s", str(server.proc.pid), "-f", name],  # noqa: E731
+                                                 capture_output=True).stdout
+        assert in_session("VLLM::EngineCore") and not in_session("VLLM::Worker")
         gate = Gate(server.base_url.removesuffix("/v1"), answers)
         endpoint = gate.url + "/v1"
         path = recipe(tmp, model, "served", backend="openai", endpoints=[endpoint], max_concurrency=2,

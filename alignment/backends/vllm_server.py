@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from alignment.backends.base import GenerationError, api_key
-from alignment.backends.vllm_engine import engine_kwargs, on_this_machine
+from alignment.backends.vllm_engine import engine_kwargs, on_this_machine, one_server_process
 from alignment.config import EngineConfig
 
 
@@ -66,8 +66,11 @@ class VLLMServer:
                 raise GenerationError(f"port {self.port} (teacher.server_port) is in use on this machine, by a "
                                       "server this stage did not start (another run's?); set teacher.server_port "
                                       "to a free port, or 0 for any") from None
-        # started here: run on this machine as it can (without a GPU, one CPU process: on_this_machine)
-        self.cmd = server_command(self.model, on_this_machine(self.cfg, f"vLLM server for {self.model}"), self.port)
+        # started here: run on this machine as it can (without a GPU, one CPU process: on_this_machine, with its
+        # worker inside the engine core: one_server_process)
+        flags, env = one_server_process()
+        cfg = on_this_machine(self.cfg, f"vLLM server for {self.model}")
+        self.cmd, self.env = server_command(self.model, cfg, self.port) + flags, self.env | env
         print(f"starting vLLM server on {self.base_url} (log: {self.log_path})", flush=True)
         self.log = open(self.log_path, "ab")
         # A session of its own, so stopping it reaches the engine and worker processes it spawns.
