@@ -41,8 +41,8 @@ def slurm(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2_import(tmp_path_factory, worker_id):
-    """Copies SmolLM2's imported model (the import_gguf stage, about 20 s of dequantizing) into a run folder:
-    `put(run)`. The stage runs once for the whole session, whichever test worker asks first (the others wait on the
+    """A function that copies SmolLM2's imported model (the import_gguf stage, about 20 s of dequantizing) into a
+    run folder. The stage runs once for the whole session, whichever test worker asks first (the others wait on the
     lock): the real-model and the code recipes import the same file, so their rounds find the copied stage done by
     its fingerprint, as a user's second recipe would (their own tests assert so)."""
     shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
