@@ -5,7 +5,6 @@ multi-node training step's command line run by bash as each node runs it."""
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
